@@ -1,0 +1,61 @@
+//! The runtime's one error type. Each variant is a class a caller can act on; the message names the
+//! field, tensor or file at fault.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `config.json` field is missing, malformed or has a value this runtime does not implement.
+    #[error("config.json: field `{field}`: {reason}")]
+    Config { field: String, reason: String },
+
+    /// A tensor is missing from the checkpoint, has the wrong shape or an unsupported dtype.
+    #[error("weights: tensor `{name}`: {reason}")]
+    Tensor { name: String, reason: String },
+
+    /// The checkpoint directory is not laid out as a Hugging Face model directory.
+    #[error("weights: {0}")]
+    Checkpoint(String),
+
+    /// Tokenizer files are missing or malformed, or encoding/decoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The chat template failed to compile or render.
+    #[error("chat template: {0}")]
+    Template(String),
+
+    /// A request parameter is out of range (sampling parameters, token ids, lengths).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    /// A command-line or environment setting is invalid (device, dtype, threads).
+    #[error("invalid setting `{name}`: {reason}")]
+    Setting { name: String, reason: String },
+
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json { path: PathBuf, source: serde_json::Error },
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Config { field: field.into(), reason: reason.into() }
+    }
+
+    pub fn tensor(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Tensor { name: name.into(), reason: reason.into() }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,21 @@
+//! Baleen runtime: DeepSeek-V2/V3 (MLA + DeepSeekMoE) inference on candle.
+//!
+//! - [`model`]: config (the Hugging Face `config.json`), RoPE/YaRN, MLA (naive prefill and absorbed decode over
+//!   a latent KV cache), the DeepSeekMoE router in all its variants, grouped expert dispatch, the full model.
+//! - [`weights`]: memory-mapped safetensors checkpoints (single file or sharded index), FP8 block dequantization.
+//! - [`tokenizer`]: Hugging Face `tokenizer.json` and chat templates, or the built-in byte-level tokenizer.
+//! - [`engine`]: sampling (and, with the serving issue, the continuous-batching scheduler).
+//! - [`builtin`]: `builtin:tiny-moe`, a deterministic random-weight demo model.
+//! - [`device`]: device, dtype and CPU thread selection.
+
+pub mod builtin;
+pub mod cli;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod loader;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
