@@ -1,0 +1,14 @@
+//! DeepSeek-V2/V3 model code on candle: one concern per file.
+
+pub mod cache;
+pub mod config;
+pub mod deepseek;
+pub mod mla;
+pub mod moe;
+pub mod rope;
+
+pub use cache::LatentCache;
+pub use config::ModelConfig;
+pub use deepseek::{DeepseekModel, ForwardOptions, ForwardOutput, LogitsFor, SeqInput};
+pub use mla::AttentionMode;
+pub use moe::Routing;

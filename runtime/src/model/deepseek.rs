@@ -1,0 +1,201 @@
+//! The DeepSeek-V2/V3 decoder: embeddings, `num_hidden_layers` blocks of MLA + (dense MLP | DeepSeekMoE), final
+//! norm and `lm_head`. Variable names mirror the checkpoint's tensor names (`model.layers.N.self_attn.…`).
+//!
+//! A forward pass takes a *packed batch*: the new tokens of several sequences concatenated, each sequence with
+//! its own latent cache and position offset (the number of tokens it already cached). That one shape serves
+//! prefill, decode, chunked prefill and mixed batches alike.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Module, RmsNorm, VarBuilder};
+
+use super::cache::LatentCache;
+use super::config::ModelConfig;
+use super::mla::{AttentionMode, Mla, SeqSlice};
+use super::moe::{Mlp, Moe, Routing};
+use super::rope::Rope;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Mla,
+    post_attention_layernorm: RmsNorm,
+    mlp: Ffn,
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsFor {
+    /// The last new token of every sequence (generation).
+    #[default]
+    LastToken,
+    /// Every new token (the `logits` debugging command, scoring).
+    AllTokens,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    pub attention: AttentionMode,
+    pub logits: LogitsFor,
+    /// Return every MoE layer's routing decisions.
+    pub trace_router: bool,
+}
+
+/// One sequence's part of a forward pass: `tokens` new tokens appended after what `cache` holds.
+#[derive(Debug)]
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut LatentCache,
+}
+
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// f32 logits, `[rows, vocab]` (one row per sequence, or per token with [`LogitsFor::AllTokens`]).
+    pub logits: Tensor,
+    /// `(layer, routing)` for every MoE layer when tracing.
+    pub router: Vec<(usize, Routing)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeepseekModel {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl DeepseekModel {
+    /// Builds the model from a VarBuilder rooted at the checkpoint (tensor names `model.…` and `lm_head.weight`).
+    pub fn load(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let h = config.hidden_size;
+        let m = vb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get((config.vocab_size, h), "weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            let mlp = match (&config.moe, config.is_moe_layer(i)) {
+                (Some(moe), true) => Ffn::Moe(Moe::load(config, moe, l.pp("mlp"))?),
+                _ => Ffn::Dense(Mlp::load(h, config.intermediate_size, l.pp("mlp"))?),
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: candle_nn::rms_norm(h, config.rms_norm_eps, l.pp("input_layernorm"))?,
+                self_attn: Mla::load(config, l.pp("self_attn"))?,
+                post_attention_layernorm: candle_nn::rms_norm(
+                    h,
+                    config.rms_norm_eps,
+                    l.pp("post_attention_layernorm"),
+                )?,
+                mlp,
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head").get((config.vocab_size, h), "weight")?
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm: candle_nn::rms_norm(h, config.rms_norm_eps, m.pp("norm"))?,
+            lm_head,
+            rope: Rope::new(config),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty latent cache for one sequence, in the model's dtype and device.
+    pub fn new_cache(&self) -> LatentCache {
+        LatentCache::new(self.config.num_hidden_layers, self.config.latent_dim(), self.dtype, &self.device)
+    }
+
+    /// Runs one packed batch. Each sequence's new rows are written to its cache.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], options: ForwardOptions) -> Result<ForwardOutput> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for seq in seqs.iter() {
+            if seq.tokens.is_empty() {
+                return Err(Error::InvalidRequest("a sequence in the batch has no new tokens".into()));
+            }
+            let past = seq.cache.len();
+            if past + seq.tokens.len() > self.config.max_position_embeddings {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence length {} exceeds max_position_embeddings {}",
+                    past + seq.tokens.len(),
+                    self.config.max_position_embeddings
+                )));
+            }
+            if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    self.config.vocab_size
+                )));
+            }
+            spans.push((tokens.len(), seq.tokens.len()));
+            tokens.extend_from_slice(seq.tokens);
+            positions.extend(past..past + seq.tokens.len());
+        }
+        let n = tokens.len();
+        let ids = Tensor::from_vec(tokens, n, &self.device)?;
+        let mut x = self.embed_tokens.embedding(&ids)?;
+        let cos_sin = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
+        let mut slices: Vec<SeqSlice<'_>> = seqs
+            .iter_mut()
+            .zip(&spans)
+            .map(|(s, &(start, len))| SeqSlice { start, len, cache: &mut *s.cache })
+            .collect();
+        let mut router = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let attn = layer.self_attn.forward(&h, &self.rope, &cos_sin, &mut slices, i, options.attention)?;
+            x = (x + attn)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let ffn = match &layer.mlp {
+                Ffn::Dense(mlp) => mlp.forward(&h)?,
+                Ffn::Moe(moe) => {
+                    let (out, routing) = moe.forward(&h)?;
+                    if options.trace_router {
+                        router.push((i, routing));
+                    }
+                    out
+                }
+            };
+            x = (x + ffn)?;
+        }
+        let x = match options.logits {
+            LogitsFor::AllTokens => x,
+            LogitsFor::LastToken => {
+                let last: Vec<u32> = spans.iter().map(|&(start, len)| (start + len - 1) as u32).collect();
+                let k = last.len();
+                x.index_select(&Tensor::from_vec(last, k, &self.device)?, 0)?
+            }
+        };
+        let x = self.norm.forward(&x)?;
+        let logits = x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        Ok(ForwardOutput { logits, router })
+    }
+}

@@ -1,0 +1,248 @@
+//! Multi-head Latent Attention (DeepSeek-V2 §2.1) in its two equivalent forms.
+//!
+//! Every token contributes one cached row `[c_kv (kv_lora_rank) | k_pe (qk_rope_head_dim)]`: the RMS-normalized
+//! compressed KV and the rotated key shared by all heads.
+//!
+//! - **Naive** (prefill): decompress the context through `kv_b_proj` into per-head keys and values and run ordinary
+//!   attention. Cheapest when many query tokens share the decompression.
+//! - **Absorbed** (decode): fold `W_UK` into the query (`q_lat = q_nope · W_UK`) and `W_UV` into the output, so
+//!   attention runs directly over the cached latent rows: `score = q_lat · c_kv + q_pe · k_pe`,
+//!   `out = W_UV · Σ p · c_kv`. Nothing per head is ever cached.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
+
+use super::cache::LatentCache;
+use super::config::ModelConfig;
+use super::rope::Rope;
+use crate::error::{Error, Result};
+
+/// Which MLA form computes attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMode {
+    /// Naive for sequences with more than one new token (prefill), absorbed for single-token decode steps.
+    #[default]
+    Auto,
+    Naive,
+    Absorbed,
+}
+
+#[derive(Debug, Clone)]
+enum QProj {
+    /// `q_proj` (DeepSeek-V2-Lite: `q_lora_rank` null).
+    Direct(Linear),
+    /// `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
+    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+#[derive(Debug, Clone)]
+pub struct Mla {
+    q: QProj,
+    kv_a: Linear,
+    kv_a_norm: RmsNorm,
+    kv_b: Linear,
+    /// `W_UK` per head, `[heads, qk_nope_head_dim, kv_lora_rank]`.
+    w_uk: Tensor,
+    /// `W_UV` per head, transposed: `[heads, kv_lora_rank, v_head_dim]`.
+    w_uv_t: Tensor,
+    o: Linear,
+    heads: usize,
+    nope: usize,
+    rope_dim: usize,
+    v_dim: usize,
+    rank: usize,
+    scale: f64,
+}
+
+/// One sequence's slice of a packed batch: its new tokens are rows `start..start + len` of the batch.
+#[derive(Debug)]
+pub struct SeqSlice<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub cache: &'a mut LatentCache,
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    Ok(candle_nn::linear_b(in_dim, out_dim, bias, vb)?)
+}
+
+impl Mla {
+    pub fn load(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let h = config.hidden_size;
+        let heads = config.num_attention_heads;
+        let (nope, rope_dim, v_dim, rank) =
+            (config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank);
+        let qk = nope + rope_dim;
+        let bias = config.attention_bias;
+        let eps = config.rms_norm_eps;
+        let q = match config.q_lora_rank {
+            None => QProj::Direct(linear(h, heads * qk, false, vb.pp("q_proj"))?),
+            Some(r) => QProj::LowRank {
+                a: linear(h, r, bias, vb.pp("q_a_proj"))?,
+                norm: candle_nn::rms_norm(r, eps, vb.pp("q_a_layernorm"))?,
+                b: linear(r, heads * qk, false, vb.pp("q_b_proj"))?,
+            },
+        };
+        let kv_b = linear(rank, heads * (nope + v_dim), false, vb.pp("kv_b_proj"))?;
+        let per_head = kv_b.weight().reshape((heads, nope + v_dim, rank))?;
+        let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = per_head.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        Ok(Self {
+            q,
+            kv_a: linear(h, rank + rope_dim, bias, vb.pp("kv_a_proj_with_mqa"))?,
+            kv_a_norm: candle_nn::rms_norm(rank, eps, vb.pp("kv_a_layernorm"))?,
+            kv_b,
+            w_uk,
+            w_uv_t,
+            o: linear(heads * v_dim, h, bias, vb.pp("o_proj"))?,
+            heads,
+            nope,
+            rope_dim,
+            v_dim,
+            rank,
+            scale: config.softmax_scale(),
+        })
+    }
+
+    /// Attention over a packed batch `x` (`[tokens, hidden]`). Writes each sequence's new latent rows to its cache
+    /// for `layer` and returns `[tokens, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cos_sin: &(Tensor, Tensor),
+        seqs: &mut [SeqSlice<'_>],
+        layer: usize,
+        mode: AttentionMode,
+    ) -> Result<Tensor> {
+        let (n_tokens, _) = x.dims2()?;
+        let (heads, nope, rope_dim) = (self.heads, self.nope, self.rope_dim);
+        let q = match &self.q {
+            QProj::Direct(q) => q.forward(x)?,
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        }
+        .reshape((n_tokens, heads, nope + rope_dim))?;
+        let q_nope = q.narrow(2, 0, nope)?;
+        // [1, heads, tokens, rope] as the rotary kernels want; token t uses row t of cos/sin.
+        let q_pe = rope.apply(&q.narrow(2, nope, rope_dim)?.transpose(0, 1)?.unsqueeze(0)?, &cos_sin.0, &cos_sin.1)?;
+        let q_pe = q_pe.squeeze(0)?; // [heads, tokens, rope]
+
+        let kv = self.kv_a.forward(x)?;
+        let c_kv = self.kv_a_norm.forward(&kv.narrow(1, 0, self.rank)?.contiguous()?)?;
+        let k_pe = kv.narrow(1, self.rank, rope_dim)?.reshape((1, 1, n_tokens, rope_dim))?;
+        let k_pe = rope.apply(&k_pe, &cos_sin.0, &cos_sin.1)?.reshape((n_tokens, rope_dim))?;
+        let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
+
+        let absorbed_q = if mode == AttentionMode::Naive {
+            None
+        } else {
+            // [heads, tokens, nope] · [heads, nope, rank] → [heads, tokens, rank]; scale folded into the query.
+            let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
+            let q_full = (Tensor::cat(&[&q_lat, &q_pe], 2)? * self.scale)?;
+            Some(q_full.transpose(0, 1)?.contiguous()?) // [tokens, heads, rank + rope]
+        };
+        let naive_q = if mode == AttentionMode::Absorbed {
+            None
+        } else {
+            Some(Tensor::cat(&[&q_nope, &q_pe.transpose(0, 1)?], 2)?.contiguous()?) // [tokens, heads, qk]
+        };
+
+        let mut latent_out = Vec::new(); // absorbed: per sequence [len * heads, rank]
+        let mut value_out = Vec::new(); // naive: per sequence [len, heads * v]
+        let mut order = Vec::with_capacity(seqs.len());
+        for seq in seqs.iter_mut() {
+            let ctx = seq.cache.append(layer, &rows.narrow(0, seq.start, seq.len)?)?;
+            let past = ctx.dim(0)? - seq.len;
+            let use_absorbed = match mode {
+                AttentionMode::Absorbed => true,
+                AttentionMode::Naive => false,
+                AttentionMode::Auto => seq.len == 1,
+            };
+            if use_absorbed {
+                let q = absorbed_q.as_ref().ok_or_else(|| Error::InvalidRequest("absorbed query missing".into()))?;
+                latent_out.push(self.absorbed(&q.narrow(0, seq.start, seq.len)?, &ctx, past)?);
+                order.push(true);
+            } else {
+                let q = naive_q.as_ref().ok_or_else(|| Error::InvalidRequest("naive query missing".into()))?;
+                value_out.push(self.naive(&q.narrow(0, seq.start, seq.len)?, &ctx, past)?);
+                order.push(false);
+            }
+        }
+        let latent_values =
+            if latent_out.is_empty() { None } else { Some(self.expand_latent(&Tensor::cat(&latent_out, 0)?)?) };
+        // Reassemble in sequence order: [tokens, heads * v].
+        let mut parts = Vec::with_capacity(seqs.len());
+        let (mut next_latent_row, mut naive_iter) = (0, value_out.into_iter());
+        for (seq, absorbed) in seqs.iter().zip(order) {
+            if absorbed {
+                let lv = latent_values.as_ref().ok_or_else(|| Error::InvalidRequest("latent values missing".into()))?;
+                parts.push(lv.narrow(0, next_latent_row, seq.len)?);
+                next_latent_row += seq.len;
+            } else {
+                parts.push(naive_iter.next().ok_or_else(|| Error::InvalidRequest("naive output missing".into()))?);
+            }
+        }
+        let attn = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+        Ok(self.o.forward(&attn)?)
+    }
+
+    /// Absorbed attention of one sequence: `q` `[len, heads, rank + rope]` (scaled) over `ctx` `[past + len, rank + rope]`.
+    /// Returns the attended latents `[len * heads, rank]`.
+    fn absorbed(&self, q: &Tensor, ctx: &Tensor, past: usize) -> Result<Tensor> {
+        let (len, heads, width) = q.dims3()?;
+        let total = ctx.dim(0)?;
+        let scores = q.reshape((len * heads, width))?.matmul(&ctx.t()?)?;
+        let scores = if len > 1 {
+            let mask = causal_mask(len, past, total, scores.dtype(), scores.device())?;
+            scores.reshape((len, heads, total))?.broadcast_add(&mask.unsqueeze(1)?)?.reshape((len * heads, total))?
+        } else {
+            scores
+        };
+        let probs = softmax_f32(&scores)?;
+        Ok(probs.matmul(&ctx.narrow(1, 0, self.rank)?)?)
+    }
+
+    /// `[tokens * heads, rank]` attended latents → `[tokens, heads * v]` through `W_UV`.
+    fn expand_latent(&self, latent: &Tensor) -> Result<Tensor> {
+        let tokens = latent.dim(0)? / self.heads;
+        let per_head = latent.reshape((tokens, self.heads, self.rank))?.transpose(0, 1)?.contiguous()?;
+        let values = per_head.matmul(&self.w_uv_t)?; // [heads, tokens, v]
+        Ok(values.transpose(0, 1)?.reshape((tokens, self.heads * self.v_dim))?)
+    }
+
+    /// Naive attention of one sequence: `q` `[len, heads, qk]` over the decompressed context. Returns `[len, heads * v]`.
+    fn naive(&self, q: &Tensor, ctx: &Tensor, past: usize) -> Result<Tensor> {
+        let (len, heads, _) = q.dims3()?;
+        let total = ctx.dim(0)?;
+        let kv = self.kv_b.forward(&ctx.narrow(1, 0, self.rank)?)?.reshape((total, heads, self.nope + self.v_dim))?;
+        let k_nope = kv.narrow(2, 0, self.nope)?;
+        let v = kv.narrow(2, self.nope, self.v_dim)?.transpose(0, 1)?.contiguous()?; // [heads, total, v]
+        let k_pe =
+            ctx.narrow(1, self.rank, self.rope_dim)?.unsqueeze(1)?.broadcast_as((total, heads, self.rope_dim))?;
+        let k = Tensor::cat(&[&k_nope, &k_pe], 2)?.transpose(0, 1)?.contiguous()?; // [heads, total, qk]
+        let q = q.transpose(0, 1)?.contiguous()?; // [heads, len, qk]
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let scores = if len > 1 {
+            scores.broadcast_add(&causal_mask(len, past, total, scores.dtype(), scores.device())?)?
+        } else {
+            scores
+        };
+        let probs = softmax_f32(&scores)?;
+        let out = probs.matmul(&v)?; // [heads, len, v]
+        Ok(out.transpose(0, 1)?.reshape((len, heads * self.v_dim))?)
+    }
+}
+
+/// Softmax over the last dimension computed in f32, returned in the input dtype (as transformers' eager attention).
+fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+    Ok(probs.to_dtype(dtype)?)
+}
+
+/// `[len, total]` additive mask: query `j` (at position `past + j`) sees keys `0..=past + j`.
+fn causal_mask(len: usize, past: usize, total: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..len).flat_map(|j| (0..total).map(move |k| if k > past + j { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Ok(Tensor::from_vec(mask, (len, total), device)?.to_dtype(dtype)?)
+}
