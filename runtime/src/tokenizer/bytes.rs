@@ -1,0 +1,153 @@
+//! The byte-level tokenizer of the `builtin:tiny-moe` demo model: ids 0..=255 are the bytes, then five special
+//! tokens; 261..=263 are reserved (never produced by encoding, decoded as nothing).
+
+use std::collections::BTreeMap;
+
+use minijinja::Value;
+
+use super::ChatMessage;
+use super::template::ChatTemplate;
+use crate::{Error, Result};
+
+/// `<|bos|>`
+pub const BOS_ID: u32 = 256;
+/// `<|eos|>`
+pub const EOS_ID: u32 = 257;
+/// `<|system|>`
+pub const SYSTEM_ID: u32 = 258;
+/// `<|user|>`
+pub const USER_ID: u32 = 259;
+/// `<|assistant|>`
+pub const ASSISTANT_ID: u32 = 260;
+/// Vocabulary size, including the reserved ids 261..=263.
+pub const VOCAB_SIZE: usize = 264;
+
+/// The special tokens in id order from [`BOS_ID`].
+const SPECIALS: [&str; 5] = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"];
+
+/// Role markers, content, `<|eos|>` after each turn; `<|assistant|>` opens the generation prompt.
+pub const CHAT_TEMPLATE: &str = "{{ bos_token }}\
+{%- for message in messages %}\
+{%- if message['role'] == 'system' %}<|system|>\
+{%- elif message['role'] == 'user' %}<|user|>\
+{%- elif message['role'] == 'assistant' %}<|assistant|>\
+{%- else %}{{ raise_exception('Unsupported chat role: ' + message['role']) }}\
+{%- endif %}{{ message['content'] }}{{ eos_token }}\
+{%- endfor %}\
+{%- if add_generation_prompt %}<|assistant|>{% endif %}";
+
+impl Default for ByteTokenizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Byte-level tokenizer with a fixed chat template.
+#[derive(Debug, Clone)]
+pub struct ByteTokenizer {
+    /// `Err` only if the constant template failed to compile (a bug, covered by tests); reported when used.
+    /// Boxed: the environment is large and `Tokenizer` holds this inline.
+    template: Box<std::result::Result<ChatTemplate, String>>,
+    eos_ids: [u32; 1],
+}
+
+impl ByteTokenizer {
+    pub fn new() -> Self {
+        let mut specials = BTreeMap::new();
+        specials.insert("bos_token".to_string(), Value::from(SPECIALS[0]));
+        specials.insert("eos_token".to_string(), Value::from(SPECIALS[1]));
+        let template = ChatTemplate::new(CHAT_TEMPLATE.to_string(), specials).map_err(|e| e.to_string());
+        Self { template: Box::new(template), eos_ids: [EOS_ID] }
+    }
+
+    /// Bytes, except that the special tokens' text maps to their ids; `add_special_tokens` prepends `<|bos|>`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(text.len() + 1);
+        if add_special_tokens {
+            ids.push(BOS_ID);
+        }
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'<'
+                && let Some((k, s)) = SPECIALS.iter().enumerate().find(|(_, s)| bytes[i..].starts_with(s.as_bytes()))
+            {
+                ids.push(BOS_ID + k as u32);
+                i += s.len();
+                continue;
+            }
+            ids.push(u32::from(bytes[i]));
+            i += 1;
+        }
+        ids
+    }
+
+    /// Bytes decode with lossy UTF-8 replacement; specials render as their text unless skipped.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let mut bytes = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match id {
+                0..=255 => bytes.push(id as u8),
+                BOS_ID..=ASSISTANT_ID => {
+                    if !skip_special_tokens {
+                        bytes.extend_from_slice(SPECIALS[(id - BOS_ID) as usize].as_bytes());
+                    }
+                }
+                _ if (id as usize) < VOCAB_SIZE => {}
+                _ => {
+                    return Err(Error::Tokenizer(format!("token id {id} is out of range (vocab size {VOCAB_SIZE})")));
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        if let Some(k) = SPECIALS.iter().position(|s| *s == token) {
+            return Some(BOS_ID + k as u32);
+        }
+        match token.as_bytes() {
+            [b] => Some(u32::from(*b)),
+            _ => None,
+        }
+    }
+
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        match self.template.as_ref() {
+            Ok(template) => template.render(messages, add_generation_prompt),
+            Err(msg) => Err(Error::Template(msg.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specials_in_text_become_special_ids() {
+        let t = ByteTokenizer::new();
+        assert_eq!(t.encode("a<|user|>b<|x", true), vec![BOS_ID, 97, USER_ID, 98, 60, 124, 120]);
+        assert_eq!(t.decode(&[BOS_ID, 97, USER_ID, 262], false).unwrap(), "<|bos|>a<|user|>");
+        assert_eq!(t.decode(&[BOS_ID, 97, USER_ID], true).unwrap(), "a");
+        assert!(t.decode(&[264], false).is_err());
+    }
+
+    #[test]
+    fn chat_template_marks_roles_and_ends_turns() {
+        let t = ByteTokenizer::new();
+        let msgs = [
+            ChatMessage { role: "system".into(), content: "Be brief.".into() },
+            ChatMessage { role: "user".into(), content: "Hi".into() },
+        ];
+        let text = t.apply_chat_template(&msgs, true).unwrap();
+        assert_eq!(text, "<|bos|><|system|>Be brief.<|eos|><|user|>Hi<|eos|><|assistant|>");
+        let ids = t.encode(&text, false);
+        assert_eq!(ids[..2], [BOS_ID, SYSTEM_ID]);
+        assert_eq!(*ids.last().unwrap(), ASSISTANT_ID);
+    }
+}
