@@ -1,0 +1,315 @@
+//! The `baleen-runtime` debugging commands (a contract other checks rely on; see the design brief):
+//! `logits`, `generate`, `bench` and `info`. Each prints one JSON object on stdout.
+
+use std::time::Instant;
+
+use baleen_api::names::{ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_THREADS};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::device::{cpu_threads, parse_device, parse_dtype};
+use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+use crate::loader::{LoadedModel, ModelSource, load};
+use crate::model::{AttentionMode, DeepseekModel, ForwardOptions, LogitsFor, SeqInput};
+
+#[derive(Debug, Parser)]
+#[command(name = "baleen-runtime", version, about = "Baleen inference runtime for DeepSeek-V2/V3 MoE models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the logits at every position of one prefill: {"logits": [[f32; vocab]; T]}.
+    Logits(LogitsArgs),
+    /// Generate tokens (greedy unless sampling flags are given): {"ids": [...], "text": "..."}.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode throughput of a batch: one JSON object.
+    Bench(BenchArgs),
+    /// Describe a model from its config alone (no weights are read).
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory, or `builtin:tiny-moe` (random-weight demo model).
+    #[arg(long)]
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", env = ENV_RUNTIME_DEVICE)]
+    pub device: String,
+    /// Compute and KV-cache dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", env = ENV_RUNTIME_DTYPE)]
+    pub dtype: String,
+    /// CPU compute threads; 0 picks one thread for small models (hidden < 1024) and all cores otherwise.
+    #[arg(long, default_value_t = 0, env = ENV_RUNTIME_THREADS)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    /// Threads this process should compute with (decided before any thread pool exists).
+    pub fn threads(&self) -> Result<usize> {
+        Ok(cpu_threads(&ModelSource::parse(&self.model).config()?, self.threads))
+    }
+
+    fn load(&self) -> Result<(LoadedModel, Device, DType)> {
+        let device = parse_device(&self.device)?;
+        let dtype = parse_dtype(&self.dtype)?;
+        let loaded = load(&ModelSource::parse(&self.model), &device, dtype)?;
+        Ok((loaded, device, dtype))
+    }
+}
+
+fn parse_ids(spec: &str) -> Result<Vec<u32>> {
+    spec.split(',')
+        .map(|s| s.trim().parse::<u32>().map_err(|_| Error::InvalidRequest(format!("--ids: `{s}` is not a token id"))))
+        .collect()
+}
+
+/// The prompt: `--ids` as given, or `--prompt` encoded with the model's tokenizer (BOS added).
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    /// Comma-separated prompt token ids.
+    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    pub ids: Option<String>,
+    /// Prompt text, tokenized with the model's tokenizer.
+    #[arg(long)]
+    pub prompt: Option<String>,
+}
+
+impl PromptArgs {
+    fn tokens(&self, loaded: &LoadedModel) -> Result<Vec<u32>> {
+        match (&self.ids, &self.prompt) {
+            (Some(ids), _) => parse_ids(ids),
+            (None, Some(text)) => loaded.tokenizer.encode(text, true),
+            (None, None) => Err(Error::InvalidRequest("give --ids or --prompt".into())),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// MLA form: naive (decompressed K/V), absorbed (latent) or auto.
+    #[arg(long, default_value = "naive", value_parser = ["naive", "absorbed", "auto"])]
+    pub attention: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Number of tokens to generate (fewer only if a stop token appears).
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub presence_penalty: f32,
+    /// Comma-separated token ids that end generation (the stop token is included in the output).
+    #[arg(long)]
+    pub stop_token_ids: Option<String>,
+    /// Also stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    pub stop_at_eos: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sequences decoded together in each step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub gen_len: usize,
+    /// Timed repetitions; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Hugging Face model directory (only config.json is read) or `builtin:NAME`.
+    #[arg(long)]
+    pub model: String,
+    /// KV-cache dtype the byte counts are given for.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+}
+
+impl Command {
+    pub fn model_args(&self) -> Option<&ModelArgs> {
+        match self {
+            Self::Logits(a) => Some(&a.model),
+            Self::Generate(a) => Some(&a.model),
+            Self::Bench(a) => Some(&a.model),
+            Self::Info(_) => None,
+        }
+    }
+
+    pub fn run(&self) -> Result<Value> {
+        match self {
+            Self::Logits(a) => logits(a),
+            Self::Generate(a) => generate(a),
+            Self::Bench(a) => bench(a),
+            Self::Info(a) => info(a),
+        }
+    }
+}
+
+fn logits(args: &LogitsArgs) -> Result<Value> {
+    let (loaded, _, _) = args.model.load()?;
+    let tokens = args.prompt.tokens(&loaded)?;
+    let attention = match args.attention.as_str() {
+        "absorbed" => AttentionMode::Absorbed,
+        "auto" => AttentionMode::Auto,
+        _ => AttentionMode::Naive,
+    };
+    let mut cache = loaded.model.new_cache();
+    let out = loaded.model.forward(
+        &mut [SeqInput { tokens: &tokens, cache: &mut cache }],
+        ForwardOptions { attention, logits: LogitsFor::AllTokens, trace_router: false },
+    )?;
+    Ok(json!({ "logits": out.logits.to_vec2::<f32>()? }))
+}
+
+fn generate(args: &GenerateArgs) -> Result<Value> {
+    let (loaded, _, _) = args.model.load()?;
+    let prompt = args.prompt.tokens(&loaded)?;
+    let mut stop_token_ids = match &args.stop_token_ids {
+        Some(spec) => parse_ids(spec)?,
+        None => Vec::new(),
+    };
+    if args.stop_at_eos {
+        stop_token_ids.extend_from_slice(loaded.tokenizer.eos_token_ids());
+    }
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        repetition_penalty: args.repetition_penalty,
+        frequency_penalty: args.frequency_penalty,
+        presence_penalty: args.presence_penalty,
+        stop_token_ids,
+    };
+    let mut sampler = Sampler::new(params)?;
+    let model = &loaded.model;
+    let mut cache = model.new_cache();
+    let mut generated: Vec<u32> = Vec::with_capacity(args.max_tokens);
+    let mut next = prompt.clone();
+    while generated.len() < args.max_tokens {
+        let logits = model.forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], ForwardOptions::default())?;
+        let row = logits.logits.squeeze(0)?.to_vec1::<f32>()?;
+        let id = sampler.sample(&row, &prompt, &generated)?;
+        generated.push(id);
+        if sampler.is_stop_token(id) {
+            break;
+        }
+        next = vec![id];
+    }
+    let text = loaded.tokenizer.decode(&generated, true)?;
+    Ok(json!({ "ids": generated, "text": text }))
+}
+
+/// Deterministic pseudo-random prompt ids for benchmarks.
+fn bench_prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((seq * 7919 + i * 104_729 + 17) % vocab) as u32).collect()
+}
+
+fn bench(args: &BenchArgs) -> Result<Value> {
+    if args.batch == 0 || args.prompt_len == 0 || args.gen_len == 0 || args.repeats == 0 {
+        return Err(Error::InvalidRequest("--batch, --prompt-len, --gen-len and --repeats must be at least 1".into()));
+    }
+    let (loaded, _, dtype) = args.model.load()?;
+    let model = &loaded.model;
+    let vocab = model.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..args.batch).map(|s| bench_prompt(s, args.prompt_len, vocab)).collect();
+    // Warm-up: touch every code path once (allocator, thread pool, lazily built tables).
+    run_batch(model, &prompts, 2)?;
+    let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..args.repeats {
+        let (prefill_s, decode_s) = run_batch(model, &prompts, args.gen_len)?;
+        best_prefill = best_prefill.min(prefill_s);
+        best_decode = best_decode.min(decode_s);
+    }
+    let prefill_tokens = (args.batch * args.prompt_len) as f64;
+    let decode_tokens = (args.batch * (args.gen_len - 1)) as f64;
+    Ok(json!({
+        "model": loaded.source.to_string(),
+        "device": args.model.device,
+        "dtype": args.model.dtype,
+        "threads": args.model.threads()?,
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "gen_len": args.gen_len,
+        "prefill_s": best_prefill,
+        "decode_s": best_decode,
+        "prefill_tokens_per_s": prefill_tokens / best_prefill,
+        "decode_tokens_per_s": if args.gen_len > 1 { decode_tokens / best_decode } else { 0.0 },
+        "decode_step_ms": if args.gen_len > 1 { 1e3 * best_decode / (args.gen_len - 1) as f64 } else { 0.0 },
+        "kv_cache_bytes_per_token": model.config().kv_cache_bytes_per_token(dtype.size_in_bytes()),
+    }))
+}
+
+/// Prefills every prompt in one packed batch (which yields the first token), then decodes `gen_len - 1` greedy
+/// steps with all sequences batched. Returns (prefill seconds, decode seconds).
+fn run_batch(model: &DeepseekModel, prompts: &[Vec<u32>], gen_len: usize) -> Result<(f64, f64)> {
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let start = Instant::now();
+    let mut inputs: Vec<SeqInput<'_>> =
+        prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SeqInput { tokens: p, cache }).collect();
+    let logits = model.forward(&mut inputs, ForwardOptions::default())?.logits;
+    let mut next: Vec<[u32; 1]> = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|id| [id]).collect();
+    let prefill_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 1..gen_len {
+        let mut inputs: Vec<SeqInput<'_>> =
+            next.iter().zip(caches.iter_mut()).map(|(t, cache)| SeqInput { tokens: t, cache }).collect();
+        let logits = model.forward(&mut inputs, ForwardOptions::default())?.logits;
+        next = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|id| [id]).collect();
+    }
+    Ok((prefill_s, start.elapsed().as_secs_f64()))
+}
+
+fn info(args: &InfoArgs) -> Result<Value> {
+    let source = ModelSource::parse(&args.model);
+    let config = source.config()?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let moe = config.moe.as_ref();
+    Ok(json!({
+        "model": source.to_string(),
+        "architecture": format!("{:?}", config.arch),
+        "layers": config.num_hidden_layers,
+        "moe_layers": (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).count(),
+        "routed_experts": moe.map_or(0, |m| m.n_routed_experts),
+        "shared_experts": moe.map_or(0, |m| m.n_shared_experts),
+        "experts_per_token": moe.map_or(0, |m| m.num_experts_per_tok),
+        "kv_latent_dim": config.latent_dim(),
+        "kv_cache_dtype": args.dtype,
+        "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(dtype.size_in_bytes()),
+        "fp8_block": config.fp8_block,
+    }))
+}

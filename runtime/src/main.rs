@@ -1,0 +1,34 @@
+//! `baleen-runtime`: thin entry point; the commands live in `baleen_runtime::cli`.
+
+use baleen_api::names::{ENV_RAYON_NUM_THREADS, ENV_RUNTIME_LOG};
+use baleen_runtime::cli::Cli;
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env(ENV_RUNTIME_LOG)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Some(model) = cli.command.model_args() {
+        let threads = model.threads()?;
+        set_compute_threads(threads);
+        baleen_runtime::device::init_compute_pool(threads)?;
+        tracing::info!(threads, "CPU compute threads");
+    }
+    let value = cli.command.run()?;
+    println!("{value}");
+    Ok(())
+}
+
+/// candle's CPU matmul (gemm) and rayon's global pool both size themselves from `RAYON_NUM_THREADS` when first
+/// used. It is set here once, while the process is still single-threaded and before any tensor work.
+#[allow(unsafe_code, clippy::disallowed_methods)]
+fn set_compute_threads(threads: usize) {
+    // SAFETY: called from main before any other thread exists (the logger spawns none), so no concurrent
+    // reader of the environment can race with this write.
+    unsafe { std::env::set_var(ENV_RAYON_NUM_THREADS, threads.to_string()) };
+}

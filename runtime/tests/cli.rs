@@ -1,0 +1,135 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The `baleen-runtime` command-line contract (design brief): `logits`, `generate`, `bench` and `info` print one
+//! JSON object; bad input exits non-zero with a message naming the problem.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_baleen-runtime")).args(args).output().unwrap()
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let out = run(args);
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn golden_ids(name: &str, key: &str) -> Vec<u32> {
+    let g = candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap();
+    g[key].to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn logits_prints_every_position_matching_transformers() {
+    let model = fixture("tiny-v3");
+    let prompt = golden_ids("tiny-v3", "prompt_ids");
+    let v = run_json(&["logits", "--model", model.to_str().unwrap(), "--ids", &csv(&prompt)]);
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    assert_eq!(rows.len(), prompt.len());
+    let got = Tensor::new(rows, &Device::Cpu).unwrap();
+    let g = candle_core::safetensors::load(model.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let diff = (got - &g["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-4, "CLI logits differ from transformers by {diff}");
+}
+
+#[test]
+fn generate_prints_the_greedy_ids_of_transformers() {
+    let model = fixture("tiny-v2");
+    let want = golden_ids("tiny-v2", "greedy.ids");
+    let prompt = csv(&golden_ids("tiny-v2", "greedy.prompt_ids"));
+    let max = want.len().to_string();
+    let v = run_json(&["generate", "--model", model.to_str().unwrap(), "--ids", &prompt, "--max-tokens", &max]);
+    let got: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_differs_from_greedy() {
+    let args = |seed: &str| {
+        run_json(&[
+            "generate",
+            "--model",
+            "builtin:tiny-moe",
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ])["ids"]
+            .clone()
+    };
+    assert_eq!(args("7"), args("7"));
+    assert_ne!(args("7"), args("8"));
+}
+
+#[test]
+fn bench_reports_throughput_and_kv_bytes() {
+    let v = run_json(&[
+        "bench",
+        "--model",
+        "builtin:tiny-moe",
+        "--batch",
+        "4",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repeats",
+        "1",
+    ]);
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {v}");
+    }
+    // tiny-moe: 4 layers × (32 + 8) latent values × 4 bytes (f32).
+    assert_eq!(v["kv_cache_bytes_per_token"], 640);
+}
+
+#[test]
+fn deepseek_v3_kv_cache_is_70272_bytes_per_token() {
+    let dir = fixture("deepseek-v3-config");
+    let v = run_json(&["info", "--model", dir.to_str().unwrap(), "--dtype", "bf16"]);
+    assert_eq!(v["kv_cache_bytes_per_token"], 70_272);
+    assert_eq!(v["routed_experts"], 256);
+    assert_eq!(v["moe_layers"], 58);
+}
+
+#[test]
+fn bad_input_fails_with_a_message_naming_the_problem() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["generate", "--model", "/nonexistent/model", "--ids", "1"], "config.json"),
+        (&["generate", "--model", "builtin:tiny-moe", "--ids", "1,x"], "`x`"),
+        (&["generate", "--model", "builtin:tiny-moe", "--ids", "999"], "outside the vocabulary"),
+        (&["logits", "--model", "builtin:tiny-moe", "--ids", "1", "--dtype", "f64"], "dtype"),
+    ];
+    for (args, needle) in cases {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: stderr should mention {needle}: {err}");
+    }
+}
+
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let out = run(&["generate", "--model", "builtin:tiny-moe", "--ids", "1", "--device", "cuda"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
+}
