@@ -3,12 +3,13 @@
 pub mod cache;
 pub mod config;
 pub mod deepseek;
+pub mod latent_attention;
 pub mod mla;
 pub mod moe;
 pub mod rope;
 
-pub use cache::LatentCache;
+pub use cache::{LatentPool, SeqCache};
 pub use config::ModelConfig;
-pub use deepseek::{DeepseekModel, ForwardOptions, ForwardOutput, LogitsFor, SeqInput};
+pub use deepseek::{DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, ForwardOutput, LogitsFor, SeqInput};
 pub use mla::AttentionMode;
 pub use moe::Routing;

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use baleen_runtime::model::{AttentionMode, DeepseekModel, ForwardOptions, LogitsFor, ModelConfig, SeqInput};
+use baleen_runtime::model::{
+    AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, LatentPool, LogitsFor, ModelConfig, SeqCache,
+};
 use baleen_runtime::weights::{Checkpoint, var_builder};
 use candle_core::{DType, Device, Tensor};
 
@@ -38,15 +40,21 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
+/// A growable pool with small blocks, so sequences span several blocks.
+fn pool(model: &DeepseekModel) -> LatentPool {
+    model.new_pool(0, 4).unwrap()
+}
+
 fn prefill(
     model: &DeepseekModel,
     tokens: &[u32],
     mode: AttentionMode,
 ) -> (Tensor, Vec<(usize, baleen_runtime::model::Routing)>) {
-    let mut cache = model.new_cache();
+    let mut pool = pool(model);
     let out = model
-        .forward(
-            &mut [SeqInput { tokens, cache: &mut cache }],
+        .forward_cached(
+            &mut pool,
+            &mut [(tokens, &mut SeqCache::default())],
             ForwardOptions { attention: mode, logits: LogitsFor::AllTokens, trace_router: true },
         )
         .unwrap();
@@ -111,12 +119,12 @@ fn router_picks_the_same_experts_as_transformers() {
 /// Decodes `steps` tokens with the latent cache: naive prefill, then absorbed single-token steps. Feeds back the
 /// argmax (greedy) or, when `forced` is given, those ids (teacher forcing). Returns the argmax ids and the logits.
 fn decode(model: &DeepseekModel, prompt: &[u32], steps: usize, forced: Option<&[u32]>) -> (Vec<u32>, Tensor) {
-    let mut cache = model.new_cache();
+    let (mut pool, mut cache) = (pool(model), SeqCache::default());
     let mut next: Vec<u32> = prompt.to_vec();
     let (mut out, mut step_logits) = (Vec::new(), Vec::new());
     for step in 0..steps {
         let logits = model
-            .forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], ForwardOptions::default())
+            .forward_cached(&mut pool, &mut [(&next, &mut cache)], ForwardOptions::default())
             .unwrap()
             .logits
             .squeeze(0)
@@ -162,12 +170,13 @@ fn packed_batch_of_mixed_lengths_equals_separate_runs() {
     let alone = |p: &[u32]| prefill(&model, p, AttentionMode::Auto).0;
     let (ra, rb) = (alone(a), alone(b));
     // Sequence A is already cached up to 6 tokens and decodes its 7th; B prefills 9 tokens in the same batch.
-    let mut ca = model.new_cache();
-    model.forward(&mut [SeqInput { tokens: &a[..6], cache: &mut ca }], ForwardOptions::default()).unwrap();
-    let mut cb = model.new_cache();
+    let mut pool = model.new_pool(0, DEFAULT_BLOCK_SIZE).unwrap();
+    let (mut ca, mut cb) = (SeqCache::default(), SeqCache::default());
+    model.forward_cached(&mut pool, &mut [(&a[..6], &mut ca)], ForwardOptions::default()).unwrap();
     let out = model
-        .forward(
-            &mut [SeqInput { tokens: &a[6..], cache: &mut ca }, SeqInput { tokens: b, cache: &mut cb }],
+        .forward_cached(
+            &mut pool,
+            &mut [(&a[6..], &mut ca), (b, &mut cb)],
             ForwardOptions { logits: LogitsFor::AllTokens, ..Default::default() },
         )
         .unwrap()
@@ -176,22 +185,25 @@ fn packed_batch_of_mixed_lengths_equals_separate_runs() {
     assert!(max_abs_diff(&out.narrow(0, 1, 9).unwrap(), &rb) <= 1e-5);
 }
 
-/// bf16 weights, activations and latent cache against the f32 goldens. Documented tolerance: logits within 0.1
-/// (max abs; the logits are O(1) and bf16 keeps 8 mantissa bits; measured 0.04). Greedy ids are not compared:
-/// the goldens' argmax margins (≥ 1e-3) are below bf16 resolution, so the decode path is checked by teacher
-/// forcing the golden ids and comparing every step's logits instead.
+/// bf16 weights, activations and latent cache, measured against transformers' own bf16 run of the same
+/// weights (`bf16.*` goldens): our distance from the f32 goldens may be at most twice transformers' (plus 0.01 for
+/// the accumulation-order noise of a different matmul library). Greedy ids are not compared: the argmax margins
+/// (≥ 1e-3) are below bf16 resolution, so the decode path is checked by teacher forcing the golden ids.
 #[test]
-fn bf16_path_stays_within_documented_tolerance() {
-    const BF16_TOL: f32 = 0.1;
-    for name in ["tiny-v3", "tiny-v2"] {
+fn bf16_path_is_as_close_to_f32_as_transformers_bf16() {
+    for name in ["tiny-v3", "tiny-v2", "tiny-v2-greedy", "tiny-v3-fp8"] {
         let model = load(name, DType::BF16);
         let g = golden(name);
         let (logits, _) = prefill(&model, &ids(&g["prompt_ids"]), AttentionMode::Naive);
-        let diff = max_abs_diff(&logits, &g["logits"]);
-        assert!(diff <= BF16_TOL, "{name}: bf16 prefill logits differ from transformers f32 by {diff}");
+        let ours = max_abs_diff(&logits, &g["logits"]);
+        let hf = max_abs_diff(&g["bf16.logits"], &g["logits"]);
+        eprintln!("{name}: bf16 prefill max abs vs f32: ours {ours}, transformers {hf}");
+        assert!(ours <= 2.0 * hf + 0.01, "{name}: bf16 prefill error {ours} vs transformers' {hf}");
         let want = ids(&g["greedy.ids"]);
         let (_, logits) = decode(&model, &ids(&g["greedy.prompt_ids"]), want.len(), Some(&want));
-        let diff = max_abs_diff(&logits, &g["greedy.logits"]);
-        assert!(diff <= BF16_TOL, "{name}: bf16 decode-step logits differ from transformers f32 by {diff}");
+        let ours = max_abs_diff(&logits, &g["greedy.logits"]);
+        let hf = max_abs_diff(&g["bf16.greedy.logits"], &g["greedy.logits"]);
+        eprintln!("{name}: bf16 decode max abs vs f32: ours {ours}, transformers {hf}");
+        assert!(ours <= 2.0 * hf + 0.01, "{name}: bf16 decode error {ours} vs transformers' {hf}");
     }
 }

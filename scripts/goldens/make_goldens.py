@@ -49,6 +49,7 @@ on the rounded weights), so a correct float32 implementation cannot flip a
 decision through rounding differences.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -658,6 +659,23 @@ def run_candidate(name, family, extra, seed, weights, tok, prompt_ids, greedy_pr
 
 
 @torch.no_grad()
+def bf16_reference(model, golden: dict) -> dict:
+    """transformers' own bf16 run of the same weights: prefill logits, and decode-step logits teacher-forced on
+    the f32 greedy ids. Its distance from the f32 goldens is the yardstick for a bf16 implementation."""
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    logits = m16(input_ids=golden["prompt_ids"][None], use_cache=False).logits[0].to(torch.float32)
+    cache = DynamicCache(config=m16.config)
+    out = m16(input_ids=golden["greedy.prompt_ids"][None], past_key_values=cache, use_cache=True)
+    steps = []
+    for i, nid in enumerate(golden["greedy.ids"].tolist()):
+        steps.append(out.logits[0, -1].to(torch.float32).clone())
+        if i + 1 < len(golden["greedy.ids"]):
+            nxt = torch.tensor([[nid]], dtype=torch.int64)
+            out = m16(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return {"bf16.logits": logits.clone(), "bf16.greedy.logits": torch.stack(steps)}
+
+
+@torch.no_grad()
 def activation_norms(model, prompt_ids):
     """RMS of the residual stream (embeddings, after each layer) and std of the logits."""
     rms = []
@@ -845,6 +863,7 @@ def main() -> int:
         else:
             model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir, save_jinja_files=False)
+        golden.update(bf16_reference(model, golden))
 
         golden = {k: v.contiguous() for k, v in sorted(golden.items())}
         save_file(golden, str(out_dir / "golden.safetensors"), metadata={"format": "pt"})

@@ -1,77 +1,218 @@
-//! The latent KV cache of one sequence: per layer, one row of `kv_lora_rank + qk_rope_head_dim` values per token
-//! (the normalized compressed KV and the rotated shared key) — all MLA needs in its absorbed form.
+//! The paged latent KV cache. Per layer, a pool of fixed-size blocks of latent rows; each row holds the
+//! `kv_lora_rank + qk_rope_head_dim` values MLA caches per token (the normalized compressed KV and the rotated
+//! shared key). A sequence owns an ordered list of blocks (its block table); token `t` lives in slot
+//! `t % block_size` of block `blocks[t / block_size]`.
 //!
-//! Rows live in a preallocated buffer per layer that doubles when full; a forward pass writes each layer's new
-//! rows and then reads the layer's whole context as one contiguous view.
+//! Storage is chosen at construction: plain host memory for f32 on the CPU (read directly by the fused attention
+//! kernel, no copies), or one candle tensor per layer on any other device or dtype (written with `slice_set`,
+//! read with `index_select`).
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
-pub struct LatentCache {
-    layers: Vec<LayerRows>,
+enum Storage {
+    /// `[num_blocks * block_size * latent_dim]` per layer.
+    Host(Vec<Vec<f32>>),
+    /// `[num_blocks * block_size, latent_dim]` per layer.
+    Device(Vec<Tensor>),
+}
+
+#[derive(Debug, Clone)]
+pub struct LatentPool {
+    storage: Storage,
+    num_layers: usize,
+    block_size: usize,
+    num_blocks: usize,
     latent_dim: usize,
     dtype: DType,
     device: Device,
+    /// Next never-used block, for the growable pools of single-process tools ([`LatentPool::extend`]).
+    bump: usize,
 }
 
-#[derive(Debug, Clone, Default)]
-struct LayerRows {
-    buf: Option<Tensor>,
-    len: usize,
+/// A sequence's cache state for tools that manage blocks themselves with [`LatentPool::extend`] (the engine uses
+/// its own allocator instead).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeqCache {
+    pub blocks: Vec<u32>,
+    /// Tokens cached.
+    pub len: usize,
 }
 
-impl LatentCache {
-    pub fn new(num_layers: usize, latent_dim: usize, dtype: DType, device: &Device) -> Self {
-        Self { layers: vec![LayerRows::default(); num_layers], latent_dim, dtype, device: device.clone() }
+impl LatentPool {
+    pub fn new(
+        num_layers: usize,
+        latent_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if block_size == 0 {
+            return Err(Error::Setting { name: "block-size".into(), reason: "must be at least 1".into() });
+        }
+        let rows = num_blocks * block_size;
+        let storage = if device.is_cpu() && dtype == DType::F32 {
+            // One zeroed allocation per layer (lazily mapped by the OS), not clones of one.
+            Storage::Host((0..num_layers).map(|_| vec![0f32; rows * latent_dim]).collect())
+        } else {
+            Storage::Device(
+                (0..num_layers)
+                    .map(|_| Tensor::zeros((rows.max(1), latent_dim), dtype, device))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
+        };
+        Ok(Self { storage, num_layers, block_size, num_blocks, latent_dim, dtype, device: device.clone(), bump: 0 })
     }
 
-    /// Tokens cached (in every layer, between forward passes).
-    pub fn len(&self) -> usize {
-        self.layers.last().map_or(0, |l| l.len)
+    pub fn block_size(&self) -> usize {
+        self.block_size
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
-    /// Bytes held by the cached rows (not the spare capacity).
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.len).sum::<usize>() * self.latent_dim * self.dtype.size_in_bytes()
+    pub fn latent_dim(&self) -> usize {
+        self.latent_dim
     }
 
-    /// Appends `rows` (`[n, latent_dim]`) to `layer` and returns the layer's whole context `[len + n, latent_dim]`.
-    pub fn append(&mut self, layer: usize, rows: &Tensor) -> Result<Tensor> {
+    /// Bytes one block takes across all layers.
+    pub fn bytes_per_block(&self) -> usize {
+        self.num_layers * self.block_size * self.latent_dim * self.dtype.size_in_bytes()
+    }
+
+    /// The host rows of `layer` (f32 CPU pools only): `[num_blocks * block_size * latent_dim]`.
+    pub(crate) fn host_layer(&self, layer: usize) -> Option<&[f32]> {
+        match &self.storage {
+            Storage::Host(layers) => layers.get(layer).map(Vec::as_slice),
+            Storage::Device(_) => None,
+        }
+    }
+
+    fn slot(&self, blocks: &[u32], pos: usize) -> Result<usize> {
+        let block = blocks
+            .get(pos / self.block_size)
+            .ok_or_else(|| Error::InvalidRequest(format!("no cache block for position {pos}")))?;
+        if *block as usize >= self.num_blocks {
+            return Err(Error::InvalidRequest(format!("cache block {block} out of range")));
+        }
+        Ok(*block as usize * self.block_size + pos % self.block_size)
+    }
+
+    /// Writes `rows` (`[n, latent_dim]`) for `layer` at positions `start..start + n` of the sequence whose block
+    /// table is `blocks`.
+    pub fn write(&mut self, layer: usize, blocks: &[u32], start: usize, rows: &Tensor) -> Result<()> {
         let (n, dim) = rows.dims2()?;
         if dim != self.latent_dim {
             return Err(Error::InvalidRequest(format!("latent row width {dim} != cache width {}", self.latent_dim)));
         }
-        let (dtype, device, latent_dim) = (self.dtype, self.device.clone(), self.latent_dim);
-        let slot =
-            self.layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("cache has no layer {layer}")))?;
-        let needed = slot.len + n;
-        let capacity = slot.buf.as_ref().map_or(0, |b| b.dim(0).unwrap_or(0));
-        if needed > capacity {
-            let new_capacity = needed.max(capacity * 2).max(16);
-            let grown = Tensor::zeros((new_capacity, latent_dim), dtype, &device)?;
-            if let Some(old) = &slot.buf
-                && slot.len > 0
-            {
-                grown.slice_set(&old.narrow(0, 0, slot.len)?, 0, 0)?;
+        let slots = (start..start + n).map(|p| self.slot(blocks, p)).collect::<Result<Vec<_>>>()?;
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                let data = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let dst = layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                for (row, slot) in data.chunks_exact(dim).zip(slots) {
+                    dst[slot * dim..(slot + 1) * dim].copy_from_slice(row);
+                }
             }
-            slot.buf = Some(grown);
+            Storage::Device(layers) => {
+                let dst = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let rows = rows.to_dtype(self.dtype)?;
+                // Runs of consecutive slots (within a block) are written with one slice_set each.
+                let mut i = 0;
+                while i < n {
+                    let mut j = i + 1;
+                    while j < n && slots[j] == slots[j - 1] + 1 {
+                        j += 1;
+                    }
+                    dst.slice_set(&rows.narrow(0, i, j - i)?.contiguous()?, 0, slots[i])?;
+                    i = j;
+                }
+            }
         }
-        let buf = slot.buf.as_ref().ok_or_else(|| Error::InvalidRequest("cache buffer missing".into()))?;
-        buf.slice_set(&rows.to_dtype(dtype)?.contiguous()?, 0, slot.len)?;
-        slot.len = needed;
-        Ok(buf.narrow(0, 0, needed)?)
+        Ok(())
     }
 
-    /// Drops every token at or after `len` (used to roll back a failed step).
-    pub fn truncate(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.len = l.len.min(len);
+    /// The first `len` rows of `layer` for the sequence with block table `blocks`, as `[len, latent_dim]`.
+    pub fn gather(&self, layer: usize, blocks: &[u32], len: usize) -> Result<Tensor> {
+        let slots = (0..len).map(|p| self.slot(blocks, p)).collect::<Result<Vec<_>>>()?;
+        let dim = self.latent_dim;
+        match &self.storage {
+            Storage::Host(layers) => {
+                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let mut out = Vec::with_capacity(len * dim);
+                for slot in slots {
+                    out.extend_from_slice(&src[slot * dim..(slot + 1) * dim]);
+                }
+                Ok(Tensor::from_vec(out, (len, dim), &self.device)?)
+            }
+            Storage::Device(layers) => {
+                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let idx: Vec<u32> = slots.into_iter().map(|s| s as u32).collect();
+                Ok(src.index_select(&Tensor::from_vec(idx, len, &self.device)?, 0)?)
+            }
         }
+    }
+
+    /// Copies block `from` into block `to` in every layer (copy-on-write of a shared partial block).
+    pub fn copy_block(&mut self, from: u32, to: u32) -> Result<()> {
+        let (bs, dim) = (self.block_size, self.latent_dim);
+        let (from, to) = (from as usize, to as usize);
+        if from >= self.num_blocks || to >= self.num_blocks {
+            return Err(Error::InvalidRequest(format!("cache block copy {from}→{to} out of range")));
+        }
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                for l in layers.iter_mut() {
+                    l.copy_within(from * bs * dim..(from + 1) * bs * dim, to * bs * dim);
+                }
+            }
+            Storage::Device(layers) => {
+                for l in layers.iter() {
+                    l.slice_set(&l.narrow(0, from * bs, bs)?.contiguous()?, 0, to * bs)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows `seq`'s block table so it can hold `new_tokens` more tokens, taking never-used blocks and growing
+    /// the pool when it runs out. For single-process tools (CLI, tests); the engine allocates blocks itself.
+    pub fn extend(&mut self, seq: &mut SeqCache, new_tokens: usize) -> Result<()> {
+        let needed = (seq.len + new_tokens).div_ceil(self.block_size);
+        while seq.blocks.len() < needed {
+            if self.bump == self.num_blocks {
+                self.grow((self.num_blocks * 2).max(4))?;
+            }
+            seq.blocks.push(self.bump as u32);
+            self.bump += 1;
+        }
+        Ok(())
+    }
+
+    fn grow(&mut self, num_blocks: usize) -> Result<()> {
+        let rows = num_blocks * self.block_size;
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                for l in layers.iter_mut() {
+                    l.resize(rows * self.latent_dim, 0.0);
+                }
+            }
+            Storage::Device(layers) => {
+                for l in layers.iter_mut() {
+                    let grown = Tensor::zeros((rows, self.latent_dim), self.dtype, &self.device)?;
+                    let old_rows = self.num_blocks * self.block_size;
+                    if old_rows > 0 {
+                        grown.slice_set(&l.narrow(0, 0, old_rows)?, 0, 0)?;
+                    }
+                    *l = grown;
+                }
+            }
+        }
+        self.num_blocks = num_blocks;
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, RmsNorm, VarBuilder};
 
-use super::cache::LatentCache;
+use super::cache::{LatentPool, SeqCache};
 use super::config::ModelConfig;
 use super::mla::{AttentionMode, Mla, SeqSlice};
 use super::moe::{Mlp, Moe, Routing};
@@ -47,12 +47,17 @@ pub struct ForwardOptions {
     pub trace_router: bool,
 }
 
-/// One sequence's part of a forward pass: `tokens` new tokens appended after what `cache` holds.
-#[derive(Debug)]
+/// One sequence's part of a forward pass: `tokens` new tokens placed after the `past` tokens its block table
+/// already holds; `blocks` must have room for `past + tokens.len()` tokens.
+#[derive(Debug, Clone, Copy)]
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
-    pub cache: &'a mut LatentCache,
+    pub past: usize,
+    pub blocks: &'a [u32],
 }
+
+/// Default tokens per cache block.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 #[derive(Debug)]
 pub struct ForwardOutput {
@@ -127,13 +132,45 @@ impl DeepseekModel {
         &self.device
     }
 
-    /// An empty latent cache for one sequence, in the model's dtype and device.
-    pub fn new_cache(&self) -> LatentCache {
-        LatentCache::new(self.config.num_hidden_layers, self.config.latent_dim(), self.dtype, &self.device)
+    /// A latent KV pool of `num_blocks` blocks of `block_size` tokens, in the model's dtype and device.
+    pub fn new_pool(&self, num_blocks: usize, block_size: usize) -> Result<LatentPool> {
+        LatentPool::new(
+            self.config.num_hidden_layers,
+            self.config.latent_dim(),
+            block_size,
+            num_blocks,
+            self.dtype,
+            &self.device,
+        )
     }
 
-    /// Runs one packed batch. Each sequence's new rows are written to its cache.
-    pub fn forward(&self, seqs: &mut [SeqInput<'_>], options: ForwardOptions) -> Result<ForwardOutput> {
+    /// For single-process tools: grows each sequence's blocks in a growable pool, runs the batch, and records the
+    /// new tokens as cached.
+    pub fn forward_cached(
+        &self,
+        pool: &mut LatentPool,
+        seqs: &mut [(&[u32], &mut SeqCache)],
+        options: ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        for (tokens, cache) in seqs.iter_mut() {
+            pool.extend(cache, tokens.len())?;
+        }
+        let inputs: Vec<SeqInput<'_>> =
+            seqs.iter().map(|(tokens, cache)| SeqInput { tokens, past: cache.len, blocks: &cache.blocks }).collect();
+        let out = self.forward(pool, &inputs, options)?;
+        for (tokens, cache) in seqs.iter_mut() {
+            cache.len += tokens.len();
+        }
+        Ok(out)
+    }
+
+    /// Runs one packed batch, writing each sequence's new latent rows into `pool`.
+    pub fn forward(
+        &self,
+        pool: &mut LatentPool,
+        seqs: &[SeqInput<'_>],
+        options: ForwardOptions,
+    ) -> Result<ForwardOutput> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
@@ -141,7 +178,10 @@ impl DeepseekModel {
             if seq.tokens.is_empty() {
                 return Err(Error::InvalidRequest("a sequence in the batch has no new tokens".into()));
             }
-            let past = seq.cache.len();
+            let past = seq.past;
+            if seq.blocks.len() * pool.block_size() < past + seq.tokens.len() {
+                return Err(Error::InvalidRequest("a sequence's block table is too short for its tokens".into()));
+            }
             if past + seq.tokens.len() > self.config.max_position_embeddings {
                 return Err(Error::InvalidRequest(format!(
                     "sequence length {} exceeds max_position_embeddings {}",
@@ -155,7 +195,7 @@ impl DeepseekModel {
                     self.config.vocab_size
                 )));
             }
-            spans.push((tokens.len(), seq.tokens.len()));
+            spans.push((tokens.len(), seq.tokens.len(), past));
             tokens.extend_from_slice(seq.tokens);
             positions.extend(past..past + seq.tokens.len());
         }
@@ -163,15 +203,15 @@ impl DeepseekModel {
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let mut x = self.embed_tokens.embedding(&ids)?;
         let cos_sin = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
-        let mut slices: Vec<SeqSlice<'_>> = seqs
-            .iter_mut()
+        let slices: Vec<SeqSlice<'_>> = seqs
+            .iter()
             .zip(&spans)
-            .map(|(s, &(start, len))| SeqSlice { start, len, cache: &mut *s.cache })
+            .map(|(s, &(start, len, past))| SeqSlice { start, len, past, blocks: s.blocks })
             .collect();
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let attn = layer.self_attn.forward(&h, &self.rope, &cos_sin, &mut slices, i, options.attention)?;
+            let attn = layer.self_attn.forward(&h, &self.rope, &cos_sin, pool, &slices, i, options.attention)?;
             x = (x + attn)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             let ffn = match &layer.mlp {
@@ -189,7 +229,7 @@ impl DeepseekModel {
         let x = match options.logits {
             LogitsFor::AllTokens => x,
             LogitsFor::LastToken => {
-                let last: Vec<u32> = spans.iter().map(|&(start, len)| (start + len - 1) as u32).collect();
+                let last: Vec<u32> = spans.iter().map(|&(start, len, _)| (start + len - 1) as u32).collect();
                 let k = last.len();
                 x.index_select(&Tensor::from_vec(last, k, &self.device)?, 0)?
             }

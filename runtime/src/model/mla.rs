@@ -12,8 +12,9 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
 
-use super::cache::LatentCache;
+use super::cache::LatentPool;
 use super::config::ModelConfig;
+use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::Rope;
 use crate::error::{Error, Result};
 
@@ -54,12 +55,14 @@ pub struct Mla {
     scale: f64,
 }
 
-/// One sequence's slice of a packed batch: its new tokens are rows `start..start + len` of the batch.
-#[derive(Debug)]
+/// One sequence's slice of a packed batch: its new tokens are rows `start..start + len` of the batch, placed
+/// after the `past` tokens its block table already holds.
+#[derive(Debug, Clone, Copy)]
 pub struct SeqSlice<'a> {
     pub start: usize,
     pub len: usize,
-    pub cache: &'a mut LatentCache,
+    pub past: usize,
+    pub blocks: &'a [u32],
 }
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -104,14 +107,16 @@ impl Mla {
         })
     }
 
-    /// Attention over a packed batch `x` (`[tokens, hidden]`). Writes each sequence's new latent rows to its cache
-    /// for `layer` and returns `[tokens, hidden]`.
+    /// Attention over a packed batch `x` (`[tokens, hidden]`). Writes each sequence's new latent rows into the
+    /// pool for `layer` and returns `[tokens, hidden]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
         cos_sin: &(Tensor, Tensor),
-        seqs: &mut [SeqSlice<'_>],
+        pool: &mut LatentPool,
+        seqs: &[SeqSlice<'_>],
         layer: usize,
         mode: AttentionMode,
     ) -> Result<Tensor> {
@@ -132,54 +137,65 @@ impl Mla {
         let k_pe = kv.narrow(1, self.rank, rope_dim)?.reshape((1, 1, n_tokens, rope_dim))?;
         let k_pe = rope.apply(&k_pe, &cos_sin.0, &cos_sin.1)?.reshape((n_tokens, rope_dim))?;
         let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
+        for seq in seqs {
+            pool.write(layer, seq.blocks, seq.past, &rows.narrow(0, seq.start, seq.len)?)?;
+        }
 
-        let absorbed_q = if mode == AttentionMode::Naive {
-            None
-        } else {
-            // [heads, tokens, nope] · [heads, nope, rank] → [heads, tokens, rank]; scale folded into the query.
+        let absorbed: Vec<bool> = seqs
+            .iter()
+            .map(|s| match mode {
+                AttentionMode::Absorbed => true,
+                AttentionMode::Naive => false,
+                AttentionMode::Auto => s.len == 1,
+            })
+            .collect();
+        // Absorbed sequences: [tokens, heads, rank + rope] queries, scale folded in, attended in one pass.
+        let mut latent_values = None;
+        if absorbed.iter().any(|&a| a) {
+            // [heads, tokens, nope] · [heads, nope, rank] → [heads, tokens, rank]
             let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
-            let q_full = (Tensor::cat(&[&q_lat, &q_pe], 2)? * self.scale)?;
-            Some(q_full.transpose(0, 1)?.contiguous()?) // [tokens, heads, rank + rope]
-        };
-        let naive_q = if mode == AttentionMode::Absorbed {
+            let q_full = (Tensor::cat(&[&q_lat, &q_pe], 2)? * self.scale)?.transpose(0, 1)?.contiguous()?;
+            let chosen: Vec<&SeqSlice<'_>> = seqs.iter().zip(&absorbed).filter(|p| *p.1).map(|p| p.0).collect();
+            let latent = match pool.host_layer(layer) {
+                Some(host) if q_full.dtype() == DType::F32 => {
+                    let q_host = q_full.flatten_all()?.to_vec1::<f32>()?;
+                    let kseqs: Vec<KernelSeq<'_>> = chosen
+                        .iter()
+                        .map(|s| KernelSeq { start: s.start, len: s.len, past: s.past, blocks: s.blocks })
+                        .collect();
+                    let width = self.rank + rope_dim;
+                    let out = absorbed_attention(&q_host, heads, width, self.rank, host, pool.block_size(), &kseqs);
+                    let rows: usize = chosen.iter().map(|s| s.len).sum();
+                    Tensor::from_vec(out, (rows * heads, self.rank), x.device())?
+                }
+                _ => {
+                    let mut parts = Vec::with_capacity(chosen.len());
+                    for s in &chosen {
+                        let ctx = pool.gather(layer, s.blocks, s.past + s.len)?;
+                        parts.push(self.absorbed(&q_full.narrow(0, s.start, s.len)?, &ctx, s.past)?);
+                    }
+                    Tensor::cat(&parts, 0)?
+                }
+            };
+            latent_values = Some(self.expand_latent(&latent)?);
+        }
+        let naive_q = if absorbed.iter().all(|&a| a) {
             None
         } else {
             Some(Tensor::cat(&[&q_nope, &q_pe.transpose(0, 1)?], 2)?.contiguous()?) // [tokens, heads, qk]
         };
-
-        let mut latent_out = Vec::new(); // absorbed: per sequence [len * heads, rank]
-        let mut value_out = Vec::new(); // naive: per sequence [len, heads * v]
-        let mut order = Vec::with_capacity(seqs.len());
-        for seq in seqs.iter_mut() {
-            let ctx = seq.cache.append(layer, &rows.narrow(0, seq.start, seq.len)?)?;
-            let past = ctx.dim(0)? - seq.len;
-            let use_absorbed = match mode {
-                AttentionMode::Absorbed => true,
-                AttentionMode::Naive => false,
-                AttentionMode::Auto => seq.len == 1,
-            };
-            if use_absorbed {
-                let q = absorbed_q.as_ref().ok_or_else(|| Error::InvalidRequest("absorbed query missing".into()))?;
-                latent_out.push(self.absorbed(&q.narrow(0, seq.start, seq.len)?, &ctx, past)?);
-                order.push(true);
-            } else {
-                let q = naive_q.as_ref().ok_or_else(|| Error::InvalidRequest("naive query missing".into()))?;
-                value_out.push(self.naive(&q.narrow(0, seq.start, seq.len)?, &ctx, past)?);
-                order.push(false);
-            }
-        }
-        let latent_values =
-            if latent_out.is_empty() { None } else { Some(self.expand_latent(&Tensor::cat(&latent_out, 0)?)?) };
         // Reassemble in sequence order: [tokens, heads * v].
         let mut parts = Vec::with_capacity(seqs.len());
-        let (mut next_latent_row, mut naive_iter) = (0, value_out.into_iter());
-        for (seq, absorbed) in seqs.iter().zip(order) {
-            if absorbed {
+        let mut next_latent_row = 0;
+        for (seq, &is_absorbed) in seqs.iter().zip(&absorbed) {
+            if is_absorbed {
                 let lv = latent_values.as_ref().ok_or_else(|| Error::InvalidRequest("latent values missing".into()))?;
                 parts.push(lv.narrow(0, next_latent_row, seq.len)?);
                 next_latent_row += seq.len;
             } else {
-                parts.push(naive_iter.next().ok_or_else(|| Error::InvalidRequest("naive output missing".into()))?);
+                let q = naive_q.as_ref().ok_or_else(|| Error::InvalidRequest("naive query missing".into()))?;
+                let ctx = pool.gather(layer, seq.blocks, seq.past + seq.len)?;
+                parts.push(self.naive(&q.narrow(0, seq.start, seq.len)?, &ctx, seq.past)?);
             }
         }
         let attn = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };

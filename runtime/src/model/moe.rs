@@ -203,21 +203,52 @@ impl DispatchPlan {
     }
 }
 
+/// The routed experts' weights stacked along a leading expert axis, so the experts of a batch can run as one
+/// batched matmul chain.
+#[derive(Debug, Clone)]
+struct StackedExperts {
+    gate_up: Tensor, // [experts, 2 * intermediate, hidden]
+    down: Tensor,    // [experts, hidden, intermediate]
+    intermediate: usize,
+}
+
+impl StackedExperts {
+    fn load(n: usize, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        let mut gate_up = Vec::with_capacity(n);
+        let mut down = Vec::with_capacity(n);
+        for e in 0..n {
+            let mlp = Mlp::load(hidden, intermediate, vb.pp(e))?;
+            gate_up.push(mlp.gate_up);
+            down.push(mlp.down);
+        }
+        Ok(Self { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)?, intermediate })
+    }
+
+    fn len(&self) -> usize {
+        self.gate_up.dim(0).unwrap_or(0)
+    }
+
+    /// `x` `[experts, rows, hidden]` through the experts `[experts, ...]` of `gate_up`/`down`.
+    fn forward(&self, x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+        let h = x.matmul(&gate_up.transpose(1, 2)?)?;
+        let i = self.intermediate;
+        let act = (candle_nn::ops::silu(&h.narrow(2, 0, i)?)? * h.narrow(2, i, i)?)?;
+        Ok(act.matmul(&down.transpose(1, 2)?)?)
+    }
+}
+
 /// A DeepSeekMoE block: router, routed experts and shared experts.
 #[derive(Debug, Clone)]
 pub struct Moe {
     router: Router,
-    experts: Vec<Mlp>,
+    experts: StackedExperts,
     shared: Option<Mlp>,
 }
 
 impl Moe {
     pub fn load(config: &ModelConfig, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         let h = config.hidden_size;
-        let experts_vb = vb.pp("experts");
-        let experts = (0..moe.n_routed_experts)
-            .map(|e| Mlp::load(h, moe.moe_intermediate_size, experts_vb.pp(e)))
-            .collect::<Result<Vec<_>>>()?;
+        let experts = StackedExperts::load(moe.n_routed_experts, h, moe.moe_intermediate_size, vb.pp("experts"))?;
         let shared = match moe.n_shared_experts {
             0 => None,
             n => Some(Mlp::load(h, moe.moe_intermediate_size * n, vb.pp("shared_experts"))?),
@@ -237,28 +268,67 @@ impl Moe {
         Ok((out, routing))
     }
 
-    /// Runs every expert group of the plan (gather rows → expert MLP → weight) and scatter-adds the results.
+    /// Runs every expert group of the plan and scatter-adds the weighted results.
+    ///
+    /// The active experts' rows are gathered once into `[experts, rows, hidden]`, padded to the busiest expert
+    /// with a zero row of weight 0, and go through one batched gate/up → SiLU → down chain; then one weighting and
+    /// one scatter-add for the batch. When padding would more than double the work (skewed routing), each expert
+    /// runs on its own contiguous slice instead.
     fn run_plan(&self, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
         let device = x.device();
-        let mut outputs = Vec::with_capacity(plan.groups.len());
-        let mut all_rows = Vec::new();
+        let (n, hidden) = x.dims2()?;
+        if plan.groups.is_empty() {
+            return Ok(x.zeros_like()?);
+        }
         for g in &plan.groups {
-            let expert = self
-                .experts
-                .get(g.expert)
-                .ok_or_else(|| Error::InvalidRequest(format!("routed to unknown expert {}", g.expert)))?;
-            let rows = Tensor::from_slice(&g.rows, g.rows.len(), device)?;
-            let y = expert.forward(&x.index_select(&rows, 0)?)?;
-            let w = Tensor::from_slice(&g.weights, (g.weights.len(), 1), device)?.to_dtype(DType::F32)?;
-            outputs.push(y.to_dtype(DType::F32)?.broadcast_mul(&w)?);
-            all_rows.extend_from_slice(&g.rows);
+            if g.expert >= self.experts.len() {
+                return Err(Error::InvalidRequest(format!("routed to unknown expert {}", g.expert)));
+            }
         }
-        let zeros = Tensor::zeros(x.shape(), DType::F32, device)?;
-        if outputs.is_empty() {
-            return Ok(zeros.to_dtype(x.dtype())?);
+        let active = plan.groups.len();
+        let total: usize = plan.groups.iter().map(|g| g.rows.len()).sum();
+        let widest = plan.groups.iter().map(|g| g.rows.len()).max().unwrap_or(0);
+        let padded = active > 1 && active * widest <= 2 * total;
+        let (mut rows, mut weights) = (Vec::new(), Vec::new());
+        for g in &plan.groups {
+            rows.extend_from_slice(&g.rows);
+            weights.extend_from_slice(&g.weights);
+            if padded {
+                // Padding rows read the zero row appended after the batch and carry weight 0.
+                rows.extend(std::iter::repeat_n(n as u32, widest - g.rows.len()));
+                weights.extend(std::iter::repeat_n(0f32, widest - g.rows.len()));
+            }
         }
-        let n_rows = all_rows.len();
-        let rows = Tensor::from_vec(all_rows, n_rows, device)?;
-        Ok(zeros.index_add(&rows, &Tensor::cat(&outputs, 0)?, 0)?.to_dtype(x.dtype())?)
+        let count = rows.len();
+        let rows = Tensor::from_vec(rows, count, device)?;
+        let out = if padded {
+            let x_ext = Tensor::cat(&[x, &Tensor::zeros((1, hidden), x.dtype(), device)?], 0)?;
+            let xs = x_ext.index_select(&rows, 0)?.reshape((active, widest, hidden))?;
+            let (gate_up, down) = if active == self.experts.len() {
+                (self.experts.gate_up.clone(), self.experts.down.clone())
+            } else {
+                let ids: Vec<u32> = plan.groups.iter().map(|g| g.expert as u32).collect();
+                let ids = Tensor::from_vec(ids, active, device)?;
+                (self.experts.gate_up.index_select(&ids, 0)?, self.experts.down.index_select(&ids, 0)?)
+            };
+            self.experts.forward(&xs, &gate_up, &down)?.reshape((count, hidden))?
+        } else {
+            let gathered = x.index_select(&rows, 0)?;
+            let mut outputs = Vec::with_capacity(active);
+            let mut offset = 0;
+            for g in &plan.groups {
+                let e = g.expert;
+                let xs = gathered.narrow(0, offset, g.rows.len())?.unsqueeze(0)?;
+                let (gu, d) = (self.experts.gate_up.narrow(0, e, 1)?, self.experts.down.narrow(0, e, 1)?);
+                outputs.push(self.experts.forward(&xs, &gu, &d)?.squeeze(0)?);
+                offset += g.rows.len();
+            }
+            if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? }
+        };
+        let weights = Tensor::from_vec(weights, (count, 1), device)?;
+        let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&weights)?;
+        let scatter_rows = if padded { n + 1 } else { n };
+        let summed = Tensor::zeros((scatter_rows, hidden), DType::F32, device)?.index_add(&rows, &weighted, 0)?;
+        Ok(summed.narrow(0, 0, n)?.to_dtype(x.dtype())?)
     }
 }
