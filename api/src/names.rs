@@ -1,7 +1,7 @@
 //! Names shared across Baleen components.
 //!
-//! Rules: environment variables are `BALEEN_<COMPONENT>_<NAME>`; model sources are URI-like strings whose
-//! scheme says where the weights come from.
+//! Rules: environment variables are `BALEEN_<COMPONENT>_<NAME>`; metric names follow the rules above the metric
+//! constants; model sources are URI-like strings whose scheme says where the weights come from.
 
 /// Model source of the built-in random-weight demo model (DeepSeek-V3 architecture, byte-level tokenizer).
 pub const BUILTIN_TINY_MOE: &str = "builtin:tiny-moe";
@@ -9,6 +9,8 @@ pub const BUILTIN_TINY_MOE: &str = "builtin:tiny-moe";
 /// Prefix of every built-in model source.
 pub const BUILTIN_SCHEME: &str = "builtin:";
 
+/// Runtime: the model to load (a Hugging Face directory or `builtin:NAME`).
+pub const ENV_RUNTIME_MODEL: &str = "BALEEN_RUNTIME_MODEL";
 /// Runtime: compute device (`cpu`, `cuda`, `cuda:N`).
 pub const ENV_RUNTIME_DEVICE: &str = "BALEEN_RUNTIME_DEVICE";
 /// Runtime: compute dtype (`f32`, `bf16`, `f16`).
@@ -21,3 +23,169 @@ pub const ENV_RUNTIME_LOG: &str = "BALEEN_RUNTIME_LOG";
 /// Thread-count variable read by rayon's global pool and by candle's CPU matmul (gemm). The runtime sets it
 /// once at start-up, before any thread exists, from `--threads`.
 pub const ENV_RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Runtime `serve` settings. Every flag of `baleen-runtime serve` can also be given through its variable.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Runtime: address the HTTP API binds to (`--host`).
+pub const ENV_RUNTIME_HOST: &str = "BALEEN_RUNTIME_HOST";
+/// Runtime: HTTP API port (`--port`; 0 picks a free port).
+pub const ENV_RUNTIME_PORT: &str = "BALEEN_RUNTIME_PORT";
+/// Runtime: the model name clients send in `model` (`--served-model-name`).
+pub const ENV_RUNTIME_SERVED_MODEL_NAME: &str = "BALEEN_RUNTIME_SERVED_MODEL_NAME";
+/// Runtime: sequences in the running batch at most (`--max-num-seqs`).
+pub const ENV_RUNTIME_MAX_NUM_SEQS: &str = "BALEEN_RUNTIME_MAX_NUM_SEQS";
+/// Runtime: tokens processed in one engine step at most (`--max-num-batched-tokens`).
+pub const ENV_RUNTIME_MAX_NUM_BATCHED_TOKENS: &str = "BALEEN_RUNTIME_MAX_NUM_BATCHED_TOKENS";
+/// Runtime: prompt plus generated tokens of one sequence at most (`--max-model-len`).
+pub const ENV_RUNTIME_MAX_MODEL_LEN: &str = "BALEEN_RUNTIME_MAX_MODEL_LEN";
+/// Runtime: memory for the latent KV cache, a fraction or a size such as `4GiB` (`--kv-cache-memory`).
+pub const ENV_RUNTIME_KV_CACHE_MEMORY: &str = "BALEEN_RUNTIME_KV_CACHE_MEMORY";
+/// Runtime: tokens per KV-cache block (`--block-size`).
+pub const ENV_RUNTIME_BLOCK_SIZE: &str = "BALEEN_RUNTIME_BLOCK_SIZE";
+/// Runtime: requests waiting for admission at most before HTTP 429 (`--max-waiting`).
+pub const ENV_RUNTIME_MAX_WAITING: &str = "BALEEN_RUNTIME_MAX_WAITING";
+/// Runtime: turn prefix caching off (`--no-prefix-caching`; `true`/`false`).
+pub const ENV_RUNTIME_NO_PREFIX_CACHING: &str = "BALEEN_RUNTIME_NO_PREFIX_CACHING";
+/// Runtime: request bodies larger than this many bytes are refused with HTTP 413 (`--max-request-bytes`).
+pub const ENV_RUNTIME_MAX_REQUEST_BYTES: &str = "BALEEN_RUNTIME_MAX_REQUEST_BYTES";
+/// Runtime: seconds to wait for in-flight requests after SIGTERM before aborting them (`--drain-timeout`).
+pub const ENV_RUNTIME_DRAIN_TIMEOUT: &str = "BALEEN_RUNTIME_DRAIN_TIMEOUT";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Runtime HTTP contract: paths on the serving port (API, probes and metrics share it, as in vLLM).
+// ---------------------------------------------------------------------------------------------------------------
+
+/// OpenAI chat completions.
+pub const PATH_CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+/// OpenAI (legacy) text completions.
+pub const PATH_COMPLETIONS: &str = "/v1/completions";
+/// OpenAI model list.
+pub const PATH_MODELS: &str = "/v1/models";
+/// Liveness: 200 while the process is alive.
+pub const PATH_HEALTH: &str = "/health";
+/// Readiness: 200 while the model is loaded and the engine admits requests; 503 while draining.
+pub const PATH_READY: &str = "/ready";
+/// Prometheus text exposition.
+pub const PATH_METRICS: &str = "/metrics";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Metrics.
+//
+// Rules: the runtime exports vLLM's metric names verbatim (`vllm:*`, colon included — valid in Prometheus, though
+// `promtool check metrics` warns about it) so endpoint pickers, KEDA recipes and dashboards built for vLLM work
+// unchanged; every `vllm:*` series carries the label `model_name`. Our own metrics are
+// `baleen_<component>_<name>_<unit>`, with `_total` only on counters and base units (seconds, bytes). Label
+// values come from small closed sets (a route template, a status code, a finish reason), never from user input.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Gauge: requests waiting for admission to the running batch.
+pub const METRIC_NUM_REQUESTS_WAITING: &str = "vllm:num_requests_waiting";
+/// Gauge: requests in the running batch.
+pub const METRIC_NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
+/// Gauge: fraction of KV-cache blocks in use, 0..1.
+pub const METRIC_KV_CACHE_USAGE_PERC: &str = "vllm:kv_cache_usage_perc";
+/// Info gauge (always 1): the KV-cache configuration in its labels.
+pub const METRIC_CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
+/// Histogram: seconds from arrival to the first generated token.
+pub const METRIC_TIME_TO_FIRST_TOKEN_SECONDS: &str = "vllm:time_to_first_token_seconds";
+/// Histogram: seconds between consecutive generated tokens of one request.
+pub const METRIC_INTER_TOKEN_LATENCY_SECONDS: &str = "vllm:inter_token_latency_seconds";
+/// Histogram: seconds from arrival to the end of a finished request.
+pub const METRIC_E2E_REQUEST_LATENCY_SECONDS: &str = "vllm:e2e_request_latency_seconds";
+/// Histogram: seconds a request waited before it was first scheduled.
+pub const METRIC_REQUEST_QUEUE_TIME_SECONDS: &str = "vllm:request_queue_time_seconds";
+/// Counter: prompt tokens of admitted requests.
+pub const METRIC_PROMPT_TOKENS_TOTAL: &str = "vllm:prompt_tokens_total";
+/// Counter: generated tokens.
+pub const METRIC_GENERATION_TOKENS_TOTAL: &str = "vllm:generation_tokens_total";
+/// Counter: finished requests, by [`LABEL_FINISHED_REASON`].
+pub const METRIC_REQUEST_SUCCESS_TOTAL: &str = "vllm:request_success_total";
+/// Counter: sequences preempted (their KV cache freed, to be recomputed later).
+pub const METRIC_NUM_PREEMPTIONS_TOTAL: &str = "vllm:num_preemptions_total";
+/// Counter: prompt tokens looked up in the prefix cache.
+pub const METRIC_PREFIX_CACHE_QUERIES_TOTAL: &str = "vllm:prefix_cache_queries_total";
+/// Counter: prompt tokens found in the prefix cache.
+pub const METRIC_PREFIX_CACHE_HITS_TOTAL: &str = "vllm:prefix_cache_hits_total";
+
+/// Counter: HTTP requests answered by the runtime, by [`LABEL_ROUTE`] and [`LABEL_CODE`].
+pub const METRIC_RUNTIME_HTTP_REQUESTS_TOTAL: &str = "baleen_runtime_http_requests_total";
+/// Histogram: seconds until the response head was ready (a stream's first byte), by [`LABEL_ROUTE`].
+pub const METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS: &str = "baleen_runtime_http_request_duration_seconds";
+
+/// Label on every `vllm:*` metric: the served model name.
+pub const LABEL_MODEL_NAME: &str = "model_name";
+/// Label of [`METRIC_REQUEST_SUCCESS_TOTAL`]: `stop`, `length` or `abort`.
+pub const LABEL_FINISHED_REASON: &str = "finished_reason";
+/// Label of the HTTP metrics: the matched route template (`/v1/chat/completions`), or `unmatched`.
+pub const LABEL_ROUTE: &str = "route";
+/// Value of [`LABEL_ROUTE`] for requests that matched no route (unknown paths never become label values).
+pub const ROUTE_UNMATCHED: &str = "unmatched";
+/// Label of the HTTP metrics: the response status code (`200`, `429`, ...).
+pub const LABEL_CODE: &str = "code";
+/// Labels of [`METRIC_CACHE_CONFIG_INFO`] (vLLM's spelling).
+pub const LABEL_BLOCK_SIZE: &str = "block_size";
+/// See [`LABEL_BLOCK_SIZE`].
+pub const LABEL_NUM_GPU_BLOCKS: &str = "num_gpu_blocks";
+/// See [`LABEL_BLOCK_SIZE`].
+pub const LABEL_CACHE_DTYPE: &str = "cache_dtype";
+
+// ---------------------------------------------------------------------------------------------------------------
+// The `ModelDeployment` custom resource.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// API group of Baleen's custom resources.
+pub const CRD_GROUP: &str = "baleen.dev";
+/// API version of the `ModelDeployment` resource.
+pub const CRD_VERSION: &str = "v1alpha1";
+/// `apiVersion` of a `ModelDeployment` manifest: [`CRD_GROUP`]`/`[`CRD_VERSION`].
+pub const CRD_API_VERSION: &str = "baleen.dev/v1alpha1";
+/// Kind of the resource that deploys one model.
+pub const CRD_KIND: &str = "ModelDeployment";
+/// Plural resource name (`kubectl get modeldeployments`).
+pub const CRD_PLURAL: &str = "modeldeployments";
+/// Short name (`kubectl get md`).
+pub const CRD_SHORT_NAME: &str = "md";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Model sources (`spec.model.source`): `hf://org/name[@revision]`, `pvc://claim/path`, `file:///path`,
+// `builtin:NAME` ([`BUILTIN_SCHEME`]).
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A Hugging Face Hub repository, optionally at a revision: `hf://deepseek-ai/DeepSeek-V3@main`.
+pub const HF_SCHEME: &str = "hf://";
+/// A directory inside a PersistentVolumeClaim: `pvc://models/deepseek-v3`.
+pub const PVC_SCHEME: &str = "pvc://";
+/// A model directory on the local filesystem, absolute: `file:///models/deepseek-v3`.
+pub const FILE_SCHEME: &str = "file://";
+
+// ---------------------------------------------------------------------------------------------------------------
+// `baleen-runtime serve` as a child process.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// File name of the runtime binary.
+pub const RUNTIME_BIN_NAME: &str = "baleen-runtime";
+/// The first words of the one line `baleen-runtime serve` prints on stdout once bound; `HOST:PORT` follows.
+pub const RUNTIME_LISTENING_PREFIX: &str = "baleen-runtime listening on http://";
+
+// ---------------------------------------------------------------------------------------------------------------
+// `baleen up` settings. Every flag of `baleen up` can also be given through its variable.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `baleen up`: path of the `baleen-runtime` binary to run (`--runtime-bin`).
+pub const ENV_RUNTIME_BIN: &str = "BALEEN_RUNTIME_BIN";
+/// `baleen up`: address the API binds to (`--host`).
+pub const ENV_UP_HOST: &str = "BALEEN_UP_HOST";
+/// `baleen up`: API port (`--port`; 0 picks a free port).
+pub const ENV_UP_PORT: &str = "BALEEN_UP_PORT";
+/// `baleen up`: seconds to wait for the model to load and `/ready` to answer 200 (`--ready-timeout`).
+pub const ENV_UP_READY_TIMEOUT: &str = "BALEEN_UP_READY_TIMEOUT";
+/// `baleen up`: seconds to wait for the runtime to drain and exit after SIGTERM before killing it
+/// (`--stop-timeout`).
+pub const ENV_UP_STOP_TIMEOUT: &str = "BALEEN_UP_STOP_TIMEOUT";
+/// The informal standard variable that turns colour codes off (<https://no-color.org>); `baleen up` sets it for
+/// the runtime when its own stderr is not a terminal, so forwarded logs stay plain text.
+pub const ENV_NO_COLOR: &str = "NO_COLOR";
+/// `baleen up`: log filter of `baleen` itself (`tracing` env-filter syntax).
+pub const ENV_UP_LOG: &str = "BALEEN_UP_LOG";

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use baleen_api::names::{ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_THREADS};
+use baleen_api::names::{ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_MODEL, ENV_RUNTIME_THREADS};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -12,7 +12,7 @@ use crate::device::{cpu_threads, parse_device, parse_dtype};
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::loader::{LoadedModel, ModelSource, load};
-use crate::model::{AttentionMode, DeepseekModel, ForwardOptions, LogitsFor, SeqInput};
+use crate::model::{AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, LogitsFor, SeqCache};
 
 #[derive(Debug, Parser)]
 #[command(name = "baleen-runtime", version, about = "Baleen inference runtime for DeepSeek-V2/V3 MoE models")]
@@ -31,12 +31,14 @@ pub enum Command {
     Bench(BenchArgs),
     /// Describe a model from its config alone (no weights are read).
     Info(InfoArgs),
+    /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics until SIGTERM (then drain and exit 0).
+    Serve(crate::server::cmd::ServeArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Hugging Face model directory, or `builtin:tiny-moe` (random-weight demo model).
-    #[arg(long)]
+    #[arg(long, env = ENV_RUNTIME_MODEL)]
     pub model: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", env = ENV_RUNTIME_DEVICE)]
@@ -166,6 +168,7 @@ impl Command {
             Self::Generate(a) => Some(&a.model),
             Self::Bench(a) => Some(&a.model),
             Self::Info(_) => None,
+            Self::Serve(a) => Some(&a.model),
         }
     }
 
@@ -175,6 +178,7 @@ impl Command {
             Self::Generate(a) => generate(a),
             Self::Bench(a) => bench(a),
             Self::Info(a) => info(a),
+            Self::Serve(a) => crate::server::cmd::run(a),
         }
     }
 }
@@ -187,9 +191,10 @@ fn logits(args: &LogitsArgs) -> Result<Value> {
         "auto" => AttentionMode::Auto,
         _ => AttentionMode::Naive,
     };
-    let mut cache = loaded.model.new_cache();
-    let out = loaded.model.forward(
-        &mut [SeqInput { tokens: &tokens, cache: &mut cache }],
+    let mut pool = loaded.model.new_pool(0, DEFAULT_BLOCK_SIZE)?;
+    let out = loaded.model.forward_cached(
+        &mut pool,
+        &mut [(&tokens, &mut SeqCache::default())],
         ForwardOptions { attention, logits: LogitsFor::AllTokens, trace_router: false },
     )?;
     Ok(json!({ "logits": out.logits.to_vec2::<f32>()? }))
@@ -217,11 +222,12 @@ fn generate(args: &GenerateArgs) -> Result<Value> {
     };
     let mut sampler = Sampler::new(params)?;
     let model = &loaded.model;
-    let mut cache = model.new_cache();
+    let mut pool = model.new_pool(0, DEFAULT_BLOCK_SIZE)?;
+    let mut cache = SeqCache::default();
     let mut generated: Vec<u32> = Vec::with_capacity(args.max_tokens);
     let mut next = prompt.clone();
     while generated.len() < args.max_tokens {
-        let logits = model.forward(&mut [SeqInput { tokens: &next, cache: &mut cache }], ForwardOptions::default())?;
+        let logits = model.forward_cached(&mut pool, &mut [(&next, &mut cache)], ForwardOptions::default())?;
         let row = logits.logits.squeeze(0)?.to_vec1::<f32>()?;
         let id = sampler.sample(&row, &prompt, &generated)?;
         generated.push(id);
@@ -277,18 +283,21 @@ fn bench(args: &BenchArgs) -> Result<Value> {
 /// Prefills every prompt in one packed batch (which yields the first token), then decodes `gen_len - 1` greedy
 /// steps with all sequences batched. Returns (prefill seconds, decode seconds).
 fn run_batch(model: &DeepseekModel, prompts: &[Vec<u32>], gen_len: usize) -> Result<(f64, f64)> {
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let block_size = DEFAULT_BLOCK_SIZE;
+    let per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(0) + gen_len).div_ceil(block_size);
+    let mut pool = model.new_pool(prompts.len() * per_seq, block_size)?;
+    let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::default()).collect();
     let start = Instant::now();
-    let mut inputs: Vec<SeqInput<'_>> =
-        prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SeqInput { tokens: p, cache }).collect();
-    let logits = model.forward(&mut inputs, ForwardOptions::default())?.logits;
+    let mut inputs: Vec<(&[u32], &mut SeqCache)> =
+        prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| (p.as_slice(), cache)).collect();
+    let logits = model.forward_cached(&mut pool, &mut inputs, ForwardOptions::default())?.logits;
     let mut next: Vec<[u32; 1]> = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|id| [id]).collect();
     let prefill_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 1..gen_len {
-        let mut inputs: Vec<SeqInput<'_>> =
-            next.iter().zip(caches.iter_mut()).map(|(t, cache)| SeqInput { tokens: t, cache }).collect();
-        let logits = model.forward(&mut inputs, ForwardOptions::default())?.logits;
+        let mut inputs: Vec<(&[u32], &mut SeqCache)> =
+            next.iter().zip(caches.iter_mut()).map(|(t, cache)| (t.as_slice(), cache)).collect();
+        let logits = model.forward_cached(&mut pool, &mut inputs, ForwardOptions::default())?.logits;
         next = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|id| [id]).collect();
     }
     Ok((prefill_s, start.elapsed().as_secs_f64()))

@@ -44,6 +44,14 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A metric could not be created or registered (a bad name or label, a duplicate).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+
+    /// The HTTP server could not bind, serve or shut down.
+    #[error("server: {0}")]
+    Server(String),
 }
 
 impl Error {

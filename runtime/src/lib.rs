@@ -4,7 +4,10 @@
 //!   a latent KV cache), the DeepSeekMoE router in all its variants, grouped expert dispatch, the full model.
 //! - [`weights`]: memory-mapped safetensors checkpoints (single file or sharded index), FP8 block dequantization.
 //! - [`tokenizer`]: Hugging Face `tokenizer.json` and chat templates, or the built-in byte-level tokenizer.
-//! - [`engine`]: sampling (and, with the serving issue, the continuous-batching scheduler).
+//! - [`engine`]: the continuous-batching scheduler over a paged latent KV cache, and sampling.
+//! - [`server`]: the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/completions`, `/v1/models`),
+//!   `/health`, `/ready` and `/metrics`, and the `serve` command.
+//! - [`metrics`]: Prometheus metrics (vLLM's names verbatim, plus `baleen_runtime_*`).
 //! - [`builtin`]: `builtin:tiny-moe`, a deterministic random-weight demo model.
 //! - [`device`]: device, dtype and CPU thread selection.
 
@@ -14,7 +17,9 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod loader;
+pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod tokenizer;
 pub mod weights;
 

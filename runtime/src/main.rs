@@ -3,11 +3,13 @@
 use baleen_api::names::{ENV_RAYON_NUM_THREADS, ENV_RUNTIME_LOG};
 use baleen_runtime::cli::Cli;
 use clap::Parser;
+use std::io::IsTerminal;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env(ENV_RUNTIME_LOG)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -19,8 +21,11 @@ fn main() -> anyhow::Result<()> {
         baleen_runtime::device::init_compute_pool(threads)?;
         tracing::info!(threads, "CPU compute threads");
     }
+    // Commands print one JSON object; `serve` prints only its listening line (and returns null).
     let value = cli.command.run()?;
-    println!("{value}");
+    if !value.is_null() {
+        println!("{value}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,268 @@
+//! `POST /v1/chat/completions`.
+
+use serde::{Deserialize, Serialize};
+
+use super::{FinishReason, OBJECT_CHAT_COMPLETION, OBJECT_CHAT_COMPLETION_CHUNK, StopSequences, StreamOptions, Usage};
+
+/// A chat completion request. Unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The served model name; absent means the one model this server runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    /// Deprecated by OpenAI in favour of `max_completion_tokens`, which wins when both are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// vLLM extension; 0 or -1 means off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopSequences>,
+    /// vLLM extension: token ids that end generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_token_ids: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// vLLM extension; 1.0 means off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Return the chosen tokens' log-probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, also this many most likely alternatives per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
+    /// vLLM extension: keep generating past EOS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_eos: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// One message of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, ... as the model's chat template understands them.
+    pub role: String,
+    /// Text, or a list of content parts; `null` (an assistant turn with tool calls) reads as empty.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `content`: a string or a list of parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part; only `{"type": "text", "text": ...}` is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+impl MessageContent {
+    /// The text of the content, text parts joined by newlines (as vLLM does). Errors name the first part that is
+    /// not text.
+    pub fn to_text(&self) -> Result<String, String> {
+        match self {
+            Self::Text(s) => Ok(s.clone()),
+            Self::Parts(parts) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for part in parts {
+                    match (part.kind.as_str(), &part.text) {
+                        ("text", Some(text)) => texts.push(text.as_str()),
+                        ("text", None) => return Err("a content part of type `text` has no `text`".to_string()),
+                        (other, _) => return Err(format!("content parts of type `{other}` are not supported")),
+                    }
+                }
+                Ok(texts.join("\n"))
+            }
+        }
+    }
+}
+
+/// A complete (non-streamed) chat completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+impl ChatCompletion {
+    pub fn new(id: String, created: u64, model: String, choices: Vec<ChatChoice>, usage: Usage) -> Self {
+        Self { id, object: OBJECT_CHAT_COMPLETION.to_string(), created, model, choices, usage }
+    }
+}
+
+/// One choice of a [`ChatCompletion`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: ChatResponseMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: FinishReason,
+}
+
+/// The generated message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatResponseMessage {
+    /// Always `assistant`.
+    pub role: String,
+    pub content: Option<String>,
+}
+
+/// `choices[].logprobs` of a chat completion or chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// One generated token's log-probability, with the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes.
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// An alternative token at one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// One server-sent event of a streamed chat completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    /// Empty in the final usage chunk.
+    pub choices: Vec<ChatChunkChoice>,
+    /// Only in the final usage chunk (with `stream_options.include_usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+impl ChatCompletionChunk {
+    pub fn new(id: String, created: u64, model: String, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Self {
+        Self { id, object: OBJECT_CHAT_COMPLETION_CHUNK.to_string(), created, model, choices, usage }
+    }
+}
+
+/// One choice of a [`ChatCompletionChunk`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    /// `null` until the last chunk of the choice.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What a chunk adds to the message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatDelta {
+    /// `assistant` in the first chunk only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn requests_parse_with_extensions_and_ignore_unknown_fields() {
+        let r: ChatCompletionRequest = serde_json::from_value(json!({
+            "model": "tiny-moe",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": null}
+            ],
+            "max_completion_tokens": 8, "temperature": 0.5, "top_k": -1, "seed": 7, "stop": ["x"],
+            "stop_token_ids": [1], "repetition_penalty": 1.1, "n": 1, "stream": true,
+            "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 2, "ignore_eos": true,
+            "response_format": {"type": "text"}, "parallel_tool_calls": false
+        }))
+        .unwrap();
+        assert_eq!(r.messages.len(), 3);
+        assert_eq!(r.messages[1].content.as_ref().unwrap().to_text().unwrap(), "hi\nthere");
+        assert_eq!(r.messages[2].content, None);
+        assert_eq!(r.top_k, Some(-1));
+        assert_eq!(r.stream_options.unwrap().include_usage, Some(true));
+    }
+
+    #[test]
+    fn non_text_content_parts_are_named_in_the_error() {
+        let c: MessageContent =
+            serde_json::from_value(json!([{"type": "image_url", "image_url": {"url": "x"}}])).unwrap();
+        assert!(c.to_text().unwrap_err().contains("image_url"));
+    }
+
+    #[test]
+    fn chunks_serialize_null_finish_reason_and_omit_absent_usage() {
+        let chunk = ChatCompletionChunk::new(
+            "chatcmpl-1".into(),
+            1,
+            "m".into(),
+            vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            None,
+        );
+        assert_eq!(
+            serde_json::to_value(chunk).unwrap(),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                                "finish_reason": null}]})
+        );
+    }
+}

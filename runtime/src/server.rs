@@ -1,0 +1,52 @@
+//! The runtime's HTTP server: the OpenAI-compatible API plus `/health`, `/ready` and `/metrics` on one port (as
+//! vLLM does, so an endpoint picker scrapes the serving port).
+//!
+//! - [`http`]: the router, per-route HTTP metrics, the probes, `/metrics`, `/v1/models`, [`serve`].
+//! - `chat` / `completions`: the two generation endpoints; `params` turns their bodies into a
+//!   [`GenerateRequest`](crate::engine::GenerateRequest); `generate` submits it and collects or streams (SSE)
+//!   the engine's events, cancelling the request when the client goes away.
+//! - [`error`]: [`ApiError`], every failure rendered once as OpenAI JSON.
+//! - [`cmd`]: the `serve` subcommand.
+
+mod chat;
+pub mod cmd;
+mod completions;
+pub mod error;
+mod generate;
+pub mod http;
+mod params;
+
+use std::sync::Arc;
+
+pub use error::ApiError;
+pub use http::{router, serve};
+
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub metrics: Arc<Metrics>,
+    /// Request bodies larger than this are refused with 413 before they are parsed.
+    pub max_request_bytes: usize,
+    /// Unix seconds at start-up (the `created` of `/v1/models`).
+    pub created: u64,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
+        Self { engine, metrics, max_request_bytes, created: unix_now() }
+    }
+
+    /// The model name clients must send in `model`.
+    pub fn served_model_name(&self) -> &str {
+        &self.engine.info().served_model_name
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,195 @@
+//! `POST /v1/chat/completions`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+use baleen_api::openai::{
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
+    ChatResponseMessage, ChatTokenLogprob, FinishReason as WireFinishReason, TopLogprob,
+};
+
+use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
+use super::http::{parse_json, read_body};
+use super::params::{CommonParams, check_model, new_request_id};
+use super::{ApiError, AppState, unix_now};
+use crate::engine::{TokenLogprob, Usage};
+use crate::tokenizer::ChatMessage;
+
+const ROLE_ASSISTANT: &str = "assistant";
+
+pub(crate) async fn handle(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    run(state, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = read_body(body, state.max_request_bytes)?;
+    let req: ChatCompletionRequest = parse_json(&body)?;
+    let served = state.served_model_name().to_string();
+    check_model(req.model.as_deref(), &served)?;
+    let params = CommonParams::from_chat(&req)?;
+    let messages = messages(&req)?;
+    let tokenizer = state.engine.tokenizer();
+    let text = tokenizer.apply_chat_template(&messages, true)?;
+    let prompt = tokenizer.encode(&text, false)?;
+    let id = new_request_id("chatcmpl");
+    let request = params.into_request(id.clone(), prompt, state.engine.info().max_model_len)?;
+    let with_logprobs = request.logprobs.is_some();
+    let submitted = submit(&state.engine, request)?;
+    let created = unix_now();
+
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let format = ChatStream { id, created, model: served, include_usage, with_logprobs };
+        return Ok(sse_response(sse_stream(submitted, format)));
+    }
+
+    let prompt_tokens = submitted.prompt_tokens;
+    let done = collect(submitted).await?;
+    let usage = wire_usage(&done.usage, prompt_tokens);
+    let choice = ChatChoice {
+        index: 0,
+        message: ChatResponseMessage { role: ROLE_ASSISTANT.to_string(), content: Some(done.text) },
+        logprobs: with_logprobs.then(|| ChatLogprobs { content: done.logprobs.iter().map(chat_logprob).collect() }),
+        finish_reason: done.finish_reason.unwrap_or(WireFinishReason::Stop),
+    };
+    Ok(Json(ChatCompletion::new(id, created, served, vec![choice], usage)).into_response())
+}
+
+/// The conversation as the chat template takes it; content parts other than text are refused.
+fn messages(req: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must not be empty"));
+    }
+    req.messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                Some(c) => c.to_text().map_err(|e| ApiError::invalid_param("messages", e))?,
+                None => String::new(),
+            };
+            Ok(ChatMessage::new(m.role.clone(), content))
+        })
+        .collect()
+}
+
+fn chat_logprob(lp: &TokenLogprob) -> ChatTokenLogprob {
+    ChatTokenLogprob {
+        token: lp.token.clone(),
+        logprob: lp.logprob,
+        bytes: Some(lp.token.as_bytes().to_vec()),
+        top_logprobs: lp
+            .top
+            .iter()
+            .map(|(_, token, logprob)| TopLogprob {
+                token: token.clone(),
+                logprob: *logprob,
+                bytes: Some(token.as_bytes().to_vec()),
+            })
+            .collect(),
+    }
+}
+
+/// Chunks of a streamed chat completion: the role first, then content deltas, the finish, the usage.
+struct ChatStream {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    with_logprobs: bool,
+}
+
+impl ChatStream {
+    fn chunk(&self, delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<WireFinishReason>) -> String {
+        let choice = ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish };
+        to_json(&ChatCompletionChunk::new(self.id.clone(), self.created, self.model.clone(), vec![choice], None))
+    }
+
+    fn content(text: &str) -> ChatDelta {
+        ChatDelta { role: None, content: Some(text.to_string()) }
+    }
+}
+
+impl StreamFormat for ChatStream {
+    fn start(&mut self) -> Vec<String> {
+        let delta = ChatDelta { role: Some(ROLE_ASSISTANT.to_string()), content: Some(String::new()) };
+        vec![self.chunk(delta, None, None)]
+    }
+
+    fn token(&mut self, text: &str, logprob: Option<&TokenLogprob>) -> Vec<String> {
+        let logprobs = match logprob {
+            Some(lp) if self.with_logprobs => Some(ChatLogprobs { content: vec![chat_logprob(lp)] }),
+            _ => None,
+        };
+        if text.is_empty() && logprobs.is_none() {
+            return Vec::new();
+        }
+        vec![self.chunk(Self::content(text), logprobs, None)]
+    }
+
+    fn finish(&mut self, reason: WireFinishReason, usage: &Usage, text: &str) -> Vec<String> {
+        let mut out = Vec::with_capacity(3);
+        if !text.is_empty() {
+            out.push(self.chunk(Self::content(text), None, None));
+        }
+        out.push(self.chunk(ChatDelta::default(), None, Some(reason)));
+        if self.include_usage {
+            let usage = wire_usage(usage, 0);
+            let chunk =
+                ChatCompletionChunk::new(self.id.clone(), self.created, self.model.clone(), vec![], Some(usage));
+            out.push(to_json(&chunk));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn stream(include_usage: bool, with_logprobs: bool) -> ChatStream {
+        ChatStream { id: "chatcmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs }
+    }
+
+    fn parse(payloads: Vec<String>) -> Vec<Value> {
+        payloads.iter().map(|p| serde_json::from_str(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_first_chunk_carries_the_role_and_empty_content() {
+        let v = parse(stream(false, false).start());
+        assert_eq!(v[0]["object"], "chat.completion.chunk");
+        assert_eq!(v[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        assert_eq!(v[0]["choices"][0]["finish_reason"], Value::Null);
+    }
+
+    #[test]
+    fn empty_deltas_are_skipped_unless_logprobs_were_asked_for() {
+        assert!(stream(false, false).token("", None).is_empty());
+        let lp = TokenLogprob { id: 1, token: "a".into(), logprob: -0.5, top: vec![(1, "a".into(), -0.5)] };
+        let v = parse(stream(false, true).token("", Some(&lp)));
+        assert_eq!(v[0]["choices"][0]["delta"]["content"], "");
+        let content = &v[0]["choices"][0]["logprobs"]["content"][0];
+        assert_eq!(content["token"], "a");
+        assert_eq!(content["bytes"], json!([97]));
+        assert_eq!(content["top_logprobs"][0]["logprob"], -0.5);
+    }
+
+    #[test]
+    fn the_end_releases_text_then_finishes_then_reports_usage() {
+        let usage = Usage { prompt_tokens: 4, completion_tokens: 2, cached_tokens: 0 };
+        let v = parse(stream(true, false).finish(WireFinishReason::Length, &usage, "z"));
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0]["choices"][0]["delta"]["content"], "z");
+        assert_eq!(v[1]["choices"][0]["delta"], json!({}));
+        assert_eq!(v[1]["choices"][0]["finish_reason"], "length");
+        assert_eq!(v[2]["choices"], json!([]));
+        assert_eq!(v[2]["usage"]["total_tokens"], 6);
+        assert_eq!(parse(stream(false, false).finish(WireFinishReason::Stop, &usage, "")).len(), 1);
+    }
+}

@@ -1,0 +1,343 @@
+//! `baleen-runtime serve`: load the model, start the engine thread, serve HTTP until SIGTERM or Ctrl-C, then
+//! drain (new requests get 503, `/ready` turns 503, in-flight requests finish or `--drain-timeout` passes), stop
+//! the engine and the HTTP server, and exit 0.
+//!
+//! Once bound, it prints exactly one line on stdout, `baleen-runtime listening on http://HOST:PORT`, with the
+//! port actually bound (`--port 0` picks a free one); tests and `baleen up` parse it.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baleen_api::names::{
+    BUILTIN_SCHEME, ENV_RUNTIME_BLOCK_SIZE, ENV_RUNTIME_DRAIN_TIMEOUT, ENV_RUNTIME_HOST, ENV_RUNTIME_KV_CACHE_MEMORY,
+    ENV_RUNTIME_MAX_MODEL_LEN, ENV_RUNTIME_MAX_NUM_BATCHED_TOKENS, ENV_RUNTIME_MAX_NUM_SEQS,
+    ENV_RUNTIME_MAX_REQUEST_BYTES, ENV_RUNTIME_MAX_WAITING, ENV_RUNTIME_NO_PREFIX_CACHING, ENV_RUNTIME_PORT,
+    ENV_RUNTIME_SERVED_MODEL_NAME, RUNTIME_LISTENING_PREFIX,
+};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use super::{AppState, serve};
+use crate::cli::ModelArgs;
+use crate::device::{parse_device, parse_dtype};
+use crate::engine::{EngineConfig, EngineHandle, KvCacheMemory};
+use crate::error::{Error, Result};
+use crate::loader::{ModelSource, load};
+use crate::metrics::Metrics;
+
+/// How long the HTTP server may take to close its connections after the engine stopped.
+const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often serving checks that the engine thread is still alive.
+const ENGINE_WATCH: Duration = Duration::from_millis(500);
+/// How often the drain checks for requests still in flight.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// The flags of `baleen-runtime serve`; each can also come from its `BALEEN_RUNTIME_*` variable.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0", env = ENV_RUNTIME_HOST)]
+    pub host: String,
+    /// Port to bind; 0 picks a free one (the listening line says which).
+    #[arg(long, default_value_t = 8000, env = ENV_RUNTIME_PORT)]
+    pub port: u16,
+    /// Name clients send as `model` [default: the --model string; `builtin:NAME` → NAME].
+    #[arg(long, env = ENV_RUNTIME_SERVED_MODEL_NAME)]
+    pub served_model_name: Option<String>,
+    /// Sequences in the running batch at most.
+    #[arg(long, default_value_t = 64, env = ENV_RUNTIME_MAX_NUM_SEQS)]
+    pub max_num_seqs: usize,
+    /// Tokens processed in one engine step at most (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 2048, env = ENV_RUNTIME_MAX_NUM_BATCHED_TOKENS)]
+    pub max_num_batched_tokens: usize,
+    /// Prompt plus generated tokens of one request at most [default: the model's max_position_embeddings].
+    #[arg(long, env = ENV_RUNTIME_MAX_MODEL_LEN)]
+    pub max_model_len: Option<usize>,
+    /// Memory for the latent KV cache: a fraction of device memory (0.2) or a size (512MiB, 4GiB).
+    #[arg(long, default_value = "1GiB", env = ENV_RUNTIME_KV_CACHE_MEMORY)]
+    pub kv_cache_memory: KvCacheMemory,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16, env = ENV_RUNTIME_BLOCK_SIZE)]
+    pub block_size: usize,
+    /// Requests waiting for admission at most; beyond it requests are refused with 429.
+    #[arg(long, default_value_t = 256, env = ENV_RUNTIME_MAX_WAITING)]
+    pub max_waiting: usize,
+    /// Turn prefix caching off.
+    #[arg(long, env = ENV_RUNTIME_NO_PREFIX_CACHING)]
+    pub no_prefix_caching: bool,
+    /// Request bodies larger than this many bytes are refused with 413 before they are read.
+    #[arg(long, default_value_t = 1 << 20, env = ENV_RUNTIME_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM before aborting them.
+    #[arg(long, default_value_t = 30, env = ENV_RUNTIME_DRAIN_TIMEOUT)]
+    pub drain_timeout: u64,
+}
+
+impl ServeArgs {
+    /// The engine limits these flags set; zero sizes are refused with the flag's name.
+    pub fn engine_config(&self) -> Result<EngineConfig> {
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::Setting { name: name.to_string(), reason: "must be at least 1".to_string() })
+            } else {
+                Ok(v)
+            }
+        };
+        positive("max-request-bytes", self.max_request_bytes)?;
+        if let Some(len) = self.max_model_len {
+            positive("max-model-len", len)?;
+        }
+        Ok(EngineConfig {
+            max_num_seqs: positive("max-num-seqs", self.max_num_seqs)?,
+            max_num_batched_tokens: positive("max-num-batched-tokens", self.max_num_batched_tokens)?,
+            max_model_len: self.max_model_len,
+            kv_cache_memory: self.kv_cache_memory,
+            block_size: positive("block-size", self.block_size)?,
+            max_waiting: positive("max-waiting", self.max_waiting)?,
+            enable_prefix_caching: !self.no_prefix_caching,
+        })
+    }
+
+    /// `--served-model-name`, or the model source: `builtin:NAME` → `NAME`, a directory as given.
+    pub fn served_model_name(&self) -> String {
+        match &self.served_model_name {
+            Some(name) => name.clone(),
+            None => match self.model.model.strip_prefix(BUILTIN_SCHEME) {
+                Some(name) => name.to_string(),
+                None => self.model.model.clone(),
+            },
+        }
+    }
+}
+
+/// Runs the server until a shutdown signal has been handled. Prints nothing on stdout besides the listening line
+/// (the final state is logged), so callers can read stdout as a contract.
+pub fn run(args: &ServeArgs) -> Result<Value> {
+    let config = args.engine_config()?;
+    let device = parse_device(&args.model.device)?;
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let threads = args.model.threads()?;
+    let served = args.served_model_name();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("baleen-http")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Server(format!("starting the HTTP runtime failed: {e}")))?;
+    // Handle signals from before the model loads: a SIGTERM during start-up then drains (nothing) and exits 0.
+    let signals = {
+        let _context = runtime.enter();
+        Signals::new()?
+    };
+    let metrics = Arc::new(Metrics::new(&served)?);
+    let loaded = load(&ModelSource::parse(&args.model.model), &device, dtype)?;
+    let (engine, engine_thread) = crate::engine::spawn(loaded, config, metrics.clone(), served.clone(), threads)?;
+    let served_result = runtime.block_on(serve_until_signal(args, signals, engine.clone(), metrics));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    engine.shutdown();
+    if engine_thread.join().is_err() {
+        tracing::error!("the engine thread panicked");
+    }
+    let drained = served_result?;
+    tracing::info!(model = %served, drained, "stopped");
+    Ok(Value::Null)
+}
+
+/// Serves until a signal, then drains. Returns whether every in-flight request finished within the timeout.
+async fn serve_until_signal(
+    args: &ServeArgs,
+    mut signals: Signals,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+) -> Result<bool> {
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| Error::Server(format!("binding {}:{} failed: {e}", args.host, args.port)))?;
+    let addr = listener.local_addr().map_err(|e| Error::Server(format!("reading the bound address: {e}")))?;
+    announce(addr)?;
+    let state = AppState::new(engine.clone(), metrics, args.max_request_bytes);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(serve(listener, state, async {
+        let _ = http_stopped.await;
+    }));
+    tokio::select! {
+        signal = signals.recv() => tracing::info!(signal, "shutting down: draining in-flight requests"),
+        ended = &mut server => {
+            return match ended {
+                Ok(Ok(())) => Err(Error::Server("the HTTP server stopped unexpectedly".to_string())),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Server(format!("the HTTP server task failed: {e}"))),
+            };
+        }
+        () = engine_stopped(&engine) => {
+            return Err(Error::Server("the engine thread stopped; exiting so the process is restarted".to_string()));
+        }
+    }
+    engine.start_drain();
+    let drained = tokio::select! {
+        drained = drain(&engine, Duration::from_secs(args.drain_timeout)) => drained,
+        signal = signals.recv() => {
+            tracing::warn!(signal, in_flight = engine.in_flight(), "second signal: aborting in-flight requests");
+            false
+        }
+    };
+    engine.shutdown();
+    let _ = stop_http.send(());
+    match tokio::time::timeout(HTTP_CLOSE_TIMEOUT, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP server task failed"),
+        Err(_) => {
+            tracing::warn!("connections still open after {HTTP_CLOSE_TIMEOUT:?}; closing them");
+            server.abort();
+        }
+    }
+    Ok(drained)
+}
+
+/// Completes if the engine thread stops while nobody asked it to (it failed).
+async fn engine_stopped(engine: &EngineHandle) {
+    while engine.is_ready() || engine.is_draining() {
+        tokio::time::sleep(ENGINE_WATCH).await;
+    }
+}
+
+/// Prints the listening line and flushes it.
+fn announce(addr: SocketAddr) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{RUNTIME_LISTENING_PREFIX}{addr}")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Error::Server(format!("writing the listening line: {e}")))?;
+    tracing::info!(%addr, "listening");
+    Ok(())
+}
+
+/// Waits until no request is waiting or running, or `timeout` passes; true when everything finished.
+async fn drain(engine: &EngineHandle, timeout: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        let in_flight = engine.in_flight();
+        if in_flight == 0 {
+            tracing::info!(waited_s = start.elapsed().as_secs_f64(), "drained");
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            tracing::warn!(in_flight, "drain timeout passed; aborting the requests still in flight");
+            return false;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), both handled from creation on.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let install = |kind: SignalKind, name: &str| {
+                signal(kind).map_err(|e| Error::Server(format!("installing the {name} handler: {e}")))
+            };
+            Ok(Self {
+                term: install(SignalKind::terminate(), "SIGTERM")?,
+                interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap().serve
+    }
+
+    #[test]
+    fn flag_defaults_match_the_engine_defaults() {
+        let args = parse(&["--model", "builtin:tiny-moe"]);
+        let got = args.engine_config().unwrap();
+        let want = EngineConfig::default();
+        assert_eq!(got.max_num_seqs, want.max_num_seqs);
+        assert_eq!(got.max_num_batched_tokens, want.max_num_batched_tokens);
+        assert_eq!(got.max_model_len, want.max_model_len);
+        assert_eq!(got.kv_cache_memory, want.kv_cache_memory);
+        assert_eq!(got.block_size, want.block_size);
+        assert_eq!(got.max_waiting, want.max_waiting);
+        assert_eq!(got.enable_prefix_caching, want.enable_prefix_caching);
+        assert_eq!((args.host.as_str(), args.port, args.max_request_bytes), ("0.0.0.0", 8000, 1 << 20));
+    }
+
+    #[test]
+    fn served_name_defaults_to_the_model_source() {
+        assert_eq!(parse(&["--model", "builtin:tiny-moe"]).served_model_name(), "tiny-moe");
+        assert_eq!(parse(&["--model", "/models/v3"]).served_model_name(), "/models/v3");
+        assert_eq!(parse(&["--model", "/m", "--served-model-name", "ds"]).served_model_name(), "ds");
+    }
+
+    #[test]
+    fn flags_set_the_engine_limits() {
+        let args = parse(&[
+            "--model",
+            "builtin:tiny-moe",
+            "--max-num-seqs",
+            "2",
+            "--kv-cache-memory",
+            "64MiB",
+            "--max-model-len",
+            "128",
+            "--no-prefix-caching",
+        ]);
+        let c = args.engine_config().unwrap();
+        assert_eq!((c.max_num_seqs, c.max_model_len), (2, Some(128)));
+        assert_eq!(c.kv_cache_memory, KvCacheMemory::Bytes(64 << 20));
+        assert!(!c.enable_prefix_caching);
+    }
+
+    #[test]
+    fn zero_sizes_are_refused_naming_the_flag() {
+        let err = parse(&["--model", "x", "--block-size", "0"]).engine_config().unwrap_err();
+        assert!(err.to_string().contains("block-size"), "{err}");
+        assert!(Cli::try_parse_from(["serve", "--model", "x", "--kv-cache-memory", "lots"]).is_err());
+    }
+}

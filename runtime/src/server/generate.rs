@@ -1,0 +1,261 @@
+//! Running one request on the engine for a handler: submit, then either collect every event into one answer
+//! or stream them as server-sent events. The request is cancelled as soon as nobody waits for it any more — the
+//! handler's future or the response stream is dropped when the client disconnects — through [`CancelOnDrop`].
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use baleen_api::openai::{FinishReason as WireFinishReason, STREAM_DONE, Usage as WireUsage};
+use futures_util::Stream;
+use tokio_util::sync::CancellationToken;
+
+use super::ApiError;
+use crate::engine::{EngineHandle, Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage};
+
+/// Cancels the request's token when dropped: on a normal end (harmless: the engine is done with it) and when
+/// the client goes away (the engine frees the sequence within one step).
+#[derive(Debug)]
+pub(crate) struct CancelOnDrop(CancellationToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A submitted request: its events and the guard that cancels it.
+#[derive(Debug)]
+pub(crate) struct Submitted {
+    pub events: EventStream,
+    pub guard: CancelOnDrop,
+    pub prompt_tokens: usize,
+}
+
+/// Submits `request`; the guard exists before the engine sees the request.
+pub(crate) fn submit(engine: &EngineHandle, request: GenerateRequest) -> Result<Submitted, ApiError> {
+    let guard = CancelOnDrop(request.cancel.clone());
+    let prompt_tokens = request.prompt.len();
+    let events = engine.submit(request)?;
+    Ok(Submitted { events, guard, prompt_tokens })
+}
+
+/// Everything a finished request produced.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<WireFinishReason>,
+    pub usage: Usage,
+}
+
+/// OpenAI usage; the engine's prompt count is authoritative, the submitted length a fallback.
+pub(crate) fn wire_usage(usage: &Usage, submitted_prompt_tokens: usize) -> WireUsage {
+    let prompt = if usage.prompt_tokens > 0 { usage.prompt_tokens } else { submitted_prompt_tokens };
+    WireUsage::new(prompt, usage.completion_tokens, usage.cached_tokens)
+}
+
+/// The OpenAI finish reason of an engine finish; `Abort` (shutdown aborted the request) is an error.
+pub(crate) fn wire_finish(reason: FinishReason) -> Result<WireFinishReason, ApiError> {
+    match reason {
+        FinishReason::Stop => Ok(WireFinishReason::Stop),
+        FinishReason::Length => Ok(WireFinishReason::Length),
+        FinishReason::Abort => Err(ApiError::unavailable("the request was aborted: the server is shutting down")),
+    }
+}
+
+/// Waits for the request to finish and gathers its text, logprobs and usage.
+pub(crate) async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
+    let mut out = Collected::default();
+    while let Some(event) = submitted.events.recv().await {
+        match event {
+            Event::Token { text, logprob, .. } => {
+                out.text.push_str(&text);
+                out.logprobs.extend(logprob);
+            }
+            Event::Finished { reason, usage, text } => {
+                out.text.push_str(&text);
+                out.finish_reason = Some(wire_finish(reason)?);
+                out.usage = usage;
+                return Ok(out);
+            }
+            Event::Error(message) => return Err(ApiError::internal(message)),
+        }
+    }
+    Err(ApiError::internal("the engine stopped before the request finished"))
+}
+
+/// Turns one request's events into the `data:` payloads of its stream (JSON texts, without framing).
+pub(crate) trait StreamFormat: Send + 'static {
+    /// Payloads sent before any token (the chat role chunk).
+    fn start(&mut self) -> Vec<String>;
+    /// Payloads for one generated token (none to skip it).
+    fn token(&mut self, text: &str, logprob: Option<&TokenLogprob>) -> Vec<String>;
+    /// Payloads for the end: released held-back text, the finish chunk, the usage chunk.
+    fn finish(&mut self, reason: WireFinishReason, usage: &Usage, text: &str) -> Vec<String>;
+}
+
+/// The SSE frame of one payload.
+pub(crate) fn sse_frame(payload: &str) -> Bytes {
+    Bytes::from(format!("data: {payload}\n\n"))
+}
+
+/// The error payload sent in place of further chunks when a stream fails.
+fn error_payload(e: &ApiError) -> String {
+    serde_json::to_string(&e.body()).unwrap_or_else(|_| String::from("{\"error\":{}}"))
+}
+
+struct StreamState<F> {
+    events: EventStream,
+    _guard: CancelOnDrop,
+    format: F,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+/// The stream of SSE frames for a submitted request: `format`'s payloads, then `data: [DONE]`. An engine error
+/// becomes an error payload followed by `[DONE]`. Dropping the stream cancels the request.
+pub(crate) fn sse_stream<F: StreamFormat>(
+    submitted: Submitted,
+    mut format: F,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let pending: VecDeque<Bytes> = format.start().iter().map(|p| sse_frame(p)).collect();
+    let state = StreamState { events: submitted.events, _guard: submitted.guard, format, pending, done: false };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(frame) = s.pending.pop_front() {
+                return Some((Ok(frame), s));
+            }
+            if s.done {
+                return None;
+            }
+            let payloads = match s.events.recv().await {
+                Some(Event::Token { text, logprob, .. }) => s.format.token(&text, logprob.as_ref()),
+                Some(Event::Finished { reason, usage, text }) => {
+                    s.done = true;
+                    match wire_finish(reason) {
+                        Ok(reason) => s.format.finish(reason, &usage, &text),
+                        Err(e) => vec![error_payload(&e)],
+                    }
+                }
+                Some(Event::Error(message)) => {
+                    s.done = true;
+                    vec![error_payload(&ApiError::internal(message))]
+                }
+                None => {
+                    s.done = true;
+                    vec![error_payload(&ApiError::internal("the engine stopped before the request finished"))]
+                }
+            };
+            s.pending.extend(payloads.iter().map(|p| sse_frame(p)));
+            if s.done {
+                s.pending.push_back(sse_frame(STREAM_DONE));
+            }
+        }
+    })
+}
+
+/// A `text/event-stream` response over `stream`.
+pub(crate) fn sse_response(stream: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// JSON text of a response object (serialization of our own types cannot fail; an empty object if it did).
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| String::from("{}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    struct Echo;
+
+    impl StreamFormat for Echo {
+        fn start(&mut self) -> Vec<String> {
+            vec!["start".into()]
+        }
+        fn token(&mut self, text: &str, _: Option<&TokenLogprob>) -> Vec<String> {
+            if text.is_empty() { vec![] } else { vec![format!("t:{text}")] }
+        }
+        fn finish(&mut self, reason: WireFinishReason, usage: &Usage, text: &str) -> Vec<String> {
+            vec![format!("f:{text}:{reason:?}:{}", usage.completion_tokens)]
+        }
+    }
+
+    fn submitted() -> (tokio::sync::mpsc::UnboundedSender<Event>, Submitted, CancellationToken) {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let token = CancellationToken::new();
+        (tx, Submitted { events, guard: CancelOnDrop(token.clone()), prompt_tokens: 1 }, token)
+    }
+
+    fn token(text: &str) -> Event {
+        Event::Token { id: 0, text: text.into(), logprob: None }
+    }
+
+    async fn frames(s: impl Stream<Item = Result<Bytes, Infallible>>) -> Vec<String> {
+        s.map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap()).collect().await
+    }
+
+    #[tokio::test]
+    async fn streams_frame_payloads_and_end_with_done() {
+        let (tx, sub, cancel) = submitted();
+        tx.send(token("a")).unwrap();
+        tx.send(token("")).unwrap();
+        let usage = Usage { prompt_tokens: 1, completion_tokens: 2, cached_tokens: 0 };
+        tx.send(Event::Finished { reason: FinishReason::Length, usage, text: "b".into() }).unwrap();
+        let got = frames(sse_stream(sub, Echo)).await;
+        assert_eq!(got, vec!["data: start\n\n", "data: t:a\n\n", "data: f:b:Length:2\n\n", "data: [DONE]\n\n"]);
+        assert!(cancel.is_cancelled(), "the guard cancels once the stream is gone");
+    }
+
+    #[tokio::test]
+    async fn engine_errors_end_the_stream_with_an_error_payload() {
+        let (tx, sub, _) = submitted();
+        tx.send(Event::Error("boom".into())).unwrap();
+        let got = frames(sse_stream(sub, Echo)).await;
+        assert_eq!(got.len(), 3);
+        assert!(got[1].contains("\"message\":\"boom\""), "{got:?}");
+        assert_eq!(got[2], "data: [DONE]\n\n");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_stream_cancels_the_request() {
+        let (tx, sub, cancel) = submitted();
+        tx.send(token("a")).unwrap();
+        let mut stream = Box::pin(sse_stream(sub, Echo));
+        assert!(stream.next().await.is_some());
+        assert!(!cancel.is_cancelled());
+        drop(stream);
+        assert!(cancel.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn collect_gathers_text_and_usage_and_maps_abort_to_503() {
+        let (tx, sub, _) = submitted();
+        tx.send(token("he")).unwrap();
+        let usage = Usage { prompt_tokens: 3, completion_tokens: 2, cached_tokens: 1 };
+        tx.send(Event::Finished { reason: FinishReason::Stop, usage, text: "llo".into() }).unwrap();
+        let c = collect(sub).await.unwrap();
+        assert_eq!((c.text.as_str(), c.finish_reason, c.usage), ("hello", Some(WireFinishReason::Stop), usage));
+
+        let (tx, sub, _) = submitted();
+        tx.send(Event::Finished { reason: FinishReason::Abort, usage, text: String::new() }).unwrap();
+        assert_eq!(collect(sub).await.unwrap_err().status.as_u16(), 503);
+
+        let (tx, sub, _) = submitted();
+        drop(tx);
+        assert_eq!(collect(sub).await.unwrap_err().status.as_u16(), 500);
+    }
+}

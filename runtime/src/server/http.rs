@@ -1,0 +1,117 @@
+//! The router: routes, the request-size limit, per-route HTTP metrics, OpenAI-shaped 404/405 answers, the probes
+//! and `/metrics`, and [`serve`].
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI JSON, or SSE with `"stream": true` |
+//! | `GET /v1/models` | the served model |
+//! | `GET /health` | 200 while the process is alive |
+//! | `GET /ready` | 200 while the engine admits requests, 503 while draining |
+//! | `GET /metrics` | Prometheus text format |
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use baleen_api::names::{
+    PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY, ROUTE_UNMATCHED,
+};
+use baleen_api::openai::{Model, ModelList};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+
+use super::{ApiError, AppState, chat, completions};
+use crate::error::{Error, Result};
+
+/// The application: every route (the paths are in `baleen_api::names`, also the `route` metric label), with bodies over `state.max_request_bytes` refused (413) before parsing.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(PATH_CHAT_COMPLETIONS, post(chat::handle))
+        .route(PATH_COMPLETIONS, post(completions::handle))
+        .route(PATH_MODELS, get(models))
+        .route(PATH_HEALTH, get(health))
+        .route(PATH_READY, get(ready))
+        .route(PATH_METRICS, get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.max_request_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` completes, then stops accepting and waits for the
+/// connections in flight to finish.
+pub async fn serve<F>(listener: TcpListener, state: AppState, shutdown: F) -> Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Server(format!("serving HTTP failed: {e}")))
+}
+
+/// Counts every answer by route template and status; the duration runs to the response head.
+async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = match request.extensions().get::<MatchedPath>() {
+        Some(path) => path.as_str().to_string(),
+        None => ROUTE_UNMATCHED.to_string(),
+    };
+    let start = Instant::now();
+    let response = next.run(request).await;
+    state.metrics.observe_http(&route, response.status().as_u16(), start.elapsed().as_secs_f64());
+    response
+}
+
+/// The body, or 413 when it is over the limit.
+pub(crate) fn read_body(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid(format!("could not read the request body: {}", rejection.body_text()))
+        }
+    })
+}
+
+/// Parses a JSON body; any mismatch is a 400 that quotes serde's message (it names the field).
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let info = state.engine.info();
+    Json(ModelList::new(vec![Model::new(&info.served_model_name, state.created, Some(info.max_model_len))]))
+}
+
+async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.engine.is_ready() {
+        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" }))).into_response()
+    } else {
+        ApiError::unavailable("the server is draining or its engine has stopped").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render()).into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::route_not_found(method.as_str(), uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}

@@ -1,0 +1,295 @@
+//! From an OpenAI request body to an engine [`GenerateRequest`]: the checks both generation endpoints share
+//! (served model, `n`, sampling ranges, context length) and the mapping of their parameters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use baleen_api::openai::{ChatCompletionRequest, CompletionRequest, StopSequences};
+use tokio_util::sync::CancellationToken;
+
+use super::ApiError;
+use crate::engine::GenerateRequest;
+use crate::engine::sampler::SamplingParams;
+
+/// Most alternatives per token a request may ask for (`top_logprobs`, completions' `logprobs`), as in vLLM.
+pub(crate) const MAX_LOGPROBS: u32 = 20;
+
+/// The generation parameters both endpoints share.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CommonParams {
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopSequences>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub n: Option<u32>,
+    /// `Some(k)`: return logprobs with `k` alternatives per token.
+    pub logprobs: Option<usize>,
+    pub ignore_eos: Option<bool>,
+}
+
+impl CommonParams {
+    /// The chat request's parameters; `logprobs: true` with `top_logprobs: k` asks for `k` alternatives.
+    pub fn from_chat(r: &ChatCompletionRequest) -> Result<Self, ApiError> {
+        let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
+            (false, Some(k)) if k > 0 => {
+                return Err(ApiError::invalid_param("top_logprobs", "`top_logprobs` requires `logprobs: true`"));
+            }
+            (false, _) => None,
+            (true, k) => Some(check_logprobs("top_logprobs", k.unwrap_or(0))?),
+        };
+        Ok(Self {
+            max_tokens: r.max_completion_tokens.or(r.max_tokens),
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            seed: r.seed,
+            stop: r.stop.clone(),
+            stop_token_ids: r.stop_token_ids.clone(),
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            repetition_penalty: r.repetition_penalty,
+            n: r.n,
+            logprobs,
+            ignore_eos: r.ignore_eos,
+        })
+    }
+
+    /// The completion request's parameters; `echo: true` and `best_of > 1` are refused.
+    pub fn from_completion(r: &CompletionRequest) -> Result<Self, ApiError> {
+        if r.echo.unwrap_or(false) {
+            return Err(ApiError::invalid_param("echo", "echo: only false is supported"));
+        }
+        if r.best_of.is_some_and(|b| b != 1) {
+            return Err(ApiError::invalid_param("best_of", "best_of: only 1 is supported"));
+        }
+        Ok(Self {
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            seed: r.seed,
+            stop: r.stop.clone(),
+            stop_token_ids: r.stop_token_ids.clone(),
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            repetition_penalty: r.repetition_penalty,
+            n: r.n,
+            logprobs: r.logprobs.map(|k| check_logprobs("logprobs", k)).transpose()?,
+            ignore_eos: r.ignore_eos,
+        })
+    }
+
+    /// Sampling parameters with OpenAI's defaults (temperature 1, top_p 1), range-checked by the sampler.
+    pub fn sampling(&self) -> Result<SamplingParams, ApiError> {
+        // vLLM's convention: -1 and 0 turn top-k off; any other negative value is an error, never a silent default.
+        let top_k = match self.top_k {
+            None | Some(-1) => 0,
+            Some(k) => usize::try_from(k).map_err(|_| {
+                ApiError::invalid_param(
+                    "top_k",
+                    format!("top_k must be -1 (disable), 0 (disable) or at least 1, got {k}"),
+                )
+            })?,
+        };
+        let params = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k,
+            top_p: self.top_p.unwrap_or(1.0),
+            seed: self.seed.map(|s| s as u64),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+        };
+        if let Err(e) = params.validate() {
+            let message = match e {
+                crate::Error::InvalidRequest(m) => m,
+                other => other.to_string(),
+            };
+            return Err(match backticked(&message) {
+                Some(param) => ApiError::invalid_param(param, message.clone()),
+                None => ApiError::invalid(message.clone()),
+            });
+        }
+        Ok(params)
+    }
+
+    /// The engine request for `prompt`. Without `max_tokens` the completion may fill the rest of the context.
+    pub fn into_request(
+        self,
+        request_id: String,
+        prompt: Vec<u32>,
+        max_model_len: usize,
+    ) -> Result<GenerateRequest, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid_param("n", "n: only 1 is supported"));
+        }
+        let sampling = self.sampling()?;
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("the prompt is empty"));
+        }
+        if prompt.len() >= max_model_len {
+            return Err(ApiError::invalid(format!(
+                "this model's maximum context length is {max_model_len} tokens, but the prompt has {} tokens",
+                prompt.len()
+            )));
+        }
+        let max_tokens = match self.max_tokens {
+            Some(0) => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
+            Some(n) => n,
+            None => max_model_len - prompt.len(),
+        };
+        Ok(GenerateRequest {
+            request_id,
+            prompt,
+            sampling,
+            max_tokens,
+            stop: self.stop.map(|s| s.to_vec()).unwrap_or_default(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs: self.logprobs,
+            cancel: CancellationToken::new(),
+        })
+    }
+}
+
+fn check_logprobs(param: &str, k: u32) -> Result<usize, ApiError> {
+    if k > MAX_LOGPROBS {
+        return Err(ApiError::invalid_param(param, format!("{param} must be at most {MAX_LOGPROBS}, got {k}")));
+    }
+    Ok(k as usize)
+}
+
+/// The first `name` written between backticks in `message` (the sampler's errors name their parameter so).
+fn backticked(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(&message[start..start + len])
+}
+
+/// `model` must be absent or the served name.
+pub(crate) fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != served => Err(ApiError::model_not_found(m, served)),
+        _ => Ok(()),
+    }
+}
+
+/// A fresh request id: `prefix` and 32 hex digits, unique within the process and unpredictable across runs.
+pub(crate) fn new_request_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut a = std::collections::hash_map::RandomState::new().build_hasher();
+    a.write_u64(n);
+    let mut b = std::collections::hash_map::RandomState::new().build_hasher();
+    b.write_u64(!n);
+    format!("{prefix}-{:016x}{:016x}", a.finish(), b.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use axum::http::StatusCode;
+    use serde_json::json;
+
+    use super::*;
+
+    fn chat(body: serde_json::Value) -> Result<CommonParams, ApiError> {
+        CommonParams::from_chat(&serde_json::from_value(body).unwrap())
+    }
+
+    fn base() -> serde_json::Value {
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    fn with(extra: serde_json::Value) -> serde_json::Value {
+        let mut v = base();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    }
+
+    #[test]
+    fn defaults_follow_openai_and_fill_the_context() {
+        let req = chat(base()).unwrap().into_request("id".into(), vec![1, 2, 3], 10).unwrap();
+        assert_eq!(req.sampling.temperature, 1.0);
+        assert_eq!(req.sampling.top_p, 1.0);
+        assert_eq!(req.max_tokens, 7);
+        assert_eq!(req.logprobs, None);
+        assert!(!req.ignore_eos && req.stop.is_empty());
+    }
+
+    #[test]
+    fn parameters_map_onto_the_engine_request() {
+        let p = chat(with(json!({
+            "max_tokens": 3, "max_completion_tokens": 5, "temperature": 0, "top_k": -1, "seed": 9,
+            "stop": ["\n", ""], "stop_token_ids": [7], "logprobs": true, "top_logprobs": 2, "ignore_eos": true
+        })))
+        .unwrap();
+        let req = p.into_request("id".into(), vec![1], 100).unwrap();
+        assert_eq!(req.max_tokens, 5);
+        assert_eq!(req.sampling.temperature, 0.0);
+        assert_eq!(req.sampling.top_k, 0);
+        assert_eq!(req.sampling.seed, Some(9));
+        assert_eq!(req.sampling.stop_token_ids, vec![7]);
+        assert_eq!(req.stop, vec!["\n"]);
+        assert_eq!(req.logprobs, Some(2));
+        assert!(req.ignore_eos);
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_400_naming_the_parameter() {
+        for (body, param) in [
+            (json!({"temperature": -1}), "temperature"),
+            (json!({"top_p": 0}), "top_p"),
+            (json!({"presence_penalty": 3}), "presence_penalty"),
+            (json!({"frequency_penalty": -2.5}), "frequency_penalty"),
+            (json!({"repetition_penalty": 0}), "repetition_penalty"),
+            (json!({"n": 2}), "n"),
+            (json!({"max_tokens": 0}), "max_tokens"),
+            (json!({"top_k": -5}), "top_k"),
+        ] {
+            let e = chat(with(body.clone())).unwrap().into_request("id".into(), vec![1], 100).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
+        }
+        assert_eq!(chat(with(json!({"top_logprobs": 2}))).unwrap_err().param.as_deref(), Some("top_logprobs"));
+        assert!(chat(with(json!({"logprobs": true, "top_logprobs": 21}))).is_err());
+    }
+
+    #[test]
+    fn prompts_that_fill_the_context_are_400() {
+        let e = chat(base()).unwrap().into_request("id".into(), vec![1; 10], 10).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("maximum context length"), "{e}");
+    }
+
+    #[test]
+    fn completions_refuse_echo_and_best_of() {
+        let parse = |v: serde_json::Value| CommonParams::from_completion(&serde_json::from_value(v).unwrap());
+        assert_eq!(parse(json!({"prompt": "x", "echo": true})).unwrap_err().param.as_deref(), Some("echo"));
+        assert_eq!(parse(json!({"prompt": "x", "best_of": 2})).unwrap_err().param.as_deref(), Some("best_of"));
+        assert_eq!(parse(json!({"prompt": "x", "logprobs": 3})).unwrap().logprobs, Some(3));
+    }
+
+    #[test]
+    fn model_must_be_absent_or_the_served_name() {
+        assert!(check_model(None, "m").is_ok());
+        assert!(check_model(Some("m"), "m").is_ok());
+        assert_eq!(check_model(Some("x"), "m").unwrap_err().status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn request_ids_are_prefixed_and_unique() {
+        let (a, b) = (new_request_id("chatcmpl"), new_request_id("chatcmpl"));
+        assert!(a.starts_with("chatcmpl-") && a.len() == "chatcmpl-".len() + 32);
+        assert_ne!(a, b);
+    }
+}
