@@ -1,0 +1,235 @@
+//! From a `ModelDeployment` spec to one `baleen-runtime serve` command line (pure; no I/O).
+//!
+//! What `baleen up` can run on one machine today: one replica of one rank, with a `builtin:` or `file://`
+//! source. Anything else is refused with the field that asks for it and what to do instead.
+
+use baleen_api::crd::{ModelDeploymentSpec, ModelSource};
+use baleen_api::names::BUILTIN_TINY_MOE;
+
+use crate::error::Error;
+
+/// The runtime's `serve` arguments and environment for one spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// The parsed model source.
+    pub source: ModelSource,
+    /// The name the runtime will serve the model as (its rule: `servedName`, else `NAME` of `builtin:NAME`, else
+    /// the `--model` string); `GET /v1/models` is the authority, this is the fallback.
+    pub served_name: String,
+    /// Arguments after `serve`.
+    pub args: Vec<String>,
+    /// Extra environment of the runtime process (`spec.runtime.env`).
+    pub env: Vec<(String, String)>,
+    /// Things in the spec that `baleen up` ignores, one sentence each, to print.
+    pub notes: Vec<String>,
+}
+
+impl Launch {
+    /// True for the random-weight demo model, whose replies are noise.
+    pub fn is_demo(&self) -> bool {
+        matches!(&self.source, ModelSource::Builtin { .. }) && self.source.to_string() == BUILTIN_TINY_MOE
+    }
+}
+
+/// Flags `baleen up` sets itself, with where to set them instead; `spec.runtime.args` must not repeat them.
+const OWNED_FLAGS: [(&str, &str); 8] = [
+    ("--model", "spec.model.source"),
+    ("--host", "`baleen up --host`"),
+    ("--port", "`baleen up --port`"),
+    ("--served-model-name", "spec.model.servedName"),
+    ("--dtype", "spec.model.dtype"),
+    ("--max-num-seqs", "spec.runtime.maxNumSeqs"),
+    ("--max-model-len", "spec.runtime.maxModelLen"),
+    ("--kv-cache-memory", "spec.runtime.kvCacheMemory"),
+];
+
+/// The `serve` command line for `spec` on `host:port`. The spec is assumed validated (the manifest parser does
+/// it); what it asks for beyond one local process is refused here.
+pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch, Error> {
+    let source = spec.source().map_err(|e| Error::Unsupported { field: "spec.model.source", reason: e.to_string() })?;
+    let (model, default_name) = match &source {
+        ModelSource::Builtin { name } => (source.to_string(), name.clone()),
+        ModelSource::File { path } => (path.clone(), path.clone()),
+        ModelSource::HuggingFace { .. } | ModelSource::Pvc { .. } => {
+            return Err(Error::Unsupported {
+                field: "spec.model.source",
+                reason: format!(
+                    "`{source}` needs a cluster for now (`kubectl apply -f` the manifest there). `baleen up` runs \
+                     local sources only: download the model directory and use `file:///path/to/model`, or use \
+                     `{BUILTIN_TINY_MOE}`"
+                ),
+            });
+        }
+    };
+    if spec.expert_parallelism() > 1 {
+        return Err(Error::Unsupported {
+            field: "spec.parallelism.expert",
+            reason: format!(
+                "{} ranks per replica requested, but expert parallelism arrives with a later release; `baleen up` \
+                 runs one rank (expert: 1) for now",
+                spec.expert_parallelism()
+            ),
+        });
+    }
+    if spec.replicas() > 1 {
+        return Err(Error::Unsupported {
+            field: "spec.replicas",
+            reason: format!(
+                "{} replicas requested, but more than one replica needs the in-process gateway, which arrives with \
+                 a later release; `baleen up` runs replicas: 1 for now",
+                spec.replicas()
+            ),
+        });
+    }
+
+    let served_name = spec.model.served_name.clone().unwrap_or(default_name);
+    let mut args = vec!["--model".to_string(), model, "--host".into(), host.into(), "--port".into(), port.to_string()];
+    let mut flag = |name: &str, value: String| {
+        args.push(name.to_string());
+        args.push(value);
+    };
+    if let Some(name) = &spec.model.served_name {
+        flag("--served-model-name", name.clone());
+    }
+    if let Some(dtype) = spec.model.dtype {
+        flag("--dtype", dtype.as_str().to_string());
+    }
+    let mut env = Vec::new();
+    let mut notes = Vec::new();
+    if let Some(runtime) = &spec.runtime {
+        if let Some(n) = runtime.max_num_seqs {
+            flag("--max-num-seqs", n.to_string());
+        }
+        if let Some(n) = runtime.max_model_len {
+            flag("--max-model-len", n.to_string());
+        }
+        if let Some(memory) = &runtime.kv_cache_memory {
+            flag("--kv-cache-memory", memory.trim().to_string());
+        }
+        for arg in &runtime.args {
+            let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
+            if let Some((_, instead)) = OWNED_FLAGS.iter().find(|(owned, _)| *owned == name) {
+                return Err(Error::Unsupported {
+                    field: "spec.runtime.args",
+                    reason: format!("`{name}` is set by `baleen up`; use {instead} instead"),
+                });
+            }
+        }
+        args.extend(runtime.args.iter().cloned());
+        env.extend(runtime.env.iter().map(|v| (v.name.clone(), v.value.clone())));
+        if let Some(image) = &runtime.image {
+            notes.push(format!(
+                "spec.runtime.image ({image}) is ignored: `baleen up` runs the local baleen-runtime binary"
+            ));
+        }
+    }
+    Ok(Launch { source, served_name, args, env, notes })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use baleen_api::crd::{Dtype, EnvVar, ParallelismSpec, RuntimeSpec};
+
+    use super::*;
+
+    fn unsupported_field(spec: &ModelDeploymentSpec) -> (&'static str, String) {
+        match plan(spec, "127.0.0.1", 0) {
+            Err(Error::Unsupported { field, reason }) => (field, reason),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_spec_serves_the_builtin_demo() {
+        let launch = plan(&ModelDeploymentSpec::new(BUILTIN_TINY_MOE), "127.0.0.1", 8080).unwrap();
+        assert_eq!(launch.args, ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "8080"]);
+        assert!(launch.env.is_empty() && launch.notes.is_empty());
+        assert!(launch.is_demo());
+        assert_eq!(launch.served_name, "tiny-moe");
+    }
+
+    #[test]
+    fn every_spec_field_becomes_a_flag_and_args_come_last() {
+        let mut spec = ModelDeploymentSpec::new("file:///srv/models/v2-lite");
+        spec.model.served_name = Some("whale".into());
+        spec.model.dtype = Some(Dtype::Bf16);
+        spec.replicas = Some(1);
+        spec.parallelism = Some(ParallelismSpec { expert: Some(1), data_parallel_attention: Some(true) });
+        spec.runtime = Some(RuntimeSpec {
+            image: Some("img:1".into()),
+            max_num_seqs: Some(8),
+            max_model_len: Some(512),
+            kv_cache_memory: Some("0.2".into()),
+            args: vec!["--max-num-batched-tokens".into(), "256".into(), "--no-prefix-caching".into()],
+            env: vec![EnvVar { name: "BALEEN_RUNTIME_LOG".into(), value: "debug".into() }],
+        });
+        let launch = plan(&spec, "0.0.0.0", 0).unwrap();
+        assert_eq!(
+            launch.args,
+            [
+                "--model",
+                "/srv/models/v2-lite",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "0",
+                "--served-model-name",
+                "whale",
+                "--dtype",
+                "bf16",
+                "--max-num-seqs",
+                "8",
+                "--max-model-len",
+                "512",
+                "--kv-cache-memory",
+                "0.2",
+                "--max-num-batched-tokens",
+                "256",
+                "--no-prefix-caching"
+            ]
+        );
+        assert_eq!(launch.env, [("BALEEN_RUNTIME_LOG".to_string(), "debug".to_string())]);
+        assert_eq!(launch.notes.len(), 1);
+        assert!(launch.notes[0].contains("spec.runtime.image"));
+        assert!(!launch.is_demo());
+        assert_eq!(launch.served_name, "whale");
+    }
+
+    #[test]
+    fn cluster_sources_are_refused_with_what_to_do_instead() {
+        for source in ["hf://deepseek-ai/DeepSeek-V2-Lite", "pvc://models/v3"] {
+            let (field, reason) = unsupported_field(&ModelDeploymentSpec::new(source));
+            assert_eq!(field, "spec.model.source");
+            assert!(reason.contains(source) && reason.contains("cluster") && reason.contains("file://"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn expert_parallelism_is_refused_not_pretended() {
+        let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
+        spec.parallelism = Some(ParallelismSpec { expert: Some(4), data_parallel_attention: None });
+        let (field, reason) = unsupported_field(&spec);
+        assert_eq!(field, "spec.parallelism.expert");
+        assert!(reason.contains("expert parallelism arrives with a later release"), "{reason}");
+    }
+
+    #[test]
+    fn more_than_one_replica_is_refused() {
+        let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
+        spec.replicas = Some(2);
+        assert_eq!(unsupported_field(&spec).0, "spec.replicas");
+    }
+
+    #[test]
+    fn extra_args_must_not_repeat_the_flags_up_sets() {
+        for arg in ["--port", "--port=9", "--model", "--max-num-seqs"] {
+            let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
+            spec.runtime = Some(RuntimeSpec { args: vec![arg.into(), "1".into()], ..RuntimeSpec::default() });
+            let (field, reason) = unsupported_field(&spec);
+            assert_eq!(field, "spec.runtime.args");
+            assert!(reason.contains(arg.split('=').next().unwrap()), "{reason}");
+        }
+    }
+}

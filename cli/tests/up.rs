@@ -1,0 +1,434 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `baleen up` through the real binaries: `baleen` starts the real `baleen-runtime serve` on 127.0.0.1 port 0,
+//! answers OpenAI requests, and stops cleanly on SIGINT / SIGTERM; bad manifests fail naming the field.
+//!
+//! The runtime binary is the one cargo built next to `baleen` (`target/<profile>/baleen-runtime`).
+//! `cargo test --workspace` (scripts/test.sh) builds it before any test runs; under `cargo test -p baleen` it is
+//! built here when missing (`cargo build -p baleen-runtime`), and `BALEEN_RUNTIME_BIN` overrides the path.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+/// Loading the tiny model takes about a second; a loaded 2-core machine running tests in parallel needs slack.
+const READY_WAIT: Duration = Duration::from_secs(180);
+const EXIT_WAIT: Duration = Duration::from_secs(90);
+
+fn baleen_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_baleen")
+}
+
+/// The runtime binary: `BALEEN_RUNTIME_BIN`, else next to `baleen`, built first when missing.
+fn runtime_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("BALEEN_RUNTIME_BIN") {
+            return PathBuf::from(path);
+        }
+        let dir = Path::new(baleen_bin()).parent().unwrap();
+        let bin = dir.join("baleen-runtime");
+        if !bin.exists() {
+            let profile = match dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") | None => "dev",
+                Some(other) => other,
+            };
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "baleen-runtime", "--bin", "baleen-runtime", "--profile", profile])
+                .status()
+                .unwrap();
+            assert!(status.success(), "building baleen-runtime failed");
+        }
+        assert!(bin.exists(), "{} is missing", bin.display());
+        bin
+    })
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn get(url: &str) -> (u16, String) {
+    let mut response = http().get(url).call().unwrap();
+    (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+}
+
+fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let mut response = http().post(url).header("Content-Type", "application/json").send(body.to_string()).unwrap();
+    let text = response.body_mut().read_to_string().unwrap();
+    (response.status().as_u16(), serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+/// A running `baleen up`, its stdout lines as they come and its stderr as a whole.
+struct Up {
+    child: Child,
+    lines: Receiver<String>,
+    stdout: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    runtime_pid: Option<i32>,
+}
+
+impl Up {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(baleen_bin())
+            .arg("up")
+            .args(extra)
+            .args(["--port", "0", "--ready-timeout", "170", "--runtime-bin"])
+            .arg(runtime_bin())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self { child, lines, stdout: Vec::new(), stderr, runtime_pid: None }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The first stdout line (from the start) containing `needle`; fails after `timeout` or at EOF.
+    fn line_with(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.stdout.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(pid) = line.split("runtime pid ").nth(1) {
+                        self.runtime_pid = pid.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok();
+                    }
+                    self.stdout.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no `{needle}` within {timeout:?}; stdout: {:#?}\nstderr:\n{}", self.stdout, self.stderr())
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("stdout closed without `{needle}`; stdout: {:#?}\nstderr:\n{}", self.stdout, self.stderr())
+                }
+            }
+        }
+    }
+
+    /// The printed OpenAI base URL, once the runtime is ready.
+    fn base_url(&mut self) -> String {
+        let line = self.line_with("OpenAI base URL: ", READY_WAIT);
+        line.split("OpenAI base URL: ").nth(1).unwrap().trim().to_string()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(i32::try_from(self.child.id()).unwrap()), signal).unwrap();
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads take the last output.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+                    self.stdout.push(line);
+                }
+                return status;
+            }
+            assert!(Instant::now() < deadline, "baleen still running after {timeout:?}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    /// A failed test must not leave processes behind: ask, then kill `baleen` and its runtime.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(pid) = self.runtime_pid {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn host_port(base_url: &str) -> SocketAddr {
+    base_url.trim_start_matches("http://").trim_end_matches("/v1").parse().unwrap()
+}
+
+fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn chat(base: &str, model: &str, max_tokens: u32) -> (u16, Value) {
+    post_json(
+        &format!("{base}/chat/completions"),
+        &json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello, whale!"}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": true,
+        }),
+    )
+}
+
+fn write_manifest(dir: &Path, spec: &str) -> PathBuf {
+    let path = dir.join("model.yaml");
+    std::fs::write(
+        &path,
+        format!("apiVersion: baleen.dev/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: whale\nspec:\n{spec}"),
+    )
+    .unwrap();
+    path
+}
+
+fn run_to_end(args: &[&str]) -> Output {
+    Command::new(baleen_bin()).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn up_without_a_manifest_serves_the_demo_and_ctrl_c_stops_it_cleanly() {
+    let mut up = Up::start(&[]);
+    let base = up.base_url();
+    assert!(base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"), "{base}");
+    let addr = host_port(&base);
+    assert_ne!(addr.port(), 0);
+    assert!(up.line_with("model:", Duration::from_secs(5)).ends_with(" tiny-moe"));
+    up.line_with("builtin:tiny-moe has random weights", Duration::from_secs(5));
+    let runtime_pid = up.runtime_pid.expect("the runtime pid is printed");
+
+    let (status, body) = chat(&base, "tiny-moe", 8);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8, "{body}");
+
+    // The printed curl line works as printed.
+    let curl = up.line_with("curl -sS ", Duration::from_secs(5));
+    if Command::new("curl").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()) {
+        let out = Command::new("sh").arg("-c").arg(curl.trim()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["model"], "tiny-moe", "{v}");
+        assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    }
+
+    up.signal(Signal::SIGINT);
+    let status = up.wait(EXIT_WAIT);
+    assert!(status.success(), "{status}; stderr:\n{}", up.stderr());
+    assert!(up.stdout.iter().any(|l| l.starts_with("stopped")), "{:#?}", up.stdout);
+    assert!(!process_exists(runtime_pid), "the runtime {runtime_pid} outlived baleen");
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(), "{addr} still accepts connections");
+    let stderr = up.stderr();
+    assert!(stderr.contains("runtime | ") && stderr.contains("draining"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "forwarded logs carry colour codes:\n{stderr}");
+}
+
+#[test]
+fn up_serves_a_manifest_under_its_served_name_and_sigterm_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        r#"  model:
+    source: builtin:tiny-moe
+    servedName: whale-demo
+  runtime:
+    maxNumSeqs: 4
+    maxModelLen: 256
+    kvCacheMemory: "16MiB"
+    args: ["--max-waiting", "8"]
+    env:
+      - name: BALEEN_RUNTIME_BLOCK_SIZE
+        value: "32"
+"#,
+    );
+    let mut up = Up::start(&[manifest.to_str().unwrap()]);
+    let base = up.base_url();
+    assert!(up.line_with("model:", Duration::from_secs(5)).ends_with(" whale-demo"));
+
+    let (status, models) = get(&format!("{base}/models"));
+    assert_eq!(status, 200, "{models}");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "whale-demo", "{models}");
+    let (status, body) = chat(&base, "whale-demo", 4);
+    assert_eq!(status, 200, "{body}");
+    // maxModelLen reached the runtime: a request that cannot fit in 256 tokens is refused.
+    let (status, body) = chat(&base, "whale-demo", 1000);
+    assert_eq!(status, 400, "{body}");
+    // spec.runtime.env reached the runtime: its KV cache uses 32-token blocks.
+    let root = base.trim_end_matches("/v1");
+    let (status, metrics) = get(&format!("{root}/metrics"));
+    assert_eq!(status, 200);
+    let info = metrics.lines().find(|l| l.starts_with("vllm:cache_config_info{")).unwrap_or_default();
+    assert!(info.contains("block_size=\"32\""), "{info}");
+
+    up.signal(Signal::SIGTERM);
+    let status = up.wait(EXIT_WAIT);
+    assert!(status.success(), "{status}; stderr:\n{}", up.stderr());
+    assert!(up.stdout.iter().any(|l| l.starts_with("stopped")), "{:#?}", up.stdout);
+}
+
+#[test]
+fn ctrl_c_lets_in_flight_requests_finish() {
+    let mut up = Up::start(&[]);
+    let base = up.base_url();
+    let root = base.trim_end_matches("/v1").to_string();
+    let request = {
+        let base = base.clone();
+        std::thread::spawn(move || chat(&base, "tiny-moe", 2000))
+    };
+    // Wait until the request is in the running batch, then ask baleen to stop.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, metrics) = get(&format!("{root}/metrics"));
+        let running = metrics.lines().any(|l| l.starts_with("vllm:num_requests_running{") && l.ends_with(" 1"));
+        if running {
+            break;
+        }
+        assert!(!request.is_finished(), "the request finished before the signal; make it longer");
+        assert!(Instant::now() < deadline, "the request never ran:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    up.signal(Signal::SIGINT);
+    let (status, body) = request.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 2000, "{body}");
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+}
+
+#[test]
+fn the_example_manifest_runs_locally() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/tiny-local.yaml");
+    let mut up = Up::start(&[example.to_str().unwrap()]);
+    let base = up.base_url();
+    let (status, _) = get(&format!("{}/ready", base.trim_end_matches("/v1")));
+    assert_eq!(status, 200);
+    let (status, body) = chat(&base, "tiny-moe", 2);
+    assert_eq!(status, 200, "{body}");
+    up.signal(Signal::SIGINT);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+}
+
+#[test]
+fn a_runtime_that_dies_while_serving_makes_up_exit_non_zero() {
+    let mut up = Up::start(&[]);
+    up.base_url();
+    let pid = up.runtime_pid.unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let status = up.wait(EXIT_WAIT);
+    assert_eq!(status.code(), Some(128 + 9), "{status}");
+    assert!(up.stderr().contains("exited on its own"), "{}", up.stderr());
+}
+
+#[test]
+fn a_runtime_that_fails_to_start_makes_up_fail_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "  model: {source: builtin:tiny-moe}\n  runtime: {args: [\"--block-size\", \"0\"]}\n",
+    );
+    let mut up = Up::start(&[manifest.to_str().unwrap()]);
+    let status = up.wait(EXIT_WAIT);
+    assert!(!status.success());
+    let stderr = up.stderr();
+    assert!(stderr.contains("block-size") && stderr.contains("exited before it was ready"), "{stderr}");
+}
+
+#[test]
+fn invalid_manifests_fail_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, &[&str]); 7] = [
+        (
+            "bad kind",
+            "apiVersion: baleen.dev/v1alpha1\nkind: Deployment\nmetadata: {name: x}\nspec: {model: {source: builtin:tiny-moe}}\n",
+            &["`kind`", "ModelDeployment"],
+        ),
+        (
+            "bad apiVersion",
+            "apiVersion: baleen.dev/v1\nkind: ModelDeployment\nmetadata: {name: x}\nspec: {model: {source: builtin:tiny-moe}}\n",
+            &["`apiVersion`", "baleen.dev/v1alpha1"],
+        ),
+        ("misspelt field", "  model:\n    sorce: builtin:tiny-moe\n", &["spec.model", "unknown field `sorce`"]),
+        (
+            "hf source",
+            "  model: {source: hf://deepseek-ai/DeepSeek-V2-Lite}\n",
+            &["`spec.model.source`", "needs a cluster", "file://"],
+        ),
+        (
+            "expert parallelism",
+            "  model: {source: builtin:tiny-moe}\n  parallelism: {expert: 4}\n",
+            &["`spec.parallelism.expert`", "expert parallelism arrives with a later release"],
+        ),
+        ("zero replicas", "  model: {source: builtin:tiny-moe}\n  replicas: 0\n", &["`spec.replicas`"]),
+        ("unknown scheme", "  model: {source: s3://bucket/model}\n", &["`spec.model.source`", "s3://bucket/model"]),
+    ];
+    for (what, yaml, wants) in cases {
+        let path = dir.path().join("m.yaml");
+        let text = if yaml.starts_with("apiVersion") {
+            yaml.to_string()
+        } else {
+            format!("apiVersion: baleen.dev/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: m\nspec:\n{yaml}")
+        };
+        std::fs::write(&path, text).unwrap();
+        let out = run_to_end(&["up", path.to_str().unwrap(), "--port", "0", "--runtime-bin", "/nonexistent/rt"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: succeeded");
+        for want in wants {
+            assert!(stderr.contains(want), "{what}: stderr lacks `{want}`:\n{stderr}");
+        }
+        assert!(out.stdout.is_empty(), "{what}: started something: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let out = run_to_end(&["up", "/nonexistent/model.yaml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading the manifest /nonexistent/model.yaml"));
+}
+
+#[test]
+fn a_missing_runtime_binary_says_how_to_build_it() {
+    let out = run_to_end(&["up", "--port", "0", "--runtime-bin", "/nonexistent/baleen-runtime"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/baleen-runtime") && stderr.contains("cargo build --release"), "{stderr}");
+}
