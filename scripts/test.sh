@@ -16,3 +16,39 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+
+# ---- Python stage: OpenAI SDK conformance (tests/python) against a real `baleen-runtime serve` ----------------
+# Creates target/py-venv, installs tests/python/requirements.txt when it changed (hash stamp), builds the debug
+# binary and runs pytest. With CI=true a missing tool is a failure; elsewhere it is a loud skip of this stage.
+echo "== python: OpenAI SDK conformance (tests/python)"
+py_missing() {
+  if [[ "${CI:-}" == "true" ]]; then
+    echo "error: $* (CI=true: a missing test tool is a failure)" >&2
+    exit 1
+  fi
+  echo "warning: SKIPPING the Python stage: $*" >&2
+  exit 0
+}
+py_ok() { command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; }
+if ! py_ok; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing python3 and python3-venv with apt-get"
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null \
+      || py_missing "apt-get install python3 python3-venv failed"
+  fi
+  py_ok || py_missing "python3 with the venv module is required (install python3 and python3-venv)"
+fi
+PY_VENV=target/py-venv
+PY_REQ=tests/python/requirements.txt
+PY_STAMP="$PY_VENV/.requirements.sha256"
+[[ -x "$PY_VENV/bin/python" ]] || python3 -m venv "$PY_VENV" || py_missing "python3 -m venv $PY_VENV failed"
+py_hash="$( (cat "$PY_REQ"; "$PY_VENV/bin/python" -VV) | sha256sum | cut -d' ' -f1)"
+if [[ "$(cat "$PY_STAMP" 2>/dev/null)" != "$py_hash" ]]; then
+  echo "installing $PY_REQ into $PY_VENV"
+  "$PY_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$PY_REQ" \
+    || py_missing "pip install -r $PY_REQ failed"
+  echo "$py_hash" > "$PY_STAMP"
+fi
+cargo build -p baleen-runtime --locked
+export BALEEN_RUNTIME_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-runtime"
+PYTHONDONTWRITEBYTECODE=1 "$PY_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
