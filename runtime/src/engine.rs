@@ -11,14 +11,14 @@ pub mod sampler;
 pub mod scheduler;
 pub mod stop;
 
+pub use scheduler::spawn;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub use request::{Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage};
 
 use crate::error::{Error, Result};
-use crate::loader::LoadedModel;
-use crate::metrics::Metrics;
 use crate::tokenizer::Tokenizer;
 
 /// How much memory the latent KV cache may take.
@@ -212,15 +212,4 @@ impl EngineHandle {
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.tx.send(scheduler::Command::Shutdown);
     }
-}
-
-/// Starts the engine thread for `loaded`. `threads` is the CPU compute pool size for the engine thread.
-pub fn spawn(
-    loaded: LoadedModel,
-    config: EngineConfig,
-    metrics: Arc<Metrics>,
-    served_model_name: String,
-    threads: usize,
-) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    scheduler::spawn(loaded, config, metrics, served_model_name, threads)
 }

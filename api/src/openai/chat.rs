@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{FinishReason, OBJECT_CHAT_COMPLETION, OBJECT_CHAT_COMPLETION_CHUNK, StopSequences, StreamOptions, Usage};
+use super::{FinishReason, GenerationOptions, OBJECT_CHAT_COMPLETION, OBJECT_CHAT_COMPLETION_CHUNK, Usage};
 
 /// A chat completion request. Unknown fields are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -16,42 +16,15 @@ pub struct ChatCompletionRequest {
     pub max_tokens: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_completion_tokens: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    /// vLLM extension; 0 or -1 means off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<StopSequences>,
-    /// vLLM extension: token ids that end generation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
-    /// vLLM extension; 1.0 means off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
+    /// Sampling, stopping and streaming parameters (shared with the other generation endpoint).
+    #[serde(flatten)]
+    pub options: GenerationOptions,
     /// Return the chosen tokens' log-probabilities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
     /// With `logprobs`, also this many most likely alternatives per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<u32>,
-    /// vLLM extension: keep generating past EOS.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }
@@ -233,8 +206,8 @@ mod tests {
         assert_eq!(r.messages.len(), 3);
         assert_eq!(r.messages[1].content.as_ref().unwrap().to_text().unwrap(), "hi\nthere");
         assert_eq!(r.messages[2].content, None);
-        assert_eq!(r.top_k, Some(-1));
-        assert_eq!(r.stream_options.unwrap().include_usage, Some(true));
+        assert_eq!(r.options.top_k, Some(-1));
+        assert_eq!(r.options.stream_options.unwrap().include_usage, Some(true));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{FinishReason, OBJECT_TEXT_COMPLETION, StopSequences, StreamOptions, Usage};
+use super::{FinishReason, GenerationOptions, OBJECT_TEXT_COMPLETION, Usage};
 
 /// A completion request. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,44 +15,17 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    /// vLLM extension; 0 or -1 means off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<StopSequences>,
-    /// vLLM extension: token ids that end generation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_token_ids: Option<Vec<u32>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f32>,
-    /// vLLM extension; 1.0 means off.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
+    /// Sampling, stopping and streaming parameters (shared with the other generation endpoint).
+    #[serde(flatten)]
+    pub options: GenerationOptions,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_of: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
     /// Return the chosen tokens' log-probabilities and this many most likely alternatives per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u32>,
     /// Echo the prompt in the completion (only `false` is served).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
-    /// vLLM extension: keep generating past EOS.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
 }
@@ -172,7 +145,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(r.logprobs, Some(2));
-        assert_eq!(r.stop.unwrap().to_vec(), vec!["\n"]);
+        assert_eq!(r.options.stop.unwrap().to_vec(), vec!["\n"]);
     }
 
     #[test]

@@ -72,7 +72,9 @@ fn device_memory_bytes(device: &Device) -> Option<u64> {
     Some(kib * 1024)
 }
 
-pub(crate) fn spawn(
+/// Starts the engine thread for `loaded`: sizes the latent KV cache from `config.kv_cache_memory`, and runs the
+/// scheduler on a thread whose compute pool has `threads` threads (itself the first).
+pub fn spawn(
     loaded: LoadedModel,
     config: EngineConfig,
     metrics: Arc<Metrics>,

@@ -39,8 +39,8 @@ async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Res
     let submitted = submit(&state.engine, request)?;
     let created = unix_now();
 
-    if req.stream.unwrap_or(false) {
-        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+    if req.options.stream.unwrap_or(false) {
+        let include_usage = req.options.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         let format = ChatStream { id, created, model: served, include_usage, with_logprobs };
         return Ok(sse_response(sse_stream(submitted, format)));
     }

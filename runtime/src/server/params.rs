@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use baleen_api::openai::{ChatCompletionRequest, CompletionRequest, StopSequences};
+use baleen_api::openai::{ChatCompletionRequest, CompletionRequest, GenerationOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
@@ -17,19 +17,9 @@ pub(crate) const MAX_LOGPROBS: u32 = 20;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CommonParams {
     pub max_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<i64>,
-    pub seed: Option<i64>,
-    pub stop: Option<StopSequences>,
-    pub stop_token_ids: Option<Vec<u32>>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub repetition_penalty: Option<f32>,
-    pub n: Option<u32>,
+    pub options: GenerationOptions,
     /// `Some(k)`: return logprobs with `k` alternatives per token.
     pub logprobs: Option<usize>,
-    pub ignore_eos: Option<bool>,
 }
 
 impl CommonParams {
@@ -42,21 +32,7 @@ impl CommonParams {
             (false, _) => None,
             (true, k) => Some(check_logprobs("top_logprobs", k.unwrap_or(0))?),
         };
-        Ok(Self {
-            max_tokens: r.max_completion_tokens.or(r.max_tokens),
-            temperature: r.temperature,
-            top_p: r.top_p,
-            top_k: r.top_k,
-            seed: r.seed,
-            stop: r.stop.clone(),
-            stop_token_ids: r.stop_token_ids.clone(),
-            presence_penalty: r.presence_penalty,
-            frequency_penalty: r.frequency_penalty,
-            repetition_penalty: r.repetition_penalty,
-            n: r.n,
-            logprobs,
-            ignore_eos: r.ignore_eos,
-        })
+        Ok(Self { max_tokens: r.max_completion_tokens.or(r.max_tokens), options: r.options.clone(), logprobs })
     }
 
     /// The completion request's parameters; `echo: true` and `best_of > 1` are refused.
@@ -69,25 +45,15 @@ impl CommonParams {
         }
         Ok(Self {
             max_tokens: r.max_tokens,
-            temperature: r.temperature,
-            top_p: r.top_p,
-            top_k: r.top_k,
-            seed: r.seed,
-            stop: r.stop.clone(),
-            stop_token_ids: r.stop_token_ids.clone(),
-            presence_penalty: r.presence_penalty,
-            frequency_penalty: r.frequency_penalty,
-            repetition_penalty: r.repetition_penalty,
-            n: r.n,
+            options: r.options.clone(),
             logprobs: r.logprobs.map(|k| check_logprobs("logprobs", k)).transpose()?,
-            ignore_eos: r.ignore_eos,
         })
     }
 
     /// Sampling parameters with OpenAI's defaults (temperature 1, top_p 1), range-checked by the sampler.
     pub fn sampling(&self) -> Result<SamplingParams, ApiError> {
         // vLLM's convention: -1 and 0 turn top-k off; any other negative value is an error, never a silent default.
-        let top_k = match self.top_k {
+        let top_k = match self.options.top_k {
             None | Some(-1) => 0,
             Some(k) => usize::try_from(k).map_err(|_| {
                 ApiError::invalid_param(
@@ -97,14 +63,14 @@ impl CommonParams {
             })?,
         };
         let params = SamplingParams {
-            temperature: self.temperature.unwrap_or(1.0),
+            temperature: self.options.temperature.unwrap_or(1.0),
             top_k,
-            top_p: self.top_p.unwrap_or(1.0),
-            seed: self.seed.map(|s| s as u64),
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
-            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            top_p: self.options.top_p.unwrap_or(1.0),
+            seed: self.options.seed.map(|s| s as u64),
+            repetition_penalty: self.options.repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: self.options.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.options.presence_penalty.unwrap_or(0.0),
+            stop_token_ids: self.options.stop_token_ids.clone().unwrap_or_default(),
         };
         if let Err(e) = params.validate() {
             let message = match e {
@@ -126,7 +92,7 @@ impl CommonParams {
         prompt: Vec<u32>,
         max_model_len: usize,
     ) -> Result<GenerateRequest, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
+        if self.options.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid_param("n", "n: only 1 is supported"));
         }
         let sampling = self.sampling()?;
@@ -149,8 +115,8 @@ impl CommonParams {
             prompt,
             sampling,
             max_tokens,
-            stop: self.stop.map(|s| s.to_vec()).unwrap_or_default(),
-            ignore_eos: self.ignore_eos.unwrap_or(false),
+            stop: self.options.stop.map(|s| s.to_vec()).unwrap_or_default(),
+            ignore_eos: self.options.ignore_eos.unwrap_or(false),
             logprobs: self.logprobs,
             cancel: CancellationToken::new(),
         })
