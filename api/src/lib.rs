@@ -7,9 +7,11 @@
 //! - [`crd`]: the `ModelDeployment` resource as plain serde types, its manifest and validation, and
 //!   [`crd::ModelSource`] (where the weights come from).
 //!
-//! The kube `CustomResource` derive on the CRD types and the replica-group topology (`topology`) join this crate
-//! with the operator and expert-parallel issues that need them.
+//! - [`topology`]: replica-group topology — which rank holds which routed experts, redundant replicas.
+//!
+//! The kube `CustomResource` derive on the CRD types joins this crate with the operator issue.
 
 pub mod crd;
 pub mod names;
 pub mod openai;
+pub mod topology;

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod config;
 pub mod deepseek;
+pub mod experts;
 pub mod latent_attention;
 pub mod mla;
 pub mod moe;
@@ -11,5 +12,6 @@ pub mod rope;
 pub use cache::{LatentPool, SeqCache};
 pub use config::ModelConfig;
 pub use deepseek::{DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, ForwardOutput, LogitsFor, SeqInput};
+pub use experts::{ExpertDispatcher, ExpertParallel, ExpertShard, InProcessExperts, PendingRows};
 pub use mla::AttentionMode;
 pub use moe::Routing;

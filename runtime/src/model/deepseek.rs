@@ -10,6 +10,7 @@ use candle_nn::{Module, RmsNorm, VarBuilder};
 
 use super::cache::{LatentPool, SeqCache};
 use super::config::ModelConfig;
+use super::experts::ExpertParallel;
 use super::mla::{AttentionMode, Mla, SeqSlice};
 use super::moe::{Mlp, Moe, Routing};
 use super::rope::Rope;
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 enum Ffn {
     Dense(Mlp),
-    Moe(Moe),
+    Moe(Box<Moe>),
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +83,12 @@ pub struct DeepseekModel {
 impl DeepseekModel {
     /// Builds the model from a VarBuilder rooted at the checkpoint (tensor names `model.…` and `lm_head.weight`).
     pub fn load(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load_parallel(config, None, vb)
+    }
+
+    /// Like [`DeepseekModel::load`], as the head of an expert-parallel group: only this rank's routed experts are
+    /// loaded; rows for the others go through `parallel`'s transport.
+    pub fn load_parallel(config: &ModelConfig, parallel: Option<&ExpertParallel>, vb: VarBuilder) -> Result<Self> {
         let h = config.hidden_size;
         let m = vb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get((config.vocab_size, h), "weight")?;
@@ -89,7 +96,7 @@ impl DeepseekModel {
         for i in 0..config.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             let mlp = match (&config.moe, config.is_moe_layer(i)) {
-                (Some(moe), true) => Ffn::Moe(Moe::load(config, moe, l.pp("mlp"))?),
+                (Some(moe), true) => Ffn::Moe(Box::new(Moe::load(config, moe, i, parallel, l.pp("mlp"))?)),
                 _ => Ffn::Dense(Mlp::load(h, config.intermediate_size, l.pp("mlp"))?),
             };
             layers.push(DecoderLayer {
@@ -122,6 +129,14 @@ impl DeepseekModel {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The expert service's work on a head rank: rows of MoE layer `layer` through the routed experts held here.
+    pub fn compute_experts(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+        match self.layers.get(layer).map(|l| &l.mlp) {
+            Some(Ffn::Moe(moe)) => moe.experts().compute_rows(rows, experts, weights),
+            _ => Err(Error::InvalidRequest(format!("layer {layer} has no routed experts"))),
+        }
     }
 
     pub fn dtype(&self) -> DType {

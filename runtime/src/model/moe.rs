@@ -9,14 +9,15 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
-use crate::error::{Error, Result};
+use super::experts::{ExpertParallel, StackedExperts};
+use crate::error::Result;
 
 /// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers, shared experts and each
 /// routed expert. `gate_proj` and `up_proj` are fused into one matrix at load.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_up: Tensor, // [2 * intermediate, hidden]
-    down: Tensor,    // [hidden, intermediate]
+    pub(crate) gate_up: Tensor, // [2 * intermediate, hidden]
+    pub(crate) down: Tensor,    // [hidden, intermediate]
     intermediate: usize,
 }
 
@@ -82,6 +83,10 @@ impl Router {
             None
         };
         Ok(Self { weight, bias, config: config.clone() })
+    }
+
+    pub fn n_experts(&self) -> usize {
+        self.config.n_routed_experts
     }
 
     /// Routes every row of `x` (`[tokens, hidden]`).
@@ -203,132 +208,105 @@ impl DispatchPlan {
     }
 }
 
-/// The routed experts' weights stacked along a leading expert axis, so the experts of a batch can run as one
-/// batched matmul chain.
-#[derive(Debug, Clone)]
-struct StackedExperts {
-    gate_up: Tensor, // [experts, 2 * intermediate, hidden]
-    down: Tensor,    // [experts, hidden, intermediate]
-    intermediate: usize,
-}
-
-impl StackedExperts {
-    fn load(n: usize, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
-        let mut gate_up = Vec::with_capacity(n);
-        let mut down = Vec::with_capacity(n);
-        for e in 0..n {
-            let mlp = Mlp::load(hidden, intermediate, vb.pp(e))?;
-            gate_up.push(mlp.gate_up);
-            down.push(mlp.down);
-        }
-        Ok(Self { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)?, intermediate })
-    }
-
-    fn len(&self) -> usize {
-        self.gate_up.dim(0).unwrap_or(0)
-    }
-
-    /// `x` `[experts, rows, hidden]` through the experts `[experts, ...]` of `gate_up`/`down`.
-    fn forward(&self, x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
-        let h = x.matmul(&gate_up.transpose(1, 2)?)?;
-        let i = self.intermediate;
-        let act = (candle_nn::ops::silu(&h.narrow(2, 0, i)?)? * h.narrow(2, i, i)?)?;
-        Ok(act.matmul(&down.transpose(1, 2)?)?)
-    }
-}
-
-/// A DeepSeekMoE block: router, routed experts and shared experts.
+/// A DeepSeekMoE block: router, the routed experts this rank holds, shared experts, and — under expert
+/// parallelism — the way to the other ranks' experts.
 #[derive(Debug, Clone)]
 pub struct Moe {
+    layer: usize,
     router: Router,
     experts: StackedExperts,
     shared: Option<Mlp>,
+    parallel: Option<ExpertParallel>,
 }
 
 impl Moe {
-    pub fn load(config: &ModelConfig, moe: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn load(
+        config: &ModelConfig,
+        moe: &MoeConfig,
+        layer: usize,
+        parallel: Option<&ExpertParallel>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let h = config.hidden_size;
-        let experts = StackedExperts::load(moe.n_routed_experts, h, moe.moe_intermediate_size, vb.pp("experts"))?;
+        let held: Vec<usize> = match parallel {
+            Some(p) => p.placement.experts_on(p.rank),
+            None => (0..moe.n_routed_experts).collect(),
+        };
+        let experts =
+            StackedExperts::load(&held, moe.n_routed_experts, h, moe.moe_intermediate_size, vb.pp("experts"))?;
         let shared = match moe.n_shared_experts {
             0 => None,
             n => Some(Mlp::load(h, moe.moe_intermediate_size * n, vb.pp("shared_experts"))?),
         };
-        Ok(Self { router: Router::load(moe, h, vb.pp("gate"))?, experts, shared })
+        Ok(Self { layer, router: Router::load(moe, h, vb.pp("gate"))?, experts, shared, parallel: parallel.cloned() })
+    }
+
+    /// The routed experts held here (the expert service computes with them).
+    pub fn experts(&self) -> &StackedExperts {
+        &self.experts
     }
 
     /// `x` `[tokens, hidden]` → `[tokens, hidden]`; also returns the routing, for tracing.
+    ///
+    /// Rows for experts on other ranks are sent first; the local experts and the shared experts run while those
+    /// are in flight; then everything is combined with one scatter-add.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
         let routing = self.router.route(x)?;
-        let plan = DispatchPlan::new(&routing, self.experts.len());
-        let routed = self.run_plan(x, &plan)?;
-        let out = match &self.shared {
-            Some(shared) => (routed + shared.forward(x)?)?,
+        let plan = DispatchPlan::new(&routing, self.router.n_experts());
+        let (n, hidden) = x.dims2()?;
+        let (local, remote) = self.split(plan);
+        let mut pending = Vec::with_capacity(remote.len());
+        if let Some(p) = &self.parallel {
+            for (rank, groups) in remote {
+                let rows: Vec<u32> = groups.iter().flat_map(|g| g.rows.iter().copied()).collect();
+                let experts: Vec<u32> =
+                    groups.iter().flat_map(|g| g.rows.iter().map(move |_| g.expert as u32)).collect();
+                let weights: Vec<f32> = groups.iter().flat_map(|g| g.weights.iter().copied()).collect();
+                let count = rows.len();
+                let idx = Tensor::from_vec(rows, count, x.device())?;
+                let sent = x.index_select(&idx, 0)?;
+                pending.push((idx, p.dispatcher.dispatch(rank, self.layer, &sent, &experts, &weights)?));
+            }
+        }
+        let mut summed = if local.is_empty() {
+            Tensor::zeros((n, hidden), DType::F32, x.device())?
+        } else {
+            let (rows, weighted, len) = self.experts.run_groups(x, &local)?;
+            let count = rows.len();
+            let idx = Tensor::from_vec(rows, count, x.device())?;
+            Tensor::zeros((len, hidden), DType::F32, x.device())?.index_add(&idx, &weighted, 0)?.narrow(0, 0, n)?
+        };
+        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+        for (idx, p) in pending {
+            let out = p.wait()?;
+            summed = summed.index_add(&idx, &out.to_dtype(DType::F32)?, 0)?;
+        }
+        let routed = summed.to_dtype(x.dtype())?;
+        let out = match shared {
+            Some(s) => (routed + s)?,
             None => routed,
         };
         Ok((out, routing))
     }
 
-    /// Runs every expert group of the plan and scatter-adds the weighted results.
-    ///
-    /// The active experts' rows are gathered once into `[experts, rows, hidden]`, padded to the busiest expert
-    /// with a zero row of weight 0, and go through one batched gate/up → SiLU → down chain; then one weighting and
-    /// one scatter-add for the batch. When padding would more than double the work (skewed routing), each expert
-    /// runs on its own contiguous slice instead.
-    fn run_plan(&self, x: &Tensor, plan: &DispatchPlan) -> Result<Tensor> {
-        let device = x.device();
-        let (n, hidden) = x.dims2()?;
-        if plan.groups.is_empty() {
-            return Ok(x.zeros_like()?);
-        }
-        for g in &plan.groups {
-            if g.expert >= self.experts.len() {
-                return Err(Error::InvalidRequest(format!("routed to unknown expert {}", g.expert)));
-            }
-        }
-        let active = plan.groups.len();
-        let total: usize = plan.groups.iter().map(|g| g.rows.len()).sum();
-        let widest = plan.groups.iter().map(|g| g.rows.len()).max().unwrap_or(0);
-        let padded = active > 1 && active * widest <= 2 * total;
-        let (mut rows, mut weights) = (Vec::new(), Vec::new());
-        for g in &plan.groups {
-            rows.extend_from_slice(&g.rows);
-            weights.extend_from_slice(&g.weights);
-            if padded {
-                // Padding rows read the zero row appended after the batch and carry weight 0.
-                rows.extend(std::iter::repeat_n(n as u32, widest - g.rows.len()));
-                weights.extend(std::iter::repeat_n(0f32, widest - g.rows.len()));
-            }
-        }
-        let count = rows.len();
-        let rows = Tensor::from_vec(rows, count, device)?;
-        let out = if padded {
-            let x_ext = Tensor::cat(&[x, &Tensor::zeros((1, hidden), x.dtype(), device)?], 0)?;
-            let xs = x_ext.index_select(&rows, 0)?.reshape((active, widest, hidden))?;
-            let (gate_up, down) = if active == self.experts.len() {
-                (self.experts.gate_up.clone(), self.experts.down.clone())
-            } else {
-                let ids: Vec<u32> = plan.groups.iter().map(|g| g.expert as u32).collect();
-                let ids = Tensor::from_vec(ids, active, device)?;
-                (self.experts.gate_up.index_select(&ids, 0)?, self.experts.down.index_select(&ids, 0)?)
-            };
-            self.experts.forward(&xs, &gate_up, &down)?.reshape((count, hidden))?
-        } else {
-            let gathered = x.index_select(&rows, 0)?;
-            let mut outputs = Vec::with_capacity(active);
-            let mut offset = 0;
-            for g in &plan.groups {
-                let e = g.expert;
-                let xs = gathered.narrow(0, offset, g.rows.len())?.unsqueeze(0)?;
-                let (gu, d) = (self.experts.gate_up.narrow(0, e, 1)?, self.experts.down.narrow(0, e, 1)?);
-                outputs.push(self.experts.forward(&xs, &gu, &d)?.squeeze(0)?);
-                offset += g.rows.len();
-            }
-            if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 0)? }
+    /// Splits the plan into the groups computed here and, per other rank, the groups sent there.
+    fn split(&self, plan: DispatchPlan) -> (Vec<ExpertRows>, Vec<(usize, Vec<ExpertRows>)>) {
+        let Some(p) = &self.parallel else {
+            return (plan.groups, Vec::new());
         };
-        let weights = Tensor::from_vec(weights, (count, 1), device)?;
-        let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&weights)?;
-        let scatter_rows = if padded { n + 1 } else { n };
-        let summed = Tensor::zeros((scatter_rows, hidden), DType::F32, device)?.index_add(&rows, &weighted, 0)?;
-        Ok(summed.narrow(0, 0, n)?.to_dtype(x.dtype())?)
+        let mut local = Vec::new();
+        let mut remote: Vec<(usize, Vec<ExpertRows>)> = Vec::new();
+        for g in plan.groups {
+            let rank = p.placement.route(g.expert, p.rank);
+            if rank == p.rank {
+                local.push(g);
+            } else {
+                match remote.iter_mut().find(|(r, _)| *r == rank) {
+                    Some((_, groups)) => groups.push(g),
+                    None => remote.push((rank, vec![g])),
+                }
+            }
+        }
+        (local, remote)
     }
 }
