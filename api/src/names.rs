@@ -11,6 +11,16 @@ pub const BUILTIN_SCHEME: &str = "builtin:";
 
 /// Runtime: the model to load (a Hugging Face directory or `builtin:NAME`).
 pub const ENV_RUNTIME_MODEL: &str = "BALEEN_RUNTIME_MODEL";
+/// Runtime: this process's rank in its expert-parallel group (0 = head).
+pub const ENV_RUNTIME_RANK: &str = "BALEEN_RUNTIME_RANK";
+/// Runtime: ranks in the expert-parallel group.
+pub const ENV_RUNTIME_WORLD_SIZE: &str = "BALEEN_RUNTIME_WORLD_SIZE";
+/// Runtime: every rank's expert gRPC address in rank order (`host:port,...`).
+pub const ENV_RUNTIME_PEERS: &str = "BALEEN_RUNTIME_PEERS";
+/// Runtime: redundant expert replicas (`EXPERT@RANK,...`).
+pub const ENV_RUNTIME_REPLICATE: &str = "BALEEN_RUNTIME_REPLICATE";
+/// Runtime: seconds to wait for expert peers and for each expert dispatch.
+pub const ENV_RUNTIME_EXPERT_TIMEOUT: &str = "BALEEN_RUNTIME_EXPERT_TIMEOUT";
 /// Runtime: compute device (`cpu`, `cuda`, `cuda:N`).
 pub const ENV_RUNTIME_DEVICE: &str = "BALEEN_RUNTIME_DEVICE";
 /// Runtime: compute dtype (`f32`, `bf16`, `f16`).
@@ -166,6 +176,8 @@ pub const FILE_SCHEME: &str = "file://";
 
 /// File name of the runtime binary.
 pub const RUNTIME_BIN_NAME: &str = "baleen-runtime";
+/// The line an expert-only rank prints on stdout once its gRPC service is bound, followed by `host:port`.
+pub const RUNTIME_EXPERTS_LISTENING_PREFIX: &str = "baleen-runtime experts listening on grpc://";
 /// The first words of the one line `baleen-runtime serve` prints on stdout once bound; `HOST:PORT` follows.
 pub const RUNTIME_LISTENING_PREFIX: &str = "baleen-runtime listening on http://";
 
@@ -189,3 +201,18 @@ pub const ENV_UP_STOP_TIMEOUT: &str = "BALEEN_UP_STOP_TIMEOUT";
 pub const ENV_NO_COLOR: &str = "NO_COLOR";
 /// `baleen up`: log filter of `baleen` itself (`tracing` env-filter syntax).
 pub const ENV_UP_LOG: &str = "BALEEN_UP_LOG";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Expert-parallel transport (runtime `expert` module): metrics of the client side of the expert gRPC service.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Histogram: seconds from sending one expert dispatch to a peer until its response arrived, by [`LABEL_PEER`].
+pub const METRIC_RUNTIME_EXPERT_DISPATCH_SECONDS: &str = "baleen_runtime_expert_dispatch_seconds";
+/// Counter: encoded bytes of expert dispatches sent to peers, by [`LABEL_PEER`].
+pub const METRIC_RUNTIME_EXPERT_BYTES_SENT_TOTAL: &str = "baleen_runtime_expert_bytes_sent_total";
+/// Counter: expert dispatches that failed (peer down, stream broken, timeout, remote error), by [`LABEL_PEER`].
+pub const METRIC_RUNTIME_EXPERT_DISPATCH_ERRORS_TOTAL: &str = "baleen_runtime_expert_dispatch_errors_total";
+/// Gauge: 1 while the peer has passed the handshake and its dispatch stream is open, else 0; by [`LABEL_PEER`].
+pub const METRIC_RUNTIME_EXPERT_PEER_UP: &str = "baleen_runtime_expert_peer_up";
+/// Label of the expert transport metrics: the peer's rank (`1`, `2`, ...).
+pub const LABEL_PEER: &str = "peer";

@@ -3,7 +3,13 @@
 
 use std::time::Instant;
 
-use baleen_api::names::{ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_MODEL, ENV_RUNTIME_THREADS};
+use std::sync::Arc;
+
+use baleen_api::names::{
+    ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_MODEL, ENV_RUNTIME_PEERS,
+    ENV_RUNTIME_RANK, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
+};
+use baleen_api::topology::ExpertPlacement;
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -11,8 +17,11 @@ use serde_json::{Value, json};
 use crate::device::{cpu_threads, parse_device, parse_dtype};
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
-use crate::loader::{LoadedModel, ModelSource, load};
-use crate::model::{AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, LogitsFor, SeqCache};
+use crate::expert::{ExpertPeers, model_fingerprint};
+use crate::loader::{LoadedModel, ModelSource, load, load_parallel};
+use crate::model::{
+    AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ExpertParallel, ForwardOptions, LogitsFor, SeqCache,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "baleen-runtime", version, about = "Baleen inference runtime for DeepSeek-V2/V3 MoE models")]
@@ -49,6 +58,65 @@ pub struct ModelArgs {
     /// CPU compute threads; 0 picks one thread for small models (hidden < 1024) and all cores otherwise.
     #[arg(long, default_value_t = 0, env = ENV_RUNTIME_THREADS)]
     pub threads: usize,
+    #[command(flatten)]
+    pub expert: ExpertArgs,
+}
+
+/// Expert parallelism: this process as one rank of a group whose routed experts are spread over the ranks.
+#[derive(Debug, Args)]
+pub struct ExpertArgs {
+    /// This process's rank in its expert-parallel group; rank 0 is the head (attention, engine, HTTP API).
+    #[arg(long, default_value_t = 0, env = ENV_RUNTIME_RANK)]
+    pub rank: usize,
+    /// Ranks in the group.
+    #[arg(long, default_value_t = 1, env = ENV_RUNTIME_WORLD_SIZE)]
+    pub world_size: usize,
+    /// Every rank's expert gRPC address in rank order (host:port,...), its own included.
+    #[arg(long, env = ENV_RUNTIME_PEERS, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Redundant replicas of hot experts, as EXPERT@RANK pairs (e.g. 3@1,7@0).
+    #[arg(long, env = ENV_RUNTIME_REPLICATE, value_delimiter = ',')]
+    pub replicate: Vec<String>,
+    /// Seconds to wait for the peers at start-up and for each expert dispatch.
+    #[arg(long, default_value_t = 10.0, env = ENV_RUNTIME_EXPERT_TIMEOUT)]
+    pub expert_timeout: f64,
+}
+
+impl ExpertArgs {
+    /// The group's placement (`None` without expert parallelism), validated against the model.
+    pub fn placement(&self, config: &crate::model::ModelConfig) -> Result<Option<ExpertPlacement>> {
+        let bad = |reason: String| Error::Setting { name: "world-size".into(), reason };
+        if self.world_size <= 1 {
+            return Ok(None);
+        }
+        if self.rank >= self.world_size {
+            return Err(bad(format!("--rank {} is outside a group of {}", self.rank, self.world_size)));
+        }
+        if self.peers.len() != self.world_size {
+            return Err(bad(format!(
+                "--peers lists {} addresses for a group of {}; give every rank's host:port in rank order",
+                self.peers.len(),
+                self.world_size
+            )));
+        }
+        let experts = config.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+        let mut replicas = Vec::new();
+        for spec in &self.replicate {
+            let parsed = spec.split_once('@').and_then(|(e, r)| Some((e.parse().ok()?, r.parse().ok()?)));
+            replicas.push(parsed.ok_or_else(|| Error::Setting {
+                name: "replicate".into(),
+                reason: format!("`{spec}`: expected EXPERT@RANK"),
+            })?);
+        }
+        ExpertPlacement::contiguous(experts, self.world_size)
+            .and_then(|p| p.with_replicas(&replicas))
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
+    }
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.expert_timeout.max(0.001))
+    }
 }
 
 impl ModelArgs {
@@ -58,10 +126,38 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<(LoadedModel, Device, DType)> {
+        let (loaded, _peers) = self.load_head()?;
+        Ok((loaded, parse_device(&self.device)?, parse_dtype(&self.dtype)?))
+    }
+
+    /// Loads the model; as rank 0 of an expert-parallel group, connects to the other ranks first (waiting up to
+    /// `--expert-timeout` for every handshake) and loads only rank 0's experts.
+    pub fn load_head(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype)?;
-        let loaded = load(&ModelSource::parse(&self.model), &device, dtype)?;
-        Ok((loaded, device, dtype))
+        let source = ModelSource::parse(&self.model);
+        let config = source.config()?;
+        let Some(placement) = self.expert.placement(&config)? else {
+            return Ok((load(&source, &device, dtype)?, None));
+        };
+        if self.expert.rank != 0 {
+            return Err(Error::Setting {
+                name: "rank".into(),
+                reason: "only rank 0 runs the model; other ranks run `baleen-runtime serve` as expert ranks".into(),
+            });
+        }
+        let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
+        let peers = Arc::new(ExpertPeers::new(
+            self.expert.peers.clone(),
+            0,
+            fingerprint,
+            placement.fingerprint(),
+            self.expert.timeout(),
+        )?);
+        peers.wait_ready(self.expert.timeout())?;
+        tracing::info!(world_size = placement.world_size(), experts = ?placement.experts_on(0), "expert peers ready");
+        let parallel = ExpertParallel { placement, rank: 0, dispatcher: peers.clone() };
+        Ok((load_parallel(&source, &device, dtype, Some(&parallel))?, Some(peers)))
     }
 }
 

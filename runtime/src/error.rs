@@ -52,6 +52,12 @@ pub enum Error {
     /// The HTTP server could not bind, serve or shut down.
     #[error("server: {0}")]
     Server(String),
+
+    /// The expert-parallel transport failed: a peer is down or unreachable, its stream broke, a dispatch timed
+    /// out, the handshake found mismatched fingerprints, or the peer reported a failed computation. The message
+    /// names the peer (rank and address).
+    #[error("expert transport: {0}")]
+    Expert(String),
 }
 
 impl Error {

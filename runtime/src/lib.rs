@@ -16,6 +16,7 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod expert;
 pub mod loader;
 pub mod metrics;
 pub mod model;

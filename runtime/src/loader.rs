@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use baleen_api::names::BUILTIN_SCHEME;
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 
 use crate::builtin;
 use crate::error::{Error, Result};
-use crate::model::{DeepseekModel, ModelConfig};
+use crate::model::{DeepseekModel, ExpertParallel, ModelConfig};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{self, Checkpoint};
 
@@ -56,19 +57,42 @@ pub struct LoadedModel {
 }
 
 pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    let config = source.config()?;
-    let (model, tokenizer) = match source {
-        ModelSource::Builtin(_) => {
-            tracing::info!(model = %source, "loading built-in random-weight demo model (its output is meaningless text)");
-            let model = DeepseekModel::load(&config, builtin::var_builder(dtype, device))?;
-            (model, Tokenizer::byte_level())
-        }
+    load_parallel(source, device, dtype, None)
+}
+
+/// The checkpoint's tensors (or the built-in model's generated ones) as a VarBuilder.
+pub fn var_builder(
+    source: &ModelSource,
+    config: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    match source {
+        ModelSource::Builtin(_) => Ok(builtin::var_builder(dtype, device)),
         ModelSource::Dir(dir) => {
             let ckpt = Checkpoint::open(dir, config.fp8_block)?;
-            log_skipped_mtp(&ckpt, &config);
-            let model = DeepseekModel::load(&config, weights::var_builder(ckpt, dtype, device))?;
-            (model, Tokenizer::from_dir(dir)?)
+            log_skipped_mtp(&ckpt, config);
+            Ok(weights::var_builder(ckpt, dtype, device))
         }
+    }
+}
+
+/// Loads the model as the head of an expert-parallel group when `parallel` is given (only this rank's routed
+/// experts are read), else whole.
+pub fn load_parallel(
+    source: &ModelSource,
+    device: &Device,
+    dtype: DType,
+    parallel: Option<&ExpertParallel>,
+) -> Result<LoadedModel> {
+    let config = source.config()?;
+    if let ModelSource::Builtin(_) = source {
+        tracing::info!(model = %source, "loading built-in random-weight demo model (its output is meaningless text)");
+    }
+    let model = DeepseekModel::load_parallel(&config, parallel, var_builder(source, &config, dtype, device)?)?;
+    let tokenizer = match source {
+        ModelSource::Builtin(_) => Tokenizer::byte_level(),
+        ModelSource::Dir(dir) => Tokenizer::from_dir(dir)?,
     };
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(Error::Tokenizer(format!(

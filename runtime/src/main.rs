@@ -1,7 +1,7 @@
 //! `baleen-runtime`: thin entry point; the commands live in `baleen_runtime::cli`.
 
 use baleen_api::names::{ENV_RAYON_NUM_THREADS, ENV_RUNTIME_LOG};
-use baleen_runtime::cli::Cli;
+use baleen_runtime::cli::{Cli, Command};
 use clap::Parser;
 use std::io::IsTerminal;
 
@@ -18,7 +18,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(model) = cli.command.model_args() {
         let threads = model.threads()?;
         set_compute_threads(threads);
-        baleen_runtime::device::init_compute_pool(threads)?;
+        // One-shot commands compute on this thread: make it the pool's first worker. `serve` computes on its engine
+        // thread (which builds its own such pool) and on the expert service's threads, which need a pool whose
+        // workers are free — this thread is busy running the async runtime.
+        if !matches!(cli.command, Command::Serve(_)) {
+            baleen_runtime::device::init_compute_pool(threads)?;
+        }
         tracing::info!(threads, "CPU compute threads");
     }
     // Commands print one JSON object; `serve` prints only its listening line (and returns null).

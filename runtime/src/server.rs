@@ -12,6 +12,7 @@ mod chat;
 pub mod cmd;
 mod completions;
 pub mod error;
+mod expert_rank;
 mod generate;
 pub mod http;
 mod params;
@@ -33,11 +34,13 @@ pub struct AppState {
     pub max_request_bytes: usize,
     /// Unix seconds at start-up (the `created` of `/v1/models`).
     pub created: u64,
+    /// The other ranks of this head's expert-parallel group; `/ready` waits for all of them.
+    pub peers: Option<Arc<crate::expert::ExpertPeers>>,
 }
 
 impl AppState {
     pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
-        Self { engine, metrics, max_request_bytes, created: unix_now() }
+        Self { engine, metrics, max_request_bytes, created: unix_now(), peers: None }
     }
 
     /// The model name clients must send in `model`.

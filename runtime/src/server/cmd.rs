@@ -24,7 +24,6 @@ use crate::cli::ModelArgs;
 use crate::device::{parse_device, parse_dtype};
 use crate::engine::{EngineConfig, EngineHandle, KvCacheMemory};
 use crate::error::{Error, Result};
-use crate::loader::{ModelSource, load};
 use crate::metrics::Metrics;
 
 /// How long the HTTP server may take to close its connections after the engine stopped.
@@ -118,8 +117,9 @@ impl ServeArgs {
 /// (the final state is logged), so callers can read stdout as a contract.
 pub fn run(args: &ServeArgs) -> Result<Value> {
     let config = args.engine_config()?;
-    let device = parse_device(&args.model.device)?;
-    let dtype = parse_dtype(&args.model.dtype)?;
+    // Fail fast on bad device/dtype strings, before any thread or socket exists.
+    parse_device(&args.model.device)?;
+    parse_dtype(&args.model.dtype)?;
     let threads = args.model.threads()?;
     let served = args.served_model_name();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -133,10 +133,16 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
         let _context = runtime.enter();
         Signals::new()?
     };
+    if args.model.expert.world_size > 1 && args.model.expert.rank != 0 {
+        return super::expert_rank::run(args, &runtime, signals);
+    }
     let metrics = Arc::new(Metrics::new(&served)?);
-    let loaded = load(&ModelSource::parse(&args.model.model), &device, dtype)?;
+    let (loaded, peers) = args.model.load_head()?;
+    if let Some(peers) = &peers {
+        peers.register(&metrics.registry)?;
+    }
     let (engine, engine_thread) = crate::engine::spawn(loaded, config, metrics.clone(), served.clone(), threads)?;
-    let served_result = runtime.block_on(serve_until_signal(args, signals, engine.clone(), metrics));
+    let served_result = runtime.block_on(serve_until_signal(args, signals, engine.clone(), metrics, peers));
     runtime.shutdown_timeout(Duration::from_secs(1));
     engine.shutdown();
     if engine_thread.join().is_err() {
@@ -153,13 +159,15 @@ async fn serve_until_signal(
     mut signals: Signals,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
+    peers: Option<Arc<crate::expert::ExpertPeers>>,
 ) -> Result<bool> {
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .map_err(|e| Error::Server(format!("binding {}:{} failed: {e}", args.host, args.port)))?;
     let addr = listener.local_addr().map_err(|e| Error::Server(format!("reading the bound address: {e}")))?;
     announce(addr)?;
-    let state = AppState::new(engine.clone(), metrics, args.max_request_bytes);
+    let mut state = AppState::new(engine.clone(), metrics, args.max_request_bytes);
+    state.peers = peers;
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(serve(listener, state, async {
         let _ = http_stopped.await;
@@ -234,7 +242,7 @@ async fn drain(engine: &EngineHandle, timeout: Duration) -> bool {
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), both handled from creation on.
-struct Signals {
+pub(super) struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -259,7 +267,7 @@ impl Signals {
     }
 
     /// The next signal's name.
-    async fn recv(&mut self) -> &'static str {
+    pub(super) async fn recv(&mut self) -> &'static str {
         #[cfg(unix)]
         {
             tokio::select! {

@@ -97,6 +97,12 @@ async fn health() -> StatusCode {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
+    if let Some(peers) = &state.peers
+        && !peers.all_ready()
+    {
+        let missing = peers.not_ready().join("; ");
+        return ApiError::unavailable(format!("expert peers not ready: {missing}")).into_response();
+    }
     if state.engine.is_ready() {
         (StatusCode::OK, Json(serde_json::json!({ "status": "ready" }))).into_response()
     } else {

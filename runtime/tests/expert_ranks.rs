@@ -1,0 +1,145 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Expert parallelism across processes on 127.0.0.1: expert-only ranks (`serve --rank R`) and a head
+//! (`logits`/`generate`/`serve --rank 0`) exchanging token rows over gRPC in every MoE layer.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_baleen-runtime");
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).to_string_lossy().into_owned()
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `serve` and waits for its first stdout line starting with `prefix`; returns the process and the address.
+fn start(args: &[String], prefix: &str) -> (Proc, String) {
+    let mut child = Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("a listening line").unwrap();
+    let addr = line.strip_prefix(prefix).unwrap_or_else(|| panic!("unexpected line {line:?}")).to_string();
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), addr)
+}
+
+fn expert_rank(model: &str, rank: usize, peers: &str, world: usize, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> =
+        ["serve", "--model", model, "--host", "127.0.0.1", "--peers", peers].iter().map(|s| s.to_string()).collect();
+    args.extend(["--rank".into(), rank.to_string(), "--world-size".into(), world.to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    start(&args, "baleen-runtime experts listening on grpc://").0
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn max_diff(a: &Value, b: &Value) -> f64 {
+    let rows = |v: &Value| -> Vec<f64> {
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect()
+    };
+    rows(a).iter().zip(rows(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+const IDS: &str = "0,45,90,312,71,5,17,200,3,99,150,250";
+
+#[test]
+fn two_and_four_rank_groups_match_one_process() {
+    for model in [fixture("tiny-v3"), fixture("tiny-v2")] {
+        let single = run_json(&["logits", "--model", &model, "--ids", IDS]);
+        let single_ids = run_json(&["generate", "--model", &model, "--ids", "0,45,90,312,71", "--max-tokens", "10"]);
+        for (world, replicate) in [(2, ""), (4, ""), (4, "7@0,2@3,3@1")] {
+            let ports = free_ports(world);
+            let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+            let extra: Vec<&str> = if replicate.is_empty() { vec![] } else { vec!["--replicate", replicate] };
+            let _ranks: Vec<Proc> = (1..world).map(|r| expert_rank(&model, r, &peers, world, &extra)).collect();
+            let ws = world.to_string();
+            let mut head = vec!["--rank", "0", "--world-size", &ws, "--peers", &peers];
+            head.extend(&extra);
+            let mut args = vec!["logits", "--model", &model, "--ids", IDS];
+            args.extend(&head);
+            let diff = max_diff(&run_json(&args), &single);
+            assert!(diff <= 1e-5, "{model} over {world} ranks ({replicate}): logits differ by {diff}");
+            let mut args = vec!["generate", "--model", &model, "--ids", "0,45,90,312,71", "--max-tokens", "10"];
+            args.extend(&head);
+            assert_eq!(run_json(&args)["ids"], single_ids["ids"], "{model} over {world} ranks: greedy ids");
+        }
+    }
+}
+
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
+
+fn wait_for(addr: &str, want: u16) {
+    let start = Instant::now();
+    while http(addr, "GET", "/ready", "").0 != want {
+        assert!(start.elapsed() < Duration::from_secs(10), "/ready never became {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_dead_peer_fails_requests_fast_and_the_group_recovers_when_it_returns() {
+    let model = "builtin:tiny-moe";
+    let ports = free_ports(2);
+    let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let rank1 = expert_rank(model, 1, &peers, 2, &[]);
+    let args: Vec<String> = ["serve", "--model", model, "--host", "127.0.0.1", "--port", "0", "--peers", &peers]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--rank", "0", "--world-size", "2", "--expert-timeout", "2"].iter().map(|s| s.to_string()))
+        .collect();
+    let (_head, addr) = start(&args, "baleen-runtime listening on http://");
+    let body = r#"{"prompt": "Hello", "max_tokens": 8, "temperature": 0}"#;
+    wait_for(&addr, 200);
+    assert_eq!(http(&addr, "POST", "/v1/completions", body).0, 200);
+
+    drop(rank1);
+    let started = Instant::now();
+    let (status, text) = http(&addr, "POST", "/v1/completions", body);
+    assert!(status >= 500, "expected a server error with the peer gone, got {status}: {text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "failing took {:?}", started.elapsed());
+    wait_for(&addr, 503);
+
+    let _rank1 = expert_rank(model, 1, &peers, 2, &[]);
+    wait_for(&addr, 200);
+    assert_eq!(http(&addr, "POST", "/v1/completions", body).0, 200);
+}
