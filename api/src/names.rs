@@ -19,6 +19,8 @@ pub const ENV_RUNTIME_WORLD_SIZE: &str = "BALEEN_RUNTIME_WORLD_SIZE";
 pub const ENV_RUNTIME_PEERS: &str = "BALEEN_RUNTIME_PEERS";
 /// Runtime: redundant expert replicas (`EXPERT@RANK,...`).
 pub const ENV_RUNTIME_REPLICATE: &str = "BALEEN_RUNTIME_REPLICATE";
+/// Runtime: every rank of the group is a head and serves its experts to the others (`true`/`false`).
+pub const ENV_RUNTIME_DATA_PARALLEL_ATTENTION: &str = "BALEEN_RUNTIME_DATA_PARALLEL_ATTENTION";
 /// Runtime: seconds to wait for expert peers and for each expert dispatch.
 pub const ENV_RUNTIME_EXPERT_TIMEOUT: &str = "BALEEN_RUNTIME_EXPERT_TIMEOUT";
 /// Runtime: compute device (`cpu`, `cuda`, `cuda:N`).

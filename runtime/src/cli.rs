@@ -6,8 +6,9 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use baleen_api::names::{
-    ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_MODEL, ENV_RUNTIME_PEERS,
-    ENV_RUNTIME_RANK, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
+    ENV_RUNTIME_DATA_PARALLEL_ATTENTION, ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_EXPERT_TIMEOUT,
+    ENV_RUNTIME_MODEL, ENV_RUNTIME_PEERS, ENV_RUNTIME_RANK, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS,
+    ENV_RUNTIME_WORLD_SIZE,
 };
 use baleen_api::topology::ExpertPlacement;
 use candle_core::{DType, Device};
@@ -77,6 +78,9 @@ pub struct ExpertArgs {
     /// Redundant replicas of hot experts, as EXPERT@RANK pairs (e.g. 3@1,7@0).
     #[arg(long, env = ENV_RUNTIME_REPLICATE, value_delimiter = ',')]
     pub replicate: Vec<String>,
+    /// Every rank is a head (own engine and HTTP API) and also serves its experts to the other heads.
+    #[arg(long, env = ENV_RUNTIME_DATA_PARALLEL_ATTENTION)]
+    pub data_parallel_attention: bool,
     /// Seconds to wait for the peers at start-up and for each expert dispatch.
     #[arg(long, default_value_t = 10.0, env = ENV_RUNTIME_EXPERT_TIMEOUT)]
     pub expert_timeout: f64,
@@ -126,12 +130,17 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<(LoadedModel, Device, DType)> {
-        let (loaded, _peers) = self.load_head()?;
+        let (loaded, peers) = self.load_head()?;
+        if let Some(peers) = peers {
+            peers.wait_ready(self.expert.timeout())?;
+            tracing::info!(world_size = self.expert.world_size, "expert peers ready");
+        }
         Ok((loaded, parse_device(&self.device)?, parse_dtype(&self.dtype)?))
     }
 
-    /// Loads the model; as rank 0 of an expert-parallel group, connects to the other ranks first (waiting up to
-    /// `--expert-timeout` for every handshake) and loads only rank 0's experts.
+    /// Loads the model as a head; in an expert-parallel group, only this rank's routed experts, with a transport
+    /// to the other ranks (connecting in the background: callers wait for [`ExpertPeers::wait_ready`] when they
+    /// are ready to, e.g. after starting their own expert service).
     pub fn load_head(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype)?;
@@ -140,23 +149,25 @@ impl ModelArgs {
         let Some(placement) = self.expert.placement(&config)? else {
             return Ok((load(&source, &device, dtype)?, None));
         };
-        if self.expert.rank != 0 {
+        let rank = self.expert.rank;
+        if rank != 0 && !self.expert.data_parallel_attention {
             return Err(Error::Setting {
                 name: "rank".into(),
-                reason: "only rank 0 runs the model; other ranks run `baleen-runtime serve` as expert ranks".into(),
+                reason: "only rank 0 is a head without --data-parallel-attention; other ranks run \
+                         `baleen-runtime serve` as expert ranks"
+                    .into(),
             });
         }
         let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
         let peers = Arc::new(ExpertPeers::new(
             self.expert.peers.clone(),
-            0,
+            rank,
             fingerprint,
             placement.fingerprint(),
             self.expert.timeout(),
         )?);
-        peers.wait_ready(self.expert.timeout())?;
-        tracing::info!(world_size = placement.world_size(), experts = ?placement.experts_on(0), "expert peers ready");
-        let parallel = ExpertParallel { placement, rank: 0, dispatcher: peers.clone() };
+        tracing::info!(rank, world_size = placement.world_size(), experts = ?placement.experts_on(rank), "expert-parallel head");
+        let parallel = ExpertParallel { placement, rank, dispatcher: peers.clone() };
         Ok((load_parallel(&source, &device, dtype, Some(&parallel))?, Some(peers)))
     }
 }

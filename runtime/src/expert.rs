@@ -15,7 +15,7 @@ mod stats;
 
 mod bridge;
 
-pub use bridge::{ShardCompute, model_fingerprint};
+pub use bridge::{HeldExperts, ShardCompute, model_fingerprint};
 pub use peers::{ExpertPeers, Pending};
 pub use service::serve_experts;
 pub use stats::{ExpertMetrics, Stats};

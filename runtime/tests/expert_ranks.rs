@@ -143,3 +143,44 @@ fn a_dead_peer_fails_requests_fast_and_the_group_recovers_when_it_returns() {
     wait_for(&addr, 200);
     assert_eq!(http(&addr, "POST", "/v1/completions", body).0, 200);
 }
+
+fn completion_text(addr: &str) -> String {
+    let body = r#"{"prompt": "The whale", "max_tokens": 12, "temperature": 0, "ignore_eos": true}"#;
+    let (status, raw) = http(addr, "POST", "/v1/completions", body);
+    assert_eq!(status, 200, "{raw}");
+    let json = raw.split("\r\n\r\n").nth(1).unwrap();
+    let v: Value = serde_json::from_str(json).unwrap();
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+fn head_args(model: &str, rank: usize, world: usize, peers: &str) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["serve", "--model", model, "--host", "127.0.0.1", "--port", "0"].iter().map(|s| s.to_string()).collect();
+    if world > 1 {
+        args.extend(["--rank".into(), rank.to_string(), "--world-size".into(), world.to_string()]);
+        args.extend(["--peers".into(), peers.into(), "--data-parallel-attention".into()]);
+    }
+    args
+}
+
+#[test]
+fn data_parallel_heads_each_serve_what_one_process_serves() {
+    let model = "builtin:tiny-moe";
+    let (_single, addr) = start(&head_args(model, 0, 1, ""), "baleen-runtime listening on http://");
+    wait_for(&addr, 200);
+    let want = completion_text(&addr);
+
+    let ports = free_ports(2);
+    let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    // Both heads start together: each serves its experts first, then waits for the other.
+    let h1 = std::thread::spawn({
+        let peers = peers.clone();
+        move || start(&head_args(model, 1, 2, &peers), "baleen-runtime listening on http://")
+    });
+    let (_h0, a0) = start(&head_args(model, 0, 2, &peers), "baleen-runtime listening on http://");
+    let (_h1, a1) = h1.join().unwrap();
+    for addr in [&a0, &a1] {
+        wait_for(addr, 200);
+        assert_eq!(completion_text(addr), want, "head {addr}");
+    }
+}

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::{ExpertCompute, ExpertPeers, Pending};
 use crate::error::{Error, Result};
-use crate::model::{ExpertDispatcher, ExpertShard, ModelConfig, PendingRows};
+use crate::model::{DeepseekModel, ExpertDispatcher, ExpertShard, ModelConfig, PendingRows};
 
 /// Identifies a loaded model for the peer handshake: source, shape and dtype must agree across a group.
 pub fn model_fingerprint(source: &str, config: &ModelConfig, dtype: candle_core::DType) -> String {
@@ -48,11 +48,29 @@ impl ExpertDispatcher for ExpertPeers {
 /// One request for the compute thread: layer, rows, experts, weights, and where to send the result.
 type Job = (usize, Tensor, Vec<u32>, Vec<f32>, std::sync::mpsc::SyncSender<Result<Tensor>>);
 
-/// The expert service of a rank that holds routed experts and no attention.
+/// The routed experts a rank serves to the others.
+#[derive(Debug)]
+pub enum HeldExperts {
+    /// An expert-only rank: its shard and nothing else.
+    Shard(ExpertShard),
+    /// A head under data-parallel attention: the experts its own model holds.
+    Model(Box<DeepseekModel>),
+}
+
+impl HeldExperts {
+    fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+        match self {
+            Self::Shard(shard) => shard.compute(layer, rows, experts, weights),
+            Self::Model(model) => model.compute_experts(layer, rows, experts, weights),
+        }
+    }
+}
+
+/// A rank's expert service.
 ///
-/// The shard computes on one dedicated thread that is the first worker of its own compute pool (sized by
-/// `--threads`), as the head's engine thread does, rather than on whichever blocking-pool thread received the
-/// request.
+/// The experts compute on one dedicated thread that is the first worker of its own compute pool (sized by
+/// `--threads`), as the head's engine thread does. Requests that arrive together — from several heads under
+/// data-parallel attention — are batched: all waiting requests of the same layer run as one expert computation.
 #[derive(Debug)]
 pub struct ShardCompute {
     jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
@@ -64,7 +82,7 @@ pub struct ShardCompute {
 
 impl ShardCompute {
     pub fn new(
-        shard: ExpertShard,
+        held: HeldExperts,
         placement: ExpertPlacement,
         rank: usize,
         model_fingerprint: String,
@@ -76,9 +94,11 @@ impl ShardCompute {
             .name("baleen-experts".into())
             .spawn(move || {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).use_current_thread().build();
-                let serve = || {
-                    for (layer, rows, experts, weights, reply) in rx {
-                        let _ = reply.send(shard.compute(layer, &rows, &experts, &weights));
+                let serve = move || {
+                    while let Ok(first) = rx.recv() {
+                        let mut jobs = vec![first];
+                        jobs.extend(rx.try_iter());
+                        run_batched(&held, jobs);
                     }
                 };
                 match pool {
@@ -88,6 +108,36 @@ impl ShardCompute {
             })
             .map_err(|e| Error::Expert(format!("cannot start the expert compute thread: {e}")))?;
         Ok(Self { jobs: std::sync::Mutex::new(tx), placement, rank, model_fingerprint, device })
+    }
+}
+
+/// Runs waiting jobs, one expert computation per layer over the concatenated rows, and answers each job with its
+/// own slice.
+fn run_batched(held: &HeldExperts, mut jobs: Vec<Job>) {
+    while !jobs.is_empty() {
+        let layer = jobs[0].0;
+        let (same, rest): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.0 == layer);
+        jobs = rest;
+        if same.len() == 1 {
+            if let Some((layer, rows, experts, weights, reply)) = same.into_iter().next() {
+                let _ = reply.send(held.compute(layer, &rows, &experts, &weights));
+            }
+            continue;
+        }
+        let rows: Vec<&Tensor> = same.iter().map(|j| &j.1).collect();
+        let experts: Vec<u32> = same.iter().flat_map(|j| j.2.iter().copied()).collect();
+        let weights: Vec<f32> = same.iter().flat_map(|j| j.3.iter().copied()).collect();
+        let out = Tensor::cat(&rows, 0).map_err(Into::into).and_then(|r| held.compute(layer, &r, &experts, &weights));
+        let mut offset = 0;
+        for (_, rows, _, _, reply) in same {
+            let n = rows.dim(0).unwrap_or(0);
+            let part = match &out {
+                Ok(t) => t.narrow(0, offset, n).map_err(Into::into),
+                Err(e) => Err(Error::Expert(format!("batched expert computation failed: {e}"))),
+            };
+            offset += n;
+            let _ = reply.send(part);
+        }
     }
 }
 
@@ -117,5 +167,46 @@ impl ExpertCompute for ShardCompute {
 
     fn placement_fingerprint(&self) -> u64 {
         self.placement.fingerprint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin;
+    use candle_core::DType;
+
+    #[test]
+    fn requests_of_one_layer_from_several_heads_run_batched_with_the_same_results() {
+        let config = builtin::config(builtin::TINY_MOE).unwrap();
+        let placement = ExpertPlacement::contiguous(16, 2).unwrap();
+        let vb = builtin::var_builder(DType::F32, &Device::Cpu);
+        let held = HeldExperts::Shard(ExpertShard::load(&config, &placement, 1, vb).unwrap());
+        let rows = |seed: f32, n: usize| {
+            Tensor::from_vec(
+                (0..n * 64).map(|i| ((i as f32) * 0.37 + seed).sin()).collect::<Vec<_>>(),
+                (n, 64),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let jobs_in =
+            [(1, rows(0.1, 3), vec![8, 9, 15], vec![0.5, 1.0, 2.0]), (1, rows(0.7, 2), vec![12, 8], vec![1.5, 0.25])];
+        let alone: Vec<Tensor> = jobs_in.iter().map(|(l, r, e, w)| held.compute(*l, r, e, w).unwrap()).collect();
+        let mut replies = Vec::new();
+        let jobs: Vec<Job> = jobs_in
+            .iter()
+            .map(|(l, r, e, w)| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                replies.push(rx);
+                (*l, r.clone(), e.clone(), w.clone(), tx)
+            })
+            .collect();
+        run_batched(&held, jobs);
+        for (rx, want) in replies.into_iter().zip(alone) {
+            let got = rx.recv().unwrap().unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "batched result differs by {diff}");
+        }
     }
 }

@@ -133,13 +133,18 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
         let _context = runtime.enter();
         Signals::new()?
     };
-    if args.model.expert.world_size > 1 && args.model.expert.rank != 0 {
+    if args.model.expert.world_size > 1 && args.model.expert.rank != 0 && !args.model.expert.data_parallel_attention {
         return super::expert_rank::run(args, &runtime, signals);
     }
     let metrics = Arc::new(Metrics::new(&served)?);
     let (loaded, peers) = args.model.load_head()?;
     if let Some(peers) = &peers {
         peers.register(&metrics.registry)?;
+        if args.model.expert.data_parallel_attention {
+            super::expert_rank::start_head_service(args, &runtime, &loaded.model)?;
+        }
+        peers.wait_ready(args.model.expert.timeout())?;
+        tracing::info!("expert peers ready");
     }
     let (engine, engine_thread) = crate::engine::spawn(loaded, config, metrics.clone(), served.clone(), threads)?;
     let served_result = runtime.block_on(serve_until_signal(args, signals, engine.clone(), metrics, peers));

@@ -11,9 +11,9 @@ use tokio::net::TcpListener;
 use super::cmd::{ServeArgs, Signals};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
-use crate::expert::{ShardCompute, model_fingerprint, serve_experts};
+use crate::expert::{HeldExperts, ShardCompute, model_fingerprint, serve_experts};
 use crate::loader::{ModelSource, var_builder};
-use crate::model::ExpertShard;
+use crate::model::{DeepseekModel, ExpertShard};
 
 pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signals: Signals) -> Result<Value> {
     let device = parse_device(&args.model.device)?;
@@ -28,12 +28,15 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
     let shard = ExpertShard::load(&config, &placement, rank, var_builder(&source, &config, dtype, &device)?)?;
     tracing::info!(rank, experts = ?shard.held(), expert_bytes = shard.bytes(), "expert shard loaded");
     let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
-    let compute = Arc::new(ShardCompute::new(shard, placement, rank, fingerprint, device, args.model.threads()?)?);
-    let own = &expert.peers[rank];
-    let port: u16 = own
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .ok_or_else(|| Error::Setting { name: "peers".into(), reason: format!("`{own}`: expected host:port") })?;
+    let compute = Arc::new(ShardCompute::new(
+        HeldExperts::Shard(shard),
+        placement,
+        rank,
+        fingerprint,
+        device,
+        args.model.threads()?,
+    )?);
+    let port = own_port(&expert.peers[rank])?;
     runtime.block_on(async move {
         let listener = TcpListener::bind((args.host.as_str(), port))
             .await
@@ -51,4 +54,46 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
         .await
     })?;
     Ok(Value::Null)
+}
+
+/// Data-parallel attention: a head also serves the experts its own model holds to the other heads, on its
+/// `--peers` address, alongside its HTTP API (the service lives as long as the runtime).
+pub(super) fn start_head_service(
+    args: &ServeArgs,
+    runtime: &tokio::runtime::Runtime,
+    model: &DeepseekModel,
+) -> Result<()> {
+    let expert = &args.model.expert;
+    let config = model.config();
+    let placement = expert
+        .placement(config)?
+        .ok_or_else(|| Error::Setting { name: "world-size".into(), reason: "a head service needs a group".into() })?;
+    let rank = expert.rank;
+    let source = ModelSource::parse(&args.model.model);
+    let fingerprint = model_fingerprint(&source.to_string(), config, model.dtype());
+    let compute = Arc::new(ShardCompute::new(
+        HeldExperts::Model(Box::new(model.clone())),
+        placement,
+        rank,
+        fingerprint,
+        model.device().clone(),
+        args.model.threads()?,
+    )?);
+    let port = own_port(&expert.peers[rank])?;
+    let listener = runtime
+        .block_on(TcpListener::bind((args.host.as_str(), port)))
+        .map_err(|e| Error::Server(format!("binding the expert service on {}:{port} failed: {e}", args.host)))?;
+    tracing::info!(rank, port, "serving this head's experts to the other heads");
+    runtime.spawn(async move {
+        if let Err(e) = serve_experts(listener, compute, std::future::pending()).await {
+            tracing::error!(error = %e, "the expert service stopped");
+        }
+    });
+    Ok(())
+}
+
+fn own_port(own: &str) -> Result<u16> {
+    own.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .ok_or_else(|| Error::Setting { name: "peers".into(), reason: format!("`{own}`: expected host:port") })
 }

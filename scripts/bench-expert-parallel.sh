@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Expert parallelism on loopback, side by side in one run (builtin:tiny-moe, one compute thread per process):
+#  1. decode tokens/s of `baleen-runtime bench` as the head of EP = 1, 2, 4 groups (the exchange's cost per step);
+#  2. HTTP throughput at 32 concurrent requests: one head (EP = 1) vs two data-parallel-attention heads (EP = 2,
+#     16 connections each), with wrk (Debian package; installed when missing and running as root).
+#   scripts/bench-expert-parallel.sh [--no-build]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$CARGO_TARGET_DIR/release/baleen-runtime"
+OUT="$CARGO_TARGET_DIR/bench"
+MODEL=builtin:tiny-moe
+DURATION="${BENCH_DURATION:-10}"
+mkdir -p "$OUT"
+[[ "${1:-}" == "--no-build" ]] || cargo build --release -p baleen-runtime
+command -v wrk >/dev/null || { [[ "$(id -u)" == 0 ]] && apt-get install -y -qq wrk >/dev/null; } || { echo "wrk is required" >&2; exit 1; }
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+peers() { local n=$1 out=""; for _ in $(seq "$n"); do out="$out${out:+,}127.0.0.1:$(port)"; done; echo "$out"; }
+# start LOG ARGS...: a serve process in the background (in this shell, so cleanup can stop it).
+start() { local log=$1; shift; "$BIN" serve --model "$MODEL" --host 127.0.0.1 --threads 1 "$@" >"$log" 2>/dev/null & PIDS+=($!); }
+# addr LOG: the address from the process's listening line.
+addr() {
+  for _ in $(seq 200); do grep -q "listening on" "$1" && break; sleep 0.05; done
+  sed -n 's/.*listening on [a-z]*:\/\///p' "$1" | head -1
+}
+ready() { for _ in $(seq 200); do curl -sf "http://$1/ready" >/dev/null && return 0; sleep 0.05; done; echo "not ready: $1" >&2; exit 1; }
+LUA="$OUT/ep-completions.lua"
+cat >"$LUA" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{"prompt": "The baleen whale filters krill from", "max_tokens": 64, "temperature": 0, "ignore_eos": true}]]
+LUA
+rps() { wrk -t1 -c"$2" -d"${DURATION}s" -s "$LUA" "http://$1/v1/completions" | awk '/Requests\/sec/ {print $2}'; }
+
+echo "## decode tokens/s as the head of an EP group (bench --batch B --prompt-len 16 --gen-len 32)"
+echo "| EP | batch 1 | batch 8 | batch 32 | step ms at batch 1 |"
+echo "|---:|---:|---:|---:|---:|"
+for ep in 1 2 4; do
+  P=$(peers "$ep"); row="| $ep "; step=""
+  for r in $(seq 1 $((ep - 1))); do start "$OUT/ep-rank$r.log" --rank "$r" --world-size "$ep" --peers "$P"; addr "$OUT/ep-rank$r.log" >/dev/null; done
+  for b in 1 8 32; do
+    args=(bench --model "$MODEL" --batch "$b" --prompt-len 16 --gen-len 32 --repeats 3 --threads 1)
+    [[ "$ep" == 1 ]] || args+=(--rank 0 --world-size "$ep" --peers "$P")
+    j=$("$BIN" "${args[@]}" 2>/dev/null)
+    row="$row| $(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['decode_tokens_per_s']))" "$j") "
+    [[ "$b" != 1 ]] || step=$(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['decode_step_ms'],3))" "$j")
+  done
+  echo "$row| $step |"
+  cleanup; PIDS=()
+done
+
+echo
+echo "## HTTP at 32 concurrent requests, 64 tokens each (${DURATION}s)"
+start "$OUT/ep-single.log" --port 0; A=$(addr "$OUT/ep-single.log"); ready "$A"
+one=$(rps "$A" 32); cleanup; PIDS=()
+P=$(peers 2)
+start "$OUT/ep-head0.log" --port 0 --rank 0 --world-size 2 --peers "$P" --data-parallel-attention
+start "$OUT/ep-head1.log" --port 0 --rank 1 --world-size 2 --peers "$P" --data-parallel-attention
+A0=$(addr "$OUT/ep-head0.log"); A1=$(addr "$OUT/ep-head1.log")
+ready "$A0"; ready "$A1"
+r0f=$(mktemp); r1f=$(mktemp)
+rps "$A0" 16 >"$r0f" & first=$!
+rps "$A1" 16 >"$r1f"; wait "$first"
+two=$(python3 -c "print(float(open('$r0f').read() or 0) + float(open('$r1f').read() or 0))")
+python3 - "$one" "$two" <<'PY'
+import sys
+one, two = float(sys.argv[1]), float(sys.argv[2])
+print("| setup | requests/s | generated tok/s |")
+print("|:--|---:|---:|")
+print(f"| EP=1, one head | {one:.1f} | {one*64:,.0f} |")
+print(f"| EP=2, two data-parallel heads | {two:.1f} | {two*64:,.0f} |")
+print(f"\nEP=2 with data-parallel attention / EP=1: {two/one:.2f}x (goal >= 1.6x)")
+PY
