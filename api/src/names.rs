@@ -21,6 +21,12 @@ pub const ENV_RUNTIME_PEERS: &str = "BALEEN_RUNTIME_PEERS";
 pub const ENV_RUNTIME_REPLICATE: &str = "BALEEN_RUNTIME_REPLICATE";
 /// Runtime: every rank of the group is a head and serves its experts to the others (`true`/`false`).
 pub const ENV_RUNTIME_DATA_PARALLEL_ATTENTION: &str = "BALEEN_RUNTIME_DATA_PARALLEL_ATTENTION";
+/// Runtime: take the rank from the StatefulSet ordinal in the host name (`true`/`false`).
+pub const ENV_RUNTIME_RANK_FROM_HOSTNAME: &str = "BALEEN_RUNTIME_RANK_FROM_HOSTNAME";
+/// Runtime: peer addresses as a pattern with `{rank}` (a headless service's DNS names).
+pub const ENV_RUNTIME_PEER_PATTERN: &str = "BALEEN_RUNTIME_PEER_PATTERN";
+/// The host name variable Kubernetes sets to the pod name (a StatefulSet pod ends in `-ORDINAL`).
+pub const ENV_HOSTNAME: &str = "HOSTNAME";
 /// Runtime: seconds to wait for expert peers and for each expert dispatch.
 pub const ENV_RUNTIME_EXPERT_TIMEOUT: &str = "BALEEN_RUNTIME_EXPERT_TIMEOUT";
 /// Runtime: compute device (`cpu`, `cuda`, `cuda:N`).
@@ -132,6 +138,12 @@ pub const LABEL_MODEL_NAME: &str = "model_name";
 pub const LABEL_FINISHED_REASON: &str = "finished_reason";
 /// Label of the HTTP metrics: the matched route template (`/v1/chat/completions`), or `unmatched`.
 pub const LABEL_ROUTE: &str = "route";
+/// Label: a decoder layer index.
+pub const LABEL_LAYER: &str = "layer";
+/// Label: a routed expert's global id.
+pub const LABEL_EXPERT: &str = "expert";
+/// Counter: token rows routed to each expert, by [`LABEL_LAYER`] and [`LABEL_EXPERT`].
+pub const METRIC_RUNTIME_EXPERT_TOKENS_TOTAL: &str = "baleen_runtime_expert_tokens_total";
 /// Value of [`LABEL_ROUTE`] for requests that matched no route (unknown paths never become label values).
 pub const ROUTE_UNMATCHED: &str = "unmatched";
 /// Label of the HTTP metrics: the response status code (`200`, `429`, ...).

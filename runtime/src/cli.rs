@@ -6,9 +6,9 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use baleen_api::names::{
-    ENV_RUNTIME_DATA_PARALLEL_ATTENTION, ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_EXPERT_TIMEOUT,
-    ENV_RUNTIME_MODEL, ENV_RUNTIME_PEERS, ENV_RUNTIME_RANK, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS,
-    ENV_RUNTIME_WORLD_SIZE,
+    ENV_HOSTNAME, ENV_RUNTIME_DATA_PARALLEL_ATTENTION, ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE,
+    ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_MODEL, ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_RANK,
+    ENV_RUNTIME_RANK_FROM_HOSTNAME, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
 };
 use baleen_api::topology::ExpertPlacement;
 use candle_core::{DType, Device};
@@ -84,9 +84,39 @@ pub struct ExpertArgs {
     /// Seconds to wait for the peers at start-up and for each expert dispatch.
     #[arg(long, default_value_t = 10.0, env = ENV_RUNTIME_EXPERT_TIMEOUT)]
     pub expert_timeout: f64,
+    /// Take the rank from this pod's StatefulSet ordinal: the number after the last `-` of the host name.
+    #[arg(long, env = ENV_RUNTIME_RANK_FROM_HOSTNAME)]
+    pub rank_from_hostname: bool,
+    /// Build `--peers` from a pattern with `{rank}`, e.g. `md-g0-{rank}.md-g0:50051` (a headless service's DNS).
+    #[arg(long, env = ENV_RUNTIME_PEER_PATTERN, conflicts_with = "peers")]
+    pub peer_pattern: Option<String>,
 }
 
 impl ExpertArgs {
+    /// Fills `rank` from the host name and `peers` from the pattern when asked to (StatefulSet discovery).
+    pub fn resolve(&mut self, hostname: Option<&str>) -> Result<()> {
+        if self.rank_from_hostname {
+            let host = hostname.ok_or_else(|| Error::Setting {
+                name: "rank-from-hostname".into(),
+                reason: format!("the host name is unknown (set {ENV_HOSTNAME})"),
+            })?;
+            self.rank = host.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).ok_or_else(|| Error::Setting {
+                name: "rank-from-hostname".into(),
+                reason: format!("host name `{host}` does not end in -ORDINAL"),
+            })?;
+        }
+        if let Some(pattern) = &self.peer_pattern {
+            if !pattern.contains("{rank}") {
+                return Err(Error::Setting {
+                    name: "peer-pattern".into(),
+                    reason: format!("`{pattern}` has no {{rank}}"),
+                });
+            }
+            self.peers = (0..self.world_size).map(|r| pattern.replace("{rank}", &r.to_string())).collect();
+        }
+        Ok(())
+    }
+
     /// The group's placement (`None` without expert parallelism), validated against the model.
     pub fn placement(&self, config: &crate::model::ModelConfig) -> Result<Option<ExpertPlacement>> {
         let bad = |reason: String| Error::Setting { name: "world-size".into(), reason };
@@ -269,6 +299,16 @@ pub struct InfoArgs {
 }
 
 impl Command {
+    pub fn model_args_mut(&mut self) -> Option<&mut ModelArgs> {
+        match self {
+            Self::Logits(a) => Some(&mut a.model),
+            Self::Generate(a) => Some(&mut a.model),
+            Self::Bench(a) => Some(&mut a.model),
+            Self::Serve(a) => Some(&mut a.model),
+            Self::Info(_) => None,
+        }
+    }
+
     pub fn model_args(&self) -> Option<&ModelArgs> {
         match self {
             Self::Logits(a) => Some(&a.model),
@@ -428,4 +468,32 @@ fn info(args: &InfoArgs) -> Result<Value> {
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(dtype.size_in_bytes()),
         "fp8_block": config.fp8_block,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statefulset_ordinal_and_dns_pattern_give_rank_and_peers() {
+        let cli = Cli::try_parse_from([
+            "baleen-runtime",
+            "logits",
+            "--model",
+            "builtin:tiny-moe",
+            "--ids",
+            "1",
+            "--world-size",
+            "3",
+            "--rank-from-hostname",
+            "--peer-pattern",
+            "md-g0-{rank}.md-g0:50051",
+        ])
+        .unwrap();
+        let Command::Logits(mut args) = cli.command else { panic!("logits") };
+        args.model.expert.resolve(Some("md-g0-2")).unwrap();
+        assert_eq!(args.model.expert.rank, 2);
+        assert_eq!(args.model.expert.peers, ["md-g0-0.md-g0:50051", "md-g0-1.md-g0:50051", "md-g0-2.md-g0:50051"]);
+        assert!(args.model.expert.resolve(Some("no-ordinal")).unwrap_err().to_string().contains("ORDINAL"));
+    }
 }

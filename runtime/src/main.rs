@@ -1,12 +1,15 @@
 //! `baleen-runtime`: thin entry point; the commands live in `baleen_runtime::cli`.
 
-use baleen_api::names::{ENV_RAYON_NUM_THREADS, ENV_RUNTIME_LOG};
+use baleen_api::names::{ENV_HOSTNAME, ENV_RAYON_NUM_THREADS, ENV_RUNTIME_LOG};
 use baleen_runtime::cli::{Cli, Command};
 use clap::Parser;
 use std::io::IsTerminal;
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(model) = cli.command.model_args_mut() {
+        model.expert.resolve(std::env::var(ENV_HOSTNAME).ok().as_deref())?;
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

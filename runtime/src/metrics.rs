@@ -5,12 +5,13 @@
 //! registry without ever talking to the engine, so a scrape never blocks the scheduler.
 
 use baleen_api::names::{
-    LABEL_BLOCK_SIZE, LABEL_CACHE_DTYPE, LABEL_CODE, LABEL_FINISHED_REASON, LABEL_MODEL_NAME, LABEL_NUM_GPU_BLOCKS,
-    LABEL_ROUTE, METRIC_CACHE_CONFIG_INFO, METRIC_E2E_REQUEST_LATENCY_SECONDS, METRIC_GENERATION_TOKENS_TOTAL,
-    METRIC_INTER_TOKEN_LATENCY_SECONDS, METRIC_KV_CACHE_USAGE_PERC, METRIC_NUM_PREEMPTIONS_TOTAL,
-    METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING, METRIC_PREFIX_CACHE_HITS_TOTAL,
-    METRIC_PREFIX_CACHE_QUERIES_TOTAL, METRIC_PROMPT_TOKENS_TOTAL, METRIC_REQUEST_QUEUE_TIME_SECONDS,
-    METRIC_REQUEST_SUCCESS_TOTAL, METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS, METRIC_RUNTIME_HTTP_REQUESTS_TOTAL,
+    LABEL_BLOCK_SIZE, LABEL_CACHE_DTYPE, LABEL_CODE, LABEL_EXPERT, LABEL_FINISHED_REASON, LABEL_LAYER,
+    LABEL_MODEL_NAME, LABEL_NUM_GPU_BLOCKS, LABEL_ROUTE, METRIC_CACHE_CONFIG_INFO, METRIC_E2E_REQUEST_LATENCY_SECONDS,
+    METRIC_GENERATION_TOKENS_TOTAL, METRIC_INTER_TOKEN_LATENCY_SECONDS, METRIC_KV_CACHE_USAGE_PERC,
+    METRIC_NUM_PREEMPTIONS_TOTAL, METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING,
+    METRIC_PREFIX_CACHE_HITS_TOTAL, METRIC_PREFIX_CACHE_QUERIES_TOTAL, METRIC_PROMPT_TOKENS_TOTAL,
+    METRIC_REQUEST_QUEUE_TIME_SECONDS, METRIC_REQUEST_SUCCESS_TOTAL, METRIC_RUNTIME_EXPERT_TOKENS_TOTAL,
+    METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS, METRIC_RUNTIME_HTTP_REQUESTS_TOTAL,
     METRIC_TIME_TO_FIRST_TOKEN_SECONDS,
 };
 use prometheus::core::Collector;
@@ -76,6 +77,8 @@ pub struct Metrics {
     pub prefix_cache_hits_total: IntCounter,
     /// `baleen_runtime_http_requests_total{route, code}`.
     pub http_requests_total: IntCounterVec,
+    /// `baleen_runtime_expert_tokens_total{layer, expert}`: token rows routed to each expert of each MoE layer.
+    pub expert_tokens_total: IntCounterVec,
     /// `baleen_runtime_http_request_duration_seconds{route}`.
     pub http_request_duration_seconds: HistogramVec,
     cache_config_info: GaugeVec,
@@ -147,6 +150,13 @@ impl Metrics {
                 METRIC_PREFIX_CACHE_HITS_TOTAL,
                 "Prefix-cache hits, in prompt tokens found in the cache.",
             ))?,
+            expert_tokens_total: IntCounterVec::new(
+                Opts::new(
+                    METRIC_RUNTIME_EXPERT_TOKENS_TOTAL,
+                    "Token rows routed to each routed expert, by MoE layer and expert (the load expert placement balances).",
+                ),
+                &[LABEL_LAYER, LABEL_EXPERT],
+            )?,
             http_requests_total: IntCounterVec::new(
                 Opts::new(METRIC_RUNTIME_HTTP_REQUESTS_TOTAL, "HTTP requests answered, by route and status code."),
                 &[LABEL_ROUTE, LABEL_CODE],
@@ -165,7 +175,7 @@ impl Metrics {
             )?,
             registry,
         };
-        let collectors: [Box<dyn Collector>; 16] = [
+        let collectors: [Box<dyn Collector>; 17] = [
             Box::new(metrics.num_requests_running.clone()),
             Box::new(metrics.num_requests_waiting.clone()),
             Box::new(metrics.kv_cache_usage_perc.clone()),
@@ -180,6 +190,7 @@ impl Metrics {
             Box::new(metrics.prefix_cache_queries_total.clone()),
             Box::new(metrics.prefix_cache_hits_total.clone()),
             Box::new(metrics.http_requests_total.clone()),
+            Box::new(metrics.expert_tokens_total.clone()),
             Box::new(metrics.http_request_duration_seconds.clone()),
             Box::new(metrics.cache_config_info.clone()),
         ];

@@ -131,6 +131,15 @@ impl DeepseekModel {
         &self.config
     }
 
+    /// Counts the token rows routed to each expert of every MoE layer into `counter{layer, expert}`.
+    pub fn observe_experts(&mut self, counter: &prometheus::IntCounterVec) {
+        for layer in &mut self.layers {
+            if let Ffn::Moe(moe) = &mut layer.mlp {
+                moe.observe(counter);
+            }
+        }
+    }
+
     /// The expert service's work on a head rank: rows of MoE layer `layer` through the routed experts held here.
     pub fn compute_experts(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
         match self.layers.get(layer).map(|l| &l.mlp) {

@@ -217,6 +217,8 @@ pub struct Moe {
     experts: StackedExperts,
     shared: Option<Mlp>,
     parallel: Option<ExpertParallel>,
+    /// Per routed expert, a counter of the token rows routed to it (empty when not observed).
+    token_counts: Vec<prometheus::IntCounter>,
 }
 
 impl Moe {
@@ -238,7 +240,22 @@ impl Moe {
             0 => None,
             n => Some(Mlp::load(h, moe.moe_intermediate_size * n, vb.pp("shared_experts"))?),
         };
-        Ok(Self { layer, router: Router::load(moe, h, vb.pp("gate"))?, experts, shared, parallel: parallel.cloned() })
+        Ok(Self {
+            layer,
+            router: Router::load(moe, h, vb.pp("gate"))?,
+            experts,
+            shared,
+            parallel: parallel.cloned(),
+            token_counts: Vec::new(),
+        })
+    }
+
+    /// Counts the token rows routed to each expert into `counter{layer, expert}`.
+    pub fn observe(&mut self, counter: &prometheus::IntCounterVec) {
+        let layer = self.layer.to_string();
+        self.token_counts = (0..self.router.n_experts())
+            .map(|e| counter.with_label_values(&[layer.as_str(), &e.to_string()]))
+            .collect();
     }
 
     /// The routed experts held here (the expert service computes with them).
@@ -253,6 +270,11 @@ impl Moe {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
         let routing = self.router.route(x)?;
         let plan = DispatchPlan::new(&routing, self.router.n_experts());
+        for g in &plan.groups {
+            if let Some(c) = self.token_counts.get(g.expert) {
+                c.inc_by(g.rows.len() as u64);
+            }
+        }
         let (n, hidden) = x.dims2()?;
         let (local, remote) = self.split(plan);
         let mut pending = Vec::with_capacity(remote.len());

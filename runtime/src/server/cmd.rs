@@ -137,7 +137,8 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
         return super::expert_rank::run(args, &runtime, signals);
     }
     let metrics = Arc::new(Metrics::new(&served)?);
-    let (loaded, peers) = args.model.load_head()?;
+    let (mut loaded, peers) = args.model.load_head()?;
+    loaded.model.observe_experts(&metrics.expert_tokens_total);
     if let Some(peers) = &peers {
         peers.register(&metrics.registry)?;
         if args.model.expert.data_parallel_attention {
