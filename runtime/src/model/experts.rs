@@ -88,12 +88,12 @@ impl StackedExperts {
         Ok(act.matmul(&down.transpose(1, 2)?)?)
     }
 
-    /// Runs `groups` (all held here) over rows of `x` (`[n, hidden]`). Returns the destination row of every output
-    /// row, the weighted outputs (f32), and the scatter length: the active experts' rows are gathered once into
+    /// Runs `groups` (all held here) over rows of `x` (`[n, hidden]`) and returns, per row of `x`, the sum of its
+    /// weighted expert outputs (`[n, hidden]`, f32). The active experts' rows are gathered once into
     /// `[experts, rows, hidden]`, padded to the busiest expert with a zero row (index `n`, weight 0), and go through
-    /// one batched gate/up → SiLU → down chain. When padding would more than double the work (skewed routing), each
-    /// expert runs on its own contiguous slice instead.
-    pub fn run_groups(&self, x: &Tensor, groups: &[ExpertRows]) -> Result<(Vec<u32>, Tensor, usize)> {
+    /// one batched gate/up → SiLU → down chain, then one scatter-add. When padding would more than double the work
+    /// (skewed routing), each expert runs on its own contiguous slice instead.
+    pub fn sum_groups(&self, x: &Tensor, groups: &[ExpertRows]) -> Result<Tensor> {
         let device = x.device();
         let (n, hidden) = x.dims2()?;
         let mut ids = Vec::with_capacity(groups.len());
@@ -121,7 +121,7 @@ impl StackedExperts {
             }
         }
         let count = rows.len();
-        let row_ids = Tensor::from_vec(rows.clone(), count, device)?;
+        let row_ids = Tensor::from_vec(rows, count, device)?;
         let out = if padded {
             let x_ext = Tensor::cat(&[x, &Tensor::zeros((1, hidden), x.dtype(), device)?], 0)?;
             let xs = x_ext.index_select(&row_ids, 0)?.reshape((active, widest, hidden))?;
@@ -147,13 +147,15 @@ impl StackedExperts {
         };
         let weights = Tensor::from_vec(weights, (count, 1), device)?;
         let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&weights)?;
-        Ok((rows, weighted, if padded { n + 1 } else { n }))
+        let len = if padded { n + 1 } else { n };
+        let summed = Tensor::zeros((len, hidden), DType::F32, device)?.index_add(&row_ids, &weighted, 0)?;
+        Ok(summed.narrow(0, 0, n)?)
     }
 
     /// The expert service's unit of work: row `i` of `rows` through `experts[i]`, weighted by `weights[i]`;
     /// returns `[m, hidden]` in the rows' dtype.
     pub fn compute_rows(&self, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
-        let (m, hidden) = rows.dims2()?;
+        let (m, _) = rows.dims2()?;
         if experts.len() != m || weights.len() != m {
             return Err(Error::InvalidRequest(format!(
                 "{m} rows but {} experts and {} weights",
@@ -174,10 +176,7 @@ impl StackedExperts {
                 _ => by_expert.push(ExpertRows { expert: e, rows: vec![i as u32], weights: vec![weights[i]] }),
             }
         }
-        let (dest, weighted, len) = self.run_groups(rows, &by_expert)?;
-        let dest = Tensor::from_vec(dest, weighted.dim(0)?, rows.device())?;
-        let summed = Tensor::zeros((len, hidden), DType::F32, rows.device())?.index_add(&dest, &weighted, 0)?;
-        Ok(summed.narrow(0, 0, m)?.to_dtype(rows.dtype())?)
+        Ok(self.sum_groups(rows, &by_expert)?.to_dtype(rows.dtype())?)
     }
 }
 

@@ -293,10 +293,7 @@ impl Moe {
         let mut summed = if local.is_empty() {
             Tensor::zeros((n, hidden), DType::F32, x.device())?
         } else {
-            let (rows, weighted, len) = self.experts.run_groups(x, &local)?;
-            let count = rows.len();
-            let idx = Tensor::from_vec(rows, count, x.device())?;
-            Tensor::zeros((len, hidden), DType::F32, x.device())?.index_add(&idx, &weighted, 0)?.narrow(0, 0, n)?
+            self.experts.sum_groups(x, &local)?
         };
         let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
         for (idx, p) in pending {
