@@ -17,6 +17,8 @@ pub const ENV_RUNTIME_RANK: &str = "BALEEN_RUNTIME_RANK";
 pub const ENV_RUNTIME_WORLD_SIZE: &str = "BALEEN_RUNTIME_WORLD_SIZE";
 /// Runtime: every rank's expert gRPC address in rank order (`host:port,...`).
 pub const ENV_RUNTIME_PEERS: &str = "BALEEN_RUNTIME_PEERS";
+/// Runtime: port of this rank's expert gRPC service (design default 50051).
+pub const ENV_RUNTIME_GRPC_PORT: &str = "BALEEN_RUNTIME_GRPC_PORT";
 /// Runtime: redundant expert replicas (`EXPERT@RANK,...`).
 pub const ENV_RUNTIME_REPLICATE: &str = "BALEEN_RUNTIME_REPLICATE";
 /// Runtime: every rank of the group is a head and serves its experts to the others (`true`/`false`).

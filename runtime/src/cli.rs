@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use baleen_api::names::{
     ENV_HOSTNAME, ENV_RUNTIME_DATA_PARALLEL_ATTENTION, ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE,
-    ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_MODEL, ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_RANK,
-    ENV_RUNTIME_RANK_FROM_HOSTNAME, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
+    ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_GRPC_PORT, ENV_RUNTIME_MODEL, ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS,
+    ENV_RUNTIME_RANK, ENV_RUNTIME_RANK_FROM_HOSTNAME, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS,
+    ENV_RUNTIME_WORLD_SIZE,
 };
 use baleen_api::topology::ExpertPlacement;
 use candle_core::{DType, Device};
@@ -75,6 +76,10 @@ pub struct ExpertArgs {
     /// Every rank's expert gRPC address in rank order (host:port,...), its own included.
     #[arg(long, env = ENV_RUNTIME_PEERS, value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Port this rank's expert gRPC service binds [default: the port of its own `--peers` entry; 50051 by
+    /// convention].
+    #[arg(long, env = ENV_RUNTIME_GRPC_PORT)]
+    pub grpc_port: Option<u16>,
     /// Redundant replicas of hot experts, as EXPERT@RANK pairs (e.g. 3@1,7@0).
     #[arg(long, env = ENV_RUNTIME_REPLICATE, value_delimiter = ',')]
     pub replicate: Vec<String>,

@@ -36,7 +36,7 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
         device,
         args.model.threads()?,
     )?);
-    let port = own_port(&expert.peers[rank])?;
+    let port = expert_port(expert)?;
     runtime.block_on(async move {
         let listener = TcpListener::bind((args.host.as_str(), port))
             .await
@@ -79,7 +79,7 @@ pub(super) fn start_head_service(
         model.device().clone(),
         args.model.threads()?,
     )?);
-    let port = own_port(&expert.peers[rank])?;
+    let port = expert_port(expert)?;
     let listener = runtime
         .block_on(TcpListener::bind((args.host.as_str(), port)))
         .map_err(|e| Error::Server(format!("binding the expert service on {}:{port} failed: {e}", args.host)))?;
@@ -92,7 +92,12 @@ pub(super) fn start_head_service(
     Ok(())
 }
 
-fn own_port(own: &str) -> Result<u16> {
+/// The port this rank's expert service binds: `--grpc-port` when given, else the port of its own `--peers` entry.
+fn expert_port(expert: &crate::cli::ExpertArgs) -> Result<u16> {
+    if let Some(port) = expert.grpc_port {
+        return Ok(port);
+    }
+    let own = expert.peers.get(expert.rank).map(String::as_str).unwrap_or_default();
     own.rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
         .ok_or_else(|| Error::Setting { name: "peers".into(), reason: format!("`{own}`: expected host:port") })
