@@ -49,6 +49,7 @@ if [[ "$(cat "$PY_STAMP" 2>/dev/null)" != "$py_hash" ]]; then
     || py_missing "pip install -r $PY_REQ failed"
   echo "$py_hash" > "$PY_STAMP"
 fi
-cargo build -p baleen-runtime --locked
+# Same feature resolution as `cargo test --workspace` above, so this reuses its build instead of rebuilding deps.
+cargo build --workspace --locked
 export BALEEN_RUNTIME_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-runtime"
 PYTHONDONTWRITEBYTECODE=1 "$PY_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
