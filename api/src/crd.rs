@@ -30,29 +30,78 @@
 //! [`ModelDeploymentManifest`] is one YAML document as a user writes it (`kubectl apply -f`, `baleen up FILE`).
 
 mod source;
+mod status;
 
 use std::collections::BTreeMap;
 
+pub use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use serde::{Deserialize, Serialize};
 
 pub use source::{ModelSource, SourceError};
+pub use status::{ModelDeploymentStatus, ModelStatus};
 
-use crate::names::{CRD_API_VERSION, CRD_KIND};
+use crate::names::{BUILTIN_SCHEME, BUILTIN_TINY_MOE, BUILTIN_TINY_MOE_ROUTED_EXPERTS, CRD_API_VERSION, CRD_KIND};
 
 /// Replicas when `spec.replicas` is absent.
 pub const DEFAULT_REPLICAS: u32 = 1;
 /// Ranks per replica when `spec.parallelism.expert` is absent.
 pub const DEFAULT_EXPERT_PARALLELISM: u32 = 1;
+/// Groups above `replicas` during a rollout when `spec.rollout.maxSurge` is absent.
+pub const DEFAULT_MAX_SURGE: u32 = 1;
+/// Longest `metadata.name`: the rank pods are named `NAME-<revision>-<group>-<rank>` and every name derived from
+/// it must stay a 63-character DNS label.
+pub const MAX_NAME_LEN: usize = 40;
 
 /// `spec` of a `ModelDeployment`: one model, served by `replicas` groups of `parallelism.expert` ranks.
+///
+/// With the `crd` feature this is also the kube `CustomResource` [`ModelDeployment`]: its schema, the CEL rules
+/// the API server checks, the `status` and `scale` subresources and the `kubectl get` columns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(kube::CustomResource, kube::KubeSchema))]
+#[cfg_attr(
+    feature = "crd",
+    kube(
+        group = "baleen.dev",
+        version = "v1alpha1",
+        kind = "ModelDeployment",
+        plural = "modeldeployments",
+        shortname = "md",
+        namespaced,
+        status = "ModelDeploymentStatus",
+        derive = "PartialEq",
+        doc = "One Mixture-of-Experts model served by replica groups of expert-parallel runtime ranks.",
+        scale(
+            spec_replicas_path = ".spec.replicas",
+            status_replicas_path = ".status.replicas",
+            label_selector_path = ".status.selector"
+        ),
+        printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.source"),
+        printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+        printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+        printcolumn(name = "EP", type_ = "integer", json_path = ".status.ranksPerReplica"),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+        validation = "self.metadata.name.size() <= 40"
+    )
+)]
+#[cfg_attr(
+    feature = "crd",
+    x_kube(validation = Rule::new(
+        "!self.model.source.startsWith('builtin:tiny-moe') || !has(self.parallelism) || \
+         !has(self.parallelism.expert) || 16 % self.parallelism.expert == 0"
+    ).message("builtin:tiny-moe has 16 routed experts: parallelism.expert must divide 16")),
+    x_kube(validation = Rule::new(
+        "!has(self.model.routedExperts) || !has(self.parallelism) || !has(self.parallelism.expert) || \
+         self.model.routedExperts % self.parallelism.expert == 0"
+    ).message("parallelism.expert must divide model.routedExperts"))
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelDeploymentSpec {
     /// The model to serve (required).
     pub model: ModelSpec,
-    /// Replica groups to run. Default 1. Must be at least 1 (scale-to-zero arrives later). This is the field the
-    /// `scale` subresource, `kubectl scale` and autoscalers change.
+    /// Replica groups to run. Default 1; 0 stops every group (scale to zero) and keeps the resource. This is the
+    /// field the `scale` subresource, `kubectl scale` and autoscalers change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(extend("default" = 1)))]
     pub replicas: Option<u32>,
     /// How one replica is split across ranks. Default: one rank holding every expert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,14 +109,25 @@ pub struct ModelDeploymentSpec {
     /// Settings of the runtime processes. Default: the runtime's own defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeSpec>,
+    /// Where the rank pods may run. Default: anywhere the scheduler likes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+    /// Automatic scaling of `replicas` by the gateway. Default: none (`replicas` is left as set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// How a spec change is rolled out. Default: one extra group at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// `spec.model`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelSpec {
     /// Where the weights come from (required): `hf://org/name[@revision]`, `pvc://claim/path`, `file:///path` or
     /// `builtin:NAME` (`builtin:tiny-moe` is a random-weight demo model). See [`ModelSource`].
+    #[cfg_attr(feature = "crd", schemars(length(min = 1)))]
     pub source: String,
     /// The name clients send as `model` in API requests. Default: the runtime's choice — `NAME` for
     /// `builtin:NAME`, otherwise the model path as the runtime sees it.
@@ -76,10 +136,20 @@ pub struct ModelSpec {
     /// Compute and KV-cache dtype. Default `f32` (the runtime's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<Dtype>,
+    /// Name of a Secret in the same namespace whose key `HF_TOKEN` is the Hugging Face token used to download an
+    /// `hf://` model (gated or private repositories). Default: download anonymously.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf_token_secret: Option<String>,
+    /// The checkpoint's number of routed experts (`n_routed_experts` in its config.json), when you want the API
+    /// server to check that `parallelism.expert` divides it. Optional; the runtime checks it again at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
+    pub routed_experts: Option<u32>,
 }
 
 /// `spec.model.dtype`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// 32-bit floats.
@@ -104,31 +174,59 @@ impl Dtype {
 
 /// `spec.parallelism`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParallelismSpec {
-    /// Ranks (pods) per replica; each owns a shard of the routed experts. Default 1. Must be at least 1.
+    /// Ranks (pods) per replica; each owns a shard of the routed experts. Default 1. Must be at least 1 and
+    /// divide the model's number of routed experts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1, max = 1024)))]
     pub expert: Option<u32>,
     /// Every rank runs attention and the HTTP API for its own requests (data-parallel attention), instead of
     /// rank 0 alone. Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_parallel_attention: Option<bool>,
+    /// Extra copies of hot experts: each entry places one more copy of `expert` on `rank` of every group
+    /// (`--replicate EXPERT@RANK`). Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redundant_experts: Vec<RedundantExpert>,
+}
+
+/// One entry of `spec.parallelism.redundantExperts`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedundantExpert {
+    /// Routed expert index (0-based).
+    pub expert: u32,
+    /// Rank that holds the extra copy (0-based, below `parallelism.expert`).
+    pub rank: u32,
 }
 
 /// `spec.runtime`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuntimeSpec {
     /// Container image of the runtime. Default: the image the operator was installed with. Ignored by
     /// `baleen up`, which runs the local `baleen-runtime` binary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// GPUs (`nvidia.com/gpu`) each rank pod requests. Default 0: the rank computes on CPU. Ignored by `baleen up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_rank: Option<u32>,
+    /// CPU and memory requests and limits of each rank's runtime container, as in a Pod. Default none.
+    /// Ignored by `baleen up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
     /// Sequences in the running batch at most (`--max-num-seqs`). Default: the runtime's (64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub max_num_seqs: Option<u32>,
     /// Prompt plus generated tokens of one request at most (`--max-model-len`). Default: the model's
     /// `max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
     pub max_model_len: Option<u32>,
     /// Memory for the latent KV cache (`--kv-cache-memory`): a size such as `"4GiB"` or `"512MiB"`, or a fraction
     /// of device memory such as `"0.2"` (quote it). Default: the runtime's (1GiB).
@@ -137,30 +235,128 @@ pub struct RuntimeSpec {
     /// Extra `baleen-runtime serve` flags, appended after the ones the fields above produce. Default none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// Extra environment variables of the runtime processes. Default none.
+    /// Extra environment variables of the runtime processes, as in a Pod (`value` or `valueFrom`). Default none.
+    /// `baleen up` takes only `value`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
 }
 
-/// One environment variable, as in a Kubernetes container (`valueFrom` is not supported yet).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `spec.scheduling`: placed on every rank pod as in a Pod spec. Ignored by `baleen up`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EnvVar {
-    /// Variable name (required; no `=`).
-    pub name: String,
-    /// Value. Default empty.
-    #[serde(default)]
-    pub value: String,
+pub struct SchedulingSpec {
+    /// Node labels a rank's node must have. Default none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the rank pods tolerate. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the rank pods. Default: the cluster's default priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+/// `spec.autoscaling`: the gateway changes `spec.replicas` between `minReplicas` and `maxReplicas` so that
+/// `metric` per ready replica stays near `target`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(kube::KubeSchema))]
+#[cfg_attr(
+    feature = "crd",
+    x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
+        .message("minReplicas must not exceed maxReplicas"))
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscalingSpec {
+    /// Fewest replicas. Default 1; 0 lets the deployment scale to zero when idle (the gateway holds the first
+    /// request while a replica starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replicas: Option<u32>,
+    /// Most replicas (required, at least 1).
+    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
+    pub max_replicas: u32,
+    /// What is measured (required).
+    pub metric: AutoscalingMetric,
+    /// Desired value of `metric` per ready replica (required, above 0): e.g. 4 waiting requests, or 0.7 KV-cache
+    /// use.
+    pub target: f64,
+    /// Seconds a higher recommendation must hold before scaling up. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up_stabilization_seconds: Option<u32>,
+    /// Seconds a lower recommendation must hold before scaling down. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_stabilization_seconds: Option<u32>,
+    /// Seconds without any request before scaling from 1 to 0 when `minReplicas` is 0. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after_seconds: Option<u32>,
+}
+
+/// `spec.autoscaling.metric`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(kube::KubeSchema))]
+#[cfg_attr(
+    feature = "crd",
+    x_kube(validation = Rule::new("(self.type == 'PromQL') == has(self.query)")
+        .message("query is required with type PromQL and only allowed with it"))
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscalingMetric {
+    /// `QueueDepth` (`vllm:num_requests_waiting`), `KVCacheUtilization` (`vllm:kv_cache_usage_perc`),
+    /// `RunningRequests` (`vllm:num_requests_running`), each averaged over ready replicas, or `PromQL`.
+    #[serde(rename = "type")]
+    pub kind: MetricKind,
+    /// With `PromQL`: an expression whose value is the per-replica load (required then, refused otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// `spec.autoscaling.metric.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+pub enum MetricKind {
+    /// Waiting requests per replica.
+    QueueDepth,
+    /// KV-cache usage (0..1) per replica.
+    #[serde(rename = "KVCacheUtilization")]
+    KvCacheUtilization,
+    /// Running requests per replica.
+    RunningRequests,
+    /// A PromQL expression (`query`).
+    #[serde(rename = "PromQL")]
+    PromQl,
+}
+
+/// `spec.rollout`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// Groups of the new version that may run above `replicas` during a rollout; an old group is removed only
+    /// after a new one is ready. Default 1. 0 replaces in place: an old group is removed first (capacity dips).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_surge: Option<u32>,
 }
 
 impl ModelDeploymentSpec {
     /// A spec that serves `source` with every other field at its default.
     pub fn new(source: impl Into<String>) -> Self {
         Self {
-            model: ModelSpec { source: source.into(), served_name: None, dtype: None },
+            model: ModelSpec {
+                source: source.into(),
+                served_name: None,
+                dtype: None,
+                hf_token_secret: None,
+                routed_experts: None,
+            },
             replicas: None,
             parallelism: None,
             runtime: None,
+            scheduling: None,
+            autoscaling: None,
+            rollout: None,
         }
     }
 
@@ -179,28 +375,124 @@ impl ModelDeploymentSpec {
         self.parallelism.as_ref().and_then(|p| p.data_parallel_attention).unwrap_or(false)
     }
 
+    /// `parallelism.redundantExperts`, or none.
+    pub fn redundant_experts(&self) -> &[RedundantExpert] {
+        self.parallelism.as_ref().map_or(&[], |p| p.redundant_experts.as_slice())
+    }
+
+    /// `rollout.maxSurge`, or [`DEFAULT_MAX_SURGE`].
+    pub fn max_surge(&self) -> u32 {
+        self.rollout.as_ref().and_then(|r| r.max_surge).unwrap_or(DEFAULT_MAX_SURGE)
+    }
+
+    /// `runtime.gpusPerRank`, or 0.
+    pub fn gpus_per_rank(&self) -> u32 {
+        self.runtime.as_ref().and_then(|r| r.gpus_per_rank).unwrap_or(0)
+    }
+
     /// `model.source` parsed; the error names the field.
     pub fn source(&self) -> Result<ModelSource, ManifestError> {
         self.model.source.parse().map_err(|e: SourceError| ManifestError::invalid("spec.model.source", e.to_string()))
     }
 
-    /// Checks what the types cannot: the source's form, counts of at least 1, non-empty names. The error names the
-    /// first offending field by its path in the manifest (`spec.parallelism.expert`).
+    /// The number of routed experts, when known: `model.routedExperts`, or the built-in model's.
+    pub fn routed_experts(&self) -> Option<u32> {
+        self.model.routed_experts.or_else(|| match self.source() {
+            Ok(ModelSource::Builtin { name }) if format!("{BUILTIN_SCHEME}{name}") == BUILTIN_TINY_MOE => {
+                Some(BUILTIN_TINY_MOE_ROUTED_EXPERTS)
+            }
+            _ => None,
+        })
+    }
+
+    /// Checks what the types cannot: the source's form, counts of at least 1, non-empty names, that the expert
+    /// ranks divide the routed experts when their number is known, consistent autoscaling bounds. The error names
+    /// the first offending field by its path in the manifest (`spec.parallelism.expert`). The CRD's schema and
+    /// CEL rules check a subset of these in the API server; this is the full check the operator and `baleen up`
+    /// run.
     pub fn validate(&self) -> Result<(), ManifestError> {
         self.source()?;
-        if self.model.served_name.as_deref().is_some_and(|name| name.trim().is_empty()) {
-            return Err(ManifestError::invalid("spec.model.servedName", "must not be empty when given"));
+        let non_empty = |value: &Option<String>, field: &'static str| {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(ManifestError::invalid(field, "must not be empty when given"));
+            }
+            Ok(())
+        };
+        non_empty(&self.model.served_name, "spec.model.servedName")?;
+        non_empty(&self.model.hf_token_secret, "spec.model.hfTokenSecret")?;
+        if self.model.routed_experts == Some(0) {
+            return Err(ManifestError::invalid("spec.model.routedExperts", "must be at least 1"));
         }
-        if self.replicas == Some(0) {
-            return Err(ManifestError::invalid("spec.replicas", "must be at least 1 (scale-to-zero arrives later)"));
-        }
-        if self.parallelism.as_ref().and_then(|p| p.expert) == Some(0) {
+        let ranks = self.expert_parallelism();
+        if ranks == 0 {
             return Err(ManifestError::invalid("spec.parallelism.expert", "must be at least 1"));
+        }
+        if let Some(experts) = self.routed_experts()
+            && !experts.is_multiple_of(ranks)
+        {
+            return Err(ManifestError::invalid(
+                "spec.parallelism.expert",
+                format!("{ranks} ranks do not divide the model's {experts} routed experts evenly"),
+            ));
+        }
+        for replica in self.redundant_experts() {
+            if replica.rank >= ranks {
+                return Err(ManifestError::invalid(
+                    "spec.parallelism.redundantExperts",
+                    format!("rank {} is outside a group of {ranks} ranks", replica.rank),
+                ));
+            }
+            if let Some(experts) = self.routed_experts()
+                && replica.expert >= experts
+            {
+                return Err(ManifestError::invalid(
+                    "spec.parallelism.redundantExperts",
+                    format!("expert {} is outside the model's {experts} routed experts", replica.expert),
+                ));
+            }
         }
         if let Some(runtime) = &self.runtime {
             runtime.validate()?;
         }
+        if let Some(scheduling) = &self.scheduling {
+            non_empty(&scheduling.priority_class_name, "spec.scheduling.priorityClassName")?;
+        }
+        if let Some(autoscaling) = &self.autoscaling {
+            autoscaling.validate()?;
+        }
         Ok(())
+    }
+}
+
+impl AutoscalingSpec {
+    /// `minReplicas`, or 1.
+    pub fn min_replicas(&self) -> u32 {
+        self.min_replicas.unwrap_or(1)
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        if self.max_replicas == 0 {
+            return Err(ManifestError::invalid("spec.autoscaling.maxReplicas", "must be at least 1"));
+        }
+        if self.min_replicas() > self.max_replicas {
+            return Err(ManifestError::invalid(
+                "spec.autoscaling.minReplicas",
+                format!("{} is above maxReplicas ({})", self.min_replicas(), self.max_replicas),
+            ));
+        }
+        if !(self.target.is_finite() && self.target > 0.0) {
+            return Err(ManifestError::invalid("spec.autoscaling.target", "must be a number above 0"));
+        }
+        let query = self.metric.query.as_deref().map(str::trim);
+        match (self.metric.kind, query) {
+            (MetricKind::PromQl, None | Some("")) => {
+                Err(ManifestError::invalid("spec.autoscaling.metric.query", "is required with type PromQL"))
+            }
+            (MetricKind::PromQl, Some(_)) | (_, None) => Ok(()),
+            (_, Some(_)) => {
+                Err(ManifestError::invalid("spec.autoscaling.metric.query", "is only allowed with type PromQL"))
+            }
+        }
     }
 }
 
@@ -302,18 +594,24 @@ impl ModelDeploymentManifest {
     /// Checks `apiVersion`, `kind`, `metadata.name` and the [spec](ModelDeploymentSpec::validate).
     pub fn validate(&self) -> Result<(), ManifestError> {
         check_type(Some(&self.api_version), Some(&self.kind))?;
-        if !source::is_dns_label(&self.metadata.name) {
-            return Err(ManifestError::invalid(
-                "metadata.name",
-                format!(
-                    "`{}` is not a valid name: 1-63 lowercase letters, digits and `-`, starting and ending with a \
-                     letter or digit",
-                    self.metadata.name
-                ),
-            ));
-        }
+        validate_name(&self.metadata.name)?;
         self.spec.validate()
     }
+}
+
+/// Checks a `ModelDeployment`'s `metadata.name`: a DNS label of at most [`MAX_NAME_LEN`] characters, since the
+/// names of its StatefulSets, Services and pods derive from it.
+pub fn validate_name(name: &str) -> Result<(), ManifestError> {
+    if !source::is_dns_label(name) || name.len() > MAX_NAME_LEN {
+        return Err(ManifestError::invalid(
+            "metadata.name",
+            format!(
+                "`{name}` is not a valid name: 1-{MAX_NAME_LEN} lowercase letters, digits and `-`, starting and \
+                 ending with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_type(api_version: Option<&str>, kind: Option<&str>) -> Result<(), ManifestError> {

@@ -5,6 +5,8 @@
 
 /// Model source of the built-in random-weight demo model (DeepSeek-V3 architecture, byte-level tokenizer).
 pub const BUILTIN_TINY_MOE: &str = "builtin:tiny-moe";
+/// Routed experts of [`BUILTIN_TINY_MOE`] (so `parallelism.expert` can be checked before anything runs).
+pub const BUILTIN_TINY_MOE_ROUTED_EXPERTS: u32 = 16;
 
 /// Prefix of every built-in model source.
 pub const BUILTIN_SCHEME: &str = "builtin:";
@@ -232,3 +234,112 @@ pub const METRIC_RUNTIME_EXPERT_DISPATCH_ERRORS_TOTAL: &str = "baleen_runtime_ex
 pub const METRIC_RUNTIME_EXPERT_PEER_UP: &str = "baleen_runtime_expert_peer_up";
 /// Label of the expert transport metrics: the peer's rank (`1`, `2`, ...).
 pub const LABEL_PEER: &str = "peer";
+
+// ---------------------------------------------------------------------------------------------------------------
+// `status.conditions` of a `ModelDeployment`: types and reasons (the operator sets them; the gateway and users
+// read them).
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Condition: at least `replicas` groups (or all there are, when scaling) are ready and serving.
+pub const CONDITION_AVAILABLE: &str = "Available";
+/// Condition: groups are being created, removed or rolled to a new revision.
+pub const CONDITION_PROGRESSING: &str = "Progressing";
+/// Condition: something needs attention; the reason says what.
+pub const CONDITION_DEGRADED: &str = "Degraded";
+/// Reason: the spec fails validation; nothing is created until it is fixed.
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+/// Reason: a rank's runtime container keeps exiting (weights missing, out of memory, bad flags).
+pub const REASON_MODEL_LOAD_FAILED: &str = "ModelLoadFailed";
+/// Reason: a rank pod cannot be scheduled (no node with the GPUs, selectors or tolerations asked for).
+pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
+/// Reason: a group has fewer rank pods than `parallelism.expert`.
+pub const REASON_RANK_MISSING: &str = "RankMissing";
+/// Reason: every group is ready at the current revision.
+pub const REASON_ALL_READY: &str = "AllReplicasReady";
+/// Reason: fewer groups are ready than asked for.
+pub const REASON_REPLICAS_NOT_READY: &str = "ReplicasNotReady";
+/// Reason: groups of an older revision are being replaced.
+pub const REASON_ROLLING_OUT: &str = "RollingOut";
+/// Reason: groups are being added or removed to reach `replicas`.
+pub const REASON_SCALING: &str = "Scaling";
+/// Reason: `replicas` is 0; nothing runs.
+pub const REASON_SCALED_TO_ZERO: &str = "ScaledToZero";
+/// Reason: nothing to report.
+pub const REASON_AS_EXPECTED: &str = "AsExpected";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Operator: labels, annotations and names of the objects it creates, its field manager and its own metrics.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Field manager of every server-side apply the operator makes (objects and status).
+pub const OPERATOR_FIELD_MANAGER: &str = "baleen-operator";
+/// `reportingController` of the operator's Events and the holder prefix of its leader Lease.
+pub const OPERATOR_CONTROLLER_NAME: &str = "baleen.dev/operator";
+/// Name of the `coordination.k8s.io` Lease the operator replicas elect a leader through.
+pub const OPERATOR_LEASE_NAME: &str = "baleen-operator";
+/// Standard label: the application (`baleen-runtime` on rank pods).
+pub const LABEL_APP_NAME: &str = "app.kubernetes.io/name";
+/// Standard label: the instance (the ModelDeployment's name).
+pub const LABEL_APP_INSTANCE: &str = "app.kubernetes.io/instance";
+/// Standard label: the component (`runtime`).
+pub const LABEL_APP_COMPONENT: &str = "app.kubernetes.io/component";
+/// Standard label: the manager ([`OPERATOR_FIELD_MANAGER`]).
+pub const LABEL_APP_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Label on every object made for a ModelDeployment: its name.
+pub const LABEL_MODEL_DEPLOYMENT: &str = "baleen.dev/model-deployment";
+/// Label on a group's objects and pods: the group's name (its StatefulSet's).
+pub const LABEL_GROUP: &str = "baleen.dev/group";
+/// Label on a group's objects and pods: the spec revision the group runs.
+pub const LABEL_REVISION: &str = "baleen.dev/revision";
+/// Label the StatefulSet controller puts on each pod: its ordinal (our rank).
+pub const LABEL_POD_INDEX: &str = "apps.kubernetes.io/pod-index";
+/// Annotation on a group's StatefulSet: the group index within its revision.
+pub const ANNOTATION_GROUP_INDEX: &str = "baleen.dev/group-index";
+/// Value of [`LABEL_APP_NAME`] on rank pods.
+pub const APP_RUNTIME: &str = "baleen-runtime";
+/// Value of [`LABEL_APP_COMPONENT`] on rank pods.
+pub const COMPONENT_RUNTIME: &str = "runtime";
+/// Name of the runtime container in a rank pod.
+pub const CONTAINER_RUNTIME: &str = "runtime";
+/// Name of the init container that downloads an `hf://` model.
+pub const CONTAINER_MODEL_DOWNLOAD: &str = "model-download";
+/// Key of the Hugging Face token in the Secret `spec.model.hfTokenSecret` names, and the variable it is given as.
+pub const HF_TOKEN_KEY: &str = "HF_TOKEN";
+/// Runtime HTTP port (OpenAI API, `/health`, `/ready`, `/metrics`).
+pub const RUNTIME_HTTP_PORT: u16 = 8000;
+/// Runtime expert gRPC port.
+pub const RUNTIME_GRPC_PORT: u16 = 50051;
+/// Name of the HTTP port on rank pods and Services.
+pub const PORT_NAME_HTTP: &str = "http";
+/// Name of the expert gRPC port on rank pods and Services.
+pub const PORT_NAME_GRPC: &str = "grpc";
+/// Operator and gateway admin port (`/metrics`, `/healthz`).
+pub const ADMIN_PORT: u16 = 9090;
+/// Operator: default runtime image (`--runtime-image`), used when `spec.runtime.image` is absent.
+pub const ENV_OPERATOR_RUNTIME_IMAGE: &str = "BALEEN_OPERATOR_RUNTIME_IMAGE";
+/// Operator: image of the `hf://` download init container (`--downloader-image`).
+pub const ENV_OPERATOR_DOWNLOADER_IMAGE: &str = "BALEEN_OPERATOR_DOWNLOADER_IMAGE";
+/// Operator: namespace to watch (`--namespace`; empty = all).
+pub const ENV_OPERATOR_NAMESPACE: &str = "BALEEN_OPERATOR_NAMESPACE";
+/// Operator: namespace of its leader Lease (`--lease-namespace`; default: its own pod's namespace).
+pub const ENV_OPERATOR_LEASE_NAMESPACE: &str = "BALEEN_OPERATOR_LEASE_NAMESPACE";
+/// Operator: this replica's identity in the Lease (`--identity`; default: the pod name).
+pub const ENV_OPERATOR_IDENTITY: &str = "BALEEN_OPERATOR_IDENTITY";
+/// Operator: admin listen address (`--admin-addr`, default `0.0.0.0:9090`).
+pub const ENV_OPERATOR_ADMIN_ADDR: &str = "BALEEN_OPERATOR_ADMIN_ADDR";
+/// Operator: log filter (`tracing` env-filter syntax).
+pub const ENV_OPERATOR_LOG: &str = "BALEEN_OPERATOR_LOG";
+/// Path of the operator's liveness endpoint.
+pub const PATH_HEALTHZ: &str = "/healthz";
+/// Counter: reconciles by [`LABEL_RESULT`] (`ok` or `error`).
+pub const METRIC_OPERATOR_RECONCILES_TOTAL: &str = "baleen_operator_reconciles_total";
+/// Histogram: seconds per reconcile.
+pub const METRIC_OPERATOR_RECONCILE_DURATION_SECONDS: &str = "baleen_operator_reconcile_duration_seconds";
+/// Counter: failed reconciles by [`LABEL_ERROR_CLASS`].
+pub const METRIC_OPERATOR_RECONCILE_ERRORS_TOTAL: &str = "baleen_operator_reconcile_errors_total";
+/// Gauge: 1 while this replica holds the leader Lease.
+pub const METRIC_OPERATOR_LEADER: &str = "baleen_operator_leader";
+/// Label: outcome of a reconcile.
+pub const LABEL_RESULT: &str = "result";
+/// Label: class of a reconcile error (`kube`, `invalid_spec`, `serialize`, ...).
+pub const LABEL_ERROR_CLASS: &str = "class";

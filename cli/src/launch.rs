@@ -71,6 +71,12 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
             ),
         });
     }
+    if spec.replicas() == 0 {
+        return Err(Error::Unsupported {
+            field: "spec.replicas",
+            reason: "0 replicas runs nothing; `baleen up` serves one replica (replicas: 1)".to_string(),
+        });
+    }
     if spec.replicas() > 1 {
         return Err(Error::Unsupported {
             field: "spec.replicas",
@@ -116,11 +122,34 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
             }
         }
         args.extend(runtime.args.iter().cloned());
-        env.extend(runtime.env.iter().map(|v| (v.name.clone(), v.value.clone())));
+        for var in &runtime.env {
+            if var.value_from.is_some() {
+                return Err(Error::Unsupported {
+                    field: "spec.runtime.env",
+                    reason: format!(
+                        "`{}` takes its value from `valueFrom`, which needs a cluster; give `value` for `baleen up`",
+                        var.name
+                    ),
+                });
+            }
+            env.push((var.name.clone(), var.value.clone().unwrap_or_default()));
+        }
+        if runtime.gpus_per_rank.is_some() || runtime.resources.is_some() {
+            notes.push("spec.runtime.gpusPerRank and resources are ignored: `baleen up` runs on this machine".into());
+        }
         if let Some(image) = &runtime.image {
             notes.push(format!(
                 "spec.runtime.image ({image}) is ignored: `baleen up` runs the local baleen-runtime binary"
             ));
+        }
+    }
+    for (field, set) in [
+        ("spec.scheduling", spec.scheduling.is_some()),
+        ("spec.autoscaling", spec.autoscaling.is_some()),
+        ("spec.rollout", spec.rollout.is_some()),
+    ] {
+        if set {
+            notes.push(format!("{field} is ignored: it applies to a cluster, and `baleen up` runs one replica here"));
         }
     }
     Ok(Launch { source, served_name, args, env, notes })
@@ -156,14 +185,19 @@ mod tests {
         spec.model.served_name = Some("whale".into());
         spec.model.dtype = Some(Dtype::Bf16);
         spec.replicas = Some(1);
-        spec.parallelism = Some(ParallelismSpec { expert: Some(1), data_parallel_attention: Some(true) });
+        spec.parallelism = Some(ParallelismSpec {
+            expert: Some(1),
+            data_parallel_attention: Some(true),
+            ..ParallelismSpec::default()
+        });
         spec.runtime = Some(RuntimeSpec {
             image: Some("img:1".into()),
             max_num_seqs: Some(8),
             max_model_len: Some(512),
             kv_cache_memory: Some("0.2".into()),
             args: vec!["--max-num-batched-tokens".into(), "256".into(), "--no-prefix-caching".into()],
-            env: vec![EnvVar { name: "BALEEN_RUNTIME_LOG".into(), value: "debug".into() }],
+            env: vec![EnvVar { name: "BALEEN_RUNTIME_LOG".into(), value: Some("debug".into()), value_from: None }],
+            ..RuntimeSpec::default()
         });
         let launch = plan(&spec, "0.0.0.0", 0).unwrap();
         assert_eq!(
@@ -209,7 +243,7 @@ mod tests {
     #[test]
     fn expert_parallelism_is_refused_not_pretended() {
         let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
-        spec.parallelism = Some(ParallelismSpec { expert: Some(4), data_parallel_attention: None });
+        spec.parallelism = Some(ParallelismSpec { expert: Some(4), ..ParallelismSpec::default() });
         let (field, reason) = unsupported_field(&spec);
         assert_eq!(field, "spec.parallelism.expert");
         assert!(reason.contains("expert parallelism arrives with a later release"), "{reason}");
