@@ -42,7 +42,7 @@ echo "| EP | batch 1 | batch 8 | batch 32 | step ms at batch 1 |"
 echo "|---:|---:|---:|---:|---:|"
 for ep in 1 2 4; do
   P=$(peers "$ep"); row="| $ep "; step=""
-  for r in $(seq 1 $((ep - 1))); do start "$OUT/ep-rank$r.log" --rank "$r" --world-size "$ep" --peers "$P"; addr "$OUT/ep-rank$r.log" >/dev/null; done
+  for r in $(seq 1 $((ep - 1))); do start "$OUT/ep-rank$r.log" --port 0 --rank "$r" --world-size "$ep" --peers "$P"; addr "$OUT/ep-rank$r.log" >/dev/null; done
   for b in 1 8 32; do
     args=(bench --model "$MODEL" --batch "$b" --prompt-len 16 --gen-len 32 --repeats 3 --threads 1)
     [[ "$ep" == 1 ]] || args+=(--rank 0 --world-size "$ep" --peers "$P")

@@ -232,6 +232,10 @@ pub const METRIC_RUNTIME_EXPERT_BYTES_SENT_TOTAL: &str = "baleen_runtime_expert_
 pub const METRIC_RUNTIME_EXPERT_DISPATCH_ERRORS_TOTAL: &str = "baleen_runtime_expert_dispatch_errors_total";
 /// Gauge: 1 while the peer has passed the handshake and its dispatch stream is open, else 0; by [`LABEL_PEER`].
 pub const METRIC_RUNTIME_EXPERT_PEER_UP: &str = "baleen_runtime_expert_peer_up";
+/// Counter (expert-only ranks): token rows this rank computed for heads, by [`LABEL_LAYER`].
+pub const METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL: &str = "baleen_runtime_expert_rows_served_total";
+/// Histogram (expert-only ranks): seconds computing one dispatch's rows (queueing on the compute thread included).
+pub const METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS: &str = "baleen_runtime_expert_compute_seconds";
 /// Label of the expert transport metrics: the peer's rank (`1`, `2`, ...).
 pub const LABEL_PEER: &str = "peer";
 

@@ -168,6 +168,9 @@ mod tests {
         let c = config(TINY_MOE).unwrap();
         assert_eq!(c.arch, crate::model::config::Arch::V3);
         assert_eq!(c.vocab_size, 264);
+        // The operator and the CRD's CEL rule check `parallelism.expert` against this shared constant.
+        let experts = c.moe.as_ref().map(|m| m.n_routed_experts);
+        assert_eq!(experts, Some(baleen_api::names::BUILTIN_TINY_MOE_ROUTED_EXPERTS as usize));
         assert!(config("nope").unwrap_err().to_string().contains("builtin:tiny-moe"));
     }
 }

@@ -42,11 +42,27 @@ fn start(args: &[String], prefix: &str) -> (Proc, String) {
 }
 
 fn expert_rank(model: &str, rank: usize, peers: &str, world: usize, extra: &[&str]) -> Proc {
-    let mut args: Vec<String> =
-        ["serve", "--model", model, "--host", "127.0.0.1", "--peers", peers].iter().map(|s| s.to_string()).collect();
+    expert_rank_http(model, rank, peers, world, extra).0
+}
+
+/// An expert-only rank; returns it and the address of its probe/metrics HTTP port (the second listening line).
+fn expert_rank_http(model: &str, rank: usize, peers: &str, world: usize, extra: &[&str]) -> (Proc, String) {
+    let mut args: Vec<String> = ["serve", "--model", model, "--host", "127.0.0.1", "--port", "0", "--peers", peers]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     args.extend(["--rank".into(), rank.to_string(), "--world-size".into(), world.to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
-    start(&args, "baleen-runtime experts listening on grpc://").0
+    let mut child = Command::new(BIN).args(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = |prefix: &str| {
+        let line = lines.next().expect("a listening line").unwrap();
+        line.strip_prefix(prefix).unwrap_or_else(|| panic!("unexpected line {line:?}")).to_string()
+    };
+    next("baleen-runtime experts listening on grpc://");
+    let http_addr = next("baleen-runtime listening on http://");
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), http_addr)
 }
 
 fn run_json(args: &[&str]) -> Value {
@@ -183,4 +199,48 @@ fn data_parallel_heads_each_serve_what_one_process_serves() {
         wait_for(addr, 200);
         assert_eq!(completion_text(addr), want, "head {addr}");
     }
+}
+
+#[test]
+fn an_expert_rank_serves_probes_and_metrics_but_no_api() {
+    let model = "builtin:tiny-moe";
+    let ports = free_ports(2);
+    let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let (_rank1, addr) = expert_rank_http(model, 1, &peers, 2, &[]);
+    assert_eq!(http(&addr, "GET", "/health", "").0, 200);
+    let (status, text) = http(&addr, "GET", "/ready", "");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"rank\":1"), "{text}");
+    let (status, text) = http(&addr, "POST", "/v1/completions", r#"{"prompt": "x"}"#);
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("\"error\"") && text.contains("head (rank 0)"), "{text}");
+
+    let rows = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("baleen_runtime_expert_rows_served_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let (status, before) = http(&addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert_eq!(rows(&before), 0, "{before}");
+    let ids = "1,2,3,4,5";
+    run_json(&[
+        "generate",
+        "--model",
+        model,
+        "--ids",
+        ids,
+        "--max-tokens",
+        "4",
+        "--rank",
+        "0",
+        "--world-size",
+        "2",
+        "--peers",
+        &peers,
+    ]);
+    let (_, after) = http(&addr, "GET", "/metrics", "");
+    assert!(rows(&after) > 0, "rank 1 computed no rows for the head: {after}");
+    assert!(after.contains("baleen_runtime_expert_compute_seconds_count"), "{after}");
 }

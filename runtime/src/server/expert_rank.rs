@@ -1,12 +1,33 @@
 //! `serve` as an expert-only rank (rank > 0 without data-parallel attention): load this rank's shard of the
-//! routed experts — nothing else — and answer the head's dispatches over gRPC until SIGTERM. No HTTP API.
+//! routed experts — nothing else — and answer the head's dispatches over gRPC until SIGTERM.
+//!
+//! No OpenAI API: the rank's HTTP port (`--port`) serves only the probes and metrics a pod needs —
+//! `GET /health` (alive), `GET /ready` (200 once the shard is loaded and the gRPC service listens, 503 after
+//! SIGTERM), `GET /metrics` (rows computed by layer, compute seconds) — and answers everything else with an
+//! OpenAI-shaped 404 that points at the head.
 
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use baleen_api::names::RUNTIME_EXPERTS_LISTENING_PREFIX;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use baleen_api::names::{
+    LABEL_LAYER, METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL, PATH_HEALTH,
+    PATH_METRICS, PATH_READY, RUNTIME_EXPERTS_LISTENING_PREFIX, RUNTIME_LISTENING_PREFIX,
+};
+use candle_core::Tensor;
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
 use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::ApiError;
+use crate::expert::ExpertCompute;
 
 use super::cmd::{ServeArgs, Signals};
 use crate::device::{parse_device, parse_dtype};
@@ -36,22 +57,48 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
         device,
         args.model.threads()?,
     )?);
+    let metrics = Arc::new(RankMetrics::new()?);
+    let compute: Arc<dyn ExpertCompute> = Arc::new(Metered { inner: compute, metrics: metrics.clone() });
     let port = expert_port(expert)?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind((args.host.as_str(), port))
-            .await
-            .map_err(|e| Error::Server(format!("binding {}:{port} failed: {e}", args.host)))?;
-        let addr = listener.local_addr().map_err(|e| Error::Server(format!("reading the bound address: {e}")))?;
+        let bind = |port: u16| async move {
+            TcpListener::bind((args.host.as_str(), port))
+                .await
+                .map_err(|e| Error::Server(format!("binding {}:{port} failed: {e}", args.host)))
+        };
+        let listener = bind(port).await?;
+        let http_listener = bind(args.port).await?;
+        let local =
+            |l: &TcpListener| l.local_addr().map_err(|e| Error::Server(format!("reading the bound address: {e}")));
+        let (addr, http_addr) = (local(&listener)?, local(&http_listener)?);
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{RUNTIME_EXPERTS_LISTENING_PREFIX}{addr}")
+            .and_then(|()| writeln!(stdout, "{RUNTIME_LISTENING_PREFIX}{http_addr}"))
             .and_then(|()| stdout.flush())
-            .map_err(|e| Error::Server(format!("writing the listening line: {e}")))?;
+            .map_err(|e| Error::Server(format!("writing the listening lines: {e}")))?;
         drop(stdout);
-        serve_experts(listener, compute, async move {
+        let stop = CancellationToken::new();
+        let state = RankState { rank, ready: Arc::new(AtomicBool::new(true)), metrics };
+        let ready = state.ready.clone();
+        let http_stop = stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(http_listener, rank_router(state)).with_graceful_shutdown(http_stop.cancelled_owned()).await
+        });
+        let grpc_stop = stop.clone();
+        let served = serve_experts(listener, compute, async move {
             let signal = signals.recv().await;
             tracing::info!(signal, "expert rank shutting down");
+            ready.store(false, Ordering::SeqCst);
+            grpc_stop.cancel();
         })
-        .await
+        .await;
+        stop.cancel();
+        match http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the probe and metrics server failed"),
+            Err(e) => tracing::warn!(error = %e, "the probe and metrics server task failed"),
+        }
+        served
     })?;
     Ok(Value::Null)
 }
@@ -101,4 +148,114 @@ fn expert_port(expert: &crate::cli::ExpertArgs) -> Result<u16> {
     own.rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
         .ok_or_else(|| Error::Setting { name: "peers".into(), reason: format!("`{own}`: expected host:port") })
+}
+
+/// Metrics of an expert-only rank, on its own registry (the head's serving metrics do not apply here).
+#[derive(Debug)]
+struct RankMetrics {
+    registry: Registry,
+    rows_served: IntCounterVec,
+    compute_seconds: Histogram,
+}
+
+/// Compute-time buckets: 50 µs (one row, tiny experts) to 10 s.
+const COMPUTE_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+impl RankMetrics {
+    fn new() -> Result<Self> {
+        let registry = Registry::new();
+        let rows_served = IntCounterVec::new(
+            Opts::new(
+                METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL,
+                "Token rows this rank computed for heads, by MoE layer.",
+            ),
+            &[LABEL_LAYER],
+        )?;
+        let compute_seconds = Histogram::with_opts(
+            HistogramOpts::new(METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, "Seconds computing one dispatch's rows.")
+                .buckets(COMPUTE_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(rows_served.clone()))?;
+        registry.register(Box::new(compute_seconds.clone()))?;
+        Ok(Self { registry, rows_served, compute_seconds })
+    }
+
+    fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The rank's compute, counted into [`RankMetrics`].
+struct Metered {
+    inner: Arc<ShardCompute>,
+    metrics: Arc<RankMetrics>,
+}
+
+impl ExpertCompute for Metered {
+    fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+        let start = Instant::now();
+        let out = self.inner.compute(layer, rows, experts, weights)?;
+        self.metrics.compute_seconds.observe(start.elapsed().as_secs_f64());
+        self.metrics.rows_served.with_label_values(&[layer.to_string().as_str()]).inc_by(experts.len() as u64);
+        Ok(out)
+    }
+
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+
+    fn model_fingerprint(&self) -> String {
+        self.inner.model_fingerprint()
+    }
+
+    fn placement_fingerprint(&self) -> u64 {
+        self.inner.placement_fingerprint()
+    }
+}
+
+#[derive(Clone)]
+struct RankState {
+    rank: usize,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<RankMetrics>,
+}
+
+/// Probes and metrics of an expert-only rank; anything else is a 404 that names the head.
+fn rank_router(state: RankState) -> Router {
+    Router::new()
+        .route(PATH_HEALTH, get(|| async { StatusCode::OK }))
+        .route(PATH_READY, get(rank_ready))
+        .route(PATH_METRICS, get(rank_metrics))
+        .fallback(not_a_head)
+        .with_state(state)
+}
+
+async fn rank_ready(State(state): State<RankState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, axum::Json(serde_json::json!({ "status": "ready", "rank": state.rank }))).into_response()
+    } else {
+        ApiError::unavailable("this expert rank is shutting down").into_response()
+    }
+}
+
+async fn rank_metrics(State(state): State<RankState>) -> Response {
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render()).into_response()
+}
+
+async fn not_a_head(State(state): State<RankState>, method: Method, uri: Uri) -> ApiError {
+    let mut error = ApiError::route_not_found(method.as_str(), uri.path());
+    error.message = format!(
+        "{}: rank {} serves routed experts only and has no OpenAI API; send requests to the head (rank 0)",
+        error.message, state.rank
+    );
+    error
 }
