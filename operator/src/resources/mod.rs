@@ -8,6 +8,23 @@
 //!
 //! Naming and labels live here; the builders live in the submodules.
 
+mod disruption;
+mod meta;
+mod monitor;
+mod objects;
+mod services;
+mod statefulset;
+
+pub use disruption::pod_disruption_budget;
+pub use monitor::{POD_MONITOR_GROUP, POD_MONITOR_KIND, POD_MONITOR_VERSION, pod_monitor, pod_monitor_resource};
+pub use objects::desired_objects;
+pub use services::{group_service, heads_labels, heads_selector, heads_service};
+pub use statefulset::{
+    DOWNLOAD_MARKER, GPU_RESOURCE, HF_CACHE_DIR, LIVENESS_FAILURE_THRESHOLD, LIVENESS_PERIOD_SECONDS, MODEL_VOLUME,
+    MODELS_DIR, PRE_STOP_SLEEP_SECONDS, PROBE_TIMEOUT_SECONDS, READINESS_FAILURE_THRESHOLD, READINESS_PERIOD_SECONDS,
+    STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TERMINATION_MARGIN_SECONDS, group_statefulset, runtime_args,
+};
+
 use std::collections::BTreeMap;
 
 use baleen_api::crd::ModelDeployment;

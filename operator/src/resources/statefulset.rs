@@ -1,0 +1,450 @@
+//! The StatefulSet of one replica group: `parallelism.expert` rank pods, ordinal = rank.
+
+use std::collections::BTreeMap;
+
+use baleen_api::crd::{ManifestError, ModelDeployment, ModelSource};
+use baleen_api::names::{
+    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, ENV_RUNTIME_DATA_PARALLEL_ATTENTION,
+    ENV_RUNTIME_DEVICE, ENV_RUNTIME_DRAIN_TIMEOUT, ENV_RUNTIME_DTYPE, ENV_RUNTIME_GRPC_PORT, ENV_RUNTIME_HOST,
+    ENV_RUNTIME_KV_CACHE_MEMORY, ENV_RUNTIME_MAX_MODEL_LEN, ENV_RUNTIME_MAX_NUM_SEQS, ENV_RUNTIME_MODEL,
+    ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_PORT, ENV_RUNTIME_RANK, ENV_RUNTIME_RANK_FROM_HOSTNAME,
+    ENV_RUNTIME_REPLICATE, ENV_RUNTIME_SERVED_MODEL_NAME, ENV_RUNTIME_WORLD_SIZE, HF_TOKEN_KEY, LABEL_GROUP,
+    LABEL_MODEL_DEPLOYMENT, PATH_HEALTH, PATH_READY, PORT_NAME_GRPC, PORT_NAME_HTTP, RUNTIME_BIN_NAME,
+    RUNTIME_GRPC_PORT, RUNTIME_HTTP_PORT,
+};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecurityContext, SleepAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+
+use super::meta::object_meta;
+use super::{GroupRef, group_labels};
+use crate::config::OperatorConfig;
+use crate::error::{Error, Result};
+
+/// Extended resource name of NVIDIA GPUs (the NVIDIA device plugin's).
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Where model weights are mounted in a rank pod: `/models/<claim>` for `pvc://`, `/models/hf` for `hf://`.
+pub const MODELS_DIR: &str = "/models";
+/// Mount path of the `hf://` download cache (an emptyDir shared by the download init container and the runtime).
+pub const HF_CACHE_DIR: &str = "/models/hf";
+/// Volume holding the weights: the `pvc://` claim, or the `hf://` download cache.
+pub const MODEL_VOLUME: &str = "model";
+/// File the download init container writes once a download finished; present = skip the download.
+pub const DOWNLOAD_MARKER: &str = ".baleen-download-complete";
+
+/// Seconds the `preStop` hook sleeps before the runtime gets SIGTERM: long enough for the endpoints controller
+/// and kube-proxy/gateways to drop the pod, so no new request arrives once draining has started.
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+/// Seconds added to the drain timeout (after the `preStop` sleep) before the kubelet kills the container: the
+/// runtime's own shutdown (closing HTTP, joining the engine) after the drain.
+pub const TERMINATION_MARGIN_SECONDS: i64 = 10;
+
+/// Startup probe period, seconds.
+pub const STARTUP_PERIOD_SECONDS: i32 = 10;
+/// Startup probe failures allowed: 360 × 10 s = one hour for the runtime to load its weights (a DeepSeek-V3 rank
+/// reads and converts ~100 GB) and, in an expert-parallel group, for its peers to come up. The HTTP server only
+/// starts after that, so `/health` stays unanswered meanwhile. A process that *exits* is restarted at once
+/// anyway; this bound only catches a start that hangs.
+pub const STARTUP_FAILURE_THRESHOLD: i32 = 360;
+/// Liveness probe: a period of 10 s and 6 failures — a minute without `/health` answering restarts the rank.
+pub const LIVENESS_PERIOD_SECONDS: i32 = 10;
+/// See [`LIVENESS_PERIOD_SECONDS`].
+pub const LIVENESS_FAILURE_THRESHOLD: i32 = 6;
+/// Readiness probe: every 5 s; 2 failures (10 s) take the rank out of its Services.
+pub const READINESS_PERIOD_SECONDS: i32 = 5;
+/// See [`READINESS_PERIOD_SECONDS`].
+pub const READINESS_FAILURE_THRESHOLD: i32 = 2;
+/// Timeout of each probe request, seconds (the engine never serves probes: they answer from the HTTP threads).
+pub const PROBE_TIMEOUT_SECONDS: i32 = 5;
+
+/// The shell script of the `hf://` download init container. Arguments (never interpolated into the script, so a
+/// repository or revision name cannot inject shell): `$1` repository `org/name`, `$2` revision (empty = the
+/// default branch), `$3` target directory, `$4` huggingface_hub version.
+const DOWNLOAD_SCRIPT: &str = r#"set -eu
+repo="$1"; revision="$2"; dir="$3"; version="$4"
+marker="$dir/.baleen-download-complete"
+if [ -f "$marker" ]; then
+  echo "model-download: $repo is already in $dir"
+  exit 0
+fi
+python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --target /tmp/hf-hub "huggingface_hub==$version"
+export PYTHONPATH=/tmp/hf-hub PATH="/tmp/hf-hub/bin:$PATH"
+if [ -n "$revision" ]; then set -- --revision "$revision"; else set --; fi
+hf download "$repo" "$@" --local-dir "$dir"
+touch "$marker"
+echo "model-download: $repo downloaded to $dir"
+"#;
+
+/// Flags of `baleen-runtime serve` (and their variables) that the operator sets itself, with the field that
+/// controls each. `spec.runtime.args` and `spec.runtime.env` may not repeat them: two sources for one setting
+/// would leave the spec saying one thing and the pods doing another.
+const MANAGED_FLAGS: &[(&str, &str, &str)] = &[
+    ("--model", ENV_RUNTIME_MODEL, "spec.model.source"),
+    ("--host", ENV_RUNTIME_HOST, "the operator (0.0.0.0)"),
+    ("--port", ENV_RUNTIME_PORT, "the operator (8000)"),
+    ("--device", ENV_RUNTIME_DEVICE, "spec.runtime.gpusPerRank"),
+    ("--dtype", ENV_RUNTIME_DTYPE, "spec.model.dtype"),
+    ("--served-model-name", ENV_RUNTIME_SERVED_MODEL_NAME, "spec.model.servedName"),
+    ("--max-num-seqs", ENV_RUNTIME_MAX_NUM_SEQS, "spec.runtime.maxNumSeqs"),
+    ("--max-model-len", ENV_RUNTIME_MAX_MODEL_LEN, "spec.runtime.maxModelLen"),
+    ("--kv-cache-memory", ENV_RUNTIME_KV_CACHE_MEMORY, "spec.runtime.kvCacheMemory"),
+    ("--drain-timeout", ENV_RUNTIME_DRAIN_TIMEOUT, "the operator's --drain-timeout"),
+    ("--rank", ENV_RUNTIME_RANK, "the StatefulSet ordinal"),
+    ("--world-size", ENV_RUNTIME_WORLD_SIZE, "spec.parallelism.expert"),
+    ("--peers", ENV_RUNTIME_PEERS, "the group's headless Service"),
+    ("--peer-pattern", ENV_RUNTIME_PEER_PATTERN, "the group's headless Service"),
+    ("--rank-from-hostname", ENV_RUNTIME_RANK_FROM_HOSTNAME, "spec.parallelism.expert"),
+    ("--grpc-port", ENV_RUNTIME_GRPC_PORT, "the operator (50051)"),
+    ("--replicate", ENV_RUNTIME_REPLICATE, "spec.parallelism.redundantExperts"),
+    ("--data-parallel-attention", ENV_RUNTIME_DATA_PARALLEL_ATTENTION, "spec.parallelism.dataParallelAttention"),
+];
+
+fn invalid(field: &'static str, reason: String) -> Error {
+    Error::InvalidSpec(ManifestError::Invalid { field, reason })
+}
+
+/// The StatefulSet of `group`: `parallelism.expert` rank pods created in parallel (ranks wait for each other at
+/// start-up, so `OrderedReady` would deadlock: rank 0 never turns ready before rank 1 exists), governed by the
+/// group's headless Service (same name) so each rank has the DNS name `<group>-<rank>.<group>`.
+///
+/// Errors: [`Error::MissingField`] without a namespace; [`Error::InvalidSpec`] for a source that does not parse
+/// or `spec.runtime.args`/`env` that repeat a setting the operator makes.
+pub fn group_statefulset(md: &ModelDeployment, group: &GroupRef, config: &OperatorConfig) -> Result<StatefulSet> {
+    let name = group.name(&md.name_any());
+    let labels = group_labels(md, group);
+    let mut meta = object_meta(md, name.clone(), labels.clone())?;
+    meta.annotations = Some(BTreeMap::from([(ANNOTATION_GROUP_INDEX.to_string(), group.index.to_string())]));
+    let selector =
+        BTreeMap::from([(LABEL_MODEL_DEPLOYMENT.to_string(), md.name_any()), (LABEL_GROUP.to_string(), name.clone())]);
+    let ranks = i32::try_from(md.spec.expert_parallelism())
+        .map_err(|_| invalid("spec.parallelism.expert", "is too large".into()))?;
+    Ok(StatefulSet {
+        metadata: meta,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(ranks),
+            service_name: Some(name.clone()),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector { match_labels: Some(selector), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(pod_spec(md, &name, config)?),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// Where the runtime finds the weights, and what the pod needs for that.
+#[derive(Debug, Default)]
+struct ModelPlacement {
+    /// `--model`.
+    model_arg: String,
+    volumes: Vec<Volume>,
+    runtime_mounts: Vec<VolumeMount>,
+    init_containers: Vec<Container>,
+}
+
+/// - `builtin:NAME`: passed as is; nothing to mount.
+/// - `file:///path`: `--model /path`; the directory must exist inside the runtime container (baked into the
+///   image): the operator mounts nothing for it.
+/// - `pvc://claim/path`: the claim mounted read-only at `/models/<claim>`, `--model /models/<claim>/<path>`.
+/// - `hf://org/name[@rev]`: an emptyDir at `/models/hf` filled by the `model-download` init container
+///   (`hf download`), `--model /models/hf/org--name`. Each rank pod downloads its own copy; for very large models
+///   a pre-filled ReadOnlyMany claim (`pvc://`) saves the downloads.
+fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<ModelPlacement> {
+    match md.spec.source()? {
+        ModelSource::Builtin { .. } => {
+            Ok(ModelPlacement { model_arg: md.spec.model.source.clone(), ..Default::default() })
+        }
+        ModelSource::File { path } => Ok(ModelPlacement { model_arg: path, ..Default::default() }),
+        ModelSource::Pvc { claim, path } => {
+            let mount_path = format!("{MODELS_DIR}/{claim}");
+            let model_arg = if path.is_empty() { mount_path.clone() } else { format!("{mount_path}/{path}") };
+            Ok(ModelPlacement {
+                model_arg,
+                volumes: vec![Volume {
+                    name: MODEL_VOLUME.into(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim,
+                        read_only: Some(true),
+                    }),
+                    ..Volume::default()
+                }],
+                runtime_mounts: vec![VolumeMount {
+                    name: MODEL_VOLUME.into(),
+                    mount_path,
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                }],
+                init_containers: Vec::new(),
+            })
+        }
+        ModelSource::HuggingFace { repo, revision } => {
+            let dir = format!("{HF_CACHE_DIR}/{}", repo.replace('/', "--"));
+            let env = md.spec.model.hf_token_secret.as_ref().map(|secret| {
+                vec![EnvVar {
+                    name: HF_TOKEN_KEY.into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret.clone(),
+                            key: HF_TOKEN_KEY.into(),
+                            optional: Some(false),
+                        }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                }]
+            });
+            let download = Container {
+                name: CONTAINER_MODEL_DOWNLOAD.into(),
+                image: Some(config.downloader_image.clone()),
+                command: Some(vec!["sh".into(), "-c".into(), DOWNLOAD_SCRIPT.into()]),
+                args: Some(vec![
+                    CONTAINER_MODEL_DOWNLOAD.into(), // $0
+                    repo,
+                    revision.unwrap_or_default(),
+                    dir.clone(),
+                    config.huggingface_hub_version.clone(),
+                ]),
+                env,
+                volume_mounts: Some(vec![VolumeMount {
+                    name: MODEL_VOLUME.into(),
+                    mount_path: HF_CACHE_DIR.into(),
+                    ..VolumeMount::default()
+                }]),
+                security_context: Some(container_security_context()),
+                ..Container::default()
+            };
+            Ok(ModelPlacement {
+                model_arg: dir,
+                volumes: vec![Volume {
+                    name: MODEL_VOLUME.into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                }],
+                runtime_mounts: vec![VolumeMount {
+                    name: MODEL_VOLUME.into(),
+                    mount_path: HF_CACHE_DIR.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                }],
+                init_containers: vec![download],
+            })
+        }
+    }
+}
+
+/// The `baleen-runtime serve` arguments of every rank of a group named `group` (the rank comes from the host
+/// name, so one pod template serves all ranks).
+pub fn runtime_args(
+    md: &ModelDeployment,
+    group: &str,
+    model_arg: &str,
+    config: &OperatorConfig,
+) -> Result<Vec<String>> {
+    check_user_settings(md)?;
+    let spec = &md.spec;
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--model".into(),
+        model_arg.into(),
+        "--host".into(),
+        "0.0.0.0".into(),
+        "--port".into(),
+        RUNTIME_HTTP_PORT.to_string(),
+    ];
+    let mut flag = |name: &str, value: String| {
+        args.push(name.into());
+        args.push(value);
+    };
+    if spec.gpus_per_rank() > 0 {
+        flag("--device", "cuda".into());
+    }
+    if let Some(dtype) = spec.model.dtype {
+        flag("--dtype", dtype.as_str().into());
+    }
+    if let Some(served) = &spec.model.served_name {
+        flag("--served-model-name", served.clone());
+    }
+    if let Some(runtime) = &spec.runtime {
+        if let Some(n) = runtime.max_num_seqs {
+            flag("--max-num-seqs", n.to_string());
+        }
+        if let Some(n) = runtime.max_model_len {
+            flag("--max-model-len", n.to_string());
+        }
+        if let Some(memory) = &runtime.kv_cache_memory {
+            flag("--kv-cache-memory", memory.clone());
+        }
+    }
+    flag("--drain-timeout", config.drain_timeout_seconds.to_string());
+    let ranks = spec.expert_parallelism();
+    if ranks > 1 {
+        flag("--world-size", ranks.to_string());
+        args.push("--rank-from-hostname".into());
+        args.push("--peer-pattern".into());
+        args.push(format!("{group}-{{rank}}.{group}:{RUNTIME_GRPC_PORT}"));
+        args.push("--grpc-port".into());
+        args.push(RUNTIME_GRPC_PORT.to_string());
+        let replicas: Vec<String> =
+            spec.redundant_experts().iter().map(|r| format!("{}@{}", r.expert, r.rank)).collect();
+        if !replicas.is_empty() {
+            args.push("--replicate".into());
+            args.push(replicas.join(","));
+        }
+        if spec.data_parallel_attention() {
+            args.push("--data-parallel-attention".into());
+        }
+    }
+    if let Some(runtime) = &spec.runtime {
+        args.extend(runtime.args.iter().cloned());
+    }
+    Ok(args)
+}
+
+/// Refuses `spec.runtime.args` and `spec.runtime.env` entries that set what the operator sets (see
+/// [`MANAGED_FLAGS`]).
+fn check_user_settings(md: &ModelDeployment) -> Result<()> {
+    let Some(runtime) = &md.spec.runtime else { return Ok(()) };
+    for arg in &runtime.args {
+        let given = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
+        if let Some((flag, _, by)) = MANAGED_FLAGS.iter().find(|(flag, _, _)| *flag == given) {
+            return Err(invalid("spec.runtime.args", format!("`{arg}`: {flag} is set by {by}; remove it from args")));
+        }
+    }
+    for var in &runtime.env {
+        if let Some((_, env, by)) = MANAGED_FLAGS.iter().find(|(_, env, _)| *env == var.name) {
+            return Err(invalid("spec.runtime.env", format!("{env} is set by {by}; remove it from env")));
+        }
+    }
+    Ok(())
+}
+
+fn http_get(path: &str) -> Option<HTTPGetAction> {
+    Some(HTTPGetAction {
+        path: Some(path.into()),
+        port: IntOrString::String(PORT_NAME_HTTP.into()),
+        ..HTTPGetAction::default()
+    })
+}
+
+fn container_security_context() -> SecurityContext {
+    SecurityContext { allow_privilege_escalation: Some(false), ..SecurityContext::default() }
+}
+
+/// `spec.runtime.resources` plus `nvidia.com/gpu: gpusPerRank` in requests and limits (when above 0; extended
+/// resources must have equal requests and limits). A different GPU count in `resources` is refused.
+fn resources(md: &ModelDeployment) -> Result<Option<ResourceRequirements>> {
+    let mut resources = md.spec.runtime.as_ref().and_then(|r| r.resources.clone());
+    let gpus = md.spec.gpus_per_rank();
+    if gpus == 0 {
+        return Ok(resources);
+    }
+    let quantity = Quantity(gpus.to_string());
+    let set = resources.get_or_insert_with(ResourceRequirements::default);
+    for (map, field) in [(&mut set.requests, "requests"), (&mut set.limits, "limits")] {
+        let map = map.get_or_insert_with(BTreeMap::new);
+        match map.get(GPU_RESOURCE) {
+            Some(given) if *given != quantity => {
+                return Err(invalid(
+                    "spec.runtime.resources",
+                    format!("{field} has {GPU_RESOURCE}: {} but gpusPerRank is {gpus}; set only gpusPerRank", given.0),
+                ));
+            }
+            _ => {
+                map.insert(GPU_RESOURCE.into(), quantity.clone());
+            }
+        }
+    }
+    Ok(resources)
+}
+
+fn pod_spec(md: &ModelDeployment, group: &str, config: &OperatorConfig) -> Result<PodSpec> {
+    let placement = model_placement(md, config)?;
+    let args = runtime_args(md, group, &placement.model_arg, config)?;
+    let runtime_spec = md.spec.runtime.as_ref();
+    let image = runtime_spec.and_then(|r| r.image.clone()).unwrap_or_else(|| config.runtime_image.clone());
+    let env = runtime_spec.map(|r| r.env.clone()).filter(|env| !env.is_empty());
+    let runtime = Container {
+        name: CONTAINER_RUNTIME.into(),
+        image: Some(image),
+        command: Some(vec![RUNTIME_BIN_NAME.into()]),
+        args: Some(args),
+        env,
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(PORT_NAME_HTTP.into()),
+                container_port: i32::from(RUNTIME_HTTP_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some(PORT_NAME_GRPC.into()),
+                container_port: i32::from(RUNTIME_GRPC_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        resources: resources(md)?,
+        volume_mounts: Some(placement.runtime_mounts).filter(|m| !m.is_empty()),
+        startup_probe: Some(Probe {
+            http_get: http_get(PATH_HEALTH),
+            period_seconds: Some(STARTUP_PERIOD_SECONDS),
+            failure_threshold: Some(STARTUP_FAILURE_THRESHOLD),
+            timeout_seconds: Some(PROBE_TIMEOUT_SECONDS),
+            ..Probe::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: http_get(PATH_HEALTH),
+            period_seconds: Some(LIVENESS_PERIOD_SECONDS),
+            failure_threshold: Some(LIVENESS_FAILURE_THRESHOLD),
+            timeout_seconds: Some(PROBE_TIMEOUT_SECONDS),
+            ..Probe::default()
+        }),
+        readiness_probe: Some(Probe {
+            http_get: http_get(PATH_READY),
+            period_seconds: Some(READINESS_PERIOD_SECONDS),
+            failure_threshold: Some(READINESS_FAILURE_THRESHOLD),
+            timeout_seconds: Some(PROBE_TIMEOUT_SECONDS),
+            ..Probe::default()
+        }),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: PRE_STOP_SLEEP_SECONDS }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        security_context: Some(container_security_context()),
+        ..Container::default()
+    };
+    let scheduling = md.spec.scheduling.clone().unwrap_or_default();
+    Ok(PodSpec {
+        init_containers: Some(placement.init_containers).filter(|c| !c.is_empty()),
+        containers: vec![runtime],
+        volumes: Some(placement.volumes).filter(|v| !v.is_empty()),
+        termination_grace_period_seconds: Some(
+            PRE_STOP_SLEEP_SECONDS + i64::from(config.drain_timeout_seconds) + TERMINATION_MARGIN_SECONDS,
+        ),
+        // The runtime never talks to the API server, and thousands of service variables help nobody.
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            ..PodSecurityContext::default()
+        }),
+        node_selector: Some(scheduling.node_selector).filter(|n| !n.is_empty()),
+        tolerations: Some(scheduling.tolerations).filter(|t| !t.is_empty()),
+        affinity: scheduling.affinity,
+        priority_class_name: scheduling.priority_class_name,
+        ..PodSpec::default()
+    })
+}
