@@ -52,10 +52,9 @@ pub const DEFAULT_MAX_SURGE: u32 = 1;
 /// it must stay a 63-character DNS label.
 pub const MAX_NAME_LEN: usize = 40;
 
-/// `spec` of a `ModelDeployment`: one model, served by `replicas` groups of `parallelism.expert` ranks.
-///
-/// With the `crd` feature this is also the kube `CustomResource` [`ModelDeployment`]: its schema, the CEL rules
-/// the API server checks, the `status` and `scale` subresources and the `kubectl get` columns.
+/// One model, served by `replicas` groups of `parallelism.expert` ranks (pods).
+// With the `crd` feature this is also the kube `CustomResource` `ModelDeployment`: its schema, the CEL rules the
+// API server checks, the `status` and `scale` subresources and the `kubectl get` columns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "crd", derive(kube::CustomResource, kube::KubeSchema))]
 #[cfg_attr(
@@ -80,9 +79,11 @@ pub const MAX_NAME_LEN: usize = 40;
         printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
         printcolumn(name = "EP", type_ = "integer", json_path = ".status.ranksPerReplica"),
         printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-        validation = "self.metadata.name.size() <= 40"
+        validation = Rule::new("self.metadata.name.size() <= 40")
+            .message("metadata.name must be at most 40 characters (the names of its pods derive from it)")
     )
 )]
+#[cfg_attr(all(feature = "crd", test), x_kube(cel))]
 #[cfg_attr(
     feature = "crd",
     x_kube(validation = Rule::new(

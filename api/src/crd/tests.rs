@@ -198,3 +198,114 @@ fn dtype_spellings_match_the_runtime_flag() {
         assert_eq!(serde_yaml::to_string(&d).unwrap().trim(), s);
     }
 }
+
+/// The CRD as the API server sees it: schema, subresources, columns, and the CEL rules evaluated client-side.
+#[cfg(feature = "crd")]
+mod schema {
+    use kube::CustomResourceExt;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn crd() -> Value {
+        serde_json::to_value(ModelDeployment::crd()).unwrap()
+    }
+
+    #[test]
+    fn names_scope_and_subresources_follow_the_design() {
+        let crd = crd();
+        assert_eq!(crd["metadata"]["name"], format!("{}.{}", crate::names::CRD_PLURAL, CRD_GROUP));
+        let spec = &crd["spec"];
+        assert_eq!(spec["group"], CRD_GROUP);
+        assert_eq!(spec["scope"], "Namespaced");
+        assert_eq!(spec["names"]["kind"], CRD_KIND);
+        assert_eq!(spec["names"]["shortNames"], json!([crate::names::CRD_SHORT_NAME]));
+        let version = &spec["versions"][0];
+        assert_eq!(version["name"], CRD_VERSION);
+        assert_eq!(
+            version["subresources"]["scale"],
+            json!({"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+                   "labelSelectorPath": ".status.selector"})
+        );
+        assert_eq!(version["subresources"]["status"], json!({}));
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Model", "Replicas", "Ready", "EP", "Age"]);
+    }
+
+    #[test]
+    fn the_schema_is_structural_defaults_replicas_and_bounds_counts() {
+        let schema = &crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let spec = &schema["properties"]["spec"];
+        assert_eq!(spec["required"], json!(["model"]));
+        assert_eq!(spec["properties"]["replicas"]["default"], 1);
+        assert_eq!(spec["properties"]["parallelism"]["properties"]["expert"]["minimum"], 1.0);
+        let text = schema.to_string();
+        assert!(!text.contains("additionalProperties\":false"), "structural schemas may not close objects");
+        assert!(!text.contains("\"anyOf\"") && !text.contains("\"oneOf\""), "kube must hoist Option/enum schemas");
+        // Kubernetes types are embedded with their full schemas (tolerations, resources, env).
+        let scheduling = &spec["properties"]["scheduling"]["properties"];
+        assert_eq!(scheduling["tolerations"]["type"], "array");
+        assert!(spec["properties"]["runtime"]["properties"]["env"]["items"]["properties"]["valueFrom"].is_object());
+    }
+
+    fn cel(spec: Value) -> Result<(), String> {
+        ModelDeploymentSpec::validate_cel(&spec, None).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn cel_rules_check_expert_ranks_against_known_expert_counts() {
+        let tiny = |expert: u32| json!({"model": {"source": "builtin:tiny-moe"}, "parallelism": {"expert": expert}});
+        assert!(cel(tiny(4)).is_ok());
+        assert!(cel(tiny(16)).is_ok());
+        let err = cel(tiny(3)).unwrap_err();
+        assert!(err.contains("must divide 16"), "{err}");
+        let hf = |experts: u32, expert: u32| {
+            json!({"model": {"source": "hf://deepseek-ai/DeepSeek-V3", "routedExperts": experts},
+                   "parallelism": {"expert": expert}})
+        };
+        assert!(cel(hf(256, 8)).is_ok());
+        assert!(cel(hf(256, 7)).unwrap_err().contains("model.routedExperts"));
+        assert!(
+            cel(json!({"model": {"source": "hf://deepseek-ai/DeepSeek-V3"}, "parallelism": {"expert": 7}})).is_ok()
+        );
+    }
+
+    #[test]
+    fn cel_rules_check_autoscaling_bounds_and_promql() {
+        let scaling = |autoscaling: Value| json!({"model": {"source": "builtin:tiny-moe"}, "autoscaling": autoscaling});
+        let ok = json!({"minReplicas": 0, "maxReplicas": 3, "metric": {"type": "QueueDepth"}, "target": 4.0});
+        assert!(cel(scaling(ok)).is_ok());
+        let inverted = json!({"minReplicas": 4, "maxReplicas": 3, "metric": {"type": "QueueDepth"}, "target": 4.0});
+        assert!(cel(scaling(inverted)).unwrap_err().contains("minReplicas must not exceed maxReplicas"));
+        let promql = json!({"maxReplicas": 3, "metric": {"type": "PromQL"}, "target": 1.0});
+        assert!(cel(scaling(promql)).unwrap_err().contains("query is required"));
+        let query = json!({"maxReplicas": 3, "metric": {"type": "PromQL", "query": "sum(x)"}, "target": 1.0});
+        assert!(cel(scaling(query)).is_ok());
+    }
+
+    #[test]
+    fn the_rust_validation_agrees_with_the_cel_rules() {
+        for (yaml, valid) in [
+            ("  model: {source: builtin:tiny-moe}\n  parallelism: {expert: 3}\n", false),
+            ("  model: {source: builtin:tiny-moe}\n  parallelism: {expert: 8}\n", true),
+            ("  model: {source: 'hf://a/b', routedExperts: 64}\n  parallelism: {expert: 6}\n", false),
+            (
+                "  model: {source: builtin:tiny-moe}\n  autoscaling: {minReplicas: 2, maxReplicas: 1, metric: {type: \
+                 QueueDepth}, target: 1}\n",
+                false,
+            ),
+        ] {
+            let text = manifest(yaml);
+            let rust = ModelDeploymentManifest::from_yaml(&text).is_ok();
+            let spec: Value =
+                serde_json::to_value(serde_yaml::from_str::<Value>(&text).unwrap()["spec"].clone()).unwrap();
+            assert_eq!(rust, valid, "{yaml}");
+            assert_eq!(cel(spec).is_ok(), valid, "{yaml}");
+        }
+    }
+}
