@@ -74,7 +74,8 @@ if [ -f "$marker" ]; then
   echo "model-download: $repo is already in $dir"
   exit 0
 fi
-python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --target /tmp/hf-hub "huggingface_hub==$version"
+python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
+  --target /tmp/hf-hub "huggingface_hub==$version"
 export PYTHONPATH=/tmp/hf-hub PATH="/tmp/hf-hub/bin:$PATH"
 if [ -n "$revision" ]; then set -- --revision "$revision"; else set --; fi
 hf download "$repo" "$@" --local-dir "$dir"
