@@ -347,3 +347,10 @@ pub const METRIC_OPERATOR_LEADER: &str = "baleen_operator_leader";
 pub const LABEL_RESULT: &str = "result";
 /// Label: class of a reconcile error (`kube`, `invalid_spec`, `serialize`, ...).
 pub const LABEL_ERROR_CLASS: &str = "class";
+/// Event reason (`Normal`) on a ModelDeployment: the operator created a replica group (StatefulSet and headless
+/// Service). Warning Events use the `Degraded` reasons above (`InvalidSpec`, `ModelLoadFailed`, ...).
+pub const EVENT_GROUP_CREATED: &str = "GroupCreated";
+/// Event reason (`Normal`): the operator deleted a replica group (scale-down or rollout).
+pub const EVENT_GROUP_DELETED: &str = "GroupDeleted";
+/// Event reason (`Normal`): no group of an older revision is left.
+pub const EVENT_ROLLOUT_COMPLETE: &str = "RolloutComplete";
