@@ -97,3 +97,100 @@ pub fn parse_deployments(text: &str) -> Result<Vec<(usize, ModelDeployment)>> {
     }
     Ok(deployments)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use serde_yaml::Value;
+
+    use super::*;
+
+    const TINY: &str = "apiVersion: baleen.dev/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: tiny\nspec:\n  model:\n    source: builtin:tiny-moe\n";
+
+    fn documents(yaml: &str) -> Vec<Value> {
+        serde_yaml::Deserializer::from_str(yaml).map(|d| Value::deserialize(d).unwrap()).collect()
+    }
+
+    fn kind_and_name(doc: &Value) -> (String, String) {
+        (doc["kind"].as_str().unwrap().to_string(), doc["metadata"]["name"].as_str().unwrap().to_string())
+    }
+
+    fn render_error(text: &str) -> String {
+        render_yaml(text, &OperatorConfig::default()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_crd_yaml_is_the_model_deployment_crd() {
+        let crd = documents(&crd_yaml().unwrap());
+        assert_eq!(crd.len(), 1);
+        assert_eq!(crd[0]["kind"], "CustomResourceDefinition");
+        assert_eq!(crd[0]["metadata"]["name"], "modeldeployments.baleen.dev");
+        assert_eq!(crd[0]["spec"]["names"]["kind"], CRD_KIND);
+    }
+
+    #[test]
+    fn every_document_renders_its_groups_in_order_in_the_default_namespace_without_owners() {
+        let text = format!(
+            "{TINY}  replicas: 2\n---\n---\n{}  replicas: 0\n",
+            TINY.replace("name: tiny", "name: other\n  namespace: prod")
+        );
+        let rendered = render_yaml(&text, &OperatorConfig::default()).unwrap();
+        assert!(rendered.starts_with("---\n"));
+        let docs = documents(&rendered);
+        let names: Vec<(String, String)> = docs.iter().map(kind_and_name).collect();
+        let md = parse_deployments(&text).unwrap();
+        let rev = revision(&md[0].1, &OperatorConfig::default()).unwrap();
+        let pair = |k: &str, n: String| (k.to_string(), n);
+        assert_eq!(
+            names,
+            [
+                pair("Service", "tiny".into()),
+                pair("PodDisruptionBudget", "tiny".into()),
+                pair("Service", format!("tiny-{rev}-0")),
+                pair("StatefulSet", format!("tiny-{rev}-0")),
+                pair("Service", format!("tiny-{rev}-1")),
+                pair("StatefulSet", format!("tiny-{rev}-1")),
+                // replicas 0: the shared objects only.
+                pair("Service", "other".into()),
+                pair("PodDisruptionBudget", "other".into()),
+            ]
+        );
+        assert!(docs[..6].iter().all(|d| d["metadata"]["namespace"] == DEFAULT_NAMESPACE));
+        assert!(docs[6..].iter().all(|d| d["metadata"]["namespace"] == "prod"));
+        assert!(docs.iter().all(|d| d["metadata"].get("ownerReferences").is_none()));
+        // Same input, same bytes.
+        assert_eq!(render_yaml(&text, &OperatorConfig::default()).unwrap(), rendered);
+        // The PodMonitor only when asked for.
+        let with_monitor = render_yaml(TINY, &OperatorConfig { pod_monitor: true, ..OperatorConfig::default() });
+        assert!(documents(&with_monitor.unwrap()).iter().any(|d| d["kind"] == "PodMonitor"));
+    }
+
+    #[test]
+    fn errors_name_the_document_and_the_field() {
+        let config_map = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n";
+        let e = render_error(&format!("{TINY}---\n{config_map}"));
+        assert!(e.contains("document 2") && e.contains("ConfigMap") && e.contains("kind"), "{e}");
+
+        let e = render_error(&format!("{TINY}  replicas: two\n"));
+        assert!(e.contains("document 1") && e.contains("spec.replicas"), "{e}");
+
+        let e = render_error(&TINY.replace("source: builtin:tiny-moe", "source: builtin:tiny-moe\n    colour: red"));
+        assert!(e.contains("spec.model") && e.contains("colour"), "{e}");
+
+        let e = render_error(&format!("{TINY}  parallelism:\n    expert: 3\n"));
+        assert!(e.contains("document 1") && e.contains("spec.parallelism.expert"), "{e}");
+
+        let e = render_error(&TINY.replace("name: tiny", "name: Not_A_Name"));
+        assert!(e.contains("metadata.name"), "{e}");
+
+        let e = render_error(&format!("{TINY}  runtime:\n    args: [--dtype, bf16]\n"));
+        assert!(e.contains("document 1") && e.contains("spec.runtime.args"), "{e}");
+
+        let e = render_error(&format!("{TINY}---\n{TINY}"));
+        assert!(e.contains("document 2") && e.contains("document 1") && e.contains("metadata.name"), "{e}");
+
+        let e = render_error("# nothing here\n");
+        assert!(e.contains("no ModelDeployment"), "{e}");
+    }
+}

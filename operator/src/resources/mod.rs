@@ -111,6 +111,9 @@ pub fn deployment_selector(md: &ModelDeployment) -> BTreeMap<String, String> {
 }
 
 #[cfg(test)]
+mod builders_tests;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
