@@ -1,4 +1,5 @@
-//! The `baleen-runtime serve` child process: spawn it, forward its logs, learn its address, signal it.
+//! The `baleen-runtime serve` child processes: spawn them, forward their logs, learn the head's address, signal
+//! them. A [`Group`] is one replica: the head and, with expert parallelism, its expert-only ranks.
 //!
 //! The child runs in its own process group, so a Ctrl-C in the terminal reaches `baleen` alone and the runtime
 //! gets exactly one SIGTERM from us (a second signal makes the runtime abort in-flight requests instead of
@@ -21,8 +22,11 @@ use tokio::task::JoinHandle;
 use crate::error::Error;
 use crate::launch::Launch;
 
-/// Prefix of every forwarded runtime log line.
+/// Prefix of every forwarded log line of the head (the only process without expert parallelism).
 const LOG_PREFIX: &str = "runtime | ";
+/// Prefixes of the expert-only ranks' log lines (rank 1, 2, ...); ranks past the list share the last one.
+const RANK_PREFIXES: [&str; 8] =
+    ["rank 1  | ", "rank 2  | ", "rank 3  | ", "rank 4  | ", "rank 5  | ", "rank 6  | ", "rank 7  | ", "rank 8+ | "];
 /// How long the log forwarders may take to drain the pipes after the child exited.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -38,16 +42,21 @@ pub struct Runtime {
 pub type Listening = oneshot::Receiver<SocketAddr>;
 
 impl Runtime {
-    /// Starts `bin serve ARGS` with the launch's environment.
-    pub fn spawn(bin: &Path, launch: &Launch) -> Result<(Self, Listening), Error> {
+    /// Starts `bin serve ARGS` with extra environment `env`; its log lines are prefixed with `prefix`.
+    pub fn spawn(
+        bin: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        prefix: &'static str,
+    ) -> Result<(Self, Listening), Error> {
         let mut command = Command::new(bin);
-        command.arg("serve").args(&launch.args);
+        command.arg("serve").args(args);
         if !std::io::stderr().is_terminal() {
             // Colour codes are noise in a log file or a test's captured output; the manifest's env may override.
             command.env(ENV_NO_COLOR, "1");
         }
         command
-            .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -59,10 +68,10 @@ impl Runtime {
         let (found, listening) = oneshot::channel();
         let mut forwarders = Vec::new();
         if let Some(stdout) = child.stdout.take() {
-            forwarders.push(tokio::spawn(read_stdout(stdout, found)));
+            forwarders.push(tokio::spawn(read_stdout(stdout, found, prefix)));
         }
         if let Some(stderr) = child.stderr.take() {
-            forwarders.push(tokio::spawn(forward_lines(stderr)));
+            forwarders.push(tokio::spawn(forward_lines(stderr, prefix)));
         }
         Ok((Self { child, pid, forwarders }, listening))
     }
@@ -102,8 +111,106 @@ impl Runtime {
     }
 }
 
+/// One replica's processes: the head (HTTP API) and its expert-only ranks, started and stopped together.
+#[derive(Debug)]
+pub struct Group {
+    head: Runtime,
+    ranks: Vec<Runtime>,
+}
+
+impl Group {
+    /// Starts the expert-only ranks, then the head; resolves with the head's address.
+    pub fn spawn(bin: &Path, launch: &Launch) -> Result<(Self, Listening), Error> {
+        let mut ranks = Vec::with_capacity(launch.ranks.len());
+        for (i, args) in launch.ranks.iter().enumerate() {
+            let prefix = RANK_PREFIXES[i.min(RANK_PREFIXES.len() - 1)];
+            ranks.push(Runtime::spawn(bin, args, &launch.env, prefix)?.0);
+        }
+        let (head, listening) = Runtime::spawn(bin, &launch.args, &launch.env, LOG_PREFIX)?;
+        Ok((Self { head, ranks }, listening))
+    }
+
+    /// The head's process id.
+    pub fn pid(&self) -> Option<i32> {
+        self.head.pid()
+    }
+
+    /// Process ids of the expert-only ranks 1..N.
+    pub fn rank_pids(&self) -> Vec<Option<i32>> {
+        self.ranks.iter().map(Runtime::pid).collect()
+    }
+
+    /// Processes in the group.
+    pub fn len(&self) -> usize {
+        1 + self.ranks.len()
+    }
+
+    /// Never empty: there is always a head.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Waits until any process of the group exits, and returns its status (cancel-safe).
+    pub async fn wait(&mut self) -> Result<ExitStatus, Error> {
+        if self.ranks.is_empty() {
+            return self.head.wait().await;
+        }
+        let waits = std::iter::once(&mut self.head).chain(self.ranks.iter_mut()).map(|r| Box::pin(r.wait()));
+        futures_util::future::select_all(waits).await.0
+    }
+
+    /// Waits until every process exited: the head's status, or a rank's when the head succeeded and it did not.
+    pub async fn wait_all(&mut self) -> Result<ExitStatus, Error> {
+        let mut status = self.head.wait().await?;
+        for rank in &mut self.ranks {
+            let rank_status = rank.wait().await?;
+            if status.success() && !rank_status.success() {
+                status = rank_status;
+            }
+        }
+        Ok(status)
+    }
+
+    /// SIGTERM to the head (it drains) and to every rank.
+    pub fn terminate(&self) -> Result<(), Error> {
+        self.head.terminate()?;
+        self.ranks.iter().try_for_each(Runtime::terminate)
+    }
+
+    /// Kills every process and reaps them.
+    pub async fn kill(&mut self) -> Result<(), Error> {
+        self.head.kill().await?;
+        for rank in &mut self.ranks {
+            rank.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Lets the log forwarders print what the exited processes left in their pipes.
+    pub async fn flush_logs(&mut self) {
+        self.head.flush_logs().await;
+        for rank in &mut self.ranks {
+            rank.flush_logs().await;
+        }
+    }
+}
+
+/// `n` free TCP ports on 127.0.0.1 (bound, read and released; another process could take one in between, which
+/// the rank that needs it then reports as a bind error).
+pub fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
+    let what = "finding free ports for the expert ranks";
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|source| Error::Process { what, source })?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).map_err(|source| Error::Process { what, source }))
+        .collect()
+}
+
 /// Forwards stdout, sending the address of the listening line once.
-async fn read_stdout(stdout: impl AsyncRead + Unpin, found: oneshot::Sender<SocketAddr>) {
+async fn read_stdout(stdout: impl AsyncRead + Unpin, found: oneshot::Sender<SocketAddr>, prefix: &str) {
     let mut found = Some(found);
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -113,19 +220,19 @@ async fn read_stdout(stdout: impl AsyncRead + Unpin, found: oneshot::Sender<Sock
             let _ = found.send(addr);
             continue;
         }
-        log_line(&line);
+        log_line(prefix, &line);
     }
 }
 
 /// Writes one runtime log line to stderr; a closed stderr must not stop the server, so errors are ignored.
-fn log_line(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{LOG_PREFIX}{line}");
+fn log_line(prefix: &str, line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
 }
 
-async fn forward_lines(pipe: impl AsyncRead + Unpin) {
+async fn forward_lines(pipe: impl AsyncRead + Unpin, prefix: &str) {
     let mut lines = BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        log_line(&line);
+        log_line(prefix, &line);
     }
 }
 

@@ -1,7 +1,9 @@
 //! From a `ModelDeployment` spec to one `baleen-runtime serve` command line (pure; no I/O).
 //!
-//! What `baleen up` can run on one machine today: one replica of one rank, with a `builtin:` or `file://`
-//! source. Anything else is refused with the field that asks for it and what to do instead.
+//! What `baleen up` can run on one machine today: one replica — one rank, or an expert-parallel group of ranks
+//! (`parallelism.expert`), each a process exchanging token rows with the head over gRPC on 127.0.0.1 — with a
+//! `builtin:` or `file://` source. Anything else is refused with the field that asks for it and what to do
+//! instead.
 
 use baleen_api::crd::{ModelDeploymentSpec, ModelSource};
 use baleen_api::names::BUILTIN_TINY_MOE;
@@ -16,8 +18,10 @@ pub struct Launch {
     /// The name the runtime will serve the model as (its rule: `servedName`, else `NAME` of `builtin:NAME`, else
     /// the `--model` string); `GET /v1/models` is the authority, this is the fallback.
     pub served_name: String,
-    /// Arguments after `serve`.
+    /// Arguments after `serve` of the head (rank 0, the HTTP API).
     pub args: Vec<String>,
+    /// Arguments after `serve` of each expert-only rank 1..N of an expert-parallel group (empty for one rank).
+    pub ranks: Vec<Vec<String>>,
     /// Extra environment of the runtime process (`spec.runtime.env`).
     pub env: Vec<(String, String)>,
     /// Things in the spec that `baleen up` ignores, one sentence each, to print.
@@ -32,7 +36,7 @@ impl Launch {
 }
 
 /// Flags `baleen up` sets itself, with where to set them instead; `spec.runtime.args` must not repeat them.
-const OWNED_FLAGS: [(&str, &str); 8] = [
+const OWNED_FLAGS: [(&str, &str); 14] = [
     ("--model", "spec.model.source"),
     ("--host", "`baleen up --host`"),
     ("--port", "`baleen up --port`"),
@@ -41,11 +45,19 @@ const OWNED_FLAGS: [(&str, &str); 8] = [
     ("--max-num-seqs", "spec.runtime.maxNumSeqs"),
     ("--max-model-len", "spec.runtime.maxModelLen"),
     ("--kv-cache-memory", "spec.runtime.kvCacheMemory"),
+    ("--rank", "spec.parallelism.expert"),
+    ("--world-size", "spec.parallelism.expert"),
+    ("--peers", "spec.parallelism.expert"),
+    ("--peer-pattern", "spec.parallelism.expert"),
+    ("--replicate", "spec.parallelism.redundantExperts"),
+    ("--data-parallel-attention", "spec.parallelism.dataParallelAttention"),
 ];
 
-/// The `serve` command line for `spec` on `host:port`. The spec is assumed validated (the manifest parser does
-/// it); what it asks for beyond one local process is refused here.
-pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch, Error> {
+/// The `serve` command lines for `spec`: the head's API on `host:port`, and with `parallelism.expert` = N > 1 the
+/// N ranks' expert gRPC services on `127.0.0.1:grpc_ports[r]` (the caller picks N free ports; ignored for one
+/// rank). The spec is assumed validated (the manifest parser does it); what it asks for beyond one local replica
+/// is refused here.
+pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16]) -> Result<Launch, Error> {
     let source = spec.source().map_err(|e| Error::Unsupported { field: "spec.model.source", reason: e.to_string() })?;
     let (model, default_name) = match &source {
         ModelSource::Builtin { name } => (source.to_string(), name.clone()),
@@ -61,14 +73,19 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
             });
         }
     };
-    if spec.expert_parallelism() > 1 {
+    let world = spec.expert_parallelism() as usize;
+    if world > 1 && spec.data_parallel_attention() {
         return Err(Error::Unsupported {
-            field: "spec.parallelism.expert",
-            reason: format!(
-                "{} ranks per replica requested, but expert parallelism arrives with a later release; `baleen up` \
-                 runs one rank (expert: 1) for now",
-                spec.expert_parallelism()
-            ),
+            field: "spec.parallelism.dataParallelAttention",
+            reason: "every rank is a head with its own API, which needs the in-process gateway in front of them; it \
+                     arrives with a later release. `baleen up` runs expert-parallel groups with one head for now"
+                .to_string(),
+        });
+    }
+    if world > 1 && grpc_ports.len() != world {
+        return Err(Error::Setting {
+            name: "grpc ports",
+            reason: format!("{} ports for a group of {world} ranks", grpc_ports.len()),
         });
     }
     if spec.replicas() == 0 {
@@ -89,6 +106,11 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
     }
 
     let served_name = spec.model.served_name.clone().unwrap_or(default_name);
+    // Flags every rank of a group shares: the model and its dtype.
+    let mut shared = vec!["--model".to_string(), model.clone()];
+    if let Some(dtype) = spec.model.dtype {
+        shared.extend(["--dtype".to_string(), dtype.as_str().to_string()]);
+    }
     let mut args = vec!["--model".to_string(), model, "--host".into(), host.into(), "--port".into(), port.to_string()];
     let mut flag = |name: &str, value: String| {
         args.push(name.to_string());
@@ -102,6 +124,7 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
     }
     let mut env = Vec::new();
     let mut notes = Vec::new();
+    let mut extra = Vec::new();
     if let Some(runtime) = &spec.runtime {
         if let Some(n) = runtime.max_num_seqs {
             flag("--max-num-seqs", n.to_string());
@@ -121,7 +144,7 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
                 });
             }
         }
-        args.extend(runtime.args.iter().cloned());
+        extra.clone_from(&runtime.args);
         for var in &runtime.env {
             if var.value_from.is_some() {
                 return Err(Error::Unsupported {
@@ -143,6 +166,29 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
             ));
         }
     }
+    // An expert-parallel group: the head is rank 0; ranks 1..N serve their experts (and probes) only.
+    let mut ranks = Vec::new();
+    if world > 1 {
+        let peers = grpc_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let mut group = vec!["--world-size".to_string(), world.to_string(), "--peers".to_string(), peers];
+        let replicas = spec.redundant_experts().iter().map(|r| format!("{}@{}", r.expert, r.rank)).collect::<Vec<_>>();
+        if !replicas.is_empty() {
+            group.extend(["--replicate".to_string(), replicas.join(",")]);
+        }
+        args.extend(["--rank".to_string(), "0".to_string()]);
+        args.extend(group.iter().cloned());
+        for rank in 1..world {
+            let mut rank_args = shared.clone();
+            rank_args.extend(["--host", "127.0.0.1", "--port", "0", "--rank"].map(str::to_string));
+            rank_args.push(rank.to_string());
+            rank_args.extend(group.iter().cloned());
+            ranks.push(rank_args);
+        }
+    }
+    args.extend(extra.iter().cloned());
+    for rank_args in &mut ranks {
+        rank_args.extend(extra.iter().cloned());
+    }
     for (field, set) in [
         ("spec.scheduling", spec.scheduling.is_some()),
         ("spec.autoscaling", spec.autoscaling.is_some()),
@@ -152,7 +198,7 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16) -> Result<Launch,
             notes.push(format!("{field} is ignored: it applies to a cluster, and `baleen up` runs one replica here"));
         }
     }
-    Ok(Launch { source, served_name, args, env, notes })
+    Ok(Launch { source, served_name, args, ranks, env, notes })
 }
 
 #[cfg(test)]
@@ -164,7 +210,7 @@ mod tests {
     use super::*;
 
     fn unsupported_field(spec: &ModelDeploymentSpec) -> (&'static str, String) {
-        match plan(spec, "127.0.0.1", 0) {
+        match plan(spec, "127.0.0.1", 0, &[]) {
             Err(Error::Unsupported { field, reason }) => (field, reason),
             other => panic!("{other:?}"),
         }
@@ -172,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_default_spec_serves_the_builtin_demo() {
-        let launch = plan(&ModelDeploymentSpec::new(BUILTIN_TINY_MOE), "127.0.0.1", 8080).unwrap();
+        let launch = plan(&ModelDeploymentSpec::new(BUILTIN_TINY_MOE), "127.0.0.1", 8080, &[]).unwrap();
         assert_eq!(launch.args, ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "8080"]);
         assert!(launch.env.is_empty() && launch.notes.is_empty());
         assert!(launch.is_demo());
@@ -199,7 +245,7 @@ mod tests {
             env: vec![EnvVar { name: "BALEEN_RUNTIME_LOG".into(), value: Some("debug".into()), value_from: None }],
             ..RuntimeSpec::default()
         });
-        let launch = plan(&spec, "0.0.0.0", 0).unwrap();
+        let launch = plan(&spec, "0.0.0.0", 0, &[]).unwrap();
         assert_eq!(
             launch.args,
             [
@@ -241,12 +287,48 @@ mod tests {
     }
 
     #[test]
-    fn expert_parallelism_is_refused_not_pretended() {
+    fn an_expert_parallel_group_is_a_head_and_expert_only_ranks_on_loopback() {
         let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
-        spec.parallelism = Some(ParallelismSpec { expert: Some(4), ..ParallelismSpec::default() });
+        spec.model.dtype = Some(Dtype::F32);
+        spec.parallelism = Some(ParallelismSpec {
+            expert: Some(2),
+            redundant_experts: vec![baleen_api::crd::RedundantExpert { expert: 3, rank: 1 }],
+            ..ParallelismSpec::default()
+        });
+        spec.runtime = Some(RuntimeSpec { args: vec!["--threads".into(), "1".into()], ..RuntimeSpec::default() });
+        let launch = plan(&spec, "127.0.0.1", 8080, &[7001, 7002]).unwrap();
+        let group = ["--world-size", "2", "--peers", "127.0.0.1:7001,127.0.0.1:7002", "--replicate", "3@1"];
+        let head: Vec<String> =
+            ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "8080", "--dtype", "f32"]
+                .into_iter()
+                .chain(["--rank", "0"])
+                .chain(group)
+                .chain(["--threads", "1"])
+                .map(str::to_string)
+                .collect();
+        assert_eq!(launch.args, head);
+        let rank1: Vec<String> =
+            ["--model", "builtin:tiny-moe", "--dtype", "f32", "--host", "127.0.0.1", "--port", "0"]
+                .into_iter()
+                .chain(["--rank", "1"])
+                .chain(group)
+                .chain(["--threads", "1"])
+                .map(str::to_string)
+                .collect();
+        assert_eq!(launch.ranks, [rank1]);
+    }
+
+    #[test]
+    fn data_parallel_heads_need_the_gateway() {
+        let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
+        spec.parallelism = Some(ParallelismSpec {
+            expert: Some(2),
+            data_parallel_attention: Some(true),
+            ..ParallelismSpec::default()
+        });
         let (field, reason) = unsupported_field(&spec);
-        assert_eq!(field, "spec.parallelism.expert");
-        assert!(reason.contains("expert parallelism arrives with a later release"), "{reason}");
+        assert_eq!(field, "spec.parallelism.dataParallelAttention");
+        assert!(reason.contains("gateway"), "{reason}");
     }
 
     #[test]

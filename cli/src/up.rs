@@ -1,4 +1,5 @@
-//! `baleen up`: run a ModelDeployment on this machine as one `baleen-runtime serve` child process.
+//! `baleen up`: run a ModelDeployment on this machine as `baleen-runtime serve` child processes — one, or with
+//! `parallelism.expert` = N a head and N - 1 expert-only ranks exchanging token rows over gRPC on 127.0.0.1.
 //!
 //! Start the runtime, learn its address from its listening line, poll `/ready` until 200 (or `--ready-timeout`),
 //! print the base URL, the served model and a curl line, then serve until Ctrl-C or SIGTERM: send the runtime one
@@ -17,7 +18,7 @@ use baleen_api::openai::ModelList;
 use tokio::time::Instant;
 
 use crate::banner;
-use crate::child::{self, Runtime, connect_addr};
+use crate::child::{self, Group, connect_addr};
 use crate::config::UpArgs;
 use crate::error::Error;
 use crate::launch;
@@ -80,15 +81,28 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
         Some(path) => load_manifest(path)?.spec,
         None => ModelDeploymentSpec::new(BUILTIN_TINY_MOE),
     };
-    let launch = launch::plan(&spec, &args.host, args.port)?;
+    let world = spec.expert_parallelism() as usize;
+    let grpc_ports = if world > 1 { child::free_ports(world)? } else { Vec::new() };
+    let launch = launch::plan(&spec, &args.host, args.port, &grpc_ports)?;
     let bin = find_runtime(&SearchPlaces::of_this_process(args.runtime_bin.clone()))?;
     let mut signals = Signals::new()?;
     for note in &launch.notes {
         say(format!("note: {note}"));
     }
+    for (rank, rank_args) in launch.ranks.iter().enumerate() {
+        say(format!("starting expert rank {}: {} serve {}", rank + 1, bin.display(), rank_args.join(" ")));
+    }
     say(format!("starting runtime: {} serve {}", bin.display(), launch.args.join(" ")));
-    let (mut runtime, listening) = Runtime::spawn(&bin, &launch)?;
+    let (mut runtime, listening) = Group::spawn(&bin, &launch)?;
+    for (rank, pid) in runtime.rank_pids().into_iter().enumerate() {
+        if let Some(pid) = pid {
+            say(format!("expert rank {} pid {pid}", rank + 1));
+        }
+    }
     match runtime.pid() {
+        Some(pid) if runtime.len() > 1 => {
+            say(format!("loading model {} (head pid {pid}, {} ranks)…", launch.source, runtime.len()));
+        }
         Some(pid) => say(format!("loading model {} (runtime pid {pid})…", launch.source)),
         None => say(format!("loading model {}…", launch.source)),
     }
@@ -157,14 +171,14 @@ async fn served_model(addr: SocketAddr) -> Result<String, String> {
 }
 
 /// Asks the runtime to drain and exit; forwards a second signal; kills it after `timeout`.
-async fn stop(mut runtime: Runtime, mut signals: Signals, timeout: Duration, signal: &str) -> Result<Outcome, Error> {
+async fn stop(mut runtime: Group, mut signals: Signals, timeout: Duration, signal: &str) -> Result<Outcome, Error> {
     say(format!("{signal}: stopping the runtime (finishing in-flight requests, up to {}s)…", timeout.as_secs()));
     runtime.terminate()?;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            status = runtime.wait() => {
+            status = runtime.wait_all() => {
                 let status = ended(&mut runtime, status).await?;
                 if status.success() {
                     say("stopped.");
@@ -189,19 +203,19 @@ async fn stop(mut runtime: Runtime, mut signals: Signals, timeout: Duration, sig
 }
 
 /// Stops a runtime that missed `--ready-timeout`, then reports the timeout.
-async fn ready_timeout(runtime: Runtime, signals: Signals, args: &UpArgs) -> Result<Outcome, Error> {
+async fn ready_timeout(runtime: Group, signals: Signals, args: &UpArgs) -> Result<Outcome, Error> {
     stop(runtime, signals, args.stop_timeout(), "not ready in time").await?;
     Err(Error::ReadyTimeout { timeout: args.ready_timeout() })
 }
 
 /// The status of a runtime that exited (`wait` already returned), after its last log lines are printed.
-async fn ended(runtime: &mut Runtime, status: Result<ExitStatus, Error>) -> Result<ExitStatus, Error> {
+async fn ended(runtime: &mut Group, status: Result<ExitStatus, Error>) -> Result<ExitStatus, Error> {
     runtime.flush_logs().await;
     status
 }
 
 /// Waits for a runtime that is exiting, then flushes its logs.
-async fn finish(runtime: &mut Runtime) -> Result<ExitStatus, Error> {
+async fn finish(runtime: &mut Group) -> Result<ExitStatus, Error> {
     let status = runtime.wait().await;
     ended(runtime, status).await
 }

@@ -79,6 +79,7 @@ struct Up {
     stdout: Vec<String>,
     stderr: Arc<Mutex<String>>,
     runtime_pid: Option<i32>,
+    rank_pids: Vec<i32>,
 }
 
 impl Up {
@@ -114,7 +115,7 @@ impl Up {
                 sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Self { child, lines, stdout: Vec::new(), stderr, runtime_pid: None }
+        Self { child, lines, stdout: Vec::new(), stderr, runtime_pid: None, rank_pids: Vec::new() }
     }
 
     fn stderr(&self) -> String {
@@ -131,8 +132,15 @@ impl Up {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(pid) = line.split("runtime pid ").nth(1) {
-                        self.runtime_pid = pid.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok();
+                    let pid = |marker: &str| {
+                        let rest = line.split(marker).nth(1)?;
+                        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()
+                    };
+                    if let Some(p) = pid("runtime pid ").or_else(|| pid("head pid ")) {
+                        self.runtime_pid = Some(p);
+                    }
+                    if let Some(p) = pid(" pid ").filter(|_| line.starts_with("expert rank ")) {
+                        self.rank_pids.push(p);
                     }
                     self.stdout.push(line.clone());
                     if line.contains(needle) {
@@ -187,8 +195,8 @@ impl Drop for Up {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if let Some(pid) = self.runtime_pid {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for pid in self.runtime_pid.iter().chain(&self.rank_pids) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
     }
 }
@@ -352,6 +360,29 @@ fn the_example_manifest_runs_locally() {
 }
 
 #[test]
+fn the_expert_parallel_example_runs_a_group_of_ranks_locally() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/tiny-cpu-ep2.yaml");
+    let mut up = Up::start(&[example.to_str().unwrap()]);
+    let base = up.base_url();
+    assert_eq!(up.rank_pids.len(), 1, "{:#?}", up.stdout);
+    let (status, body) = chat(&base, "tiny-moe", 4);
+    assert_eq!(status, 200, "{body}");
+    // The head really sent rows to rank 1 over gRPC.
+    let (status, metrics) = get(&format!("{}/metrics", base.trim_end_matches("/v1")));
+    assert_eq!(status, 200);
+    let line = |prefix: &str| metrics.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_string();
+    assert!(line("baleen_runtime_expert_peer_up{").ends_with(" 1"), "{metrics}");
+    let dispatches = line("baleen_runtime_expert_dispatch_seconds_count{");
+    assert!(dispatches.rsplit(' ').next().unwrap().parse::<u64>().unwrap() > 0, "{metrics}");
+
+    up.signal(Signal::SIGINT);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+    for pid in up.runtime_pid.iter().chain(&up.rank_pids) {
+        assert!(!process_exists(*pid), "process {pid} outlived `baleen up`");
+    }
+}
+
+#[test]
 fn a_runtime_that_dies_while_serving_makes_up_exit_non_zero() {
     let mut up = Up::start(&[]);
     up.base_url();
@@ -397,9 +428,9 @@ fn invalid_manifests_fail_naming_the_field() {
             &["`spec.model.source`", "needs a cluster", "file://"],
         ),
         (
-            "expert parallelism",
-            "  model: {source: builtin:tiny-moe}\n  parallelism: {expert: 4}\n",
-            &["`spec.parallelism.expert`", "expert parallelism arrives with a later release"],
+            "data-parallel heads",
+            "  model: {source: builtin:tiny-moe}\n  parallelism: {expert: 2, dataParallelAttention: true}\n",
+            &["`spec.parallelism.dataParallelAttention`", "gateway"],
         ),
         ("zero replicas", "  model: {source: builtin:tiny-moe}\n  replicas: 0\n", &["`spec.replicas`"]),
         ("unknown scheme", "  model: {source: s3://bucket/model}\n", &["`spec.model.source`", "s3://bucket/model"]),
