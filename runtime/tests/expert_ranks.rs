@@ -244,3 +244,24 @@ fn an_expert_rank_serves_probes_and_metrics_but_no_api() {
     assert!(rows(&after) > 0, "rank 1 computed no rows for the head: {after}");
     assert!(after.contains("baleen_runtime_expert_compute_seconds_count"), "{after}");
 }
+
+#[test]
+fn a_head_started_before_its_peers_serves_not_ready_until_they_arrive() {
+    let model = "builtin:tiny-moe";
+    let ports = free_ports(2);
+    let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let args: Vec<String> = ["serve", "--model", model, "--host", "127.0.0.1", "--port", "0", "--peers", &peers]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--rank", "0", "--world-size", "2", "--expert-timeout", "1"].iter().map(|s| s.to_string()))
+        .collect();
+    // The peer is not there: past the start-up wait the head serves anyway, not ready, naming the peer.
+    let (_head, addr) = start(&args, "baleen-runtime listening on http://");
+    let (status, text) = http(&addr, "GET", "/ready", "");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("expert peers not ready"), "{text}");
+    let _rank1 = expert_rank(model, 1, &peers, 2, &[]);
+    wait_for(&addr, 200);
+    let body = r#"{"prompt": "Hello", "max_tokens": 4, "temperature": 0}"#;
+    assert_eq!(http(&addr, "POST", "/v1/completions", body).0, 200);
+}

@@ -144,8 +144,14 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
         if args.model.expert.data_parallel_attention {
             super::expert_rank::start_head_service(args, &runtime, &loaded.model)?;
         }
-        peers.wait_ready(args.model.expert.timeout())?;
-        tracing::info!("expert peers ready");
+        // Ranks of a group start in any order and load at their own pace (pods of a StatefulSet): a head whose
+        // peers are late serves anyway, with `/ready` answering 503 (naming the missing peers) until they answer.
+        match peers.wait_ready(args.model.expert.timeout()) {
+            Ok(()) => tracing::info!("expert peers ready"),
+            Err(e) => {
+                tracing::warn!(error = %e, "serving before every expert peer is ready; /ready stays 503 until then")
+            }
+        }
     }
     let (engine, engine_thread) = crate::engine::spawn(loaded, config, metrics.clone(), served.clone(), threads)?;
     let served_result = runtime.block_on(serve_until_signal(args, signals, engine.clone(), metrics, peers));
