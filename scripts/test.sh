@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (README, .ci/run). Installs nothing beyond the Rust toolchain today: the
-# transformers goldens are committed fixtures, so torch is never needed here.
+# The project's test command (README, .ci/run): fmt, clippy, every Rust test, then the Python stage in a venv it
+# creates (target/py-venv, pinned tests/python/requirements.txt): the official openai SDK against the runtime,
+# kubernetes-validate --strict over the CRD and everything the operator renders, and the Helm chart rendered and
+# linted with the Helm SDK. The transformers goldens are committed fixtures, so torch is never needed here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +22,7 @@ cargo test --workspace --locked
 # ---- Python stage: OpenAI SDK conformance (tests/python) against a real `baleen-runtime serve` ----------------
 # Creates target/py-venv, installs tests/python/requirements.txt when it changed (hash stamp), builds the debug
 # binary and runs pytest. With CI=true a missing tool is a failure; elsewhere it is a loud skip of this stage.
-echo "== python: OpenAI SDK conformance (tests/python)"
+echo "== python: OpenAI SDK conformance, Kubernetes manifests, Helm chart (tests/python)"
 py_missing() {
   if [[ "${CI:-}" == "true" ]]; then
     echo "error: $* (CI=true: a missing test tool is a failure)" >&2
@@ -52,4 +54,5 @@ fi
 # Same feature resolution as `cargo test --workspace` above, so this reuses its build instead of rebuilding deps.
 cargo build --workspace --locked
 export BALEEN_RUNTIME_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-runtime"
+export BALEEN_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-operator"
 PYTHONDONTWRITEBYTECODE=1 "$PY_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
