@@ -16,7 +16,7 @@
 //! 4. The shared objects are applied every time: the heads Service, the PodDisruptionBudget and, with
 //!    `--pod-monitor`, the PodMonitor.
 //! 5. The status computed from what step 3 observed ([`crate::status::compute`]) is applied to the status
-//!    subresource; groups created or deleted in this reconcile show up in the next one, which their watch events
+//!    subresource, unless it is exactly the status the object already has; groups created or deleted in this reconcile show up in the next one, which their watch events
 //!    trigger.
 //!
 //! Events: `GroupCreated`/`GroupDeleted` for each group, `RolloutComplete` once no old group is left, and a
@@ -99,8 +99,8 @@ pub struct Context {
     pub client: Client,
     /// Operator defaults for the objects created.
     pub config: OperatorConfig,
-    /// Publishes Events on ModelDeployments.
-    pub recorder: Recorder,
+    /// Names the operator (and this replica) as the source of its Events.
+    pub reporter: Reporter,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
     /// Failed reconciles in a row, by `namespace/name`, for the back-off of [`error_policy`].
@@ -117,13 +117,7 @@ impl Context {
     /// A context whose Events name `instance` (this replica) as their reporting instance.
     pub fn new(client: Client, config: OperatorConfig, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
         let reporter = Reporter { controller: OPERATOR_CONTROLLER_NAME.to_string(), instance };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            config,
-            metrics,
-            failures: Mutex::new(HashMap::new()),
-        }
+        Self { reporter, client, config, metrics, failures: Mutex::new(HashMap::new()) }
     }
 
     fn key(md: &ModelDeployment) -> String {
@@ -196,9 +190,12 @@ where
     }
 }
 
-/// Publishes an Event on `md`. `secondary` is the object it is about besides `md` (a group's StatefulSet): the
-/// recorder folds Events with the same type, reason, action and objects within a few minutes into one series
-/// (keeping the first note), so Events about different groups must name them to stay apart.
+/// Publishes an Event on `md`, about `secondary` too when given (a group's StatefulSet).
+///
+/// The controller decides itself when an Event is due (on transitions), so each Event is posted as a new object:
+/// a fresh [`Recorder`] per Event. A shared one would fold Events with the same type, reason, action and objects
+/// within six minutes into a series that keeps the first Event's note — a second `InvalidSpec` for a different
+/// mistake would then show the old message.
 async fn publish(
     ctx: &Context,
     md: &ModelDeployment,
@@ -208,7 +205,8 @@ async fn publish(
 ) {
     let event = Event { type_, reason: reason.to_string(), note: Some(note), action: action.to_string(), secondary };
     // Events are best effort: a refused Event must not fail the reconcile (which would retry its applies).
-    if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(e) = recorder.publish(&event, &md.object_ref(&())).await {
         tracing::warn!(md = %Context::key(md), reason, error = %e, "publishing an Event failed");
     }
 }
@@ -229,6 +227,15 @@ async fn patch_status(api: &Api<ModelDeployment>, name: &str, status: &ModelDepl
     let body = serde_json::json!({"apiVersion": CRD_API_VERSION, "kind": CRD_KIND, "status": status});
     api.patch_status(name, &apply_params(), &Patch::Apply(&body)).await?;
     Ok(())
+}
+
+/// Writes `status` unless `md` already has exactly that status (an unchanged status costs no API call and no
+/// watch event).
+async fn write_status(api: &Api<ModelDeployment>, md: &ModelDeployment, status: &ModelDeploymentStatus) -> Result<()> {
+    if md.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    patch_status(api, &md.name_any(), status).await
 }
 
 /// Whether a Warning Event is due for the new `Degraded` condition: it turned true, changed reason, or is true
@@ -253,13 +260,15 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     let client = ctx.client.clone();
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &namespace);
     let previous_degraded = find_condition(md.status.as_ref(), CONDITION_DEGRADED);
+    // Whole seconds: what a condition's `lastTransitionTime` keeps on the wire.
     let now = Timestamp::now();
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
 
     if let Err(invalid) = validate_name(&name).and_then(|()| md.spec.validate()) {
         let message = invalid.to_string();
         tracing::info!(md = %Context::key(md), %message, "invalid spec: nothing is created");
         let status = status::invalid(md, &message, resources::heads_selector(md), now);
-        patch_status(&mds, &name, &status).await?;
+        write_status(&mds, md, &status).await?;
         if let Some(degraded) = find_condition(Some(&status), CONDITION_DEGRADED)
             && degraded_event_due(previous_degraded, degraded)
         {
@@ -325,7 +334,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     }
 
     let status = status::compute(md, &revision, resources::heads_selector(md), &observed_sets, &observed_pods, now);
-    patch_status(&mds, &name, &status).await?;
+    write_status(&mds, md, &status).await?;
 
     let was_rolling_out = find_condition(md.status.as_ref(), CONDITION_PROGRESSING)
         .is_some_and(|c| c.status == "True" && c.reason == REASON_ROLLING_OUT);

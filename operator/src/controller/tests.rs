@@ -318,14 +318,13 @@ async fn a_crash_looping_rank_is_degraded_with_one_warning() {
     assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::requeue(REQUEUE_BUSY));
     assert_eq!(condition(&status, CONDITION_DEGRADED), ("True", REASON_MODEL_LOAD_FAILED));
 
-    // Still crashing at the next reconcile: no second Warning.
+    // Still crashing at the next reconcile: the same status (not written again) and no second Warning.
     let mut md2 = md.clone();
     md2.status = Some(status);
     let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx));
     expect_lists(&mut server, vec![sts(&r, 0, 2, 1)], crashing).await;
     expect_shared(&mut server).await;
-    expect_status(&mut server, &md2).await;
-    server.finish(task).await.unwrap().unwrap();
+    assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::requeue(REQUEUE_BUSY));
 }
 
 #[tokio::test]
@@ -345,12 +344,19 @@ async fn an_invalid_spec_is_reported_and_nothing_is_created() {
     assert_eq!(warning.body["note"].as_str(), Some(message.as_str()));
     assert_eq!(ctx.metrics.reconciles(metrics::RESULT_OK), 1, "an invalid spec is handled, not an error");
 
-    // Reconciled again unchanged: the status is rewritten, but no second Warning.
+    // Reconciled again unchanged: the status is already right and the Warning was given: no request at all.
     let mut md2 = md.clone();
     md2.status = Some(status);
-    let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx));
-    expect_status(&mut server, &md2).await;
+    let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx.clone()));
     assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::await_change());
+
+    // The spec is edited but still invalid: the status names the new generation, and the Warning is repeated.
+    md2.metadata.generation = Some(2);
+    let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx));
+    let status = expect_status(&mut server, &md2).await;
+    expect_event(&mut server, "Warning", REASON_INVALID_SPEC).await;
+    assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(find_condition(Some(&status), CONDITION_DEGRADED).unwrap().observed_generation, Some(2));
     server.expect_quiet().await;
 }
 
