@@ -13,11 +13,12 @@
 //!    server-side apply) and which to delete (StatefulSet and Service, propagation `Background`: the StatefulSet
 //!    goes at once, so its name and index are free again and the status stops counting it, and the garbage
 //!    collector then removes its pods, each of which drains through its own termination grace period).
-//! 4. The shared objects are applied every time: the heads Service, the PodDisruptionBudget and, with
-//!    `--pod-monitor`, the PodMonitor.
-//! 5. The status computed from what step 3 observed ([`crate::status::compute`]) is applied to the status
-//!    subresource, unless it is exactly the status the object already has; groups created or deleted in this reconcile show up in the next one, which their watch events
-//!    trigger.
+//! 4. The groups of the current revision that stay are applied again (drift repair; a no-op when nothing changed),
+//!    and the shared objects every time: the heads Service, the PodDisruptionBudget and, with `--pod-monitor`,
+//!    the PodMonitor.
+//! 5. The status ([`crate::status::compute`]) of the groups as step 3 left them — created groups counted (not
+//!    ready yet), deleted ones gone — is applied to the status subresource, unless it is exactly the status the
+//!    object already has.
 //!
 //! Events: `GroupCreated`/`GroupDeleted` for each group, `RolloutComplete` once no old group is left, and a
 //! Warning with the `Degraded` reason whenever `Degraded` turns true, changes reason, or stays true across a spec
@@ -304,9 +305,13 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     let Plan { create, delete: mut remove } = plan(md.spec.replicas(), &revision, md.spec.max_surge(), &groups);
     remove.retain(|g| !terminating.contains(g));
 
+    // What the groups are once this plan is applied: the status describes that, not the moment before it.
+    let mut current_sets = observed_sets;
     for group in &create {
         let group_name = group.name(&name);
-        apply(&statefulsets, &resources::group_statefulset(md, group, &ctx.config)?).await?;
+        let created = apply(&statefulsets, &resources::group_statefulset(md, group, &ctx.config)?).await?;
+        current_sets.retain(|s| s.name_any() != group_name);
+        current_sets.push(created);
         apply(&services, &resources::group_service(md, group)?).await?;
         tracing::info!(md = %Context::key(md), group = %group_name, "created group");
         let note =
@@ -314,10 +319,22 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         let group_ref = group_reference(&namespace, &group_name);
         publish(ctx, md, (EventType::Normal, EVENT_GROUP_CREATED, ACTION_CREATE), group_ref, note).await;
     }
+    // Drift repair: the groups of the current revision that stay are applied again (a no-op when nothing changed;
+    // a hand-edited or deleted StatefulSet field or headless Service comes back). Groups of older revisions
+    // cannot be rebuilt from this spec and are on their way out anyway.
+    for observed in &groups {
+        let group = &observed.group;
+        if group.revision != revision || remove.contains(group) || terminating.contains(group) {
+            continue;
+        }
+        apply(&statefulsets, &resources::group_statefulset(md, group, &ctx.config)?).await?;
+        apply(&services, &resources::group_service(md, group)?).await?;
+    }
     for group in &remove {
         let group_name = group.name(&name);
         delete(&statefulsets, &group_name).await?;
         delete(&services, &group_name).await?;
+        current_sets.retain(|s| s.name_any() != group_name);
         tracing::info!(md = %Context::key(md), group = %group_name, "deleted group");
         let note = format!("Deleted group {group_name} (revision {})", group.revision);
         let group_ref = group_reference(&namespace, &group_name);
@@ -333,7 +350,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         apply(&monitors, &resources::pod_monitor(md)?).await?;
     }
 
-    let status = status::compute(md, &revision, resources::heads_selector(md), &observed_sets, &observed_pods, now);
+    let status = status::compute(md, &revision, resources::heads_selector(md), &current_sets, &observed_pods, now);
     write_status(&mds, md, &status).await?;
 
     let was_rolling_out = find_condition(md.status.as_ref(), CONDITION_PROGRESSING)
@@ -379,6 +396,8 @@ pub async fn run_controller(
     let ours = watcher::Config::default().labels(LABEL_MODEL_DEPLOYMENT);
     Controller::new(scoped::<ModelDeployment>(client.clone(), namespace), watcher::Config::default())
         .owns(scoped::<StatefulSet>(client.clone(), namespace), ours.clone())
+        // The group and heads Services: deleting or editing one by hand is repaired at once.
+        .owns(scoped::<Service>(client.clone(), namespace), ours.clone())
         // Pod changes (crash loops, scheduling) change the status; pods are owned by the StatefulSets, so map them
         // to their ModelDeployment through its label.
         .watches(scoped::<Pod>(client, namespace), ours, |pod: Pod| {

@@ -11,10 +11,11 @@
 //! - `Progressing`: `True` with `RollingOut` (groups of another revision exist), `Scaling` (the groups of the
 //!   current revision are not `replicas` in number) or `ReplicasNotReady` (the right groups exist but some are not
 //!   ready yet); `False` with `ScaledToZero` or `AllReplicasReady` when there is nothing left to do.
-//! - `Available`: `True`/`AllReplicasReady` when `replicas` groups are ready; while scaling, `True`/`Scaling` as
-//!   long as one group serves; while rolling out, `True`/`RollingOut` as long as the rollout's availability floor
-//!   holds (`replicas`, or `replicas - 1` with `maxSurge` 0); `False`/`ScaledToZero` at 0 replicas; otherwise
-//!   `False`/`ReplicasNotReady`.
+//! - `Available`: `True` while at least one group is ready (the heads Service has an endpoint to send requests
+//!   to): `AllReplicasReady` when `replicas` groups are, else the `Progressing` reason (`Scaling`, `RollingOut`,
+//!   `ReplicasNotReady`) with "k of n groups ready". `False`/`ScaledToZero` at 0 replicas, and `False` with the
+//!   `Progressing` reason while no group is ready. (How many must stay ready during a rollout is the planner's
+//!   rule, [`crate::plan`].)
 //!
 //! A condition keeps its `lastTransitionTime` while its status stays the same (the reason and message may change);
 //! every condition carries the `metadata.generation` it describes.
@@ -129,18 +130,15 @@ pub fn compute(
         (false, REASON_ALL_READY, format!("{desired} groups ready at revision {revision}"))
     };
 
-    let max_unavailable = u32::from(md.spec.max_surge() == 0);
+    // Available: at least one group serves (the heads Service has an endpoint). The reason says whether that is
+    // every group or fewer, and why (what Progressing reports).
     let ready_message = format!("{ready} of {desired} groups ready");
     let available = if desired == 0 {
         (false, REASON_SCALED_TO_ZERO, "replicas is 0: nothing runs".to_string())
     } else if ready >= desired {
         (true, REASON_ALL_READY, ready_message)
-    } else if ready >= 1 && progressing.1 == REASON_SCALING {
-        (true, REASON_SCALING, ready_message)
-    } else if ready >= 1 && progressing.1 == REASON_ROLLING_OUT && ready >= desired - max_unavailable {
-        (true, REASON_ROLLING_OUT, ready_message)
     } else {
-        (false, REASON_REPLICAS_NOT_READY, ready_message)
+        (ready >= 1, progressing.1, ready_message)
     };
 
     let degraded =
@@ -297,7 +295,8 @@ fn missing_ranks(sts: &StatefulSet, pods: &[&Pod], now: Timestamp) -> Option<Str
     let ranks = group_ranks(sts);
     let present = pods.iter().filter(|p| p.labels().get(LABEL_GROUP).map(String::as_str) == Some(name)).count();
     let present = i32::try_from(present).unwrap_or(i32::MAX);
-    let created = sts.metadata.creation_timestamp.as_ref().map_or(Timestamp::UNIX_EPOCH, |t| t.0);
+    // No creation time: a group this reconcile is creating right now.
+    let created = sts.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     (present < ranks && now.duration_since(created) > RANK_MISSING_GRACE)
         .then(|| format!("group {name} has {present} of {ranks} rank pods"))
 }

@@ -6,7 +6,7 @@
 use baleen_api::crd::{ModelDeploymentSpec, ParallelismSpec};
 use baleen_api::names::{
     CONDITION_AVAILABLE, REASON_ALL_READY, REASON_AS_EXPECTED, REASON_INVALID_SPEC, REASON_MODEL_LOAD_FAILED,
-    REASON_REPLICAS_NOT_READY, REASON_SCALING,
+    REASON_RANK_MISSING, REASON_REPLICAS_NOT_READY,
 };
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -114,6 +114,14 @@ async fn expect_group_created(server: &mut ApiServer, revision: &str, index: u32
     assert!(event.body["note"].as_str().unwrap().contains(&name));
 }
 
+/// Applies of a kept group's StatefulSet and headless Service (drift repair), without an Event.
+async fn expect_group_repaired(server: &mut ApiServer, revision: &str, index: u32) {
+    let name = format!("tiny-{revision}-{index}");
+    let sts = expect_apply(server, &format!("{STS}/{name}")).await;
+    assert_eq!(sts.body["metadata"]["labels"]["baleen.dev/revision"], revision);
+    expect_apply(server, &format!("{SERVICES}/{name}")).await;
+}
+
 /// Deletes of a group's StatefulSet and Service (background propagation) and its `GroupDeleted` Event.
 async fn expect_group_deleted(server: &mut ApiServer, revision: &str, index: u32) {
     let name = format!("tiny-{revision}-{index}");
@@ -178,12 +186,13 @@ async fn a_new_deployment_gets_every_group_the_shared_objects_and_a_status() {
     let action = server.finish(task).await.unwrap().unwrap();
     assert_eq!(action, Action::requeue(REQUEUE_BUSY));
 
-    assert_eq!((status.replicas, status.ready_replicas, status.ranks_per_replica), (0, 0, 4));
+    // The status describes the groups just created (not ready yet), not the empty list observed before.
+    assert_eq!((status.replicas, status.ready_replicas, status.ranks_per_replica), (2, 0, 4));
     assert_eq!(status.current_revision.as_deref(), Some(r.as_str()));
     assert_eq!(status.selector, "apps.kubernetes.io/pod-index=0,baleen.dev/model-deployment=tiny");
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(condition(&status, CONDITION_AVAILABLE), ("False", REASON_REPLICAS_NOT_READY));
-    assert_eq!(condition(&status, CONDITION_PROGRESSING), ("True", REASON_SCALING));
+    assert_eq!(condition(&status, CONDITION_PROGRESSING), ("True", REASON_REPLICAS_NOT_READY));
     assert_eq!(condition(&status, CONDITION_DEGRADED), ("False", REASON_AS_EXPECTED));
     assert!(status.conditions.iter().all(|c| c.observed_generation == Some(1)));
     assert_eq!(status.model.unwrap().experts_per_rank, Some(4));
@@ -198,6 +207,7 @@ async fn the_pod_monitor_is_applied_when_enabled() {
     let (ctx, mut server) = setup(config);
     let task = tokio::spawn(reconcile(Arc::new(md.clone()), ctx));
     expect_lists(&mut server, vec![sts(&r, 0, 1, 1)], pods(&r, 0, 1, true)).await;
+    expect_group_repaired(&mut server, &r, 0).await;
     expect_shared(&mut server).await;
     let monitor = expect_apply(&mut server, "/apis/monitoring.coreos.com/v1/namespaces/models/podmonitors/tiny").await;
     assert_eq!(monitor.body["kind"], "PodMonitor");
@@ -205,6 +215,27 @@ async fn the_pod_monitor_is_applied_when_enabled() {
     assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::requeue(REQUEUE_IDLE), "all ready: idle");
     assert_eq!(condition(&status, CONDITION_AVAILABLE), ("True", REASON_ALL_READY));
     assert_eq!(status.endpoints, ["10.1.0.0:8000"]);
+}
+
+#[tokio::test]
+async fn a_hand_edited_group_is_put_back() {
+    // Someone ran `kubectl scale sts` on a group: the operator applies the group as the spec says again.
+    let md = md(1, 2);
+    let r = rev(&md);
+    let (ctx, mut server) = setup(OperatorConfig::default());
+    let task = tokio::spawn(reconcile(Arc::new(md.clone()), ctx));
+    expect_lists(&mut server, vec![sts(&r, 0, 5, 2)], pods(&r, 0, 2, true)).await;
+    let name = format!("tiny-{r}-0");
+    let applied = expect_apply(&mut server, &format!("{STS}/{name}")).await;
+    assert_eq!(applied.body["spec"]["replicas"], 2, "the group has as many ranks as parallelism.expert");
+    let svc = expect_apply(&mut server, &format!("{SERVICES}/{name}")).await;
+    assert_eq!(svc.body["spec"]["clusterIP"], "None");
+    expect_shared(&mut server).await;
+    // The edit left the group with fewer pods than its (edited) rank count: reported until the group is back.
+    let status = expect_status(&mut server, &md).await;
+    assert_eq!(condition(&status, CONDITION_DEGRADED), ("True", REASON_RANK_MISSING));
+    expect_event(&mut server, "Warning", REASON_RANK_MISSING).await;
+    server.finish(task).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -217,12 +248,14 @@ async fn scaling_up_creates_exactly_one_group() {
     all_pods.extend(pods(&r, 1, 2, true));
     expect_lists(&mut server, vec![sts(&r, 0, 2, 2), sts(&r, 1, 2, 2)], all_pods).await;
     expect_group_created(&mut server, &r, 2, 2).await;
+    expect_group_repaired(&mut server, &r, 0).await;
+    expect_group_repaired(&mut server, &r, 1).await;
     expect_shared(&mut server).await;
     let status = expect_status(&mut server, &md).await;
     server.finish(task).await.unwrap().unwrap();
-    assert_eq!((status.replicas, status.ready_replicas), (2, 2));
-    assert_eq!(condition(&status, CONDITION_PROGRESSING), ("True", REASON_SCALING));
-    assert_eq!(condition(&status, CONDITION_AVAILABLE), ("True", REASON_SCALING));
+    assert_eq!((status.replicas, status.ready_replicas), (3, 2));
+    assert_eq!(condition(&status, CONDITION_PROGRESSING), ("True", REASON_REPLICAS_NOT_READY));
+    assert_eq!(condition(&status, CONDITION_AVAILABLE), ("True", REASON_REPLICAS_NOT_READY));
     assert_eq!(status.endpoints, ["10.1.0.0:8000", "10.1.1.0:8000"]);
 }
 
@@ -235,12 +268,13 @@ async fn scaling_down_deletes_the_highest_groups() {
     let groups = (0..3).map(|i| sts(&r, i, 1, 1)).collect();
     let all_pods = (0..3).flat_map(|i| pods(&r, i, 1, true)).collect();
     expect_lists(&mut server, groups, all_pods).await;
+    expect_group_repaired(&mut server, &r, 0).await;
     expect_group_deleted(&mut server, &r, 2).await;
     expect_group_deleted(&mut server, &r, 1).await;
     expect_shared(&mut server).await;
     let status = expect_status(&mut server, &md).await;
     assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::requeue(REQUEUE_BUSY));
-    assert_eq!(status.replicas, 3, "the status shows what was observed; the next reconcile sees the deletions");
+    assert_eq!(status.replicas, 1, "the status shows the groups as this reconcile left them");
 }
 
 #[tokio::test]
@@ -259,17 +293,17 @@ async fn a_rollout_adds_a_new_group_before_removing_an_old_one() {
     let status = expect_status(&mut server, &md).await;
     server.finish(task).await.unwrap().unwrap();
     assert_eq!(condition(&status, CONDITION_PROGRESSING), ("True", REASON_ROLLING_OUT));
-    assert_eq!((status.replicas, status.updated_replicas), (2, 0));
+    assert_eq!((status.replicas, status.updated_replicas), (3, 1));
 
-    // Step 2: the new group is starting: nothing changes.
+    // Step 2: the new group is starting: nothing changes, not even the status (step 1 already counted the group).
     let mut md2 = md.clone();
-    md2.status = Some(status);
+    md2.status = Some(status.clone());
     let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx.clone()));
     let mut groups = old_groups();
     groups.push(sts(&r, 0, 1, 0));
     expect_lists(&mut server, groups, [old_pods(), pods(&r, 0, 1, false)].concat()).await;
+    expect_group_repaired(&mut server, &r, 0).await;
     expect_shared(&mut server).await;
-    let status = expect_status(&mut server, &md2).await;
     server.finish(task).await.unwrap().unwrap();
     assert_eq!((status.replicas, status.ready_replicas, status.updated_replicas), (3, 2, 1));
 
@@ -280,6 +314,7 @@ async fn a_rollout_adds_a_new_group_before_removing_an_old_one() {
     groups.push(sts(&r, 0, 1, 1));
     expect_lists(&mut server, groups, [old_pods(), pods(&r, 0, 1, true)].concat()).await;
     expect_group_created(&mut server, &r, 1, 1).await;
+    expect_group_repaired(&mut server, &r, 0).await;
     expect_group_deleted(&mut server, OLD, 1).await;
     expect_shared(&mut server).await;
     let status = expect_status(&mut server, &md2).await;
@@ -290,6 +325,8 @@ async fn a_rollout_adds_a_new_group_before_removing_an_old_one() {
     let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx));
     let groups = vec![sts(&r, 0, 1, 1), sts(&r, 1, 1, 1)];
     expect_lists(&mut server, groups, [pods(&r, 0, 1, true), pods(&r, 1, 1, true)].concat()).await;
+    expect_group_repaired(&mut server, &r, 0).await;
+    expect_group_repaired(&mut server, &r, 1).await;
     expect_shared(&mut server).await;
     let status = expect_status(&mut server, &md2).await;
     let event = expect_event(&mut server, "Normal", EVENT_ROLLOUT_COMPLETE).await;
@@ -311,6 +348,7 @@ async fn a_crash_looping_rank_is_degraded_with_one_warning() {
     let (ctx, mut server) = setup(OperatorConfig::default());
     let task = tokio::spawn(reconcile(Arc::new(md.clone()), ctx.clone()));
     expect_lists(&mut server, vec![sts(&r, 0, 2, 1)], crashing.clone()).await;
+    expect_group_repaired(&mut server, &r, 0).await;
     expect_shared(&mut server).await;
     let status = expect_status(&mut server, &md).await;
     let warning = expect_event(&mut server, "Warning", REASON_MODEL_LOAD_FAILED).await;
@@ -323,6 +361,7 @@ async fn a_crash_looping_rank_is_degraded_with_one_warning() {
     md2.status = Some(status);
     let task = tokio::spawn(reconcile(Arc::new(md2.clone()), ctx));
     expect_lists(&mut server, vec![sts(&r, 0, 2, 1)], crashing).await;
+    expect_group_repaired(&mut server, &r, 0).await;
     expect_shared(&mut server).await;
     assert_eq!(server.finish(task).await.unwrap().unwrap(), Action::requeue(REQUEUE_BUSY));
 }

@@ -100,7 +100,7 @@ fn a_new_deployment_is_scaling_and_not_available() {
     assert_eq!(s.selector, SELECTOR);
     assert_eq!(s.current_revision.as_deref(), Some(REV));
     assert_eq!(s.observed_generation, Some(3));
-    assert_eq!(sr(&s, CONDITION_AVAILABLE), ("False", REASON_REPLICAS_NOT_READY));
+    assert_eq!(sr(&s, CONDITION_AVAILABLE), ("False", REASON_SCALING));
     assert_eq!(sr(&s, CONDITION_PROGRESSING), ("True", REASON_SCALING));
     assert_eq!(sr(&s, CONDITION_DEGRADED), ("False", REASON_AS_EXPECTED));
     assert!(s.conditions.iter().all(|c| c.observed_generation == Some(3) && c.last_transition_time.0 == now()));
@@ -167,29 +167,34 @@ fn scaling_up_stays_available_while_a_group_serves() {
 }
 
 #[test]
-fn groups_that_are_starting_are_progressing_and_not_ready() {
+fn groups_that_are_starting_are_progressing_and_available_while_one_serves() {
     let (stss, pods) = observe(vec![group(REV, 0, 1, true, 1), group(REV, 1, 1, false, 2)]);
     let s = compute_for(&md(2, 1), &stss, &pods);
     assert_eq!(sr(&s, CONDITION_PROGRESSING), ("True", REASON_REPLICAS_NOT_READY));
+    assert_eq!(sr(&s, CONDITION_AVAILABLE), ("True", REASON_REPLICAS_NOT_READY));
+    assert!(find_condition(Some(&s), CONDITION_AVAILABLE).unwrap().message.contains("1 of 2 groups ready"));
+    let (stss, pods) = observe(vec![group(REV, 0, 1, false, 1), group(REV, 1, 1, false, 2)]);
+    let s = compute_for(&md(2, 1), &stss, &pods);
     assert_eq!(sr(&s, CONDITION_AVAILABLE), ("False", REASON_REPLICAS_NOT_READY));
 }
 
 #[test]
-fn rolling_out_is_available_above_the_floor() {
+fn rolling_out_is_available_while_a_group_serves() {
     let (stss, pods) = observe(vec![group(OLD, 0, 1, true, 1), group(OLD, 1, 1, true, 2), group(REV, 0, 1, false, 3)]);
     let s = compute_for(&md(2, 1), &stss, &pods);
     assert_eq!((s.replicas, s.ready_replicas, s.updated_replicas), (3, 2, 1));
     assert_eq!(sr(&s, CONDITION_PROGRESSING), ("True", REASON_ROLLING_OUT));
     assert_eq!(sr(&s, CONDITION_AVAILABLE), ("True", REASON_ALL_READY));
-    // One old group left and the new one starting: below `replicas` with maxSurge 1 ...
+    // One old group left and the new one starting (an in-place rollout): still serving.
     let (stss, pods) = observe(vec![group(OLD, 0, 1, true, 1), group(REV, 0, 1, false, 3)]);
-    let s = compute_for(&md(2, 1), &stss, &pods);
-    assert_eq!(sr(&s, CONDITION_AVAILABLE), ("False", REASON_REPLICAS_NOT_READY));
-    // ... but within the floor of an in-place rollout (maxSurge 0).
     let mut in_place = md(2, 1);
     in_place.spec.rollout = Some(RolloutSpec { max_surge: Some(0) });
     let s = compute_for(&in_place, &stss, &pods);
     assert_eq!(sr(&s, CONDITION_AVAILABLE), ("True", REASON_ROLLING_OUT));
+    // Nothing ready at all: not available.
+    let (stss, pods) = observe(vec![group(OLD, 0, 1, false, 1), group(REV, 0, 1, false, 3)]);
+    let s = compute_for(&md(2, 1), &stss, &pods);
+    assert_eq!(sr(&s, CONDITION_AVAILABLE), ("False", REASON_ROLLING_OUT));
 }
 
 #[test]
