@@ -7,6 +7,11 @@
 pub const BUILTIN_TINY_MOE: &str = "builtin:tiny-moe";
 /// Routed experts of [`BUILTIN_TINY_MOE`] (so `parallelism.expert` can be checked before anything runs).
 pub const BUILTIN_TINY_MOE_ROUTED_EXPERTS: u32 = 16;
+/// `architectures[0]` of [`BUILTIN_TINY_MOE`]'s config.
+pub const BUILTIN_TINY_MOE_ARCHITECTURE: &str = "DeepseekV3ForCausalLM";
+/// Latent KV-cache values one token of [`BUILTIN_TINY_MOE`] takes over all layers
+/// (`(kv_lora_rank + qk_rope_head_dim) * num_hidden_layers`); times the dtype's bytes, its KV bytes per token.
+pub const BUILTIN_TINY_MOE_KV_VALUES_PER_TOKEN: u64 = 160;
 
 /// Prefix of every built-in model source.
 pub const BUILTIN_SCHEME: &str = "builtin:";

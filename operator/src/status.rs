@@ -20,11 +20,12 @@
 //! A condition keeps its `lastTransitionTime` while its status stays the same (the reason and message may change);
 //! every condition carries the `metadata.generation` it describes.
 
-use baleen_api::crd::{ModelDeployment, ModelDeploymentStatus, ModelStatus};
+use baleen_api::crd::{Dtype, ModelDeployment, ModelDeploymentStatus, ModelStatus};
 use baleen_api::names::{
-    ANNOTATION_GROUP_INDEX, CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, CONTAINER_MODEL_DOWNLOAD,
-    CONTAINER_RUNTIME, LABEL_GROUP, LABEL_POD_INDEX, LABEL_REVISION, REASON_ALL_READY, REASON_AS_EXPECTED,
-    REASON_INVALID_SPEC, REASON_MODEL_LOAD_FAILED, REASON_RANK_MISSING, REASON_REPLICAS_NOT_READY, REASON_ROLLING_OUT,
+    ANNOTATION_GROUP_INDEX, BUILTIN_TINY_MOE, BUILTIN_TINY_MOE_ARCHITECTURE, BUILTIN_TINY_MOE_KV_VALUES_PER_TOKEN,
+    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME,
+    LABEL_GROUP, LABEL_POD_INDEX, LABEL_REVISION, REASON_ALL_READY, REASON_AS_EXPECTED, REASON_INVALID_SPEC,
+    REASON_MODEL_LOAD_FAILED, REASON_RANK_MISSING, REASON_REPLICAS_NOT_READY, REASON_ROLLING_OUT,
     REASON_SCALED_TO_ZERO, REASON_SCALING, REASON_UNSCHEDULABLE, RUNTIME_HTTP_PORT,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -95,7 +96,17 @@ pub fn model_status(md: &ModelDeployment) -> Option<ModelStatus> {
     let experts = md.spec.routed_experts()?;
     let ranks = md.spec.expert_parallelism();
     let per_rank = (ranks > 0 && experts.is_multiple_of(ranks)).then(|| experts / ranks);
-    Some(ModelStatus { routed_experts: Some(experts), experts_per_rank: per_rank, ..ModelStatus::default() })
+    let builtin = md.spec.model.source.trim() == BUILTIN_TINY_MOE;
+    let dtype_bytes = match md.spec.model.dtype.unwrap_or_default() {
+        Dtype::F32 => 4,
+        Dtype::Bf16 | Dtype::F16 => 2,
+    };
+    Some(ModelStatus {
+        architecture: builtin.then(|| BUILTIN_TINY_MOE_ARCHITECTURE.to_string()),
+        routed_experts: Some(experts),
+        experts_per_rank: per_rank,
+        kv_cache_bytes_per_token: builtin.then_some(BUILTIN_TINY_MOE_KV_VALUES_PER_TOKEN * dtype_bytes),
+    })
 }
 
 /// The status of `md`, whose spec is valid, at `revision`, from its StatefulSets and rank pods (both listed by the

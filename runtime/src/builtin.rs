@@ -171,6 +171,10 @@ mod tests {
         // The operator and the CRD's CEL rule check `parallelism.expert` against this shared constant.
         let experts = c.moe.as_ref().map(|m| m.n_routed_experts);
         assert_eq!(experts, Some(baleen_api::names::BUILTIN_TINY_MOE_ROUTED_EXPERTS as usize));
+        let kv_values = (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers;
+        assert_eq!(kv_values as u64, baleen_api::names::BUILTIN_TINY_MOE_KV_VALUES_PER_TOKEN);
+        let json: serde_json::Value = serde_json::from_str(tiny_moe_config_json()).unwrap();
+        assert_eq!(json["architectures"][0], baleen_api::names::BUILTIN_TINY_MOE_ARCHITECTURE);
         assert!(config("nope").unwrap_err().to_string().contains("builtin:tiny-moe"));
     }
 }

@@ -297,11 +297,18 @@ fn transition_times_change_only_with_the_status() {
 #[test]
 fn the_model_status_of_the_builtin_model_and_of_a_declared_checkpoint() {
     let m = model_status(&md(1, 4)).unwrap();
-    assert_eq!((m.routed_experts, m.experts_per_rank, m.architecture), (Some(16), Some(4), None));
+    assert_eq!((m.routed_experts, m.experts_per_rank), (Some(16), Some(4)));
+    assert_eq!(m.architecture.as_deref(), Some("DeepseekV3ForCausalLM"));
+    // (kv_lora_rank 32 + rope 8) x 4 layers, f32 by default; `baleen-runtime info` reports the same.
+    assert_eq!(m.kv_cache_bytes_per_token, Some(640));
+    let mut bf16 = md(1, 4);
+    bf16.spec.model.dtype = Some(baleen_api::crd::Dtype::Bf16);
+    assert_eq!(model_status(&bf16).unwrap().kv_cache_bytes_per_token, Some(320));
     let mut spec = ModelDeploymentSpec::new("hf://deepseek-ai/DeepSeek-V3");
     assert_eq!(model_status(&ModelDeployment::new("x", spec.clone())), None);
     spec.model.routed_experts = Some(256);
     spec.parallelism = Some(ParallelismSpec { expert: Some(8), ..ParallelismSpec::default() });
     let m = model_status(&ModelDeployment::new("x", spec)).unwrap();
     assert_eq!((m.routed_experts, m.experts_per_rank), (Some(256), Some(32)));
+    assert_eq!((m.architecture, m.kv_cache_bytes_per_token), (None, None), "unknown until the checkpoint is read");
 }
