@@ -391,6 +391,31 @@ impl ModelDeploymentSpec {
         self.runtime.as_ref().and_then(|r| r.gpus_per_rank).unwrap_or(0)
     }
 
+    /// The `baleen-runtime serve` flags the model and runtime fields set, in a fixed order (`--served-model-name`,
+    /// `--dtype`, `--max-num-seqs`, `--max-model-len`, `--kv-cache-memory`); unset fields add nothing. The operator
+    /// and `baleen up` both build their command lines from this.
+    pub fn serve_flags(&self) -> Vec<(&'static str, String)> {
+        let mut flags = Vec::new();
+        if let Some(name) = &self.model.served_name {
+            flags.push(("--served-model-name", name.clone()));
+        }
+        if let Some(dtype) = self.model.dtype {
+            flags.push(("--dtype", dtype.as_str().to_string()));
+        }
+        if let Some(runtime) = &self.runtime {
+            if let Some(n) = runtime.max_num_seqs {
+                flags.push(("--max-num-seqs", n.to_string()));
+            }
+            if let Some(n) = runtime.max_model_len {
+                flags.push(("--max-model-len", n.to_string()));
+            }
+            if let Some(memory) = &runtime.kv_cache_memory {
+                flags.push(("--kv-cache-memory", memory.trim().to_string()));
+            }
+        }
+        flags
+    }
+
     /// `model.source` parsed; the error names the field.
     pub fn source(&self) -> Result<ModelSource, ManifestError> {
         self.model.source.parse().map_err(|e: SourceError| ManifestError::invalid("spec.model.source", e.to_string()))

@@ -116,25 +116,13 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16
         args.push(name.to_string());
         args.push(value);
     };
-    if let Some(name) = &spec.model.served_name {
-        flag("--served-model-name", name.clone());
-    }
-    if let Some(dtype) = spec.model.dtype {
-        flag("--dtype", dtype.as_str().to_string());
+    for (name, value) in spec.serve_flags() {
+        flag(name, value);
     }
     let mut env = Vec::new();
     let mut notes = Vec::new();
     let mut extra = Vec::new();
     if let Some(runtime) = &spec.runtime {
-        if let Some(n) = runtime.max_num_seqs {
-            flag("--max-num-seqs", n.to_string());
-        }
-        if let Some(n) = runtime.max_model_len {
-            flag("--max-model-len", n.to_string());
-        }
-        if let Some(memory) = &runtime.kv_cache_memory {
-            flag("--kv-cache-memory", memory.trim().to_string());
-        }
         for arg in &runtime.args {
             let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
             if let Some((_, instead)) = OWNED_FLAGS.iter().find(|(owned, _)| *owned == name) {

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from binaries import find_binary
 from openai import OpenAI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,18 +30,7 @@ STOP_TIMEOUT_S = 40.0
 
 def runtime_bin() -> Path:
     """The server binary; fails (not skips) with a clear message when it is absent."""
-    env = os.environ.get("BALEEN_RUNTIME_BIN")
-    path = Path(env) if env else REPO_ROOT / "target" / "debug" / "baleen-runtime"
-    if not path.is_absolute():
-        path = REPO_ROOT / path
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        how = "BALEEN_RUNTIME_BIN" if env else "the default path"
-        pytest.fail(
-            f"baleen-runtime binary not found at {path} (from {how}); build it with "
-            "`cargo build -p baleen-runtime` or set BALEEN_RUNTIME_BIN",
-            pytrace=False,
-        )
-    return path
+    return find_binary("baleen-runtime", "BALEEN_RUNTIME_BIN")
 
 
 @dataclass

@@ -26,6 +26,7 @@ import helm_python as helm
 import jsonschema
 import pytest
 import yaml
+from binaries import find_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "baleen"
@@ -173,18 +174,7 @@ def chart_metadata() -> dict[str, Any]:
 
 def operator_bin() -> Path:
     """The operator binary; fails (never skips) with a clear message when it is absent."""
-    env = os.environ.get("BALEEN_OPERATOR_BIN")
-    path = Path(env) if env else REPO_ROOT / "target" / "debug" / "baleen-operator"
-    if not path.is_absolute():
-        path = REPO_ROOT / path
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        how = "BALEEN_OPERATOR_BIN" if env else "the default path"
-        pytest.fail(
-            f"baleen-operator binary not found at {path} (from {how}); build it with "
-            "`cargo build -p baleen-operator` or set BALEEN_OPERATOR_BIN",
-            pytrace=False,
-        )
-    return path
+    return find_binary("baleen-operator", "BALEEN_OPERATOR_BIN")
 
 
 def operator_crd_text() -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from binaries import find_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO_ROOT / "deploy" / "examples").glob("*.yaml"))
@@ -36,18 +37,8 @@ PASSED = re.compile(r"^INFO .* passed for resource (\S+)/(\S+) against version")
 
 
 def operator_bin() -> Path:
-    env = os.environ.get("BALEEN_OPERATOR_BIN")
-    path = Path(env) if env else REPO_ROOT / "target" / "debug" / "baleen-operator"
-    if not path.is_absolute():
-        path = REPO_ROOT / path
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        how = "BALEEN_OPERATOR_BIN" if env else "the default path"
-        pytest.fail(
-            f"baleen-operator binary not found at {path} (from {how}); build it with "
-            "`cargo build -p baleen-operator` or set BALEEN_OPERATOR_BIN",
-            pytrace=False,
-        )
-    return path
+    """The operator binary; fails (never skips) with a clear message when it is absent."""
+    return find_binary("baleen-operator", "BALEEN_OPERATOR_BIN")
 
 
 def validator() -> Path:

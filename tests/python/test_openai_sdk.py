@@ -444,12 +444,17 @@ def test_queue_full_is_429(limited_server: Server):
 # ---------------------------------------------------------------- shutdown
 
 
+DRAIN_TOKENS = 1200
+
+
 def test_sigterm_drains_in_flight_and_refuses_new_work(tmp_path):
     s = start_server(tmp_path)
     try:
         client = s.client()
+        # Long enough to be in flight through the checks below, short enough to finish well inside the drain
+        # timeout in a debug build on a busy machine (per-token cost grows with the sequence).
         stream = s.client(strict=False).completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=3000, stream=True, stream_options={"include_usage": True},
+            model=MODEL, prompt=PROMPT, max_tokens=DRAIN_TOKENS, stream=True, stream_options={"include_usage": True},
             extra_body=FIXED_LEN,
         )
         it = iter(stream)
@@ -465,7 +470,7 @@ def test_sigterm_drains_in_flight_and_refuses_new_work(tmp_path):
         rest = list(it)
         for chunk in (first, *rest):
             validate_completion_chunk(chunk)
-        assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == 3000, "the in-flight request finished"
+        assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == DRAIN_TOKENS, "the in-flight request finished"
         assert first.choices
     finally:
         code = s.stop()

@@ -269,22 +269,8 @@ pub fn runtime_args(
     if spec.gpus_per_rank() > 0 {
         flag("--device", "cuda".into());
     }
-    if let Some(dtype) = spec.model.dtype {
-        flag("--dtype", dtype.as_str().into());
-    }
-    if let Some(served) = &spec.model.served_name {
-        flag("--served-model-name", served.clone());
-    }
-    if let Some(runtime) = &spec.runtime {
-        if let Some(n) = runtime.max_num_seqs {
-            flag("--max-num-seqs", n.to_string());
-        }
-        if let Some(n) = runtime.max_model_len {
-            flag("--max-model-len", n.to_string());
-        }
-        if let Some(memory) = &runtime.kv_cache_memory {
-            flag("--kv-cache-memory", memory.clone());
-        }
+    for (name, value) in spec.serve_flags() {
+        flag(name, value);
     }
     flag("--drain-timeout", config.drain_timeout_seconds.to_string());
     let ranks = spec.expert_parallelism();
