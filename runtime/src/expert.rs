@@ -15,7 +15,7 @@ mod stats;
 
 mod bridge;
 
-pub use bridge::{HeldExperts, ShardCompute, model_fingerprint};
+pub use bridge::{ComputeObserver, HeldExperts, ShardCompute, model_fingerprint};
 pub use peers::{ExpertPeers, Pending};
 pub use service::serve_experts;
 pub use stats::{ExpertMetrics, Stats};
@@ -52,4 +52,20 @@ pub trait ExpertCompute: Send + Sync + 'static {
     fn model_fingerprint(&self) -> String;
     /// Identifies the expert placement (which rank owns which experts); peers must agree on it.
     fn placement_fingerprint(&self) -> u64;
+    /// Starts [`compute`](Self::compute) and returns at once; the result arrives on the receiver. Called from the
+    /// expert service's async task. The default runs `compute` on tokio's blocking pool; an implementation with
+    /// its own compute thread answers from that thread directly, one thread hand-off fewer each way.
+    fn submit(
+        self: std::sync::Arc<Self>,
+        layer: usize,
+        rows: candle_core::Tensor,
+        experts: Vec<u32>,
+        weights: Vec<f32>,
+    ) -> tokio::sync::oneshot::Receiver<crate::Result<candle_core::Tensor>> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let _ = reply.send(self.compute(layer, &rows, &experts, &weights));
+        });
+        result
+    }
 }

@@ -46,7 +46,27 @@ impl ExpertDispatcher for ExpertPeers {
 }
 
 /// One request for the compute thread: layer, rows, experts, weights, and where to send the result.
-type Job = (usize, Tensor, Vec<u32>, Vec<f32>, std::sync::mpsc::SyncSender<Result<Tensor>>);
+type Job = (usize, Tensor, Vec<u32>, Vec<f32>, Reply);
+
+/// Where the compute thread sends a job's result: a blocked thread, or an async task (woken directly).
+enum Reply {
+    Blocking(std::sync::mpsc::SyncSender<Result<Tensor>>),
+    Async(tokio::sync::oneshot::Sender<Result<Tensor>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<Tensor>) {
+        // A receiver that is gone (the request was cancelled) needs no answer.
+        match self {
+            Self::Blocking(tx) => drop(tx.send(result)),
+            Self::Async(tx) => drop(tx.send(result)),
+        }
+    }
+}
+
+/// Called on the compute thread after each computation with the layer, the rows computed and the seconds it
+/// took (queueing included): how an expert-only rank feeds its metrics.
+pub type ComputeObserver = Box<dyn Fn(usize, usize, f64) + Send>;
 
 /// The routed experts a rank serves to the others.
 #[derive(Debug)]
@@ -73,7 +93,7 @@ impl HeldExperts {
 /// data-parallel attention — are batched: all waiting requests of the same layer run as one expert computation.
 #[derive(Debug)]
 pub struct ShardCompute {
-    jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<(Job, std::time::Instant)>>,
     placement: ExpertPlacement,
     rank: usize,
     model_fingerprint: String,
@@ -88,8 +108,9 @@ impl ShardCompute {
         model_fingerprint: String,
         device: Device,
         threads: usize,
+        observer: Option<ComputeObserver>,
     ) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel::<(Job, std::time::Instant)>();
         std::thread::Builder::new()
             .name("baleen-experts".into())
             .spawn(move || {
@@ -98,7 +119,14 @@ impl ShardCompute {
                     while let Ok(first) = rx.recv() {
                         let mut jobs = vec![first];
                         jobs.extend(rx.try_iter());
-                        run_batched(&held, jobs);
+                        let observed: Vec<(usize, usize, std::time::Instant)> =
+                            jobs.iter().map(|(j, at)| (j.0, j.2.len(), *at)).collect();
+                        run_batched(&held, jobs.into_iter().map(|(j, _)| j).collect());
+                        if let Some(observe) = &observer {
+                            for (layer, rows, at) in observed {
+                                observe(layer, rows, at.elapsed().as_secs_f64());
+                            }
+                        }
                     }
                 };
                 match pool {
@@ -120,7 +148,7 @@ fn run_batched(held: &HeldExperts, mut jobs: Vec<Job>) {
         jobs = rest;
         if same.len() == 1 {
             if let Some((layer, rows, experts, weights, reply)) = same.into_iter().next() {
-                let _ = reply.send(held.compute(layer, &rows, &experts, &weights));
+                reply.send(held.compute(layer, &rows, &experts, &weights));
             }
             continue;
         }
@@ -136,21 +164,48 @@ fn run_batched(held: &HeldExperts, mut jobs: Vec<Job>) {
                 Err(e) => Err(Error::Expert(format!("batched expert computation failed: {e}"))),
             };
             offset += n;
-            let _ = reply.send(part);
+            reply.send(part);
         }
+    }
+}
+
+impl ShardCompute {
+    fn enqueue(&self, job: Job) -> Result<()> {
+        self.jobs
+            .lock()
+            .map_err(|_| Error::Expert("the expert compute thread is gone".into()))?
+            .send((job, std::time::Instant::now()))
+            .map_err(|_| Error::Expert("the expert compute thread is gone".into()))
     }
 }
 
 impl ExpertCompute for ShardCompute {
     fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
         let (reply, result) = std::sync::mpsc::sync_channel(1);
-        let job = (layer, rows.to_device(&self.device)?, experts.to_vec(), weights.to_vec(), reply);
-        self.jobs
-            .lock()
-            .map_err(|_| Error::Expert("the expert compute thread is gone".into()))?
-            .send(job)
-            .map_err(|_| Error::Expert("the expert compute thread is gone".into()))?;
+        let rows = rows.to_device(&self.device)?;
+        self.enqueue((layer, rows, experts.to_vec(), weights.to_vec(), Reply::Blocking(reply)))?;
         result.recv().map_err(|_| Error::Expert("the expert compute thread stopped".into()))?
+    }
+
+    fn submit(
+        self: std::sync::Arc<Self>,
+        layer: usize,
+        rows: Tensor,
+        experts: Vec<u32>,
+        weights: Vec<f32>,
+    ) -> tokio::sync::oneshot::Receiver<Result<Tensor>> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let queued = rows
+            .to_device(&self.device)
+            .map_err(Into::into)
+            .and_then(|rows| self.enqueue((layer, rows, experts, weights, Reply::Async(reply))));
+        if let Err(e) = queued {
+            // The job (and its reply) was not queued: answer through a fresh channel.
+            let (reply, result) = tokio::sync::oneshot::channel();
+            let _ = reply.send(Err(e));
+            return result;
+        }
+        result
     }
 
     fn rank(&self) -> usize {
@@ -199,7 +254,7 @@ mod tests {
             .map(|(l, r, e, w)| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(1);
                 replies.push(rx);
-                (*l, r.clone(), e.clone(), w.clone(), tx)
+                (*l, r.clone(), e.clone(), w.clone(), Reply::Blocking(tx))
             })
             .collect();
         run_batched(&held, jobs);

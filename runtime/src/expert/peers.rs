@@ -36,7 +36,6 @@ const READY_POLL: Duration = Duration::from_millis(5);
 
 /// Clients of every other rank's expert service. See the module docs.
 pub struct ExpertPeers {
-    runtime: Option<tokio::runtime::Runtime>,
     /// Indexed by rank; `None` at this rank.
     peers: Vec<Option<Arc<Peer>>>,
     self_rank: usize,
@@ -62,12 +61,11 @@ impl ExpertPeers {
         }
         let world_size = peers.len();
         let from_rank = u32::try_from(self_rank).map_err(|_| Error::Expert("rank does not fit in u32".into()))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("baleen-expert-client")
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Expert(format!("cannot start the expert client runtime: {e}")))?;
+        let handle = runtime.handle().clone();
         let stats = Arc::new(Stats::default());
         let metrics = ExpertMetrics::new()?;
         let stop = CancellationToken::new();
@@ -87,19 +85,18 @@ impl ExpertPeers {
                 stats: stats.clone(),
             });
             let link = Connector { peer: peer.clone(), hello: hello.clone(), world_size, timeout };
-            runtime.spawn(link.run(stop.clone()));
+            handle.spawn(link.run(stop.clone()));
             slots.push(Some(peer));
         }
-        Ok(Self {
-            runtime: Some(runtime),
-            peers: slots,
-            self_rank,
-            timeout,
-            next_id: AtomicU64::new(1),
-            stats,
-            metrics,
-            stop,
-        })
+        // One thread runs every connection's tasks (a current-thread runtime), so a dispatch costs one
+        // cross-thread wake-up each way (engine → client thread → engine) and none between the client's tasks.
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("baleen-expert-client".into())
+            // The runtime is dropped on its own thread once stopped, outside any async context.
+            .spawn(move || runtime.block_on(stopped.cancelled()))
+            .map_err(|e| Error::Expert(format!("cannot start the expert client thread: {e}")))?;
+        Ok(Self { peers: slots, self_rank, timeout, next_id: AtomicU64::new(1), stats, metrics, stop })
     }
 
     /// Sends one dispatch to `rank` without waiting; the returned handle waits for the response. Fails at once
@@ -216,10 +213,6 @@ impl Drop for ExpertPeers {
         self.stop.cancel();
         for peer in self.peers.iter().flatten() {
             peer.down("the expert client shut down".to_owned());
-        }
-        if let Some(runtime) = self.runtime.take() {
-            // Safe inside or outside an async context, unlike dropping the runtime.
-            runtime.shutdown_background();
         }
     }
 }

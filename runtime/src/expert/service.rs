@@ -134,30 +134,39 @@ async fn run_exchange(
     }
 }
 
-/// Decodes one dispatch, runs it on the blocking pool and encodes the output.
+/// Dispatches up to this many row bytes are decoded and encoded on the async task itself (microseconds); larger
+/// ones (prefill) on the blocking pool, so a worker thread is never held for long.
+const INLINE_CODEC_BYTES: usize = 256 << 10;
+
+/// Decodes one dispatch, hands it to the rank's compute (which answers this task directly) and encodes the
+/// output.
 async fn run_dispatch(request: DispatchRequest, compute: Arc<dyn ExpertCompute>) -> Result<super::proto::Tensor> {
     let DispatchRequest { layer, rows, experts, weights, .. } = request;
     let rows = rows.ok_or_else(|| Error::Expert("dispatch without rows".to_owned()))?;
-    tokio::task::spawn_blocking(move || {
-        let rows = codec::decode(&rows)?;
-        let m = rows.dims().first().copied().unwrap_or(0);
-        if experts.len() != m || weights.len() != m {
-            return Err(Error::Expert(format!(
-                "dispatch has {m} rows but {} expert ids and {} weights",
-                experts.len(),
-                weights.len()
-            )));
-        }
-        let output = compute.compute(layer as usize, &rows, &experts, &weights)?;
-        if output.dims() != rows.dims() {
-            return Err(Error::Expert(format!(
-                "expert compute returned shape {:?} for rows of shape {:?}",
-                output.shape(),
-                rows.shape()
-            )));
-        }
-        codec::encode(&output)
-    })
-    .await
-    .map_err(|e| Error::Expert(format!("expert compute task failed: {e}")))?
+    let inline = rows.data.len() <= INLINE_CODEC_BYTES;
+    let rows = if inline { codec::decode(&rows)? } else { blocking(move || codec::decode(&rows)).await? };
+    let m = rows.dims().first().copied().unwrap_or(0);
+    if experts.len() != m || weights.len() != m {
+        return Err(Error::Expert(format!(
+            "dispatch has {m} rows but {} expert ids and {} weights",
+            experts.len(),
+            weights.len()
+        )));
+    }
+    let shape = rows.shape().clone();
+    let output = compute
+        .submit(layer as usize, rows, experts, weights)
+        .await
+        .map_err(|_| Error::Expert("the expert computation was dropped".to_owned()))??;
+    if output.shape() != &shape {
+        return Err(Error::Expert(format!(
+            "expert compute returned shape {:?} for rows of shape {shape:?}",
+            output.shape()
+        )));
+    }
+    if inline { codec::encode(&output) } else { blocking(move || codec::encode(&output)).await }
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Expert(format!("expert codec task failed: {e}")))?
 }

@@ -9,7 +9,6 @@
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
@@ -20,19 +19,17 @@ use baleen_api::names::{
     LABEL_LAYER, METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL, PATH_HEALTH,
     PATH_METRICS, PATH_READY, RUNTIME_EXPERTS_LISTENING_PREFIX, RUNTIME_LISTENING_PREFIX,
 };
-use candle_core::Tensor;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
-use crate::expert::ExpertCompute;
 
 use super::cmd::{ServeArgs, Signals};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
-use crate::expert::{HeldExperts, ShardCompute, model_fingerprint, serve_experts};
+use crate::expert::{ComputeObserver, ExpertCompute, HeldExperts, ShardCompute, model_fingerprint, serve_experts};
 use crate::loader::{ModelSource, var_builder};
 use crate::model::{DeepseekModel, ExpertShard};
 
@@ -49,16 +46,18 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
     let shard = ExpertShard::load(&config, &placement, rank, var_builder(&source, &config, dtype, &device)?)?;
     tracing::info!(rank, experts = ?shard.held(), expert_bytes = shard.bytes(), "expert shard loaded");
     let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
-    let compute = Arc::new(ShardCompute::new(
+    let metrics = Arc::new(RankMetrics::new()?);
+    let observed = metrics.clone();
+    let observer: ComputeObserver = Box::new(move |layer, rows, seconds| observed.observe(layer, rows, seconds));
+    let compute: Arc<dyn ExpertCompute> = Arc::new(ShardCompute::new(
         HeldExperts::Shard(shard),
         placement,
         rank,
         fingerprint,
         device,
         args.model.threads()?,
+        Some(observer),
     )?);
-    let metrics = Arc::new(RankMetrics::new()?);
-    let compute: Arc<dyn ExpertCompute> = Arc::new(Metered { inner: compute, metrics: metrics.clone() });
     let port = expert_port(expert)?;
     runtime.block_on(async move {
         let bind = |port: u16| async move {
@@ -125,6 +124,7 @@ pub(super) fn start_head_service(
         fingerprint,
         model.device().clone(),
         args.model.threads()?,
+        None,
     )?);
     let port = expert_port(expert)?;
     let listener = runtime
@@ -181,44 +181,17 @@ impl RankMetrics {
         Ok(Self { registry, rows_served, compute_seconds })
     }
 
+    fn observe(&self, layer: usize, rows: usize, seconds: f64) {
+        self.compute_seconds.observe(seconds);
+        self.rows_served.with_label_values(&[layer.to_string().as_str()]).inc_by(rows as u64);
+    }
+
     fn render(&self) -> String {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         String::from_utf8_lossy(&out).into_owned()
-    }
-}
-
-/// The rank's compute, counted into [`RankMetrics`].
-struct Metered {
-    inner: Arc<ShardCompute>,
-    metrics: Arc<RankMetrics>,
-}
-
-impl ExpertCompute for Metered {
-    fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
-        let start = Instant::now();
-        let out = self.inner.compute(layer, rows, experts, weights)?;
-        self.metrics.compute_seconds.observe(start.elapsed().as_secs_f64());
-        self.metrics.rows_served.with_label_values(&[layer.to_string().as_str()]).inc_by(experts.len() as u64);
-        Ok(out)
-    }
-
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-
-    fn model_fingerprint(&self) -> String {
-        self.inner.model_fingerprint()
-    }
-
-    fn placement_fingerprint(&self) -> u64 {
-        self.inner.placement_fingerprint()
     }
 }
 
