@@ -18,6 +18,7 @@ mod bridge;
 pub use bridge::{ComputeObserver, HeldExperts, ShardCompute, model_fingerprint};
 pub use peers::{ExpertPeers, Pending};
 pub use service::serve_experts;
+pub(crate) use stats::EXPERT_LATENCY_BUCKETS;
 pub use stats::{ExpertMetrics, Stats};
 
 /// Generated protobuf messages and the tonic client and server of `baleen.expert.v1`.

@@ -225,12 +225,17 @@ impl Metrics {
 
     /// Every metric in the Prometheus text exposition format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        out
+        render_registry(&self.registry)
     }
+}
+
+/// Every metric of `registry` in the Prometheus text format (a failure is logged and yields what was encoded).
+pub fn render_registry(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = TextEncoder::new().encode_utf8(&registry.gather(), &mut out) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    out
 }
 
 #[cfg(test)]

@@ -119,8 +119,11 @@ impl ShardCompute {
                     while let Ok(first) = rx.recv() {
                         let mut jobs = vec![first];
                         jobs.extend(rx.try_iter());
-                        let observed: Vec<(usize, usize, std::time::Instant)> =
-                            jobs.iter().map(|(j, at)| (j.0, j.2.len(), *at)).collect();
+                        // (layer, rows, queued at) of each job, only when someone watches.
+                        let observed: Vec<(usize, usize, std::time::Instant)> = match &observer {
+                            Some(_) => jobs.iter().map(|(j, at)| (j.0, j.2.len(), *at)).collect(),
+                            None => Vec::new(),
+                        };
                         run_batched(&held, jobs.into_iter().map(|(j, _)| j).collect());
                         if let Some(observe) = &observer {
                             for (layer, rows, at) in observed {

@@ -12,8 +12,9 @@ use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterV
 
 use crate::Result;
 
-/// Dispatch round-trip buckets: 50 µs (loopback, tiny rows) to 10 s.
-const DISPATCH_BUCKETS: &[f64] =
+/// Buckets of the expert latency histograms (a dispatch's round trip, a rank's compute): 50 µs (loopback, tiny
+/// rows) to 10 s.
+pub(crate) const EXPERT_LATENCY_BUCKETS: &[f64] =
     &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// Totals over every peer since the [`super::ExpertPeers`] was created.
@@ -56,7 +57,7 @@ impl ExpertMetrics {
                     METRIC_RUNTIME_EXPERT_DISPATCH_SECONDS,
                     "Seconds from sending an expert dispatch to a peer until its response arrived.",
                 )
-                .buckets(DISPATCH_BUCKETS.to_vec()),
+                .buckets(EXPERT_LATENCY_BUCKETS.to_vec()),
                 &[LABEL_PEER],
             )?,
             bytes_sent: IntCounterVec::new(

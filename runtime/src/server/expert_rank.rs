@@ -19,7 +19,7 @@ use baleen_api::names::{
     LABEL_LAYER, METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL, PATH_HEALTH,
     PATH_METRICS, PATH_READY, RUNTIME_EXPERTS_LISTENING_PREFIX, RUNTIME_LISTENING_PREFIX,
 };
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,9 @@ use super::ApiError;
 use super::cmd::{ServeArgs, Signals};
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
-use crate::expert::{ComputeObserver, ExpertCompute, HeldExperts, ShardCompute, model_fingerprint, serve_experts};
+use crate::expert::{
+    ComputeObserver, EXPERT_LATENCY_BUCKETS, ExpertCompute, HeldExperts, ShardCompute, model_fingerprint, serve_experts,
+};
 use crate::loader::{ModelSource, var_builder};
 use crate::model::{DeepseekModel, ExpertShard};
 
@@ -158,10 +160,6 @@ struct RankMetrics {
     compute_seconds: Histogram,
 }
 
-/// Compute-time buckets: 50 µs (one row, tiny experts) to 10 s.
-const COMPUTE_BUCKETS: &[f64] =
-    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-
 impl RankMetrics {
     fn new() -> Result<Self> {
         let registry = Registry::new();
@@ -174,7 +172,7 @@ impl RankMetrics {
         )?;
         let compute_seconds = Histogram::with_opts(
             HistogramOpts::new(METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, "Seconds computing one dispatch's rows.")
-                .buckets(COMPUTE_BUCKETS.to_vec()),
+                .buckets(EXPERT_LATENCY_BUCKETS.to_vec()),
         )?;
         registry.register(Box::new(rows_served.clone()))?;
         registry.register(Box::new(compute_seconds.clone()))?;
@@ -187,11 +185,7 @@ impl RankMetrics {
     }
 
     fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8_lossy(&out).into_owned()
+        crate::metrics::render_registry(&self.registry)
     }
 }
 
