@@ -140,16 +140,6 @@ impl Group {
         self.ranks.iter().map(Runtime::pid).collect()
     }
 
-    /// Processes in the group.
-    pub fn len(&self) -> usize {
-        1 + self.ranks.len()
-    }
-
-    /// Never empty: there is always a head.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// Waits until any process of the group exits, and returns its status (cancel-safe).
     pub async fn wait(&mut self) -> Result<ExitStatus, Error> {
         if self.ranks.is_empty() {

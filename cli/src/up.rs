@@ -94,14 +94,15 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     }
     say(format!("starting runtime: {} serve {}", bin.display(), launch.args.join(" ")));
     let (mut runtime, listening) = Group::spawn(&bin, &launch)?;
-    for (rank, pid) in runtime.rank_pids().into_iter().enumerate() {
+    let rank_pids = runtime.rank_pids();
+    for (rank, pid) in rank_pids.iter().enumerate() {
         if let Some(pid) = pid {
             say(format!("expert rank {} pid {pid}", rank + 1));
         }
     }
     match runtime.pid() {
-        Some(pid) if runtime.len() > 1 => {
-            say(format!("loading model {} (head pid {pid}, {} ranks)…", launch.source, runtime.len()));
+        Some(pid) if !rank_pids.is_empty() => {
+            say(format!("loading model {} (head pid {pid}, {} ranks)…", launch.source, rank_pids.len() + 1));
         }
         Some(pid) => say(format!("loading model {} (runtime pid {pid})…", launch.source)),
         None => say(format!("loading model {}…", launch.source)),

@@ -179,6 +179,19 @@ where
     Ok(api.patch(&object.name_any(), &apply_params(), &Patch::Apply(object)).await?)
 }
 
+/// Applies one group: its StatefulSet, then its headless Service. Returns the StatefulSet as the server has it.
+async fn apply_group(
+    statefulsets: &Api<StatefulSet>,
+    services: &Api<Service>,
+    md: &ModelDeployment,
+    group: &GroupRef,
+    config: &OperatorConfig,
+) -> Result<StatefulSet> {
+    let applied = apply(statefulsets, &resources::group_statefulset(md, group, config)?).await?;
+    apply(services, &resources::group_service(md, group)?).await?;
+    Ok(applied)
+}
+
 /// Deletes `name` with background propagation; an object already gone is fine.
 async fn delete<K>(api: &Api<K>, name: &str) -> Result<()>
 where
@@ -309,10 +322,9 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     let mut current_sets = observed_sets;
     for group in &create {
         let group_name = group.name(&name);
-        let created = apply(&statefulsets, &resources::group_statefulset(md, group, &ctx.config)?).await?;
+        let created = apply_group(&statefulsets, &services, md, group, &ctx.config).await?;
         current_sets.retain(|s| s.name_any() != group_name);
         current_sets.push(created);
-        apply(&services, &resources::group_service(md, group)?).await?;
         tracing::info!(md = %Context::key(md), group = %group_name, "created group");
         let note =
             format!("Created group {group_name} (revision {}, {} ranks)", group.revision, md.spec.expert_parallelism());
@@ -327,8 +339,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         if group.revision != revision || remove.contains(group) || terminating.contains(group) {
             continue;
         }
-        apply(&statefulsets, &resources::group_statefulset(md, group, &ctx.config)?).await?;
-        apply(&services, &resources::group_service(md, group)?).await?;
+        apply_group(&statefulsets, &services, md, group, &ctx.config).await?;
     }
     for group in &remove {
         let group_name = group.name(&name);
