@@ -93,14 +93,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Crd => print!("{}", render::crd_yaml()?),
+        Command::Crd => emit(&render::crd_yaml()?)?,
         Command::Render { file, config } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading standard input")?
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
             };
-            print!("{}", render::render_yaml(&text, &config.config())?);
+            emit(&render::render_yaml(&text, &config.config())?)?;
         }
         Command::Run { config, namespace, lease_namespace, identity, admin_addr } => {
             tracing_subscriber::fmt()
@@ -116,4 +116,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `text` to standard output; a reader that stopped early (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(e).context("writing to stdout")),
+        _ => Ok(()),
+    }
 }
