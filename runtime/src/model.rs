@@ -4,6 +4,7 @@ pub mod cache;
 pub mod config;
 pub mod deepseek;
 pub mod experts;
+pub mod host;
 pub mod latent_attention;
 pub mod mla;
 pub mod moe;

@@ -8,7 +8,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
-use super::moe::{ExpertRows, Mlp};
+use super::host::HostMlp;
+use super::moe::{ExpertRows, load_swiglu, uses_host_kernels};
 use crate::error::{Error, Result};
 
 /// Sends rows to another rank's experts without waiting (the expert transport implements it).
@@ -40,36 +41,70 @@ pub struct ExpertParallel {
     pub dispatcher: Arc<dyn ExpertDispatcher>,
 }
 
-/// The routed experts of one MoE layer held by this rank, weights stacked along a leading axis, so the active
-/// experts of a batch run as one batched matmul chain.
+/// The routed experts of one MoE layer held by this rank. On accelerators and in half precision their weights
+/// are stacked along a leading axis, so the active experts of a batch run as one batched matmul chain; f32
+/// weights on the CPU are packed per expert for the host kernels, which run each active expert over its rows
+/// without a tensor op.
 #[derive(Debug, Clone)]
 pub struct StackedExperts {
-    gate_up: Tensor, // [held, 2 * intermediate, hidden]
-    down: Tensor,    // [held, hidden, intermediate]
+    weights: ExpertWeights,
     intermediate: usize,
-    /// Global expert id → index into the stacked tensors, for the experts held here.
+    /// Global expert id → index into the held experts.
     local: Vec<Option<usize>>,
+}
+
+#[derive(Debug, Clone)]
+enum ExpertWeights {
+    Stacked {
+        gate_up: Tensor, // [held, 2 * intermediate, hidden]
+        down: Tensor,    // [held, hidden, intermediate]
+    },
+    Host(Vec<HostMlp>),
 }
 
 impl StackedExperts {
     /// Loads the experts `held` (global ids, ascending) of a layer whose VarBuilder is at `…mlp.experts`.
     pub fn load(held: &[usize], n_experts: usize, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        let host = uses_host_kernels(&vb);
+        Self::load_as(held, n_experts, hidden, intermediate, vb, host)
+    }
+
+    /// [`StackedExperts::load`] with the weight layout chosen by the caller (`host`: packed for the host kernels,
+    /// which needs f32 on the CPU).
+    pub(crate) fn load_as(
+        held: &[usize],
+        n_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        vb: VarBuilder,
+        host: bool,
+    ) -> Result<Self> {
+        if held.is_empty() {
+            return Err(Error::InvalidRequest("a rank must hold at least one expert".into()));
+        }
         let mut gate_up = Vec::with_capacity(held.len());
         let mut down = Vec::with_capacity(held.len());
+        let mut packed = Vec::with_capacity(held.len());
         let mut local = vec![None; n_experts];
         for (i, &e) in held.iter().enumerate() {
             let slot = local
                 .get_mut(e)
                 .ok_or_else(|| Error::InvalidRequest(format!("expert {e} outside the model's {n_experts}")))?;
             *slot = Some(i);
-            let mlp = Mlp::load(hidden, intermediate, vb.pp(e))?;
-            gate_up.push(mlp.gate_up);
-            down.push(mlp.down);
+            let (gu, d) = load_swiglu(hidden, intermediate, &vb.pp(e))?;
+            if host {
+                packed.push(HostMlp::new(&gu, &d)?);
+            } else {
+                gate_up.push(gu);
+                down.push(d);
+            }
         }
-        if held.is_empty() {
-            return Err(Error::InvalidRequest("a rank must hold at least one expert".into()));
-        }
-        Ok(Self { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)?, intermediate, local })
+        let weights = if host {
+            ExpertWeights::Host(packed)
+        } else {
+            ExpertWeights::Stacked { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)? }
+        };
+        Ok(Self { weights, intermediate, local })
     }
 
     pub fn holds(&self, expert: usize) -> bool {
@@ -78,7 +113,12 @@ impl StackedExperts {
 
     /// Bytes of expert weights held.
     pub fn bytes(&self) -> usize {
-        (self.gate_up.elem_count() + self.down.elem_count()) * self.gate_up.dtype().size_in_bytes()
+        match &self.weights {
+            ExpertWeights::Stacked { gate_up, down } => {
+                (gate_up.elem_count() + down.elem_count()) * gate_up.dtype().size_in_bytes()
+            }
+            ExpertWeights::Host(experts) => experts.iter().map(HostMlp::bytes).sum(),
+        }
     }
 
     fn chain(&self, x: &Tensor, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
@@ -89,13 +129,8 @@ impl StackedExperts {
     }
 
     /// Runs `groups` (all held here) over rows of `x` (`[n, hidden]`) and returns, per row of `x`, the sum of its
-    /// weighted expert outputs (`[n, hidden]`, f32). The active experts' rows are gathered once into
-    /// `[experts, rows, hidden]`, padded to the busiest expert with a zero row (index `n`, weight 0), and go through
-    /// one batched gate/up → SiLU → down chain, then one scatter-add. When padding would more than double the work
-    /// (skewed routing), each expert runs on its own contiguous slice instead.
+    /// weighted expert outputs (`[n, hidden]`, f32).
     pub fn sum_groups(&self, x: &Tensor, groups: &[ExpertRows]) -> Result<Tensor> {
-        let device = x.device();
-        let (n, hidden) = x.dims2()?;
         let mut ids = Vec::with_capacity(groups.len());
         for g in groups {
             ids.push(
@@ -103,10 +138,30 @@ impl StackedExperts {
                     .get(g.expert)
                     .copied()
                     .flatten()
-                    .ok_or_else(|| Error::InvalidRequest(format!("expert {} is not held by this rank", g.expert)))?
-                    as u32,
+                    .ok_or_else(|| Error::InvalidRequest(format!("expert {} is not held by this rank", g.expert)))?,
             );
         }
+        match &self.weights {
+            ExpertWeights::Stacked { gate_up, down } => self.sum_stacked(gate_up, down, x, groups, ids),
+            ExpertWeights::Host(experts) => sum_host(experts, x, groups, &ids),
+        }
+    }
+
+    /// The stacked path: the active experts' rows are gathered once into `[experts, rows, hidden]`, padded to the
+    /// busiest expert with a zero row (index `n`, weight 0), and go through one batched gate/up → SiLU → down
+    /// chain, then one scatter-add. When padding would more than double the work (skewed routing), each expert
+    /// runs on its own contiguous slice instead.
+    fn sum_stacked(
+        &self,
+        stacked_gate_up: &Tensor,
+        stacked_down: &Tensor,
+        x: &Tensor,
+        groups: &[ExpertRows],
+        ids: Vec<usize>,
+    ) -> Result<Tensor> {
+        let device = x.device();
+        let (n, hidden) = x.dims2()?;
+        let ids: Vec<u32> = ids.into_iter().map(|i| i as u32).collect();
         let active = groups.len();
         let total: usize = groups.iter().map(|g| g.rows.len()).sum();
         let widest = groups.iter().map(|g| g.rows.len()).max().unwrap_or(0);
@@ -125,12 +180,12 @@ impl StackedExperts {
         let out = if padded {
             let x_ext = Tensor::cat(&[x, &Tensor::zeros((1, hidden), x.dtype(), device)?], 0)?;
             let xs = x_ext.index_select(&row_ids, 0)?.reshape((active, widest, hidden))?;
-            let held = self.gate_up.dim(0)?;
+            let held = stacked_gate_up.dim(0)?;
             let (gate_up, down) = if active == held && ids.iter().enumerate().all(|(i, &id)| id as usize == i) {
-                (self.gate_up.clone(), self.down.clone())
+                (stacked_gate_up.clone(), stacked_down.clone())
             } else {
                 let ids = Tensor::from_vec(ids, active, device)?;
-                (self.gate_up.index_select(&ids, 0)?, self.down.index_select(&ids, 0)?)
+                (stacked_gate_up.index_select(&ids, 0)?, stacked_down.index_select(&ids, 0)?)
             };
             self.chain(&xs, &gate_up, &down)?.reshape((count, hidden))?
         } else {
@@ -139,7 +194,7 @@ impl StackedExperts {
             let mut offset = 0;
             for (g, &id) in groups.iter().zip(&ids) {
                 let xs = gathered.narrow(0, offset, g.rows.len())?.unsqueeze(0)?;
-                let (gu, d) = (self.gate_up.narrow(0, id as usize, 1)?, self.down.narrow(0, id as usize, 1)?);
+                let (gu, d) = (stacked_gate_up.narrow(0, id as usize, 1)?, stacked_down.narrow(0, id as usize, 1)?);
                 outputs.push(self.chain(&xs, &gu, &d)?.squeeze(0)?);
                 offset += g.rows.len();
             }
@@ -178,6 +233,40 @@ impl StackedExperts {
         }
         Ok(self.sum_groups(rows, &by_expert)?.to_dtype(rows.dtype())?)
     }
+}
+
+/// The host path of [`StackedExperts::sum_groups`]: each group's rows gathered into one buffer, through its
+/// expert's packed SwiGLU, and added back weighted (`ids[i]` is group `i`'s index into `experts`).
+fn sum_host(experts: &[HostMlp], x: &Tensor, groups: &[ExpertRows], ids: &[usize]) -> Result<Tensor> {
+    let (n, hidden) = x.dims2()?;
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; n * hidden];
+    let mut gathered = Vec::new();
+    for (g, &id) in groups.iter().zip(ids) {
+        let expert = experts.get(id).ok_or_else(|| Error::InvalidRequest(format!("no held expert {id}")))?;
+        if expert.hidden() != hidden {
+            return Err(Error::InvalidRequest(format!(
+                "rows of width {hidden} for experts of width {}",
+                expert.hidden()
+            )));
+        }
+        gathered.clear();
+        for &r in &g.rows {
+            let r = r as usize;
+            let row = xs
+                .get(r * hidden..(r + 1) * hidden)
+                .ok_or_else(|| Error::InvalidRequest(format!("expert {} was given row {r} of {n}", g.expert)))?;
+            gathered.extend_from_slice(row);
+        }
+        let y = expert.forward(&gathered, g.rows.len());
+        for ((&r, &w), y_row) in g.rows.iter().zip(&g.weights).zip(y.chunks_exact(hidden.max(1))) {
+            let r = r as usize;
+            for (o, &v) in out[r * hidden..(r + 1) * hidden].iter_mut().zip(y_row) {
+                *o += w * v;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (n, hidden), x.device())?)
 }
 
 /// The routed experts a rank without attention holds, for every MoE layer (an expert-only rank of a group).
@@ -261,5 +350,52 @@ impl ExpertDispatcher for InProcessExperts {
             .and_then(Option::as_ref)
             .ok_or_else(|| Error::InvalidRequest(format!("no in-process shard for rank {rank}")))?;
         Ok(Box::new(Ready(shard.compute(layer, rows, experts, weights)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// The packed host experts and the stacked tensors compute the same weighted sums: balanced groups (the
+    /// padded batched chain), one skewed group (the per-expert chain), and a subset of the held experts.
+    #[test]
+    fn host_and_stacked_experts_agree() {
+        let dev = Device::Cpu;
+        let (hidden, inter, n_experts) = (64, 32, 16);
+        let vb = || crate::builtin::var_builder(DType::F32, &dev).pp("model.layers.1.mlp.experts");
+        let held: Vec<usize> = (4..12).collect();
+        let host = StackedExperts::load_as(&held, n_experts, hidden, inter, vb(), true).unwrap();
+        let stacked = StackedExperts::load_as(&held, n_experts, hidden, inter, vb(), false).unwrap();
+        assert!(matches!(host.weights, ExpertWeights::Host(_)));
+        assert!(matches!(stacked.weights, ExpertWeights::Stacked { .. }));
+        assert_eq!(host.bytes(), stacked.bytes());
+        let n = 9;
+        let x: Vec<f32> = (0..n * hidden).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let x = Tensor::from_vec(x, (n, hidden), &dev).unwrap();
+        let group = |expert: usize, rows: &[u32]| ExpertRows {
+            expert,
+            rows: rows.to_vec(),
+            weights: rows.iter().map(|&r| 0.1 + r as f32 * 0.05).collect(),
+        };
+        let cases = [
+            vec![group(4, &[0, 1, 2]), group(5, &[2, 3, 4]), group(9, &[5, 6, 8])],
+            vec![group(6, &[0, 1, 2, 3, 4, 5, 6, 7, 8]), group(11, &[3])],
+            vec![group(7, &[8])],
+        ];
+        for groups in &cases {
+            let a = host.sum_groups(&x, groups).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = stacked.sum_groups(&x, groups).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(a.iter().any(|v| v.abs() > 1e-3), "the experts produced nothing");
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!((p - q).abs() < 1e-5, "value {i}: host {p} vs stacked {q}");
+            }
+        }
+        let not_held = [group(2, &[0])];
+        assert!(host.sum_groups(&x, &not_held).is_err());
+        let out_of_range = [group(4, &[n as u32])];
+        assert!(host.sum_groups(&x, &out_of_range).unwrap_err().to_string().contains("row 9"));
     }
 }

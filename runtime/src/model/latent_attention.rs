@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::host::exp_nonpositive;
+
 /// One sequence's query rows in the packed batch and where its context lives.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSeq<'a> {
@@ -29,12 +31,30 @@ pub fn absorbed_attention(
     block_size: usize,
     seqs: &[KernelSeq<'_>],
 ) -> Vec<f32> {
-    let per_seq: Vec<Vec<f32>> =
-        seqs.par_iter().map(|s| attend_sequence(q, heads, width, rank, pool, block_size, s)).collect();
-    per_seq.concat()
+    let per_row = heads * rank;
+    let mut out = vec![0f32; seqs.iter().map(|s| s.len).sum::<usize>() * per_row];
+    // Each sequence writes its own rows of the output.
+    let mut parts: Vec<(&KernelSeq<'_>, &mut [f32])> = Vec::with_capacity(seqs.len());
+    let mut rest = out.as_mut_slice();
+    for s in seqs {
+        let (mine, tail) = rest.split_at_mut(s.len * per_row);
+        parts.push((s, mine));
+        rest = tail;
+    }
+    let run =
+        |(s, o): &mut (&KernelSeq<'_>, &mut [f32])| attend_sequence(q, heads, width, rank, pool, block_size, s, o);
+    if parts.len() > 1 && rayon::current_num_threads() > 1 {
+        parts.par_iter_mut().for_each(run);
+    } else {
+        parts.iter_mut().for_each(run);
+    }
+    out
 }
 
-/// Runs the kernel compiled for AVX2 when the CPU has it (the portable x86-64 baseline is SSE2, half the width).
+/// Picks the kernel for the CPU and the shapes: AVX2 + FMA over groups of four heads when the rows are whole
+/// registers (every DeepSeek configuration), else the portable loops (compiled for AVX2 when the CPU has it; the
+/// x86-64 baseline is SSE2, half the width).
+#[allow(clippy::too_many_arguments)]
 fn attend_sequence(
     q: &[f32],
     heads: usize,
@@ -43,18 +63,36 @@ fn attend_sequence(
     pool: &[f32],
     block_size: usize,
     s: &KernelSeq<'_>,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU supports AVX2, checked just above; that is the only requirement of the call.
-        return unsafe { attend_sequence_avx2(q, heads, width, rank, pool, block_size, s) };
+    {
+        if avx::fits(heads, width, rank)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
+            unsafe {
+                avx::attend_sequence(q, heads, width, rank, pool, block_size, s, out)
+            };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU supports AVX2, checked just above; that is the only requirement of the call.
+            unsafe {
+                attend_sequence_avx2(q, heads, width, rank, pool, block_size, s, out)
+            };
+            return;
+        }
     }
-    attend_sequence_portable(q, heads, width, rank, pool, block_size, s)
+    attend_sequence_portable(q, heads, width, rank, pool, block_size, s, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 fn attend_sequence_avx2(
     q: &[f32],
     heads: usize,
@@ -63,11 +101,32 @@ fn attend_sequence_avx2(
     pool: &[f32],
     block_size: usize,
     s: &KernelSeq<'_>,
-) -> Vec<f32> {
-    attend_sequence_portable(q, heads, width, rank, pool, block_size, s)
+    out: &mut [f32],
+) {
+    attend_sequence_portable(q, heads, width, rank, pool, block_size, s, out)
+}
+
+/// Rows of the first `n` keys of a sequence, block by block (no division per key): slices of whole blocks, the
+/// last cut short.
+#[inline(always)]
+fn spans<'a>(
+    pool: &'a [f32],
+    blocks: &'a [u32],
+    block_size: usize,
+    width: usize,
+    n: usize,
+) -> impl Iterator<Item = &'a [f32]> + 'a {
+    blocks.iter().enumerate().map_while(move |(i, &b)| {
+        let first = i * block_size;
+        (first < n).then(|| {
+            let base = b as usize * block_size * width;
+            &pool[base..base + (n - first).min(block_size) * width]
+        })
+    })
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn attend_sequence_portable(
     q: &[f32],
     heads: usize,
@@ -76,20 +135,10 @@ fn attend_sequence_portable(
     pool: &[f32],
     block_size: usize,
     s: &KernelSeq<'_>,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
     let total = s.past + s.len;
-    // Rows of the first `n` keys, block by block (no division per key): slices of whole blocks, the last cut
-    // short.
-    let spans = |n: usize| {
-        s.blocks.iter().enumerate().map_while(move |(i, &b)| {
-            let first = i * block_size;
-            (first < n).then(|| {
-                let base = b as usize * block_size * width;
-                &pool[base..base + (n - first).min(block_size) * width]
-            })
-        })
-    };
-    let mut out = vec![0f32; s.len * heads * rank];
+    let spans = |n: usize| spans(pool, s.blocks, block_size, width, n);
     let mut scores = vec![0f32; total];
     for j in 0..s.len {
         let visible = s.past + j + 1; // causal: query at position past + j sees keys 0..=past + j
@@ -146,30 +195,6 @@ fn attend_sequence_portable(
             o_h[tile..].iter_mut().for_each(|o| *o *= inv);
         }
     }
-    out
-}
-
-/// `exp(x)` for `x <= 0` (softmax scores minus their maximum), within about 2 ulp of `f32::exp`: `2^n · exp(r)`
-/// with `n = round(x / ln 2)` and a degree-6 polynomial for `exp(r)` on `|r| <= ln 2 / 2` (Cephes' `expf`
-/// coefficients). Branch-free and inlined, so a loop over it vectorizes, unlike the libm call. Below -87.3 the
-/// result is ~1e-38 instead of a denormal or 0, which changes no softmax (its largest term is 1).
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.3);
-    let n = (x * LOG2E).round_ties_even();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    // 2^n as a float: n is in [-126, 0] here, so the biased exponent n + 127 is in [1, 127].
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Sum in eight independent lanes (vectorizable, unlike a sequential float sum).
@@ -203,6 +228,165 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The AVX2 + FMA kernel: four heads at a time share every key load. Scores of the four heads against a key are
+/// reduced together (three horizontal adds instead of four full reductions) and kept key-major (`[key][4]`), so
+/// the softmax runs eight lanes at a time over two keys, and the weighted sum walks each key's latent once per
+/// 16-value tile for all four heads.
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use super::{KernelSeq, spans};
+
+    /// Whether the shapes suit this kernel: heads in fours, rows in whole registers, the latent in 16-value tiles.
+    pub(super) fn fits(heads: usize, width: usize, rank: usize) -> bool {
+        heads > 0 && heads.is_multiple_of(4) && width.is_multiple_of(8) && rank.is_multiple_of(16) && rank <= width
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn load(v: &[f32; 8]) -> __m256 {
+        #[allow(unsafe_code)]
+        // SAFETY: `v` is eight readable floats, and unaligned loads have no alignment requirement.
+        unsafe {
+            _mm256_loadu_ps(v.as_ptr())
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn store(v: __m256, out: &mut [f32; 8]) {
+        #[allow(unsafe_code)]
+        // SAFETY: `out` is eight writable floats, and unaligned stores have no alignment requirement.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), v)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn store4(v: __m128, out: &mut [f32; 4]) {
+        #[allow(unsafe_code)]
+        // SAFETY: `out` is four writable floats, and unaligned stores have no alignment requirement.
+        unsafe {
+            _mm_storeu_ps(out.as_mut_ptr(), v)
+        }
+    }
+
+    /// Eight lanes of `exp(x)` for `x <= 0`: the polynomial of [`super::exp_nonpositive`] with fused steps.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn exp_nonpositive(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let e = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(e, _mm256_castsi256_ps(bits))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend_sequence(
+        q: &[f32],
+        heads: usize,
+        width: usize,
+        rank: usize,
+        pool: &[f32],
+        block_size: usize,
+        s: &KernelSeq<'_>,
+        out: &mut [f32],
+    ) {
+        let total = s.past + s.len;
+        let spans = |n: usize| spans(pool, s.blocks, block_size, width, n);
+        // Four scores per key, padded to whole registers (two keys each).
+        let mut scores = vec![0f32; total.div_ceil(2) * 8];
+        for j in 0..s.len {
+            let visible = s.past + j + 1;
+            let q_tok = &q[(s.start + j) * heads * width..(s.start + j + 1) * heads * width];
+            for g in (0..heads).step_by(4) {
+                let qh: [&[[f32; 8]]; 4] =
+                    std::array::from_fn(|i| q_tok[(g + i) * width..(g + i + 1) * width].as_chunks::<8>().0);
+                let (sc4, _) = scores.as_chunks_mut::<4>();
+                let mut maxv = _mm_set1_ps(f32::NEG_INFINITY);
+                let mut k = 0;
+                for span in spans(visible) {
+                    for key in span.chunks_exact(width) {
+                        let key = key.as_chunks::<8>().0;
+                        let (mut a0, mut a1, mut a2, mut a3) =
+                            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                        for (c, kc) in key.iter().enumerate() {
+                            let kv = load(kc);
+                            a0 = _mm256_fmadd_ps(load(&qh[0][c]), kv, a0);
+                            a1 = _mm256_fmadd_ps(load(&qh[1][c]), kv, a1);
+                            a2 = _mm256_fmadd_ps(load(&qh[2][c]), kv, a2);
+                            a3 = _mm256_fmadd_ps(load(&qh[3][c]), kv, a3);
+                        }
+                        // [a0 a1 a2 a3] partial sums of lanes 0-3 in the low half, 4-7 in the high half.
+                        let t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                        let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                        maxv = _mm_max_ps(maxv, r);
+                        store4(r, &mut sc4[k]);
+                        k += 1;
+                    }
+                }
+                // Softmax numerators in place, two keys per register; lanes past the last key are zeroed.
+                let max8 = _mm256_set_m128(maxv, maxv);
+                let (sc8, _) = scores.as_chunks_mut::<8>();
+                let pairs = visible.div_ceil(2);
+                let mut sum = _mm256_setzero_ps();
+                for (p, chunk) in sc8[..pairs].iter_mut().enumerate() {
+                    let mut e = exp_nonpositive(_mm256_sub_ps(load(chunk), max8));
+                    if 2 * p + 1 == visible {
+                        e = _mm256_blend_ps::<0b1111_0000>(e, _mm256_setzero_ps());
+                    }
+                    sum = _mm256_add_ps(sum, e);
+                    store(e, chunk);
+                }
+                let inv = _mm_div_ps(
+                    _mm_set1_ps(1.0),
+                    _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum)),
+                );
+                let mut inv4 = [0f32; 4];
+                store4(inv, &mut inv4);
+                let (sc4, _) = scores.as_chunks::<4>();
+                // Weighted sums of the latent part, sixteen values (two registers) per head at a time.
+                for tile in (0..rank).step_by(16) {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                    let mut k = 0;
+                    for span in spans(visible) {
+                        for key in span.chunks_exact(width) {
+                            let kv = key[tile..tile + 16].as_chunks::<8>().0;
+                            let (k0, k1) = (load(&kv[0]), load(&kv[1]));
+                            for (h, acc_h) in acc.iter_mut().enumerate() {
+                                let p = _mm256_broadcast_ss(&sc4[k][h]);
+                                acc_h[0] = _mm256_fmadd_ps(p, k0, acc_h[0]);
+                                acc_h[1] = _mm256_fmadd_ps(p, k1, acc_h[1]);
+                            }
+                            k += 1;
+                        }
+                    }
+                    for (h, acc_h) in acc.iter().enumerate() {
+                        let at = (j * heads + g + h) * rank + tile;
+                        let scale = _mm256_set1_ps(inv4[h]);
+                        let o = out[at..at + 16].as_chunks_mut::<8>().0;
+                        store(_mm256_mul_ps(acc_h[0], scale), &mut o[0]);
+                        store(_mm256_mul_ps(acc_h[1], scale), &mut o[1]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,17 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fast_exponential_matches_std_within_a_few_ulp() {
-        let mut worst = 0f32;
-        let mut x = 0f32;
-        while x > -87.0 {
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            worst = worst.max(((got - want) / want).abs());
-            x -= 0.000_37;
-        }
-        assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+    fn the_eight_lane_sum_covers_the_tail() {
         assert!((sum8(&[1.0; 19]) - 19.0).abs() < 1e-6);
     }
 
@@ -244,9 +418,15 @@ mod tests {
 
     /// The kernel against a plain reference (f64, slot = block * size + offset for every key) on scattered
     /// blocks, several block sizes, prefill and decode rows, and contexts ending inside and at block borders.
+    /// Shapes for both kernels: the head-group kernel (heads in fours, whole registers) and the portable one.
     #[test]
     fn the_kernel_equals_a_plain_reference_over_scattered_blocks() {
-        let (heads, width, rank) = (3, 12, 8);
+        for (heads, width, rank) in [(3, 12, 8), (4, 40, 32), (8, 24, 16), (4, 20, 16)] {
+            equals_reference(heads, width, rank);
+        }
+    }
+
+    fn equals_reference(heads: usize, width: usize, rank: usize) {
         let value = |i: usize| ((i as f32) * 0.731).sin();
         for block_size in [1usize, 4, 16] {
             let blocks_total = 64;
@@ -277,7 +457,8 @@ mod tests {
                             let have = f64::from(got[(j * heads + h) * rank + c]);
                             assert!(
                                 (have - want).abs() < 1e-5,
-                                "block {block_size}, past {past}, len {len}, row {j}, head {h}, col {c}: {have} vs {want}"
+                                "{heads}x{width}x{rank}: block {block_size}, past {past}, len {len}, row {j}, head {h}, \
+                                 col {c}: {have} vs {want}"
                             );
                         }
                     }

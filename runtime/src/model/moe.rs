@@ -10,31 +10,63 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{ExpertParallel, StackedExperts};
+use super::host::HostMlp;
 use crate::error::Result;
 
-/// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers, shared experts and each
-/// routed expert. `gate_proj` and `up_proj` are fused into one matrix at load.
+/// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers and shared experts.
+/// `gate_proj` and `up_proj` are fused into one matrix at load; f32 weights on the CPU are packed for the host
+/// kernels instead of kept as tensors.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub(crate) gate_up: Tensor, // [2 * intermediate, hidden]
-    pub(crate) down: Tensor,    // [hidden, intermediate]
-    intermediate: usize,
+    weights: MlpWeights,
+}
+
+#[derive(Debug, Clone)]
+enum MlpWeights {
+    Tensors { gate_up: Tensor, down: Tensor, intermediate: usize },
+    Host(HostMlp),
+}
+
+/// `gate_proj` and `up_proj` stacked (`[2 * intermediate, hidden]`, gate rows first) and `down_proj`
+/// (`[hidden, intermediate]`) of the SwiGLU block at `vb`.
+pub(crate) fn load_swiglu(hidden: usize, intermediate: usize, vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
+    let gate = vb.pp("gate_proj").get((intermediate, hidden), "weight")?;
+    let up = vb.pp("up_proj").get((intermediate, hidden), "weight")?;
+    let down = vb.pp("down_proj").get((hidden, intermediate), "weight")?;
+    Ok((Tensor::cat(&[&gate, &up], 0)?, down))
+}
+
+/// Whether weights loaded through `vb` run on the host kernels (f32 on the CPU).
+pub(crate) fn uses_host_kernels(vb: &VarBuilder) -> bool {
+    vb.device().is_cpu() && vb.dtype() == DType::F32
 }
 
 impl Mlp {
     pub fn load(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
-        let gate = vb.pp("gate_proj").get((intermediate, hidden), "weight")?;
-        let up = vb.pp("up_proj").get((intermediate, hidden), "weight")?;
-        let down = vb.pp("down_proj").get((hidden, intermediate), "weight")?;
-        Ok(Self { gate_up: Tensor::cat(&[&gate, &up], 0)?, down, intermediate })
+        let (gate_up, down) = load_swiglu(hidden, intermediate, &vb)?;
+        let weights = if uses_host_kernels(&vb) {
+            MlpWeights::Host(HostMlp::new(&gate_up, &down)?)
+        } else {
+            MlpWeights::Tensors { gate_up, down, intermediate }
+        };
+        Ok(Self { weights })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = x.matmul(&self.gate_up.t()?)?;
-        let gate = gate_up.narrow(1, 0, self.intermediate)?;
-        let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
-        Ok(act.matmul(&self.down.t()?)?)
+        match &self.weights {
+            MlpWeights::Tensors { gate_up, down, intermediate } => {
+                let gate_up = x.matmul(&gate_up.t()?)?;
+                let gate = gate_up.narrow(1, 0, *intermediate)?;
+                let up = gate_up.narrow(1, *intermediate, *intermediate)?;
+                let act = (candle_nn::ops::silu(&gate)? * up)?;
+                Ok(act.matmul(&down.t()?)?)
+            }
+            MlpWeights::Host(mlp) => {
+                let (m, hidden) = x.dims2()?;
+                let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Tensor::from_vec(mlp.forward(&rows, m), (m, hidden), x.device())?.to_dtype(x.dtype())?)
+            }
+        }
     }
 }
 

@@ -1,0 +1,407 @@
+//! Host (CPU, f32) kernels for the small matrix products of a decode step.
+//!
+//! At the sizes a decode step multiplies — a few to a few dozen rows against one projection or one expert's
+//! weights — candle's CPU matmul spends more time on dispatch, layout checks, packing and allocation than on
+//! arithmetic, and an MoE layer makes one such call per active expert. [`PackedMatrix`] stores a weight once,
+//! at load, in the layout a register-tiled kernel reads straight through (panels of [`PANEL`] output columns,
+//! each `in_dim` rows deep), so a product is a single pass with no per-call packing. [`HostMlp`] chains two of
+//! them around a vectorized SwiGLU: the whole expert runs without a tensor op.
+//!
+//! Kernels are compiled twice: for AVX2 + FMA (picked at run time when the CPU has both) and for the portable
+//! baseline. Results equal candle's within f32 rounding (the sums run in a different order).
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Output columns per panel: two AVX registers.
+const PANEL: usize = 16;
+/// Rows multiplied together against one panel (4 rows × 2 registers = 8 accumulators, leaving registers for
+/// the weights and the broadcast inputs).
+const ROWS: usize = 4;
+/// Products at least this large (multiply-adds) are split over the compute pool by panels.
+const PARALLEL_MIN_MACS: usize = 1 << 21;
+
+/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    in_dim: usize,
+    out_dim: usize,
+    /// `[ceil(out_dim / PANEL)][in_dim][PANEL]`, columns past `out_dim` zero.
+    panels: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix").field("in_dim", &self.in_dim).field("out_dim", &self.out_dim).finish()
+    }
+}
+
+impl PackedMatrix {
+    /// Packs a row-major `[out_dim, in_dim]` weight.
+    pub fn from_rows(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Self> {
+        if w.len() != out_dim * in_dim {
+            return Err(Error::InvalidRequest(format!("weight of {} values is not [{out_dim}, {in_dim}]", w.len())));
+        }
+        let n_panels = out_dim.div_ceil(PANEL);
+        let mut panels = vec![0f32; n_panels * in_dim * PANEL];
+        for (o, row) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
+            let (p, i) = (o / PANEL, o % PANEL);
+            let panel = &mut panels[p * in_dim * PANEL..(p + 1) * in_dim * PANEL];
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * PANEL + i] = v;
+            }
+        }
+        Ok(Self { in_dim, out_dim, panels })
+    }
+
+    /// Packs a 2-D weight tensor `[out_dim, in_dim]` (any dtype; stored as f32).
+    pub fn from_tensor(w: &Tensor) -> Result<Self> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Self::from_rows(&data, out_dim, in_dim)
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// Bytes of the packed weight.
+    pub fn bytes(&self) -> usize {
+        self.panels.len() * std::mem::size_of::<f32>()
+    }
+
+    /// `out[m, out_dim] = a[m, in_dim] · Wᵀ` (`out` is overwritten).
+    pub fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32]) {
+        let (k, n) = (self.in_dim, self.out_dim);
+        debug_assert!(a.len() >= m * k && out.len() >= m * n);
+        if k == 0 {
+            out[..m * n].fill(0.0);
+            return;
+        }
+        let panel_len = k * PANEL;
+        if m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
+            // Each task computes whole panels into its own columns buffer, then they are copied into place.
+            let cols: Vec<(usize, Vec<f32>)> = self
+                .panels
+                .par_chunks_exact(panel_len)
+                .enumerate()
+                .map(|(p, panel)| {
+                    let mut block = vec![0f32; m * PANEL];
+                    panel_product(a, m, k, panel, &mut block, PANEL, 0, PANEL);
+                    (p, block)
+                })
+                .collect();
+            for (p, block) in cols {
+                let (first, width) = (p * PANEL, PANEL.min(n - p * PANEL));
+                for r in 0..m {
+                    out[r * n + first..r * n + first + width].copy_from_slice(&block[r * PANEL..r * PANEL + width]);
+                }
+            }
+            return;
+        }
+        for (p, panel) in self.panels.chunks_exact(panel_len).enumerate() {
+            let first = p * PANEL;
+            panel_product(a, m, k, panel, out, n, first, PANEL.min(n - first));
+        }
+    }
+
+    /// `a[m, in_dim] · Wᵀ` as a new vector.
+    pub fn matmul(&self, a: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.out_dim];
+        self.matmul_into(a, m, &mut out);
+        out
+    }
+}
+
+/// One panel's columns for all `m` rows: `out[r * stride + first + i]` for `i < width`.
+#[allow(clippy::too_many_arguments)]
+fn panel_product(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    first: usize,
+    width: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
+        unsafe {
+            panel_product_fma(a, m, k, panel, out, stride, first, width)
+        };
+        return;
+    }
+    panel_product_generic::<false>(a, m, k, panel, out, stride, first, width);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn panel_product_fma(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    first: usize,
+    width: usize,
+) {
+    panel_product_generic::<true>(a, m, k, panel, out, stride, first, width);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn panel_product_generic<const FMA: bool>(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    first: usize,
+    width: usize,
+) {
+    let mut r = 0;
+    while r + ROWS <= m {
+        let acc = tile::<ROWS, FMA>(&a[r * k..(r + ROWS) * k], k, panel);
+        store(&acc, out, r, stride, first, width);
+        r += ROWS;
+    }
+    match m - r {
+        1 => store(&tile::<1, FMA>(&a[r * k..(r + 1) * k], k, panel), out, r, stride, first, width),
+        2 => store(&tile::<2, FMA>(&a[r * k..(r + 2) * k], k, panel), out, r, stride, first, width),
+        3 => store(&tile::<3, FMA>(&a[r * k..(r + 3) * k], k, panel), out, r, stride, first, width),
+        _ => {}
+    }
+}
+
+/// `R` rows (`a`, `[R, k]`) against one panel (`[k, PANEL]`), accumulated in registers.
+#[inline(always)]
+fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32]) -> [[f32; PANEL]; R] {
+    let mut acc = [[0f32; PANEL]; R];
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &a[r * k..(r + 1) * k]);
+    for (kk, w) in panel.chunks_exact(PANEL).take(k).enumerate() {
+        for r in 0..R {
+            let x = rows[r][kk];
+            for i in 0..PANEL {
+                acc[r][i] = if FMA { x.mul_add(w[i], acc[r][i]) } else { x * w[i] + acc[r][i] };
+            }
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+fn store<const R: usize>(
+    acc: &[[f32; PANEL]; R],
+    out: &mut [f32],
+    row: usize,
+    stride: usize,
+    first: usize,
+    width: usize,
+) {
+    for (r, cols) in acc.iter().enumerate() {
+        let at = (row + r) * stride + first;
+        out[at..at + width].copy_from_slice(&cols[..width]);
+    }
+}
+
+/// A SwiGLU block `down(silu(gate(x)) * up(x))` on the host: `gate_up` is `[2 * intermediate, hidden]` (gate
+/// rows first), `down` `[hidden, intermediate]`.
+#[derive(Debug, Clone)]
+pub struct HostMlp {
+    gate_up: PackedMatrix,
+    down: PackedMatrix,
+}
+
+impl HostMlp {
+    pub fn new(gate_up: &Tensor, down: &Tensor) -> Result<Self> {
+        let (gate_up, down) = (PackedMatrix::from_tensor(gate_up)?, PackedMatrix::from_tensor(down)?);
+        if gate_up.out_dim() != 2 * down.in_dim() || gate_up.in_dim() != down.out_dim() {
+            return Err(Error::InvalidRequest(format!(
+                "expert shapes do not chain: gate_up [{}, {}], down [{}, {}]",
+                gate_up.out_dim(),
+                gate_up.in_dim(),
+                down.out_dim(),
+                down.in_dim()
+            )));
+        }
+        Ok(Self { gate_up, down })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.down.out_dim()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
+    /// `x` `[m, hidden]` → `[m, hidden]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let i = self.down.in_dim();
+        let h = self.gate_up.matmul(x, m);
+        let mut act = vec![0f32; m * i];
+        for (a, row) in act.chunks_exact_mut(i.max(1)).zip(h.chunks_exact((2 * i).max(1))) {
+            silu_mul(&row[..i], &row[i..], a);
+        }
+        self.down.matmul(&act, m)
+    }
+}
+
+/// `out = silu(gate) * up`, element-wise.
+fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2, checked just above; that is the only requirement of the call.
+        unsafe {
+            silu_mul_avx2(gate, up, out)
+        };
+        return;
+    }
+    silu_mul_portable(gate, up, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    silu_mul_portable(gate, up, out);
+}
+
+#[inline(always)]
+fn silu_mul_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+}
+
+/// `x · sigmoid(x)`, with the exponential of a non-positive argument only (`e = exp(-|x|)`), branch-free so a
+/// loop over it vectorizes.
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    x * sigmoid
+}
+
+/// `exp(x)` for `x <= 0` (softmax scores minus their maximum), within about 2 ulp of `f32::exp`: `2^n · exp(r)`
+/// with `n = round(x / ln 2)` and a degree-6 polynomial for `exp(r)` on `|r| <= ln 2 / 2` (Cephes' `expf`
+/// coefficients). Branch-free and inlined, so a loop over it vectorizes, unlike the libm call. Below -87.3 the
+/// result is ~1e-38 instead of a denormal or 0, which changes no softmax (its largest term is 1).
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.3);
+    let n = (x * LOG2E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // 2^n as a float: n is in [-126, 0] here, so the biased exponent n + 127 is in [1, 127].
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + seed) * 0.618).sin()).collect()
+    }
+
+    /// Every row and column remainder, against candle's matmul.
+    #[test]
+    fn packed_products_equal_candle_for_every_shape_remainder() {
+        for (m, k, n) in [(1, 1, 1), (1, 64, 64), (3, 7, 5), (4, 64, 40), (5, 32, 17), (9, 40, 264), (32, 64, 96)] {
+            let (a, w) = (values(m * k, 1.0), values(n * k, 2.0));
+            let packed = PackedMatrix::from_rows(&w, n, k).unwrap();
+            let got = packed.matmul(&a, m);
+            let ta = Tensor::from_vec(a, (m, k), &Device::Cpu).unwrap();
+            let tw = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+            let want = ta.matmul(&tw.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-5, "m {m} k {k} n {n} at {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// The pool-split path (large products) writes the same values as the single-thread path.
+    #[test]
+    fn large_products_split_over_the_pool_equal_the_single_pass() {
+        let (m, k, n) = (33, 256, 300);
+        let (a, w) = (values(m * k, 3.0), values(n * k, 4.0));
+        let packed = PackedMatrix::from_rows(&w, n, k).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let split = pool.install(|| packed.matmul(&a, m));
+        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| packed.matmul(&a, m));
+        assert_eq!(split, single);
+        let naive: f32 = (0..k).map(|kk| a[5 * k + kk] * w[77 * k + kk]).sum();
+        assert!((split[5 * n + 77] - naive).abs() < 1e-4);
+    }
+
+    #[test]
+    fn host_mlp_equals_the_candle_chain() {
+        let (m, hidden, inter) = (6, 24, 10);
+        let dev = Device::Cpu;
+        // Weights of the magnitude a trained layer has (|w| ≤ 0.25), so outputs are of order one.
+        let small = |n: usize, seed: f32| values(n, seed).into_iter().map(|v| v * 0.25).collect::<Vec<_>>();
+        let x = Tensor::from_vec(values(m * hidden, 5.0), (m, hidden), &dev).unwrap();
+        let gate_up = Tensor::from_vec(small(2 * inter * hidden, 6.0), (2 * inter, hidden), &dev).unwrap();
+        let down = Tensor::from_vec(small(hidden * inter, 7.0), (hidden, inter), &dev).unwrap();
+        let h = x.matmul(&gate_up.t().unwrap()).unwrap();
+        let act = (candle_nn::ops::silu(&h.narrow(1, 0, inter).unwrap()).unwrap() * h.narrow(1, inter, inter).unwrap())
+            .unwrap();
+        let want = act.matmul(&down.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mlp = HostMlp::new(&gate_up, &down).unwrap();
+        let got = mlp.forward(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        assert!(HostMlp::new(&gate_up, &gate_up).is_err());
+        assert!(PackedMatrix::from_rows(&[1.0; 5], 2, 3).is_err());
+    }
+
+    #[test]
+    fn the_branch_free_silu_matches_the_definition() {
+        let mut x = -80f32;
+        while x < 80.0 {
+            let want = x / (1.0 + (-x).exp());
+            let got = silu(x);
+            assert!((got - want).abs() <= 8.0 * f32::EPSILON * want.abs(), "silu({x}): {got} vs {want}");
+            x += 0.0137;
+        }
+    }
+
+    #[test]
+    fn the_fast_exponential_matches_std_within_a_few_ulp() {
+        let mut worst = 0f32;
+        let mut x = 0f32;
+        while x > -87.0 {
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x -= 0.000_37;
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+    }
+}
