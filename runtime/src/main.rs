@@ -5,6 +5,12 @@ use baleen_runtime::cli::{Cli, Command};
 use clap::Parser;
 use std::io::IsTerminal;
 
+/// mimalloc instead of glibc malloc: a decode step allocates and frees hundreds of short-lived buffers of a few
+/// KiB, which glibc serves from its shared heap (consolidation, unlinking); mimalloc's per-thread free lists do
+/// not. Measured with `scripts/bench-serving.sh` (README).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
     if let Some(model) = cli.command.model_args_mut() {

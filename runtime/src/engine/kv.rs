@@ -22,7 +22,8 @@ pub struct BlockAllocator {
     block_size: usize,
     prefix_caching: bool,
     ref_count: Vec<u32>,
-    /// Never-used or invalidated blocks.
+    /// Blocks holding nothing worth keeping: released ones at the front (most recently released first, so the
+    /// working set stays in memory already touched and in cache), never-used ones behind them.
     free: VecDeque<u32>,
     /// Registered full blocks by hash, and each block's hash.
     by_hash: HashMap<u64, u32>,
@@ -146,7 +147,7 @@ impl BlockAllocator {
                     self.tick_of[b] = self.tick;
                     self.evictable.insert(self.tick, block);
                 } else {
-                    self.free.push_back(block);
+                    self.free.push_front(block);
                 }
             }
         }
@@ -191,6 +192,22 @@ mod tests {
         assert!(!a.by_hash.contains_key(&11) && a.by_hash.get(&22) == Some(&b1));
         assert!(a.allocate().is_some());
         assert!(a.allocate().is_none());
+    }
+
+    /// A released block is handed out again before any never-used one: the pool's touched memory does not grow
+    /// while the live set does not.
+    #[test]
+    fn released_blocks_are_reused_before_never_used_ones() {
+        let mut a = BlockAllocator::new(100, 2, false);
+        let first: Vec<u32> = (0..3).map(|_| a.allocate().unwrap()).collect();
+        assert_eq!(first, vec![0, 1, 2]);
+        a.release(&first);
+        for _ in 0..10 {
+            let again: Vec<u32> = (0..3).map(|_| a.allocate().unwrap()).collect();
+            assert!(again.iter().all(|&b| b < 3), "{again:?}");
+            a.release(&again);
+        }
+        assert_eq!(a.available(), 100);
     }
 
     #[test]

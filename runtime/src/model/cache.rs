@@ -32,6 +32,16 @@ pub struct LatentPool {
     bump: usize,
 }
 
+/// One sequence's slice of a packed batch: its new tokens are rows `start..start + len` of the batch, placed
+/// after the `past` tokens its block table already holds.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqSlice<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub past: usize,
+    pub blocks: &'a [u32],
+}
+
 /// A sequence's cache state for tools that manage blocks themselves with [`LatentPool::extend`] (the engine uses
 /// its own allocator instead).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,6 +146,42 @@ impl LatentPool {
         Ok(())
     }
 
+    /// Writes every sequence's new rows of a packed batch (`rows`, `[tokens, latent_dim]`) for `layer`: one host
+    /// copy of the batch, then row copies, for host pools; [`LatentPool::write`] per sequence otherwise.
+    pub fn write_seqs(&mut self, layer: usize, rows: &Tensor, seqs: &[SeqSlice<'_>]) -> Result<()> {
+        if !matches!(self.storage, Storage::Host(_)) {
+            for seq in seqs {
+                self.write(layer, seq.blocks, seq.past, &rows.narrow(0, seq.start, seq.len)?)?;
+            }
+            return Ok(());
+        }
+        let (n, dim) = rows.dims2()?;
+        if dim != self.latent_dim {
+            return Err(Error::InvalidRequest(format!("latent row width {dim} != cache width {}", self.latent_dim)));
+        }
+        let data = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut slots = Vec::with_capacity(n);
+        for seq in seqs {
+            if seq.start + seq.len > n {
+                return Err(Error::InvalidRequest(format!(
+                    "rows {}..{} of a batch of {n}",
+                    seq.start,
+                    seq.start + seq.len
+                )));
+            }
+            for j in 0..seq.len {
+                slots.push((seq.start + j, self.slot(seq.blocks, seq.past + j)?));
+            }
+        }
+        if let Storage::Host(layers) = &mut self.storage {
+            let dst = layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+            for (row, slot) in slots {
+                dst[slot * dim..(slot + 1) * dim].copy_from_slice(&data[row * dim..(row + 1) * dim]);
+            }
+        }
+        Ok(())
+    }
+
     /// The first `len` rows of `layer` for the sequence with block table `blocks`, as `[len, latent_dim]`.
     pub fn gather(&self, layer: usize, blocks: &[u32], len: usize) -> Result<Tensor> {
         let slots = (0..len).map(|p| self.slot(blocks, p)).collect::<Result<Vec<_>>>()?;
@@ -214,5 +260,42 @@ impl LatentPool {
         }
         self.num_blocks = num_blocks;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch written at once lands where per-sequence writes put it, in host and tensor pools alike; a slice
+    /// past the batch is an error.
+    #[test]
+    fn batch_writes_equal_per_sequence_writes() {
+        let dev = Device::Cpu;
+        let (dim, block) = (3, 2);
+        let rows = Tensor::from_vec((0..5 * dim).map(|i| i as f32).collect::<Vec<_>>(), (5, dim), &dev).unwrap();
+        let (a_blocks, b_blocks) = (vec![4u32, 1], vec![2u32, 0, 3]);
+        let seqs = [
+            SeqSlice { start: 0, len: 2, past: 1, blocks: &a_blocks },
+            SeqSlice { start: 2, len: 3, past: 2, blocks: &b_blocks },
+        ];
+        for dtype in [DType::F32, DType::F64] {
+            let mut batch = LatentPool::new(2, dim, block, 5, dtype, &dev).unwrap();
+            let mut single = batch.clone();
+            batch.write_seqs(1, &rows, &seqs).unwrap();
+            for s in &seqs {
+                single.write(1, s.blocks, s.past, &rows.narrow(0, s.start, s.len).unwrap()).unwrap();
+            }
+            for s in &seqs {
+                let (x, y) = (
+                    batch.gather(1, s.blocks, s.past + s.len).unwrap(),
+                    single.gather(1, s.blocks, s.past + s.len).unwrap(),
+                );
+                let (x, y) = (x.to_dtype(DType::F32).unwrap(), y.to_dtype(DType::F32).unwrap());
+                assert_eq!(x.to_vec2::<f32>().unwrap(), y.to_vec2::<f32>().unwrap());
+            }
+            let past_end = [SeqSlice { start: 4, len: 2, past: 0, blocks: &a_blocks }];
+            assert!(batch.write_seqs(1, &rows, &past_end).is_err());
+        }
     }
 }

@@ -8,10 +8,11 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, RmsNorm, VarBuilder};
 
-use super::cache::{LatentPool, SeqCache};
+use super::cache::{LatentPool, SeqCache, SeqSlice};
 use super::config::ModelConfig;
 use super::experts::ExpertParallel;
-use super::mla::{AttentionMode, Mla, SeqSlice};
+use super::host::Projection;
+use super::mla::{AttentionMode, Mla};
 use super::moe::{Mlp, Moe, Routing};
 use super::rope::Rope;
 use crate::error::{Error, Result};
@@ -74,7 +75,7 @@ pub struct DeepseekModel {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Projection,
     rope: Rope,
     dtype: DType,
     device: Device,
@@ -120,7 +121,7 @@ impl DeepseekModel {
             embed_tokens,
             layers,
             norm: candle_nn::rms_norm(h, config.rms_norm_eps, m.pp("norm"))?,
-            lm_head,
+            lm_head: Projection::new(candle_nn::Linear::new(lm_head, None))?,
             rope: Rope::new(config),
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -259,7 +260,7 @@ impl DeepseekModel {
             }
         };
         let x = self.norm.forward(&x)?;
-        let logits = x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(ForwardOutput { logits, router })
     }
 }

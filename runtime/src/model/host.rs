@@ -212,7 +212,58 @@ fn store<const R: usize>(
 ) {
     for (r, cols) in acc.iter().enumerate() {
         let at = (row + r) * stride + first;
-        out[at..at + width].copy_from_slice(&cols[..width]);
+        if width == PANEL {
+            // A constant length: register stores instead of a memcpy call.
+            out[at..at + PANEL].copy_from_slice(cols);
+        } else {
+            out[at..at + width].copy_from_slice(&cols[..width]);
+        }
+    }
+}
+
+/// A linear map `x · Wᵀ (+ b)` over the last dimension: packed for the host kernels when the weight is f32 on the
+/// CPU, else candle's `Linear`.
+#[derive(Debug, Clone)]
+pub enum Projection {
+    Candle(candle_nn::Linear),
+    Host { weight: PackedMatrix, bias: Option<Vec<f32>> },
+}
+
+impl Projection {
+    /// Takes over a loaded `Linear`, packing it when it is f32 on the CPU.
+    pub fn new(linear: candle_nn::Linear) -> Result<Self> {
+        let w = linear.weight();
+        if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+            return Ok(Self::Candle(linear));
+        }
+        let bias = linear.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+        Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias })
+    }
+
+    /// `[.., in_dim]` → `[.., out_dim]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (weight, bias) = match self {
+            Self::Candle(linear) => return Ok(candle_nn::Module::forward(linear, x)?),
+            Self::Host { weight, bias } => (weight, bias),
+        };
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(0);
+        if in_dim != weight.in_dim() {
+            return Err(Error::InvalidRequest(format!(
+                "input width {in_dim} for a projection from {}",
+                weight.in_dim()
+            )));
+        }
+        let m = dims.iter().product::<usize>();
+        let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = weight.matmul(&rows, m);
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(weight.out_dim().max(1)) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+        dims.push(weight.out_dim());
+        Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?)
     }
 }
 
@@ -314,8 +365,10 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // 2^n as a float: n is in [-126, 0] here, so the biased exponent n + 127 is in [1, 127].
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n as a float: n is in [-126, 0] here, so the biased exponent n + 127 is in [1, 127]. Added to 2^23 it
+    // lands in the low mantissa bits, and the shift moves it into the exponent field (the rest shifts out); unlike
+    // an `as` conversion, which saturates lane by lane, this stays in vector registers.
+    e * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23)
 }
 
 #[cfg(test)]
@@ -378,6 +431,26 @@ mod tests {
         }
         assert!(HostMlp::new(&gate_up, &gate_up).is_err());
         assert!(PackedMatrix::from_rows(&[1.0; 5], 2, 3).is_err());
+    }
+
+    #[test]
+    fn packed_projections_equal_candle_linear_with_and_without_bias() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(values(40 * 24, 8.0), (40, 24), &dev).unwrap();
+        let b = Tensor::from_vec(values(40, 9.0), 40, &dev).unwrap();
+        let x = Tensor::from_vec(values(2 * 3 * 24, 10.0), (2, 3, 24), &dev).unwrap();
+        for bias in [None, Some(b)] {
+            let linear = candle_nn::Linear::new(w.clone(), bias);
+            let want = candle_nn::Module::forward(&linear, &x).unwrap();
+            let projection = Projection::new(linear).unwrap();
+            assert!(matches!(projection, Projection::Host { .. }));
+            let got = projection.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "max difference {diff}");
+        }
+        let projection = Projection::new(candle_nn::Linear::new(w, None)).unwrap();
+        assert!(projection.forward(&Tensor::zeros((2, 5), DType::F32, &dev).unwrap()).is_err());
     }
 
     #[test]

@@ -10,10 +10,11 @@
 //!   `out = W_UV · Σ p · c_kv`. Nothing per head is ever cached.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, RmsNorm, VarBuilder};
+use candle_nn::{Module, RmsNorm, VarBuilder};
 
-use super::cache::LatentPool;
+use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
+use super::host::Projection;
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::Rope;
 use crate::error::{Error, Result};
@@ -31,22 +32,22 @@ pub enum AttentionMode {
 #[derive(Debug, Clone)]
 enum QProj {
     /// `q_proj` (DeepSeek-V2-Lite: `q_lora_rank` null).
-    Direct(Linear),
+    Direct(Projection),
     /// `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
-    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+    LowRank { a: Projection, norm: RmsNorm, b: Projection },
 }
 
 #[derive(Debug, Clone)]
 pub struct Mla {
     q: QProj,
-    kv_a: Linear,
+    kv_a: Projection,
     kv_a_norm: RmsNorm,
-    kv_b: Linear,
+    kv_b: Projection,
     /// `W_UK` per head, `[heads, qk_nope_head_dim, kv_lora_rank]`.
     w_uk: Tensor,
     /// `W_UV` per head, transposed: `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
-    o: Linear,
+    o: Projection,
     heads: usize,
     nope: usize,
     rope_dim: usize,
@@ -55,18 +56,13 @@ pub struct Mla {
     scale: f64,
 }
 
-/// One sequence's slice of a packed batch: its new tokens are rows `start..start + len` of the batch, placed
-/// after the `past` tokens its block table already holds.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqSlice<'a> {
-    pub start: usize,
-    pub len: usize,
-    pub past: usize,
-    pub blocks: &'a [u32],
-}
+/// Prefills of at most this many new tokens use the absorbed form too when the fused host kernel runs: it has no
+/// per-sequence tensor ops, and at these lengths the decompression the naive form saves costs more than the wider
+/// latent dot products. (For DeepSeek-V3's shapes the two forms cost the same at about 340 tokens.)
+pub const ABSORBED_PREFILL_MAX_TOKENS: usize = 64;
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    Ok(candle_nn::linear_b(in_dim, out_dim, bias, vb)?)
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Projection> {
+    Projection::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?)
 }
 
 impl Mla {
@@ -86,7 +82,7 @@ impl Mla {
                 b: linear(r, heads * qk, false, vb.pp("q_b_proj"))?,
             },
         };
-        let kv_b = linear(rank, heads * (nope + v_dim), false, vb.pp("kv_b_proj"))?;
+        let kv_b = candle_nn::linear_b(rank, heads * (nope + v_dim), false, vb.pp("kv_b_proj"))?;
         let per_head = kv_b.weight().reshape((heads, nope + v_dim, rank))?;
         let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
         let w_uv_t = per_head.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
@@ -94,7 +90,7 @@ impl Mla {
             q,
             kv_a: linear(h, rank + rope_dim, bias, vb.pp("kv_a_proj_with_mqa"))?,
             kv_a_norm: candle_nn::rms_norm(rank, eps, vb.pp("kv_a_layernorm"))?,
-            kv_b,
+            kv_b: Projection::new(kv_b)?,
             w_uk,
             w_uv_t,
             o: linear(heads * v_dim, h, bias, vb.pp("o_proj"))?,
@@ -137,16 +133,15 @@ impl Mla {
         let k_pe = kv.narrow(1, self.rank, rope_dim)?.reshape((1, 1, n_tokens, rope_dim))?;
         let k_pe = rope.apply(&k_pe, &cos_sin.0, &cos_sin.1)?.reshape((n_tokens, rope_dim))?;
         let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
-        for seq in seqs {
-            pool.write(layer, seq.blocks, seq.past, &rows.narrow(0, seq.start, seq.len)?)?;
-        }
+        pool.write_seqs(layer, &rows, seqs)?;
 
+        let fused = pool.host_layer(layer).is_some() && q.dtype() == DType::F32;
         let absorbed: Vec<bool> = seqs
             .iter()
             .map(|s| match mode {
                 AttentionMode::Absorbed => true,
                 AttentionMode::Naive => false,
-                AttentionMode::Auto => s.len == 1,
+                AttentionMode::Auto => s.len == 1 || (fused && s.len <= ABSORBED_PREFILL_MAX_TOKENS),
             })
             .collect();
         // Absorbed sequences: [tokens, heads, rank + rope] queries, scale folded in, attended in one pass.
@@ -157,7 +152,7 @@ impl Mla {
             let q_full = (Tensor::cat(&[&q_lat, &q_pe], 2)? * self.scale)?.transpose(0, 1)?.contiguous()?;
             let chosen: Vec<&SeqSlice<'_>> = seqs.iter().zip(&absorbed).filter(|p| *p.1).map(|p| p.0).collect();
             let latent = match pool.host_layer(layer) {
-                Some(host) if q_full.dtype() == DType::F32 => {
+                Some(host) if fused => {
                     let q_host = q_full.flatten_all()?.to_vec1::<f32>()?;
                     let kseqs: Vec<KernelSeq<'_>> = chosen
                         .iter()
@@ -199,7 +194,7 @@ impl Mla {
             }
         }
         let attn = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
-        Ok(self.o.forward(&attn)?)
+        self.o.forward(&attn)
     }
 
     /// Absorbed attention of one sequence: `q` `[len, heads, rank + rope]` (scaled) over `ctx` `[past + len, rank + rope]`.

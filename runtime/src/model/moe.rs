@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{ExpertParallel, StackedExperts};
-use super::host::HostMlp;
+use super::host::{HostMlp, Projection};
 use crate::error::Result;
 
 /// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers and shared experts.
@@ -99,7 +99,7 @@ impl Routing {
 /// The router (`mlp.gate`): a linear map to one logit per routed expert, scored and selected per `topk_method`.
 #[derive(Debug, Clone)]
 pub struct Router {
-    weight: Tensor,         // [experts, hidden], f32
+    weight: Projection,     // [experts, hidden], f32
     bias: Option<Vec<f32>>, // e_score_correction_bias (noaux_tc)
     config: MoeConfig,
 }
@@ -107,7 +107,8 @@ pub struct Router {
 impl Router {
     pub fn load(config: &MoeConfig, hidden: usize, vb: VarBuilder) -> Result<Self> {
         let e = config.n_routed_experts;
-        let weight = vb.get((e, hidden), "weight")?.to_dtype(DType::F32)?;
+        let weight =
+            Projection::new(candle_nn::Linear::new(vb.get((e, hidden), "weight")?.to_dtype(DType::F32)?, None))?;
         let bias = if config.topk_method == TopkMethod::NoauxTc {
             let b = vb.get(e, "e_score_correction_bias")?.to_dtype(DType::F32)?;
             Some(b.to_vec1::<f32>()?)
@@ -123,7 +124,7 @@ impl Router {
 
     /// Routes every row of `x` (`[tokens, hidden]`).
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let logits = x.to_dtype(DType::F32)?.matmul(&self.weight.t()?)?;
+        let logits = self.weight.forward(&x.to_dtype(DType::F32)?)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         Ok(route_logits(&self.config, &logits, self.bias.as_deref()))
     }
