@@ -6,12 +6,12 @@
 //! prefill, decode, chunked prefill and mixed batches alike.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Module, RmsNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqCache, SeqSlice};
 use super::config::ModelConfig;
 use super::experts::ExpertParallel;
-use super::host::Projection;
+use super::host::{Norm, Projection};
 use super::mla::{AttentionMode, Mla};
 use super::moe::{Mlp, Moe, Routing};
 use super::rope::Rope;
@@ -25,9 +25,9 @@ enum Ffn {
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    input_layernorm: Norm,
     self_attn: Mla,
-    post_attention_layernorm: RmsNorm,
+    post_attention_layernorm: Norm,
     mlp: Ffn,
 }
 
@@ -74,7 +74,7 @@ pub struct DeepseekModel {
     config: ModelConfig,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Projection,
     rope: Rope,
     dtype: DType,
@@ -101,13 +101,9 @@ impl DeepseekModel {
                 _ => Ffn::Dense(Mlp::load(h, config.intermediate_size, l.pp("mlp"))?),
             };
             layers.push(DecoderLayer {
-                input_layernorm: candle_nn::rms_norm(h, config.rms_norm_eps, l.pp("input_layernorm"))?,
+                input_layernorm: Norm::load(h, config.rms_norm_eps, l.pp("input_layernorm"))?,
                 self_attn: Mla::load(config, l.pp("self_attn"))?,
-                post_attention_layernorm: candle_nn::rms_norm(
-                    h,
-                    config.rms_norm_eps,
-                    l.pp("post_attention_layernorm"),
-                )?,
+                post_attention_layernorm: Norm::load(h, config.rms_norm_eps, l.pp("post_attention_layernorm"))?,
                 mlp,
             });
         }
@@ -120,7 +116,7 @@ impl DeepseekModel {
             config: config.clone(),
             embed_tokens,
             layers,
-            norm: candle_nn::rms_norm(h, config.rms_norm_eps, m.pp("norm"))?,
+            norm: Norm::load(h, config.rms_norm_eps, m.pp("norm"))?,
             lm_head: Projection::new(candle_nn::Linear::new(lm_head, None))?,
             rope: Rope::new(config),
             dtype: vb.dtype(),

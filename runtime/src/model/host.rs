@@ -267,6 +267,58 @@ impl Projection {
     }
 }
 
+/// RMS normalization over the last dimension (`x / sqrt(mean(x²) + eps) · w`): on the host for f32 CPU weights,
+/// else candle's `RmsNorm`.
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Candle(candle_nn::RmsNorm),
+    Host { weight: Vec<f32>, eps: f32 },
+}
+
+impl Norm {
+    /// Loads `weight` (`[dim]`) at `vb`.
+    pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
+        if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            let weight = vb.get(dim, "weight")?.to_vec1::<f32>()?;
+            return Ok(Self::Host { weight, eps: eps as f32 });
+        }
+        Ok(Self::Candle(candle_nn::rms_norm(dim, eps, vb)?))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (weight, eps) = match self {
+            Self::Candle(norm) => return Ok(candle_nn::Module::forward(norm, x)?),
+            Self::Host { weight, eps } => (weight, *eps),
+        };
+        let dim = weight.len();
+        if x.dims().last() != Some(&dim) || dim == 0 {
+            return Err(Error::InvalidRequest(format!("rows of shape {:?} for a norm over {dim}", x.dims())));
+        }
+        let mut data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for row in data.chunks_exact_mut(dim) {
+            rms_norm_row(row, weight, eps);
+        }
+        Ok(Tensor::from_vec(data, x.dims(), x.device())?.to_dtype(x.dtype())?)
+    }
+}
+
+/// One row in place; the sum of squares in eight lanes so it vectorizes.
+fn rms_norm_row(row: &mut [f32], weight: &[f32], eps: f32) {
+    let mut acc = [0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    let mean = (acc.iter().sum::<f32>() + tail) / row.len() as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, w) in row.iter_mut().zip(weight) {
+        *v = *v * scale * w;
+    }
+}
+
 /// A SwiGLU block `down(silu(gate(x)) * up(x))` on the host: `gate_up` is `[2 * intermediate, hidden]` (gate
 /// rows first), `down` `[hidden, intermediate]`.
 #[derive(Debug, Clone)]
@@ -451,6 +503,20 @@ mod tests {
         }
         let projection = Projection::new(candle_nn::Linear::new(w, None)).unwrap();
         assert!(projection.forward(&Tensor::zeros((2, 5), DType::F32, &dev).unwrap()).is_err());
+    }
+
+    #[test]
+    fn host_norm_equals_candle_rms_norm() {
+        let dev = Device::Cpu;
+        let (rows, dim) = (5, 36);
+        let w = Tensor::from_vec(values(dim, 11.0), dim, &dev).unwrap();
+        let x = Tensor::from_vec(values(rows * dim, 12.0), (rows, dim), &dev).unwrap();
+        let want = candle_nn::Module::forward(&candle_nn::RmsNorm::new(w.clone(), 1e-6), &x).unwrap();
+        let norm = Norm::Host { weight: w.to_vec1::<f32>().unwrap(), eps: 1e-6 };
+        let got = norm.forward(&x).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "max difference {diff}");
+        assert!(norm.forward(&Tensor::zeros((2, 5), DType::F32, &dev).unwrap()).is_err());
     }
 
     #[test]

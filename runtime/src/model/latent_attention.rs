@@ -273,6 +273,66 @@ mod avx {
         }
     }
 
+    /// The first eight (four) values of a slice as an array; the slice must be that long.
+    fn first8(v: &mut [f32]) -> &mut [f32; 8] {
+        v[..8].as_chunks_mut::<8>().0.first_mut().unwrap_or_else(|| unreachable!("a slice of eight values"))
+    }
+
+    fn first4(v: &mut [f32]) -> &mut [f32; 4] {
+        v[..4].as_chunks_mut::<4>().0.first_mut().unwrap_or_else(|| unreachable!("a slice of four values"))
+    }
+
+    /// `[h0 h1 h2 h3]` partial sums of lanes 0-3 in the low half, 4-7 in the high half, of four accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn reduce4(a0: __m256, a1: __m256, a2: __m256, a3: __m256) -> __m256 {
+        _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3))
+    }
+
+    /// The four heads' scores against one key.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn scores_of_key(qh: &[&[[f32; 8]]; 4], key: &[[f32; 8]]) -> __m128 {
+        let (mut a0, mut a1, mut a2, mut a3) =
+            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        for (c, kc) in key.iter().enumerate() {
+            let kv = load(kc);
+            a0 = _mm256_fmadd_ps(load(&qh[0][c]), kv, a0);
+            a1 = _mm256_fmadd_ps(load(&qh[1][c]), kv, a1);
+            a2 = _mm256_fmadd_ps(load(&qh[2][c]), kv, a2);
+            a3 = _mm256_fmadd_ps(load(&qh[3][c]), kv, a3);
+        }
+        let t = reduce4(a0, a1, a2, a3);
+        _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t))
+    }
+
+    /// The four heads' scores against two keys, `[a·h0..h3, b·h0..h3]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn scores_of_two_keys(qh: &[&[[f32; 8]]; 4], ka: &[[f32; 8]], kb: &[[f32; 8]]) -> __m256 {
+        let z = _mm256_setzero_ps();
+        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+        let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
+        for (c, (xa, xb)) in ka.iter().zip(kb).enumerate() {
+            let (va, vb) = (load(xa), load(xb));
+            let q0 = load(&qh[0][c]);
+            a0 = _mm256_fmadd_ps(q0, va, a0);
+            b0 = _mm256_fmadd_ps(q0, vb, b0);
+            let q1 = load(&qh[1][c]);
+            a1 = _mm256_fmadd_ps(q1, va, a1);
+            b1 = _mm256_fmadd_ps(q1, vb, b1);
+            let q2 = load(&qh[2][c]);
+            a2 = _mm256_fmadd_ps(q2, va, a2);
+            b2 = _mm256_fmadd_ps(q2, vb, b2);
+            let q3 = load(&qh[3][c]);
+            a3 = _mm256_fmadd_ps(q3, va, a3);
+            b3 = _mm256_fmadd_ps(q3, vb, b3);
+        }
+        let (ta, tb) = (reduce4(a0, a1, a2, a3), reduce4(b0, b1, b2, b3));
+        // Low halves of both plus high halves of both: [a scores | b scores].
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(ta, tb), _mm256_permute2f128_ps::<0x31>(ta, tb))
+    }
+
     /// Eight lanes of `exp(x)` for `x <= 0`: the polynomial of [`super::exp_nonpositive`] with fused steps.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -315,29 +375,26 @@ mod avx {
             for g in (0..heads).step_by(4) {
                 let qh: [&[[f32; 8]]; 4] =
                     std::array::from_fn(|i| q_tok[(g + i) * width..(g + i + 1) * width].as_chunks::<8>().0);
-                let (sc4, _) = scores.as_chunks_mut::<4>();
-                let mut maxv = _mm_set1_ps(f32::NEG_INFINITY);
+                let mut max8 = _mm256_set1_ps(f32::NEG_INFINITY);
                 let mut k = 0;
                 for span in spans(visible) {
-                    for key in span.chunks_exact(width) {
-                        let key = key.as_chunks::<8>().0;
-                        let (mut a0, mut a1, mut a2, mut a3) =
-                            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-                        for (c, kc) in key.iter().enumerate() {
-                            let kv = load(kc);
-                            a0 = _mm256_fmadd_ps(load(&qh[0][c]), kv, a0);
-                            a1 = _mm256_fmadd_ps(load(&qh[1][c]), kv, a1);
-                            a2 = _mm256_fmadd_ps(load(&qh[2][c]), kv, a2);
-                            a3 = _mm256_fmadd_ps(load(&qh[3][c]), kv, a3);
-                        }
-                        // [a0 a1 a2 a3] partial sums of lanes 0-3 in the low half, 4-7 in the high half.
-                        let t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                        let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-                        maxv = _mm_max_ps(maxv, r);
-                        store4(r, &mut sc4[k]);
+                    // Two keys at a time: eight independent accumulator chains instead of four.
+                    let mut pairs = span.chunks_exact(2 * width);
+                    for pair in &mut pairs {
+                        let (ka, kb) = pair.split_at(width);
+                        let r = scores_of_two_keys(&qh, ka.as_chunks::<8>().0, kb.as_chunks::<8>().0);
+                        max8 = _mm256_max_ps(max8, r);
+                        store(r, first8(&mut scores[k * 4..]));
+                        k += 2;
+                    }
+                    for key in pairs.remainder().chunks_exact(width) {
+                        let r = scores_of_key(&qh, key.as_chunks::<8>().0);
+                        max8 = _mm256_max_ps(max8, _mm256_set_m128(r, r));
+                        store4(r, first4(&mut scores[k * 4..]));
                         k += 1;
                     }
                 }
+                let maxv = _mm_max_ps(_mm256_castps256_ps128(max8), _mm256_extractf128_ps::<1>(max8));
                 // Softmax numerators in place, two keys per register; lanes past the last key are zeroed.
                 let max8 = _mm256_set_m128(maxv, maxv);
                 let (sc8, _) = scores.as_chunks_mut::<8>();

@@ -10,11 +10,11 @@
 //!   `out = W_UV · Σ p · c_kv`. Nothing per head is ever cached.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Module, RmsNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
-use super::host::Projection;
+use super::host::{Norm, Projection};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::Rope;
 use crate::error::{Error, Result};
@@ -34,14 +34,14 @@ enum QProj {
     /// `q_proj` (DeepSeek-V2-Lite: `q_lora_rank` null).
     Direct(Projection),
     /// `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
-    LowRank { a: Projection, norm: RmsNorm, b: Projection },
+    LowRank { a: Projection, norm: Norm, b: Projection },
 }
 
 #[derive(Debug, Clone)]
 pub struct Mla {
     q: QProj,
     kv_a: Projection,
-    kv_a_norm: RmsNorm,
+    kv_a_norm: Norm,
     kv_b: Projection,
     /// `W_UK` per head, `[heads, qk_nope_head_dim, kv_lora_rank]`.
     w_uk: Tensor,
@@ -78,7 +78,7 @@ impl Mla {
             None => QProj::Direct(linear(h, heads * qk, false, vb.pp("q_proj"))?),
             Some(r) => QProj::LowRank {
                 a: linear(h, r, bias, vb.pp("q_a_proj"))?,
-                norm: candle_nn::rms_norm(r, eps, vb.pp("q_a_layernorm"))?,
+                norm: Norm::load(r, eps, vb.pp("q_a_layernorm"))?,
                 b: linear(r, heads * qk, false, vb.pp("q_b_proj"))?,
             },
         };
@@ -89,7 +89,7 @@ impl Mla {
         Ok(Self {
             q,
             kv_a: linear(h, rank + rope_dim, bias, vb.pp("kv_a_proj_with_mqa"))?,
-            kv_a_norm: candle_nn::rms_norm(rank, eps, vb.pp("kv_a_layernorm"))?,
+            kv_a_norm: Norm::load(rank, eps, vb.pp("kv_a_layernorm"))?,
             kv_b: Projection::new(kv_b)?,
             w_uk,
             w_uv_t,

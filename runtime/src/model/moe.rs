@@ -206,12 +206,29 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
     Routing { top_k: k, experts, weights }
 }
 
-/// Indices of the `k` largest values (ties: lower index first), highest first.
+/// Indices of the `k` largest values (ties: lower index first), highest first. One pass keeping the best `k`
+/// in order (insertion), instead of sorting all of them: `k` is a handful, the values a few hundred at most.
 fn top_indices(values: &[f32], k: usize, order: &mut Vec<usize>) -> Vec<usize> {
     order.clear();
-    order.extend(0..values.len());
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    order[..k.min(values.len())].to_vec()
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    for (i, v) in values.iter().enumerate() {
+        // Most values do not beat the k-th kept one: one comparison.
+        if order.len() == k && order.last().is_some_and(|&j| values[j].total_cmp(v).is_ge()) {
+            continue;
+        }
+        // Ranks after every kept value that is at least as large (earlier indices win ties).
+        let at = order.partition_point(|&j| values[j].total_cmp(v).is_ge());
+        if at < k {
+            if order.len() == k {
+                order.pop();
+            }
+            order.insert(at, i);
+        }
+    }
+    order.clone()
 }
 
 /// The rows each routed expert must process, with their routing weights: the unit of work that expert
@@ -360,5 +377,36 @@ impl Moe {
             }
         }
         (local, remote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass selection equals a full sort (value descending, index ascending) for every k, with ties,
+    /// −∞ (masked groups) and duplicates.
+    #[test]
+    fn top_indices_equals_a_full_sort() {
+        let mut order = Vec::new();
+        let mut seed = 7u64;
+        for case in 0..200 {
+            let n = 1 + case % 40;
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    match seed >> 60 {
+                        0 => f32::NEG_INFINITY,
+                        1 => 0.5,
+                        _ => ((seed >> 33) % 1000) as f32 / 100.0 - 5.0,
+                    }
+                })
+                .collect();
+            let mut sorted: Vec<usize> = (0..n).collect();
+            sorted.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+            for k in 0..=n + 1 {
+                assert_eq!(top_indices(&values, k, &mut order), sorted[..k.min(n)].to_vec(), "{values:?} k={k}");
+            }
+        }
     }
 }
