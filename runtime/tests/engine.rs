@@ -32,6 +32,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         ignore_eos: true,
         logprobs: None,
         cancel: CancellationToken::new(),
+        stream: true,
     }
 }
 
@@ -76,6 +77,33 @@ async fn batched_mixed_length_requests_equal_unbatched() {
     let want = solo_outputs(&solo, 12).await;
     let (batched, _) = engine(EngineConfig { enable_prefix_caching: false, ..Default::default() });
     assert_eq!(concurrent_outputs(&batched, 12).await, want);
+}
+
+/// A non-streamed request's tokens are held until the finish: nothing arrives while the sequence runs, then
+/// every token (equal to the streamed run's) right before `Finished`.
+#[tokio::test]
+async fn non_streamed_requests_get_their_tokens_with_the_finish() {
+    let (handle, metrics) = engine(EngineConfig::default());
+    let prompt = prompts().remove(2);
+    let (streamed, _, _) = collect(handle.submit(request(prompt.clone(), 10)).unwrap()).await;
+    let mut held = request(prompt, 10);
+    held.stream = false;
+    let mut long = request(vec![5, 6, 7], 300);
+    long.stream = false;
+    let mut rx = handle.submit(long).unwrap();
+    // Wait until the long request has produced tokens, then check none has been sent yet.
+    let before = metrics.generation_tokens_total.get();
+    for _ in 0..500 {
+        if metrics.generation_tokens_total.get() > before + 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(metrics.generation_tokens_total.get() > before + 20, "the long request is not generating");
+    assert!(rx.try_recv().is_err(), "a non-streamed request received a token before its finish");
+    let (ids, reason, usage) = collect(rx).await;
+    assert_eq!((ids.len(), reason, usage.completion_tokens), (300, FinishReason::Length, 300));
+    assert_eq!(collect(handle.submit(held).unwrap()).await.0, streamed);
 }
 
 #[tokio::test]

@@ -23,6 +23,10 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Cancelled by the API layer when the client goes away; the engine frees the sequence within one step.
     pub cancel: CancellationToken,
+    /// Send each token as it is generated (streamed responses). When false the tokens are held and sent together
+    /// with the finish: a non-streamed response needs them only then, and the engine saves waking the
+    /// receiving task once per token.
+    pub stream: bool,
 }
 
 /// Why a sequence finished (OpenAI `finish_reason`).

@@ -34,6 +34,8 @@ pub(crate) enum Command {
 struct Sequence {
     req: Box<GenerateRequest>,
     events: UnboundedSender<Event>,
+    /// Token events held back for a non-streamed request, sent with its finish.
+    held: Vec<Event>,
     /// Prompt followed by the generated tokens.
     tokens: Vec<u32>,
     prompt_len: usize,
@@ -53,6 +55,23 @@ struct Sequence {
 impl Sequence {
     fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
+    }
+
+    /// Sends a token now (streamed requests) or holds it for the finish.
+    fn token(&mut self, event: Event) {
+        if self.req.stream {
+            let _ = self.events.send(event);
+        } else {
+            self.held.push(event);
+        }
+    }
+
+    /// Sends the held tokens, then the request's last event.
+    fn end(&mut self, last: Event) {
+        for event in self.held.drain(..) {
+            let _ = self.events.send(event);
+        }
+        let _ = self.events.send(last);
     }
 }
 
@@ -237,6 +256,7 @@ impl Engine {
                     text: TextStream::new(req.stop.clone()),
                     req,
                     events,
+                    held: Vec::new(),
                     prompt_len,
                     computed: 0,
                     blocks: Vec::new(),
@@ -271,7 +291,7 @@ impl Engine {
         // Metrics first, so a scrape right after the response already counts it.
         self.metrics.request_success_total.with_label_values(&[reason.as_str()]).inc();
         self.metrics.e2e_request_latency_seconds.observe(seq.arrived.elapsed().as_secs_f64());
-        let _ = seq.events.send(Event::Finished { reason, usage, text });
+        seq.end(Event::Finished { reason, usage, text });
     }
 
     /// Removes sequences whose client went away, freeing their blocks now.
@@ -457,7 +477,7 @@ impl Engine {
             tracing::warn!(error = %e, "detokenization failed");
             super::stop::Step { text: String::new(), stopped: false }
         });
-        let _ = seq.events.send(Event::Token { id, text: step.text, logprob });
+        seq.token(Event::Token { id, text: step.text, logprob });
         let generated = seq.tokens.len() - seq.prompt_len;
         if step.stopped || seq.sampler.is_stop_token(id) || (!seq.req.ignore_eos && eos.contains(&id)) {
             Some(FinishReason::Stop)

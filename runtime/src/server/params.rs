@@ -119,6 +119,7 @@ impl CommonParams {
             ignore_eos: self.options.ignore_eos.unwrap_or(false),
             logprobs: self.logprobs,
             cancel: CancellationToken::new(),
+            stream: self.options.stream.unwrap_or(false),
         })
     }
 }
