@@ -155,11 +155,18 @@ impl LatentPool {
             }
             return Ok(());
         }
-        let (n, dim) = rows.dims2()?;
+        let (_, dim) = rows.dims2()?;
         if dim != self.latent_dim {
             return Err(Error::InvalidRequest(format!("latent row width {dim} != cache width {}", self.latent_dim)));
         }
         let data = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.write_host_rows(layer, &data, seqs)
+    }
+
+    /// [`LatentPool::write_seqs`] from host rows (`[tokens * latent_dim]`) into a host pool.
+    pub fn write_host_rows(&mut self, layer: usize, data: &[f32], seqs: &[SeqSlice<'_>]) -> Result<()> {
+        let dim = self.latent_dim;
+        let n = data.len() / dim.max(1);
         let mut slots = Vec::with_capacity(n);
         for seq in seqs {
             if seq.start + seq.len > n {
@@ -173,11 +180,12 @@ impl LatentPool {
                 slots.push((seq.start + j, self.slot(seq.blocks, seq.past + j)?));
             }
         }
-        if let Storage::Host(layers) = &mut self.storage {
-            let dst = layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
-            for (row, slot) in slots {
-                dst[slot * dim..(slot + 1) * dim].copy_from_slice(&data[row * dim..(row + 1) * dim]);
-            }
+        let Storage::Host(layers) = &mut self.storage else {
+            return Err(Error::InvalidRequest("host rows written to a device pool".into()));
+        };
+        let dst = layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+        for (row, slot) in slots {
+            dst[slot * dim..(slot + 1) * dim].copy_from_slice(&data[row * dim..(row + 1) * dim]);
         }
         Ok(())
     }

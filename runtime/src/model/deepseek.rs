@@ -12,7 +12,7 @@ use super::cache::{LatentPool, SeqCache, SeqSlice};
 use super::config::ModelConfig;
 use super::experts::ExpertParallel;
 use super::host::{Norm, Projection};
-use super::mla::{AttentionMode, Mla};
+use super::mla::{AttentionMode, Mla, Rotary};
 use super::moe::{Mlp, Moe, Routing};
 use super::rope::Rope;
 use crate::error::{Error, Result};
@@ -223,7 +223,8 @@ impl DeepseekModel {
         let n = tokens.len();
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let mut x = self.embed_tokens.embedding(&ids)?;
-        let cos_sin = self.rope.cos_sin(&positions, self.dtype, &self.device)?;
+        let tables = self.rope.tables(&positions);
+        let cos_sin = self.rope.cos_sin(&tables, self.dtype, &self.device)?;
         let slices: Vec<SeqSlice<'_>> = seqs
             .iter()
             .zip(&spans)
@@ -232,7 +233,8 @@ impl DeepseekModel {
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let attn = layer.self_attn.forward(&h, &self.rope, &cos_sin, pool, &slices, i, options.attention)?;
+            let rotary = Rotary { rope: &self.rope, tensors: &cos_sin, tables: &tables };
+            let attn = layer.self_attn.forward(&h, &rotary, pool, &slices, i, options.attention)?;
             x = (x + attn)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             let ffn = match &layer.mlp {

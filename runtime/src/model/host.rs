@@ -240,11 +240,23 @@ impl Projection {
         Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias })
     }
 
+    /// `rows` (`[m, in_dim]`) through the packed weight, or `None` when this projection runs on candle.
+    pub fn host(&self, rows: &[f32], m: usize) -> Option<Vec<f32>> {
+        let Self::Host { weight, bias } = self else { return None };
+        let mut out = weight.matmul(rows, m);
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(weight.out_dim().max(1)) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+        Some(out)
+    }
+
     /// `[.., in_dim]` → `[.., out_dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, bias) = match self {
+        let weight = match self {
             Self::Candle(linear) => return Ok(candle_nn::Module::forward(linear, x)?),
-            Self::Host { weight, bias } => (weight, bias),
+            Self::Host { weight, .. } => weight,
         };
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
@@ -256,12 +268,7 @@ impl Projection {
         }
         let m = dims.iter().product::<usize>();
         let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = weight.matmul(&rows, m);
-        if let Some(b) = bias {
-            for row in out.chunks_exact_mut(weight.out_dim().max(1)) {
-                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
-        }
+        let out = self.host(&rows, m).unwrap_or_default();
         dims.push(weight.out_dim());
         Ok(Tensor::from_vec(out, dims, x.device())?.to_dtype(x.dtype())?)
     }
@@ -283,6 +290,15 @@ impl Norm {
             return Ok(Self::Host { weight, eps: eps as f32 });
         }
         Ok(Self::Candle(candle_nn::rms_norm(dim, eps, vb)?))
+    }
+
+    /// Normalizes every `dim`-wide row of `data` in place; `false` (nothing done) when this norm runs on candle.
+    pub fn host(&self, data: &mut [f32]) -> bool {
+        let Self::Host { weight, eps } = self else { return false };
+        for row in data.chunks_exact_mut(weight.len().max(1)) {
+            rms_norm_row(row, weight, *eps);
+        }
+        true
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

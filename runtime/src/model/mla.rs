@@ -14,9 +14,9 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
-use super::host::{Norm, Projection};
+use super::host::{Norm, PackedMatrix, Projection};
 use super::latent_attention::{KernelSeq, absorbed_attention};
-use super::rope::Rope;
+use super::rope::{Rope, RopeTables};
 use crate::error::{Error, Result};
 
 /// Which MLA form computes attention.
@@ -48,12 +48,30 @@ pub struct Mla {
     /// `W_UV` per head, transposed: `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
     o: Projection,
+    /// `W_UK` and `W_UV` packed per head for the host path (f32 CPU weights only).
+    host: Option<HostAbsorb>,
     heads: usize,
     nope: usize,
     rope_dim: usize,
     v_dim: usize,
     rank: usize,
     scale: f64,
+}
+
+/// The rotary tables of one forward pass, as tensors (candle path) and host rows (host path).
+#[derive(Debug, Clone, Copy)]
+pub struct Rotary<'a> {
+    pub rope: &'a Rope,
+    pub tensors: &'a (Tensor, Tensor),
+    pub tables: &'a RopeTables,
+}
+
+/// The absorbed-MLA matrices per head for the host path: `w_uk[h]` maps a head's `q_nope` to its latent query
+/// (`[rank, nope]` as a projection), `w_uv[h]` a head's attended latent to its values (`[v, rank]`).
+#[derive(Debug, Clone)]
+struct HostAbsorb {
+    w_uk: Vec<PackedMatrix>,
+    w_uv: Vec<PackedMatrix>,
 }
 
 /// Prefills of at most this many new tokens use the absorbed form too when the fused host kernel runs: it has no
@@ -86,6 +104,16 @@ impl Mla {
         let per_head = kv_b.weight().reshape((heads, nope + v_dim, rank))?;
         let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
         let w_uv_t = per_head.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
+        let host = if matches!(Projection::new(kv_b.clone())?, Projection::Host { .. }) {
+            let mut absorb = HostAbsorb { w_uk: Vec::with_capacity(heads), w_uv: Vec::with_capacity(heads) };
+            for h in 0..heads {
+                absorb.w_uk.push(PackedMatrix::from_tensor(&w_uk.get(h)?.t()?.contiguous()?)?);
+                absorb.w_uv.push(PackedMatrix::from_tensor(&per_head.get(h)?.narrow(0, nope, v_dim)?.contiguous()?)?);
+            }
+            Some(absorb)
+        } else {
+            None
+        };
         Ok(Self {
             q,
             kv_a: linear(h, rank + rope_dim, bias, vb.pp("kv_a_proj_with_mqa"))?,
@@ -94,6 +122,7 @@ impl Mla {
             w_uk,
             w_uv_t,
             o: linear(heads * v_dim, h, bias, vb.pp("o_proj"))?,
+            host,
             heads,
             nope,
             rope_dim,
@@ -109,13 +138,26 @@ impl Mla {
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        cos_sin: &(Tensor, Tensor),
+        rotary: &Rotary<'_>,
         pool: &mut LatentPool,
         seqs: &[SeqSlice<'_>],
         layer: usize,
         mode: AttentionMode,
     ) -> Result<Tensor> {
+        let fused = pool.host_layer(layer).is_some() && x.dtype() == DType::F32;
+        let all_absorbed = seqs.iter().all(|s| match mode {
+            AttentionMode::Absorbed => true,
+            AttentionMode::Naive => false,
+            AttentionMode::Auto => s.len == 1 || s.len <= ABSORBED_PREFILL_MAX_TOKENS,
+        });
+        if fused
+            && all_absorbed
+            && let Some(host) = &self.host
+            && let Some(out) = self.forward_host(host, x, rotary, pool, seqs, layer)?
+        {
+            return Ok(out);
+        }
+        let (rope, cos_sin) = (rotary.rope, rotary.tensors);
         let (n_tokens, _) = x.dims2()?;
         let (heads, nope, rope_dim) = (self.heads, self.nope, self.rope_dim);
         let q = match &self.q {
@@ -135,7 +177,6 @@ impl Mla {
         let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
         pool.write_seqs(layer, &rows, seqs)?;
 
-        let fused = pool.host_layer(layer).is_some() && q.dtype() == DType::F32;
         let absorbed: Vec<bool> = seqs
             .iter()
             .map(|s| match mode {
@@ -195,6 +236,87 @@ impl Mla {
         }
         let attn = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
         self.o.forward(&attn)
+    }
+
+    /// The whole layer on the host for f32 CPU weights and a host pool when every sequence takes the absorbed
+    /// form: projections, norms, rotary embedding, cache write, the fused kernel and the per-head absorbed
+    /// matrices run over plain rows, with no tensor op between the input and the output. `None` when a piece of
+    /// the layer runs on candle (the caller takes the tensor path).
+    fn forward_host(
+        &self,
+        host: &HostAbsorb,
+        x: &Tensor,
+        rotary: &Rotary<'_>,
+        pool: &mut LatentPool,
+        seqs: &[SeqSlice<'_>],
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        let (n, _) = x.dims2()?;
+        let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
+        if seqs.iter().map(|s| s.len).sum::<usize>() != n || rotary.tables.cos.len() < n * rotary.tables.half {
+            return Err(Error::InvalidRequest("the batch's sequences do not cover its rows".into()));
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let q = match &self.q {
+            QProj::Direct(p) => p.host(&xs, n),
+            QProj::LowRank { a, norm, b } => {
+                a.host(&xs, n).and_then(|mut t| norm.host(&mut t).then_some(t)).and_then(|t| b.host(&t, n))
+            }
+        };
+        let (Some(q), Some(mut kv)) = (q, self.kv_a.host(&xs, n)) else { return Ok(None) };
+        // Cached rows: normalized compressed KV, rotated shared key.
+        let width = rank + rope_dim;
+        for (t, row) in kv.chunks_exact_mut(width).enumerate() {
+            let (c_kv, k_pe) = row.split_at_mut(rank);
+            if !self.kv_a_norm.host(c_kv) {
+                return Ok(None);
+            }
+            rotary.rope.rotate(k_pe, rotary.tables, t);
+        }
+        pool.write_host_rows(layer, &kv, seqs)?;
+        // Queries [tokens, heads, rank + rope]: q_nope through W_UK, q_pe rotated, both scaled.
+        let qk = nope + rope_dim;
+        let scale = self.scale as f32;
+        let mut q_full = vec![0f32; n * heads * width];
+        let mut head_rows = vec![0f32; n * nope.max(rank)];
+        for (h, w_uk) in host.w_uk.iter().enumerate() {
+            for t in 0..n {
+                let at = (t * heads + h) * qk;
+                head_rows[t * nope..(t + 1) * nope].copy_from_slice(&q[at..at + nope]);
+            }
+            let q_lat = w_uk.matmul(&head_rows, n);
+            for t in 0..n {
+                let dst = &mut q_full[(t * heads + h) * width..(t * heads + h + 1) * width];
+                let (lat, pe) = dst.split_at_mut(rank);
+                for (d, s) in lat.iter_mut().zip(&q_lat[t * rank..(t + 1) * rank]) {
+                    *d = s * scale;
+                }
+                let at = (t * heads + h) * qk + nope;
+                pe.copy_from_slice(&q[at..at + rope_dim]);
+                rotary.rope.rotate(pe, rotary.tables, t);
+                pe.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        let Some(cache) = pool.host_layer(layer) else { return Ok(None) };
+        let kseqs: Vec<KernelSeq<'_>> =
+            seqs.iter().map(|s| KernelSeq { start: s.start, len: s.len, past: s.past, blocks: s.blocks }).collect();
+        let latent = absorbed_attention(&q_full, heads, width, rank, cache, pool.block_size(), &kseqs);
+        // Values per head through W_UV, into [tokens, heads * v].
+        let mut attn = vec![0f32; n * heads * v_dim];
+        for (h, w_uv) in host.w_uv.iter().enumerate() {
+            for t in 0..n {
+                let at = (t * heads + h) * rank;
+                head_rows[t * rank..(t + 1) * rank].copy_from_slice(&latent[at..at + rank]);
+            }
+            let values = w_uv.matmul(&head_rows, n);
+            for t in 0..n {
+                let at = (t * heads + h) * v_dim;
+                attn[at..at + v_dim].copy_from_slice(&values[t * v_dim..(t + 1) * v_dim]);
+            }
+        }
+        let Some(out) = self.o.host(&attn, n) else { return Ok(None) };
+        let hidden = out.len() / n.max(1);
+        Ok(Some(Tensor::from_vec(out, (n, hidden), x.device())?))
     }
 
     /// Absorbed attention of one sequence: `q` `[len, heads, rank + rope]` (scaled) over `ctx` `[past + len, rank + rope]`.

@@ -9,6 +9,15 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{ModelConfig, Yarn, yarn_get_mscale};
 use crate::error::Result;
 
+/// `cos` and `sin` (attention factor included) for the positions of one forward pass, row-major
+/// `[positions, dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
@@ -30,7 +39,7 @@ impl Rope {
     }
 
     /// `cos` and `sin` tables `[positions.len(), dim / 2]` for the given absolute positions.
-    pub fn cos_sin(&self, positions: &[usize], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(&self, positions: &[usize]) -> RopeTables {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -41,10 +50,28 @@ impl Rope {
                 sin.push(angle.sin() * self.attention_factor);
             }
         }
-        let shape = (positions.len(), half);
-        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        RopeTables { cos, sin, half }
+    }
+
+    /// [`Rope::tables`] as tensors, for the rotary kernels.
+    pub fn cos_sin(&self, tables: &RopeTables, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let shape = (tables.cos.len() / tables.half.max(1), tables.half);
+        let cos = Tensor::from_slice(&tables.cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_slice(&tables.sin, shape, device)?.to_dtype(dtype)?;
         Ok((cos, sin))
+    }
+
+    /// Rotates one token's rotary part `x` (`dim` values) in place with row `row` of `tables`, as
+    /// [`Rope::apply`] does: pairs `(2i, 2i + 1)` when interleaved, else `(i, i + dim / 2)`.
+    pub fn rotate(&self, x: &mut [f32], tables: &RopeTables, row: usize) {
+        let half = tables.half;
+        let (cos, sin) = (&tables.cos[row * half..(row + 1) * half], &tables.sin[row * half..(row + 1) * half]);
+        for i in 0..half.min(x.len() / 2) {
+            let (ia, ib) = if self.interleave { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (a, b) = (x[ia], x[ib]);
+            x[ia] = a * cos[i] - b * sin[i];
+            x[ib] = a * sin[i] + b * cos[i];
+        }
     }
 
     /// Rotates `x` of shape `[1, heads, tokens, dim]` where token `t` uses row `t` of `cos`/`sin`.
@@ -88,4 +115,33 @@ fn yarn_frequencies(yarn: &Yarn, pos_freqs: &[f32], dim: usize, base: f64) -> (V
         })
         .collect();
     (inv_freq, attention_factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host rotation equals candle's rotary kernels, interleaved and split-half, row by row.
+    #[test]
+    fn host_rotation_equals_the_rotary_kernels() {
+        let config = crate::builtin::config("tiny-moe").unwrap();
+        let dev = Device::Cpu;
+        for interleave in [true, false] {
+            let rope = Rope { interleave, ..Rope::new(&config) };
+            let dim = config.qk_rope_head_dim;
+            let positions = [0usize, 3, 17, 400];
+            let tables = rope.tables(&positions);
+            let (cos, sin) = rope.cos_sin(&tables, DType::F32, &dev).unwrap();
+            let x: Vec<f32> = (0..positions.len() * dim).map(|i| ((i as f32) * 0.41).sin()).collect();
+            let t = Tensor::from_vec(x.clone(), (1, 1, positions.len(), dim), &dev).unwrap();
+            let want = rope.apply(&t, &cos, &sin).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (row, chunk) in x.chunks_exact(dim).enumerate() {
+                let mut got = chunk.to_vec();
+                rope.rotate(&mut got, &tables, row);
+                for (g, w) in got.iter().zip(&want[row * dim..(row + 1) * dim]) {
+                    assert!((g - w).abs() < 1e-6, "interleave {interleave}, row {row}: {g} vs {w}");
+                }
+            }
+        }
+    }
 }
