@@ -1,6 +1,6 @@
 //! The expert gRPC service every rank runs for its shard of the routed experts: `Handshake` checks that the
 //! caller loaded the same model with the same placement, `Exchange` runs each dispatch of a long-lived stream
-//! through [`ExpertCompute`] on tokio's blocking pool and answers it by id.
+//! through [`ExpertCompute`] and answers it by id.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -50,7 +50,7 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
     let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
     let metrics = Arc::new(RankMetrics::new()?);
     let observed = metrics.clone();
-    let observer: ComputeObserver = Box::new(move |layer, rows, seconds| observed.observe(layer, rows, seconds));
+    let observer: ComputeObserver = Arc::new(move |layer, rows, seconds| observed.observe(layer, rows, seconds));
     let compute: Arc<dyn ExpertCompute> = Arc::new(ShardCompute::new(
         HeldExperts::Shard(shard),
         placement,
