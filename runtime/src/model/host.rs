@@ -93,7 +93,7 @@ impl PackedMatrix {
                 .enumerate()
                 .map(|(p, panel)| {
                     let mut block = vec![0f32; m * PANEL];
-                    panel_product(a, m, k, panel, &mut block, PANEL, 0, PANEL);
+                    panel_product(a, m, k, panel, Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
                     (p, block)
                 })
                 .collect();
@@ -107,7 +107,7 @@ impl PackedMatrix {
         }
         for (p, panel) in self.panels.chunks_exact(panel_len).enumerate() {
             let first = p * PANEL;
-            panel_product(a, m, k, panel, out, n, first, PANEL.min(n - first));
+            panel_product(a, m, k, panel, Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
         }
     }
 
@@ -119,68 +119,46 @@ impl PackedMatrix {
     }
 }
 
-/// One panel's columns for all `m` rows: `out[r * stride + first + i]` for `i < width`.
-#[allow(clippy::too_many_arguments)]
-fn panel_product(
-    a: &[f32],
-    m: usize,
-    k: usize,
-    panel: &[f32],
-    out: &mut [f32],
+/// Where one panel's product goes: columns `first..first + width` of an output whose rows are `stride` apart.
+struct Columns<'a> {
+    out: &'a mut [f32],
     stride: usize,
     first: usize,
     width: usize,
-) {
+}
+
+/// One panel's columns for all `m` rows of `a` (`[m, k]`).
+fn panel_product(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
         // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
         unsafe {
-            panel_product_fma(a, m, k, panel, out, stride, first, width)
+            panel_product_fma(a, m, k, panel, dst)
         };
         return;
     }
-    panel_product_generic::<false>(a, m, k, panel, out, stride, first, width);
+    panel_product_generic::<false>(a, m, k, panel, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn panel_product_fma(
-    a: &[f32],
-    m: usize,
-    k: usize,
-    panel: &[f32],
-    out: &mut [f32],
-    stride: usize,
-    first: usize,
-    width: usize,
-) {
-    panel_product_generic::<true>(a, m, k, panel, out, stride, first, width);
+fn panel_product_fma(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
+    panel_product_generic::<true>(a, m, k, panel, dst);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn panel_product_generic<const FMA: bool>(
-    a: &[f32],
-    m: usize,
-    k: usize,
-    panel: &[f32],
-    out: &mut [f32],
-    stride: usize,
-    first: usize,
-    width: usize,
-) {
+fn panel_product_generic<const FMA: bool>(a: &[f32], m: usize, k: usize, panel: &[f32], mut dst: Columns<'_>) {
     let mut r = 0;
     while r + ROWS <= m {
         let acc = tile::<ROWS, FMA>(&a[r * k..(r + ROWS) * k], k, panel);
-        store(&acc, out, r, stride, first, width);
+        store(&acc, &mut dst, r);
         r += ROWS;
     }
     match m - r {
-        1 => store(&tile::<1, FMA>(&a[r * k..(r + 1) * k], k, panel), out, r, stride, first, width),
-        2 => store(&tile::<2, FMA>(&a[r * k..(r + 2) * k], k, panel), out, r, stride, first, width),
-        3 => store(&tile::<3, FMA>(&a[r * k..(r + 3) * k], k, panel), out, r, stride, first, width),
+        1 => store(&tile::<1, FMA>(&a[r * k..(r + 1) * k], k, panel), &mut dst, r),
+        2 => store(&tile::<2, FMA>(&a[r * k..(r + 2) * k], k, panel), &mut dst, r),
+        3 => store(&tile::<3, FMA>(&a[r * k..(r + 3) * k], k, panel), &mut dst, r),
         _ => {}
     }
 }
@@ -202,21 +180,14 @@ fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32]) -> 
 }
 
 #[inline(always)]
-fn store<const R: usize>(
-    acc: &[[f32; PANEL]; R],
-    out: &mut [f32],
-    row: usize,
-    stride: usize,
-    first: usize,
-    width: usize,
-) {
+fn store<const R: usize>(acc: &[[f32; PANEL]; R], dst: &mut Columns<'_>, row: usize) {
     for (r, cols) in acc.iter().enumerate() {
-        let at = (row + r) * stride + first;
-        if width == PANEL {
+        let at = (row + r) * dst.stride + dst.first;
+        if dst.width == PANEL {
             // A constant length: register stores instead of a memcpy call.
-            out[at..at + PANEL].copy_from_slice(cols);
+            dst.out[at..at + PANEL].copy_from_slice(cols);
         } else {
-            out[at..at + width].copy_from_slice(&cols[..width]);
+            dst.out[at..at + dst.width].copy_from_slice(&cols[..dst.width]);
         }
     }
 }

@@ -7,6 +7,18 @@ use rayon::prelude::*;
 
 use super::host::exp_nonpositive;
 
+/// What every sequence of one call shares: the queries `[tokens, heads, width]`, a layer's pool rows (`width`
+/// values per slot) and the pool's block size; the first `rank` values of a row are the compressed KV.
+#[derive(Debug, Clone, Copy)]
+struct Batch<'a> {
+    q: &'a [f32],
+    heads: usize,
+    width: usize,
+    rank: usize,
+    pool: &'a [f32],
+    block_size: usize,
+}
+
 /// One sequence's query rows in the packed batch and where its context lives.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSeq<'a> {
@@ -41,8 +53,8 @@ pub fn absorbed_attention(
         parts.push((s, mine));
         rest = tail;
     }
-    let run =
-        |(s, o): &mut (&KernelSeq<'_>, &mut [f32])| attend_sequence(q, heads, width, rank, pool, block_size, s, o);
+    let batch = Batch { q, heads, width, rank, pool, block_size };
+    let run = |(s, o): &mut (&KernelSeq<'_>, &mut [f32])| attend_sequence(&batch, s, o);
     if parts.len() > 1 && rayon::current_num_threads() > 1 {
         parts.par_iter_mut().for_each(run);
     } else {
@@ -54,27 +66,17 @@ pub fn absorbed_attention(
 /// Picks the kernel for the CPU and the shapes: AVX2 + FMA over groups of four heads when the rows are whole
 /// registers (every DeepSeek configuration), else the portable loops (compiled for AVX2 when the CPU has it; the
 /// x86-64 baseline is SSE2, half the width).
-#[allow(clippy::too_many_arguments)]
-fn attend_sequence(
-    q: &[f32],
-    heads: usize,
-    width: usize,
-    rank: usize,
-    pool: &[f32],
-    block_size: usize,
-    s: &KernelSeq<'_>,
-    out: &mut [f32],
-) {
+fn attend_sequence(b: &Batch<'_>, s: &KernelSeq<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if avx::fits(heads, width, rank)
+        if avx::fits(b.heads, b.width, b.rank)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {
             #[allow(unsafe_code)]
             // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
             unsafe {
-                avx::attend_sequence(q, heads, width, rank, pool, block_size, s, out)
+                avx::attend_sequence(b, s, out)
             };
             return;
         }
@@ -82,28 +84,18 @@ fn attend_sequence(
             #[allow(unsafe_code)]
             // SAFETY: the CPU supports AVX2, checked just above; that is the only requirement of the call.
             unsafe {
-                attend_sequence_avx2(q, heads, width, rank, pool, block_size, s, out)
+                attend_sequence_avx2(b, s, out)
             };
             return;
         }
     }
-    attend_sequence_portable(q, heads, width, rank, pool, block_size, s, out)
+    attend_sequence_portable(b, s, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-fn attend_sequence_avx2(
-    q: &[f32],
-    heads: usize,
-    width: usize,
-    rank: usize,
-    pool: &[f32],
-    block_size: usize,
-    s: &KernelSeq<'_>,
-    out: &mut [f32],
-) {
-    attend_sequence_portable(q, heads, width, rank, pool, block_size, s, out)
+fn attend_sequence_avx2(b: &Batch<'_>, s: &KernelSeq<'_>, out: &mut [f32]) {
+    attend_sequence_portable(b, s, out)
 }
 
 /// Rows of the first `n` keys of a sequence, block by block (no division per key): slices of whole blocks, the
@@ -126,17 +118,8 @@ fn spans<'a>(
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_sequence_portable(
-    q: &[f32],
-    heads: usize,
-    width: usize,
-    rank: usize,
-    pool: &[f32],
-    block_size: usize,
-    s: &KernelSeq<'_>,
-    out: &mut [f32],
-) {
+fn attend_sequence_portable(b: &Batch<'_>, s: &KernelSeq<'_>, out: &mut [f32]) {
+    let Batch { q, heads, width, rank, pool, block_size } = *b;
     let total = s.past + s.len;
     let spans = |n: usize| spans(pool, s.blocks, block_size, width, n);
     let mut scores = vec![0f32; total];
@@ -236,7 +219,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{KernelSeq, spans};
+    use super::{Batch, KernelSeq, spans};
 
     /// Whether the shapes suit this kernel: heads in fours, rows in whole registers, the latent in 16-value tiles.
     pub(super) fn fits(heads: usize, width: usize, rank: usize) -> bool {
@@ -354,17 +337,8 @@ mod avx {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn attend_sequence(
-        q: &[f32],
-        heads: usize,
-        width: usize,
-        rank: usize,
-        pool: &[f32],
-        block_size: usize,
-        s: &KernelSeq<'_>,
-        out: &mut [f32],
-    ) {
+    pub(super) fn attend_sequence(b: &Batch<'_>, s: &KernelSeq<'_>, out: &mut [f32]) {
+        let Batch { q, heads, width, rank, pool, block_size } = *b;
         let total = s.past + s.len;
         let spans = |n: usize| spans(pool, s.blocks, block_size, width, n);
         // Four scores per key, padded to whole registers (two keys each).
