@@ -376,13 +376,45 @@ fn silu_mul_portable(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[i] = sigmoid(x[i])` (router scores), vectorized like [`silu`].
+pub(crate) fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2, checked just above; that is the only requirement of the call.
+        unsafe {
+            sigmoid_avx2(x, out)
+        };
+        return;
+    }
+    sigmoid_portable(x, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sigmoid_avx2(x: &[f32], out: &mut [f32]) {
+    sigmoid_portable(x, out);
+}
+
+#[inline(always)]
+fn sigmoid_portable(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = sigmoid(v);
+    }
+}
+
+/// `sigmoid(x) = 1 / (1 + exp(-x))` from `e = exp(-|x|)` only (no overflow, branch-free).
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    (if x >= 0.0 { 1.0 } else { e }) / (1.0 + e)
+}
+
 /// `x · sigmoid(x)`, with the exponential of a non-positive argument only (`e = exp(-|x|)`), branch-free so a
 /// loop over it vectorizes.
 #[inline(always)]
 pub(crate) fn silu(x: f32) -> f32 {
-    let e = exp_nonpositive(-x.abs());
-    let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-    x * sigmoid
+    x * sigmoid(x)
 }
 
 /// `exp(x)` for `x <= 0` (softmax scores minus their maximum), within about 2 ulp of `f32::exp`: `2^n · exp(r)`
@@ -504,6 +536,17 @@ mod tests {
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "max difference {diff}");
         assert!(norm.forward(&Tensor::zeros((2, 5), DType::F32, &dev).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_vectorized_sigmoid_matches_the_definition() {
+        let x: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.04).collect();
+        let mut got = vec![0f32; x.len()];
+        sigmoid_into(&x, &mut got);
+        for (&v, &g) in x.iter().zip(&got) {
+            let want = 1.0 / (1.0 + (-v).exp());
+            assert!((g - want).abs() <= 8.0 * f32::EPSILON * want, "sigmoid({v}): {g} vs {want}");
+        }
     }
 
     #[test]

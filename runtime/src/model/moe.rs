@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{ExpertParallel, StackedExperts};
-use super::host::{HostMlp, Projection};
+use super::host::{HostMlp, Projection, sigmoid_into};
 use crate::error::Result;
 
 /// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers and shared experts.
@@ -154,11 +154,7 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
                 }
                 scores.iter_mut().for_each(|s| *s /= sum);
             }
-            ScoringFunc::Sigmoid => {
-                for (s, &l) in scores.iter_mut().zip(row) {
-                    *s = 1.0 / (1.0 + (-l).exp());
-                }
-            }
+            ScoringFunc::Sigmoid => sigmoid_into(row, &mut scores),
         }
         choice.copy_from_slice(&scores);
         if let (TopkMethod::NoauxTc, Some(bias)) = (config.topk_method, bias) {
