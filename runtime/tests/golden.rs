@@ -61,12 +61,15 @@ fn prefill(
     (out.logits, out.router)
 }
 
+/// Both MLA forms: naive (candle's ops) and absorbed (for f32 on the CPU, the host path end to end).
 fn check_prefill_logits(name: &str) {
     let model = load(name, DType::F32);
     let g = golden(name);
-    let (logits, _) = prefill(&model, &ids(&g["prompt_ids"]), AttentionMode::Naive);
-    let diff = max_abs_diff(&logits, &g["logits"]);
-    assert!(diff <= F32_TOL, "{name}: prefill logits differ from transformers by {diff}");
+    for mode in [AttentionMode::Naive, AttentionMode::Absorbed] {
+        let (logits, _) = prefill(&model, &ids(&g["prompt_ids"]), mode);
+        let diff = max_abs_diff(&logits, &g["logits"]);
+        assert!(diff <= F32_TOL, "{name} {mode:?}: prefill logits differ from transformers by {diff}");
+    }
 }
 
 #[test]
@@ -94,9 +97,11 @@ fn router_picks_the_same_experts_as_transformers() {
     for name in ["tiny-v3", "tiny-v2", "tiny-v2-greedy", "tiny-v3-fp8"] {
         let model = load(name, DType::F32);
         let g = golden(name);
-        let (_, router) = prefill(&model, &ids(&g["prompt_ids"]), AttentionMode::Naive);
-        assert!(!router.is_empty(), "{name}: no MoE layer traced");
-        for (layer, routing) in router {
+        let (_, naive) = prefill(&model, &ids(&g["prompt_ids"]), AttentionMode::Naive);
+        let (_, absorbed) = prefill(&model, &ids(&g["prompt_ids"]), AttentionMode::Absorbed);
+        assert!(!naive.is_empty(), "{name}: no MoE layer traced");
+        assert_eq!(naive.len(), absorbed.len(), "{name}: MoE layers traced by the two paths");
+        for (layer, routing) in naive.into_iter().chain(absorbed) {
             let want = g[&format!("router.{layer}.experts")].to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
             let want_w = g[&format!("router.{layer}.weights")].to_vec2::<f32>().unwrap();
             assert_eq!(routing.tokens(), want.len(), "{name} layer {layer}: token count");

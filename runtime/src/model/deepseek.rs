@@ -224,12 +224,19 @@ impl DeepseekModel {
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let mut x = self.embed_tokens.embedding(&ids)?;
         let tables = self.rope.tables(&positions);
-        let cos_sin = self.rope.cos_sin(&tables, self.dtype, &self.device)?;
         let slices: Vec<SeqSlice<'_>> = seqs
             .iter()
             .zip(&spans)
             .map(|(s, &(start, len, past))| SeqSlice { start, len, past, blocks: s.blocks })
             .collect();
+        let last: Vec<usize> = spans.iter().map(|&(start, len, _)| start + len - 1).collect();
+        if self.runs_on_host(pool, &slices, options.attention) {
+            let rows = x.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(out) = self.forward_rows(rows, n, &tables, pool, &slices, &last, options)? {
+                return Ok(out);
+            }
+        }
+        let cos_sin = self.rope.cos_sin(&tables, self.dtype, &self.device)?;
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
@@ -252,7 +259,7 @@ impl DeepseekModel {
         let x = match options.logits {
             LogitsFor::AllTokens => x,
             LogitsFor::LastToken => {
-                let last: Vec<u32> = spans.iter().map(|&(start, len, _)| (start + len - 1) as u32).collect();
+                let last: Vec<u32> = last.iter().map(|&r| r as u32).collect();
                 let k = last.len();
                 x.index_select(&Tensor::from_vec(last, k, &self.device)?, 0)?
             }
@@ -260,5 +267,83 @@ impl DeepseekModel {
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(ForwardOutput { logits, router })
+    }
+
+    /// Whether the whole pass can run over plain rows: f32 on the CPU, a host pool, every layer's attention able
+    /// to take the host path for this batch.
+    fn runs_on_host(&self, pool: &LatentPool, seqs: &[SeqSlice<'_>], mode: AttentionMode) -> bool {
+        self.dtype == DType::F32
+            && self.device.is_cpu()
+            && self.norm.is_host()
+            && self.lm_head.is_host()
+            && self.layers.iter().enumerate().all(|(i, l)| {
+                l.input_layernorm.is_host()
+                    && l.post_attention_layernorm.is_host()
+                    && l.self_attn.runs_on_host(pool, seqs, i, mode)
+                    && match &l.mlp {
+                        Ffn::Dense(mlp) => mlp.is_host(),
+                        Ffn::Moe(moe) => moe.runs_on_host(),
+                    }
+            })
+    }
+
+    /// The forward pass with the residual stream kept as plain rows (`[n, hidden]`) between the host layers: no
+    /// tensor op from the embedding to the logits. `None` when some piece turns out to run on candle after all
+    /// ([`DeepseekModel::runs_on_host`] checks first): the caller then runs the tensor path, which rewrites the
+    /// same cache rows.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rows(
+        &self,
+        mut x: Vec<f32>,
+        n: usize,
+        tables: &super::rope::RopeTables,
+        pool: &mut LatentPool,
+        slices: &[SeqSlice<'_>],
+        last: &[usize],
+        options: ForwardOptions,
+    ) -> Result<Option<ForwardOutput>> {
+        let hidden = self.config.hidden_size;
+        let empty = (Tensor::zeros(0, DType::F32, &self.device)?, Tensor::zeros(0, DType::F32, &self.device)?);
+        let rotary = Rotary { rope: &self.rope, tensors: &empty, tables };
+        let mut router = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut h = x.clone();
+            if !layer.input_layernorm.host(&mut h) {
+                return Ok(None);
+            }
+            let Some(attn) = layer.self_attn.forward_rows(&h, n, &rotary, pool, slices, i)? else { return Ok(None) };
+            x.iter_mut().zip(&attn).for_each(|(x, a)| *x += a);
+            let mut h = x.clone();
+            if !layer.post_attention_layernorm.host(&mut h) {
+                return Ok(None);
+            }
+            let ffn = match &layer.mlp {
+                Ffn::Dense(mlp) => mlp.forward_rows(&h, n),
+                Ffn::Moe(moe) => match moe.forward_rows(&h, n)? {
+                    Some((out, routing)) => {
+                        if options.trace_router {
+                            router.push((i, routing));
+                        }
+                        Some(out)
+                    }
+                    None => None,
+                },
+            };
+            let Some(ffn) = ffn else { return Ok(None) };
+            x.iter_mut().zip(&ffn).for_each(|(x, f)| *x += f);
+        }
+        let mut rows = match options.logits {
+            LogitsFor::AllTokens => x,
+            LogitsFor::LastToken => {
+                last.iter().flat_map(|&r| x[r * hidden..(r + 1) * hidden].iter().copied()).collect()
+            }
+        };
+        let m = rows.len() / hidden.max(1);
+        if !self.norm.host(&mut rows) {
+            return Ok(None);
+        }
+        let Some(logits) = self.lm_head.host(&rows, m) else { return Ok(None) };
+        let logits = Tensor::from_vec(logits, (m, self.config.vocab_size), &self.device)?;
+        Ok(Some(ForwardOutput { logits, router }))
     }
 }

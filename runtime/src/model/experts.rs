@@ -107,6 +107,11 @@ impl StackedExperts {
         Ok(Self { weights, intermediate, local })
     }
 
+    /// Whether the experts are packed for the host kernels.
+    pub fn is_host(&self) -> bool {
+        matches!(self.weights, ExpertWeights::Host(_))
+    }
+
     pub fn holds(&self, expert: usize) -> bool {
         self.local.get(expert).is_some_and(Option::is_some)
     }
@@ -131,20 +136,34 @@ impl StackedExperts {
     /// Runs `groups` (all held here) over rows of `x` (`[n, hidden]`) and returns, per row of `x`, the sum of its
     /// weighted expert outputs (`[n, hidden]`, f32).
     pub fn sum_groups(&self, x: &Tensor, groups: &[ExpertRows]) -> Result<Tensor> {
-        let mut ids = Vec::with_capacity(groups.len());
-        for g in groups {
-            ids.push(
-                self.local
-                    .get(g.expert)
-                    .copied()
-                    .flatten()
-                    .ok_or_else(|| Error::InvalidRequest(format!("expert {} is not held by this rank", g.expert)))?,
-            );
-        }
+        let ids = self.local_ids(groups)?;
         match &self.weights {
             ExpertWeights::Stacked { gate_up, down } => self.sum_stacked(gate_up, down, x, groups, ids),
             ExpertWeights::Host(experts) => sum_host(experts, x, groups, &ids),
         }
+    }
+
+    /// [`StackedExperts::sum_groups`] over plain f32 rows (`[n, hidden]`) for host experts; `None` for stacked
+    /// tensors.
+    pub fn sum_groups_rows(&self, xs: &[f32], n: usize, groups: &[ExpertRows]) -> Result<Option<Vec<f32>>> {
+        let ExpertWeights::Host(experts) = &self.weights else { return Ok(None) };
+        let hidden = xs.len() / n.max(1);
+        let ids = self.local_ids(groups)?;
+        sum_host_rows(experts, xs, n, hidden, groups, &ids).map(Some)
+    }
+
+    /// Each group's index into the held experts.
+    fn local_ids(&self, groups: &[ExpertRows]) -> Result<Vec<usize>> {
+        groups
+            .iter()
+            .map(|g| {
+                self.local
+                    .get(g.expert)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| Error::InvalidRequest(format!("expert {} is not held by this rank", g.expert)))
+            })
+            .collect()
     }
 
     /// The stacked path: the active experts' rows are gathered once into `[experts, rows, hidden]`, padded to the
@@ -240,6 +259,19 @@ impl StackedExperts {
 fn sum_host(experts: &[HostMlp], x: &Tensor, groups: &[ExpertRows], ids: &[usize]) -> Result<Tensor> {
     let (n, hidden) = x.dims2()?;
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let out = sum_host_rows(experts, &xs, n, hidden, groups, ids)?;
+    Ok(Tensor::from_vec(out, (n, hidden), x.device())?)
+}
+
+/// [`sum_host`] over plain rows `xs` (`[n, hidden]`).
+fn sum_host_rows(
+    experts: &[HostMlp],
+    xs: &[f32],
+    n: usize,
+    hidden: usize,
+    groups: &[ExpertRows],
+    ids: &[usize],
+) -> Result<Vec<f32>> {
     let mut out = vec![0f32; n * hidden];
     let mut gathered = Vec::new();
     for (g, &id) in groups.iter().zip(ids) {
@@ -266,7 +298,7 @@ fn sum_host(experts: &[HostMlp], x: &Tensor, groups: &[ExpertRows], ids: &[usize
             }
         }
     }
-    Ok(Tensor::from_vec(out, (n, hidden), x.device())?)
+    Ok(out)
 }
 
 /// The routed experts a rank without attention holds, for every MoE layer (an expert-only rank of a group).

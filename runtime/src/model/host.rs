@@ -211,6 +211,10 @@ impl Projection {
         Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias })
     }
 
+    pub fn is_host(&self) -> bool {
+        matches!(self, Self::Host { .. })
+    }
+
     /// `rows` (`[m, in_dim]`) through the packed weight, or `None` when this projection runs on candle.
     pub fn host(&self, rows: &[f32], m: usize) -> Option<Vec<f32>> {
         let Self::Host { weight, bias } = self else { return None };
@@ -261,6 +265,10 @@ impl Norm {
             return Ok(Self::Host { weight, eps: eps as f32 });
         }
         Ok(Self::Candle(candle_nn::rms_norm(dim, eps, vb)?))
+    }
+
+    pub fn is_host(&self) -> bool {
+        matches!(self, Self::Host { .. })
     }
 
     /// Normalizes every `dim`-wide row of `data` in place; `false` (nothing done) when this norm runs on candle.

@@ -144,14 +144,8 @@ impl Mla {
         layer: usize,
         mode: AttentionMode,
     ) -> Result<Tensor> {
-        let fused = pool.host_layer(layer).is_some() && x.dtype() == DType::F32;
-        let all_absorbed = seqs.iter().all(|s| match mode {
-            AttentionMode::Absorbed => true,
-            AttentionMode::Naive => false,
-            AttentionMode::Auto => s.len == 1 || s.len <= ABSORBED_PREFILL_MAX_TOKENS,
-        });
-        if fused
-            && all_absorbed
+        if x.dtype() == DType::F32
+            && self.runs_on_host(pool, seqs, layer, mode)
             && let Some(host) = &self.host
             && let Some(out) = self.forward_host(host, x, rotary, pool, seqs, layer)?
         {
@@ -177,6 +171,7 @@ impl Mla {
         let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
         pool.write_seqs(layer, &rows, seqs)?;
 
+        let fused = pool.host_layer(layer).is_some() && x.dtype() == DType::F32;
         let absorbed: Vec<bool> = seqs
             .iter()
             .map(|s| match mode {
@@ -252,18 +247,61 @@ impl Mla {
         layer: usize,
     ) -> Result<Option<Tensor>> {
         let (n, _) = x.dims2()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let Some(out) = self.forward_rows_with(host, &xs, n, rotary, pool, seqs, layer)? else { return Ok(None) };
+        let hidden = out.len() / n.max(1);
+        Ok(Some(Tensor::from_vec(out, (n, hidden), x.device())?))
+    }
+
+    /// Whether [`Mla::forward_rows`] can run this batch: host weights, a host pool, every sequence absorbed.
+    pub fn runs_on_host(&self, pool: &LatentPool, seqs: &[SeqSlice<'_>], layer: usize, mode: AttentionMode) -> bool {
+        self.host.is_some()
+            && pool.host_layer(layer).is_some()
+            && seqs.iter().all(|s| match mode {
+                AttentionMode::Absorbed => true,
+                AttentionMode::Naive => false,
+                AttentionMode::Auto => s.len <= ABSORBED_PREFILL_MAX_TOKENS,
+            })
+    }
+
+    /// The host layer over plain rows `xs` (`[n, hidden]`): `None` when [`Mla::runs_on_host`] does not hold.
+    pub fn forward_rows(
+        &self,
+        xs: &[f32],
+        n: usize,
+        rotary: &Rotary<'_>,
+        pool: &mut LatentPool,
+        seqs: &[SeqSlice<'_>],
+        layer: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        match &self.host {
+            Some(host) => self.forward_rows_with(host, xs, n, rotary, pool, seqs, layer),
+            None => Ok(None),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rows_with(
+        &self,
+        host: &HostAbsorb,
+        xs: &[f32],
+        n: usize,
+        rotary: &Rotary<'_>,
+        pool: &mut LatentPool,
+        seqs: &[SeqSlice<'_>],
+        layer: usize,
+    ) -> Result<Option<Vec<f32>>> {
         let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
         if seqs.iter().map(|s| s.len).sum::<usize>() != n || rotary.tables.cos.len() < n * rotary.tables.half {
             return Err(Error::InvalidRequest("the batch's sequences do not cover its rows".into()));
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let q = match &self.q {
-            QProj::Direct(p) => p.host(&xs, n),
+            QProj::Direct(p) => p.host(xs, n),
             QProj::LowRank { a, norm, b } => {
-                a.host(&xs, n).and_then(|mut t| norm.host(&mut t).then_some(t)).and_then(|t| b.host(&t, n))
+                a.host(xs, n).and_then(|mut t| norm.host(&mut t).then_some(t)).and_then(|t| b.host(&t, n))
             }
         };
-        let (Some(q), Some(mut kv)) = (q, self.kv_a.host(&xs, n)) else { return Ok(None) };
+        let (Some(q), Some(mut kv)) = (q, self.kv_a.host(xs, n)) else { return Ok(None) };
         // Cached rows: normalized compressed KV, rotated shared key.
         let width = rank + rope_dim;
         for (t, row) in kv.chunks_exact_mut(width).enumerate() {
@@ -314,9 +352,7 @@ impl Mla {
                 attn[at..at + v_dim].copy_from_slice(&values[t * v_dim..(t + 1) * v_dim]);
             }
         }
-        let Some(out) = self.o.host(&attn, n) else { return Ok(None) };
-        let hidden = out.len() / n.max(1);
-        Ok(Some(Tensor::from_vec(out, (n, hidden), x.device())?))
+        Ok(self.o.host(&attn, n))
     }
 
     /// Absorbed attention of one sequence: `q` `[len, heads, rank + rope]` (scaled) over `ctx` `[past + len, rank + rope]`.

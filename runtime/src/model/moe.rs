@@ -52,6 +52,18 @@ impl Mlp {
         Ok(Self { weights })
     }
 
+    pub fn is_host(&self) -> bool {
+        matches!(self.weights, MlpWeights::Host(_))
+    }
+
+    /// Plain rows `xs` (`[m, hidden]`) through the host weights; `None` when this block runs on candle.
+    pub fn forward_rows(&self, xs: &[f32], m: usize) -> Option<Vec<f32>> {
+        match &self.weights {
+            MlpWeights::Host(mlp) => Some(mlp.forward(xs, m)),
+            MlpWeights::Tensors { .. } => None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weights {
             MlpWeights::Tensors { gate_up, down, intermediate } => {
@@ -120,6 +132,16 @@ impl Router {
 
     pub fn n_experts(&self) -> usize {
         self.config.n_routed_experts
+    }
+
+    pub fn is_host(&self) -> bool {
+        self.weight.is_host()
+    }
+
+    /// Routes plain rows `xs` (`[tokens, hidden]`, f32); `None` when the router runs on candle.
+    pub fn route_rows(&self, xs: &[f32], tokens: usize) -> Option<Routing> {
+        let logits = self.weight.host(xs, tokens)?;
+        Some(route_logits(&self.config, &logits, self.bias.as_deref()))
     }
 
     /// Routes every row of `x` (`[tokens, hidden]`).
@@ -316,11 +338,7 @@ impl Moe {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
         let routing = self.router.route(x)?;
         let plan = DispatchPlan::new(&routing, self.router.n_experts());
-        for g in &plan.groups {
-            if let Some(c) = self.token_counts.get(g.expert) {
-                c.inc_by(g.rows.len() as u64);
-            }
-        }
+        self.count_tokens(&plan);
         let (n, hidden) = x.dims2()?;
         let (local, remote) = self.split(plan);
         let mut pending = Vec::with_capacity(remote.len());
@@ -352,6 +370,39 @@ impl Moe {
             None => routed,
         };
         Ok((out, routing))
+    }
+
+    /// Whether [`Moe::forward_rows`] can run: host router, experts and shared experts, no expert parallelism.
+    pub fn runs_on_host(&self) -> bool {
+        self.parallel.is_none()
+            && self.router.is_host()
+            && self.experts.is_host()
+            && self.shared.as_ref().is_none_or(Mlp::is_host)
+    }
+
+    /// [`Moe::forward`] over plain rows `xs` (`[n, hidden]`) when everything runs on the host in this process
+    /// (host router and experts, no expert parallelism); `None` otherwise.
+    pub fn forward_rows(&self, xs: &[f32], n: usize) -> Result<Option<(Vec<f32>, Routing)>> {
+        if self.parallel.is_some() {
+            return Ok(None);
+        }
+        let Some(routing) = self.router.route_rows(xs, n) else { return Ok(None) };
+        let plan = DispatchPlan::new(&routing, self.router.n_experts());
+        let Some(mut out) = self.experts.sum_groups_rows(xs, n, &plan.groups)? else { return Ok(None) };
+        if let Some(shared) = &self.shared {
+            let Some(s) = shared.forward_rows(xs, n) else { return Ok(None) };
+            out.iter_mut().zip(&s).for_each(|(o, s)| *o += s);
+        }
+        self.count_tokens(&plan);
+        Ok(Some((out, routing)))
+    }
+
+    fn count_tokens(&self, plan: &DispatchPlan) {
+        for g in &plan.groups {
+            if let Some(c) = self.token_counts.get(g.expert) {
+                c.inc_by(g.rows.len() as u64);
+            }
+        }
     }
 
     /// Splits the plan into the groups computed here and, per other rank, the groups sent there.
