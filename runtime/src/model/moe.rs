@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{ExpertParallel, StackedExperts};
 use super::host::{HostMlp, Projection, sigmoid_into};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers and shared experts.
 /// `gate_proj` and `up_proj` are fused into one matrix at load; f32 weights on the CPU are packed for the host
@@ -372,28 +372,59 @@ impl Moe {
         Ok((out, routing))
     }
 
-    /// Whether [`Moe::forward_rows`] can run: host router, experts and shared experts, no expert parallelism.
+    /// Whether [`Moe::forward_rows`] can run: host router, experts and shared experts.
     pub fn runs_on_host(&self) -> bool {
-        self.parallel.is_none()
-            && self.router.is_host()
-            && self.experts.is_host()
-            && self.shared.as_ref().is_none_or(Mlp::is_host)
+        self.router.is_host() && self.experts.is_host() && self.shared.as_ref().is_none_or(Mlp::is_host)
     }
 
-    /// [`Moe::forward`] over plain rows `xs` (`[n, hidden]`) when everything runs on the host in this process
-    /// (host router and experts, no expert parallelism); `None` otherwise.
+    /// [`Moe::forward`] over plain rows `xs` (`[n, hidden]`) when the router and experts run on the host; `None`
+    /// otherwise. Rows for other ranks' experts still travel as tensors through the expert transport.
     pub fn forward_rows(&self, xs: &[f32], n: usize) -> Result<Option<(Vec<f32>, Routing)>> {
-        if self.parallel.is_some() {
+        if !self.runs_on_host() {
             return Ok(None);
         }
         let Some(routing) = self.router.route_rows(xs, n) else { return Ok(None) };
+        let hidden = xs.len() / n.max(1);
         let plan = DispatchPlan::new(&routing, self.router.n_experts());
-        let Some(mut out) = self.experts.sum_groups_rows(xs, n, &plan.groups)? else { return Ok(None) };
+        self.count_tokens(&plan);
+        let (local, remote) = self.split(plan);
+        let mut pending = Vec::with_capacity(remote.len());
+        if let Some(p) = &self.parallel {
+            for (rank, groups) in remote {
+                let rows: Vec<u32> = groups.iter().flat_map(|g| g.rows.iter().copied()).collect();
+                let experts: Vec<u32> =
+                    groups.iter().flat_map(|g| g.rows.iter().map(move |_| g.expert as u32)).collect();
+                let weights: Vec<f32> = groups.iter().flat_map(|g| g.weights.iter().copied()).collect();
+                let mut sent = Vec::with_capacity(rows.len() * hidden);
+                for &r in &rows {
+                    let r = r as usize;
+                    sent.extend_from_slice(&xs[r * hidden..(r + 1) * hidden]);
+                }
+                let sent = Tensor::from_vec(sent, (rows.len(), hidden), &candle_core::Device::Cpu)?;
+                pending.push((rows, p.dispatcher.dispatch(rank, self.layer, &sent, &experts, &weights)?));
+            }
+        }
+        let mut out = if local.is_empty() {
+            vec![0f32; n * hidden]
+        } else {
+            match self.experts.sum_groups_rows(xs, n, &local)? {
+                Some(out) => out,
+                None => return Err(Error::InvalidRequest("the routed experts are not packed for the host".into())),
+            }
+        };
         if let Some(shared) = &self.shared {
-            let Some(s) = shared.forward_rows(xs, n) else { return Ok(None) };
+            let s = shared
+                .forward_rows(xs, n)
+                .ok_or_else(|| Error::InvalidRequest("the shared experts are not packed for the host".into()))?;
             out.iter_mut().zip(&s).for_each(|(o, s)| *o += s);
         }
-        self.count_tokens(&plan);
+        for (rows, p) in pending {
+            let back = p.wait()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (&r, row) in rows.iter().zip(back.chunks_exact(hidden.max(1))) {
+                let r = r as usize;
+                out[r * hidden..(r + 1) * hidden].iter_mut().zip(row).for_each(|(o, v)| *o += v);
+            }
+        }
         Ok(Some((out, routing)))
     }
 
