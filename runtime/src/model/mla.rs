@@ -74,6 +74,27 @@ struct HostAbsorb {
     w_uv: Vec<PackedMatrix>,
 }
 
+/// Where one head's values sit in token rows laid out `[heads, stride]`: `len` values from `offset`.
+#[derive(Debug, Clone, Copy)]
+struct HeadSlice {
+    heads: usize,
+    stride: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl HeadSlice {
+    /// Head `h`'s values of `n` token rows of `src`, gathered into `scratch`, through `w`: `[n, w.out_dim()]`.
+    fn through(self, w: &PackedMatrix, src: &[f32], n: usize, h: usize, scratch: &mut Vec<f32>) -> Vec<f32> {
+        scratch.clear();
+        for t in 0..n {
+            let at = (t * self.heads + h) * self.stride + self.offset;
+            scratch.extend_from_slice(&src[at..at + self.len]);
+        }
+        w.matmul(scratch, n)
+    }
+}
+
 /// Prefills of at most this many new tokens use the absorbed form too when the fused host kernel runs: it has no
 /// per-sequence tensor ops, and at these lengths the decompression the naive form saves costs more than the wider
 /// latent dot products. (For DeepSeek-V3's shapes the two forms cost the same at about 340 tokens.)
@@ -144,12 +165,13 @@ impl Mla {
         layer: usize,
         mode: AttentionMode,
     ) -> Result<Tensor> {
-        if x.dtype() == DType::F32
-            && self.runs_on_host(pool, seqs, layer, mode)
-            && let Some(host) = &self.host
-            && let Some(out) = self.forward_host(host, x, rotary, pool, seqs, layer)?
-        {
-            return Ok(out);
+        if x.dtype() == DType::F32 && self.runs_on_host(pool, seqs, layer, mode) {
+            let (n, _) = x.dims2()?;
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(out) = self.forward_rows(&xs, n, rotary, pool, seqs, layer)? {
+                let hidden = out.len() / n.max(1);
+                return Ok(Tensor::from_vec(out, (n, hidden), x.device())?);
+            }
         }
         let (rope, cos_sin) = (rotary.rope, rotary.tensors);
         let (n_tokens, _) = x.dims2()?;
@@ -233,26 +255,6 @@ impl Mla {
         self.o.forward(&attn)
     }
 
-    /// The whole layer on the host for f32 CPU weights and a host pool when every sequence takes the absorbed
-    /// form: projections, norms, rotary embedding, cache write, the fused kernel and the per-head absorbed
-    /// matrices run over plain rows, with no tensor op between the input and the output. `None` when a piece of
-    /// the layer runs on candle (the caller takes the tensor path).
-    fn forward_host(
-        &self,
-        host: &HostAbsorb,
-        x: &Tensor,
-        rotary: &Rotary<'_>,
-        pool: &mut LatentPool,
-        seqs: &[SeqSlice<'_>],
-        layer: usize,
-    ) -> Result<Option<Tensor>> {
-        let (n, _) = x.dims2()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let Some(out) = self.forward_rows_with(host, &xs, n, rotary, pool, seqs, layer)? else { return Ok(None) };
-        let hidden = out.len() / n.max(1);
-        Ok(Some(Tensor::from_vec(out, (n, hidden), x.device())?))
-    }
-
     /// Whether [`Mla::forward_rows`] can run this batch: host weights, a host pool, every sequence absorbed.
     pub fn runs_on_host(&self, pool: &LatentPool, seqs: &[SeqSlice<'_>], layer: usize, mode: AttentionMode) -> bool {
         self.host.is_some()
@@ -264,7 +266,9 @@ impl Mla {
             })
     }
 
-    /// The host layer over plain rows `xs` (`[n, hidden]`): `None` when [`Mla::runs_on_host`] does not hold.
+    /// The whole layer on the host over plain rows `xs` (`[n, hidden]`), for f32 CPU weights and a host pool when
+    /// every sequence takes the absorbed form: projections, norms, rotary embedding, cache write, the fused kernel
+    /// and the per-head absorbed matrices, with no tensor op. `None` when [`Mla::runs_on_host`] does not hold.
     pub fn forward_rows(
         &self,
         xs: &[f32],
@@ -274,23 +278,7 @@ impl Mla {
         seqs: &[SeqSlice<'_>],
         layer: usize,
     ) -> Result<Option<Vec<f32>>> {
-        match &self.host {
-            Some(host) => self.forward_rows_with(host, xs, n, rotary, pool, seqs, layer),
-            None => Ok(None),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn forward_rows_with(
-        &self,
-        host: &HostAbsorb,
-        xs: &[f32],
-        n: usize,
-        rotary: &Rotary<'_>,
-        pool: &mut LatentPool,
-        seqs: &[SeqSlice<'_>],
-        layer: usize,
-    ) -> Result<Option<Vec<f32>>> {
+        let Some(host) = &self.host else { return Ok(None) };
         let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
         if seqs.iter().map(|s| s.len).sum::<usize>() != n || rotary.tables.cos.len() < n * rotary.tables.half {
             return Err(Error::InvalidRequest("the batch's sequences do not cover its rows".into()));
@@ -316,13 +304,10 @@ impl Mla {
         let qk = nope + rope_dim;
         let scale = self.scale as f32;
         let mut q_full = vec![0f32; n * heads * width];
-        let mut head_rows = vec![0f32; n * nope.max(rank)];
+        let mut scratch = Vec::with_capacity(n * nope.max(rank));
         for (h, w_uk) in host.w_uk.iter().enumerate() {
-            for t in 0..n {
-                let at = (t * heads + h) * qk;
-                head_rows[t * nope..(t + 1) * nope].copy_from_slice(&q[at..at + nope]);
-            }
-            let q_lat = w_uk.matmul(&head_rows, n);
+            let q_nope = HeadSlice { heads, stride: qk, offset: 0, len: nope };
+            let q_lat = q_nope.through(w_uk, &q, n, h, &mut scratch);
             for t in 0..n {
                 let dst = &mut q_full[(t * heads + h) * width..(t * heads + h + 1) * width];
                 let (lat, pe) = dst.split_at_mut(rank);
@@ -342,11 +327,8 @@ impl Mla {
         // Values per head through W_UV, into [tokens, heads * v].
         let mut attn = vec![0f32; n * heads * v_dim];
         for (h, w_uv) in host.w_uv.iter().enumerate() {
-            for t in 0..n {
-                let at = (t * heads + h) * rank;
-                head_rows[t * rank..(t + 1) * rank].copy_from_slice(&latent[at..at + rank]);
-            }
-            let values = w_uv.matmul(&head_rows, n);
+            let latent_h = HeadSlice { heads, stride: rank, offset: 0, len: rank };
+            let values = latent_h.through(w_uv, &latent, n, h, &mut scratch);
             for t in 0..n {
                 let at = (t * heads + h) * v_dim;
                 attn[at..at + v_dim].copy_from_slice(&values[t * v_dim..(t + 1) * v_dim]);

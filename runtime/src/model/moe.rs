@@ -263,6 +263,15 @@ pub struct ExpertRows {
     pub weights: Vec<f32>,
 }
 
+/// The rows one MoE layer sends to another rank: batch row, global expert and routing weight of each.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct RemoteRows {
+    rank: usize,
+    rows: Vec<u32>,
+    experts: Vec<u32>,
+    weights: Vec<f32>,
+}
+
 impl DispatchPlan {
     pub fn new(routing: &Routing, n_experts: usize) -> Self {
         let mut per_expert: Vec<ExpertRows> =
@@ -343,11 +352,7 @@ impl Moe {
         let (local, remote) = self.split(plan);
         let mut pending = Vec::with_capacity(remote.len());
         if let Some(p) = &self.parallel {
-            for (rank, groups) in remote {
-                let rows: Vec<u32> = groups.iter().flat_map(|g| g.rows.iter().copied()).collect();
-                let experts: Vec<u32> =
-                    groups.iter().flat_map(|g| g.rows.iter().map(move |_| g.expert as u32)).collect();
-                let weights: Vec<f32> = groups.iter().flat_map(|g| g.weights.iter().copied()).collect();
+            for RemoteRows { rank, rows, experts, weights } in remote {
                 let count = rows.len();
                 let idx = Tensor::from_vec(rows, count, x.device())?;
                 let sent = x.index_select(&idx, 0)?;
@@ -390,11 +395,7 @@ impl Moe {
         let (local, remote) = self.split(plan);
         let mut pending = Vec::with_capacity(remote.len());
         if let Some(p) = &self.parallel {
-            for (rank, groups) in remote {
-                let rows: Vec<u32> = groups.iter().flat_map(|g| g.rows.iter().copied()).collect();
-                let experts: Vec<u32> =
-                    groups.iter().flat_map(|g| g.rows.iter().map(move |_| g.expert as u32)).collect();
-                let weights: Vec<f32> = groups.iter().flat_map(|g| g.weights.iter().copied()).collect();
+            for RemoteRows { rank, rows, experts, weights } in remote {
                 let mut sent = Vec::with_capacity(rows.len() * hidden);
                 for &r in &rows {
                     let r = r as usize;
@@ -436,23 +437,30 @@ impl Moe {
         }
     }
 
-    /// Splits the plan into the groups computed here and, per other rank, the groups sent there.
-    fn split(&self, plan: DispatchPlan) -> (Vec<ExpertRows>, Vec<(usize, Vec<ExpertRows>)>) {
+    /// Splits the plan into the groups computed here and, per other rank, the rows sent there.
+    fn split(&self, plan: DispatchPlan) -> (Vec<ExpertRows>, Vec<RemoteRows>) {
         let Some(p) = &self.parallel else {
             return (plan.groups, Vec::new());
         };
         let mut local = Vec::new();
-        let mut remote: Vec<(usize, Vec<ExpertRows>)> = Vec::new();
+        let mut remote: Vec<RemoteRows> = Vec::new();
         for g in plan.groups {
             let rank = p.placement.route(g.expert, p.rank);
             if rank == p.rank {
                 local.push(g);
-            } else {
-                match remote.iter_mut().find(|(r, _)| *r == rank) {
-                    Some((_, groups)) => groups.push(g),
-                    None => remote.push((rank, vec![g])),
-                }
+                continue;
             }
+            let at = match remote.iter().position(|r| r.rank == rank) {
+                Some(at) => at,
+                None => {
+                    remote.push(RemoteRows { rank, ..RemoteRows::default() });
+                    remote.len() - 1
+                }
+            };
+            let r = &mut remote[at];
+            r.experts.extend(std::iter::repeat_n(g.expert as u32, g.rows.len()));
+            r.rows.extend(g.rows);
+            r.weights.extend(g.weights);
         }
         (local, remote)
     }
