@@ -237,11 +237,11 @@ impl DeepseekModel {
             }
         }
         let cos_sin = self.rope.cos_sin(&tables, self.dtype, &self.device)?;
+        let rotary = Rotary { rope: &self.rope, tables: &tables };
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let rotary = Rotary { rope: &self.rope, tensors: &cos_sin, tables: &tables };
-            let attn = layer.self_attn.forward(&h, &rotary, pool, &slices, i, options.attention)?;
+            let attn = layer.self_attn.forward(&h, &rotary, &cos_sin, pool, &slices, i, options.attention)?;
             x = (x + attn)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             let ffn = match &layer.mlp {
@@ -303,8 +303,7 @@ impl DeepseekModel {
         options: ForwardOptions,
     ) -> Result<Option<ForwardOutput>> {
         let hidden = self.config.hidden_size;
-        let empty = (Tensor::zeros(0, DType::F32, &self.device)?, Tensor::zeros(0, DType::F32, &self.device)?);
-        let rotary = Rotary { rope: &self.rope, tensors: &empty, tables };
+        let rotary = Rotary { rope: &self.rope, tables };
         let mut router = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let mut h = x.clone();

@@ -8,8 +8,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
-use super::host::HostMlp;
-use super::moe::{ExpertRows, load_swiglu, uses_host_kernels};
+use super::host::{HostMlp, uses_host_kernels};
+use super::moe::{ExpertRows, load_swiglu};
 use crate::error::{Error, Result};
 
 /// Sends rows to another rank's experts without waiting (the expert transport implements it).

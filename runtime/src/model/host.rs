@@ -257,10 +257,15 @@ pub enum Norm {
     Host { weight: Vec<f32>, eps: f32 },
 }
 
+/// Whether weights loaded through `vb` run on the host kernels (f32 on the CPU).
+pub(crate) fn uses_host_kernels(vb: &candle_nn::VarBuilder) -> bool {
+    vb.device().is_cpu() && vb.dtype() == DType::F32
+}
+
 impl Norm {
     /// Loads `weight` (`[dim]`) at `vb`.
     pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
-        if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+        if uses_host_kernels(&vb) {
             let weight = vb.get(dim, "weight")?.to_vec1::<f32>()?;
             return Ok(Self::Host { weight, eps: eps as f32 });
         }
@@ -281,33 +286,36 @@ impl Norm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (weight, eps) = match self {
+        let dim = match self {
             Self::Candle(norm) => return Ok(candle_nn::Module::forward(norm, x)?),
-            Self::Host { weight, eps } => (weight, *eps),
+            Self::Host { weight, .. } => weight.len(),
         };
-        let dim = weight.len();
         if x.dims().last() != Some(&dim) || dim == 0 {
             return Err(Error::InvalidRequest(format!("rows of shape {:?} for a norm over {dim}", x.dims())));
         }
         let mut data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        for row in data.chunks_exact_mut(dim) {
-            rms_norm_row(row, weight, eps);
-        }
+        self.host(&mut data);
         Ok(Tensor::from_vec(data, x.dims(), x.device())?.to_dtype(x.dtype())?)
     }
 }
 
-/// One row in place; the sum of squares in eight lanes so it vectorizes.
-fn rms_norm_row(row: &mut [f32], weight: &[f32], eps: f32) {
+/// Dot product with eight independent accumulators, so the compiler vectorizes it.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for c in chunks {
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
         for i in 0..8 {
-            acc[i] += c[i] * c[i];
+            acc[i] += x[i] * y[i];
         }
     }
-    let mean = (acc.iter().sum::<f32>() + tail) / row.len() as f32;
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row in place.
+fn rms_norm_row(row: &mut [f32], weight: &[f32], eps: f32) {
+    let mean = dot(row, row) / row.len() as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for (v, w) in row.iter_mut().zip(weight) {
         *v = *v * scale * w;
@@ -532,6 +540,15 @@ mod tests {
         assert!(projection.forward(&Tensor::zeros((2, 5), DType::F32, &dev).unwrap()).is_err());
     }
 
+    #[test]
+    fn dot_matches_naive_for_every_tail_length() {
+        for n in 0..20 {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 2.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.25).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-4);
+        }
+    }
     #[test]
     fn host_norm_equals_candle_rms_norm() {
         let dev = Device::Cpu;

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::host::exp_nonpositive;
+use super::host::{dot, exp_nonpositive};
 
 /// What every sequence of one call shares: the queries `[tokens, heads, width]`, a layer's pool rows (`width`
 /// values per slot) and the pool's block size; the first `rank` values of a row are the compressed KV.
@@ -196,20 +196,6 @@ fn sum8(values: &[f32]) -> f32 {
 
 /// Floats of the output accumulated in registers at a time (four AVX registers).
 const TILE: usize = 32;
-
-/// Dot product with eight independent accumulators, so the compiler vectorizes it.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
 
 /// The AVX2 + FMA kernel: four heads at a time share every key load. Scores of the four heads against a key are
 /// reduced together (three horizontal adds instead of four full reductions) and kept key-major (`[key][4]`), so
@@ -421,16 +407,6 @@ mod avx {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dot_matches_naive_for_every_tail_length() {
-        for n in 0..20 {
-            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 2.0).collect();
-            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.25).collect();
-            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - want).abs() < 1e-4);
-        }
-    }
 
     #[test]
     fn the_eight_lane_sum_covers_the_tail() {

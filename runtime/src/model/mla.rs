@@ -29,6 +29,18 @@ pub enum AttentionMode {
     Absorbed,
 }
 
+impl AttentionMode {
+    /// Whether a sequence with `len` new tokens takes the absorbed form; `fused`: the fused host kernel runs
+    /// (f32 host pool), which makes short prefills absorbed too.
+    fn absorbs(self, len: usize, fused: bool) -> bool {
+        match self {
+            Self::Absorbed => true,
+            Self::Naive => false,
+            Self::Auto => len == 1 || (fused && len <= ABSORBED_PREFILL_MAX_TOKENS),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum QProj {
     /// `q_proj` (DeepSeek-V2-Lite: `q_lora_rank` null).
@@ -58,11 +70,11 @@ pub struct Mla {
     scale: f64,
 }
 
-/// The rotary tables of one forward pass, as tensors (candle path) and host rows (host path).
+/// The rotary embedding and its tables for the positions of one forward pass (the host path rotates rows with
+/// them; the tensor path takes the same tables as `cos`/`sin` tensors).
 #[derive(Debug, Clone, Copy)]
 pub struct Rotary<'a> {
     pub rope: &'a Rope,
-    pub tensors: &'a (Tensor, Tensor),
     pub tables: &'a RopeTables,
 }
 
@@ -125,7 +137,8 @@ impl Mla {
         let per_head = kv_b.weight().reshape((heads, nope + v_dim, rank))?;
         let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
         let w_uv_t = per_head.narrow(1, nope, v_dim)?.transpose(1, 2)?.contiguous()?;
-        let host = if matches!(Projection::new(kv_b.clone())?, Projection::Host { .. }) {
+        let kv_b = Projection::new(kv_b)?;
+        let host = if kv_b.is_host() {
             let mut absorb = HostAbsorb { w_uk: Vec::with_capacity(heads), w_uv: Vec::with_capacity(heads) };
             for h in 0..heads {
                 absorb.w_uk.push(PackedMatrix::from_tensor(&w_uk.get(h)?.t()?.contiguous()?)?);
@@ -139,7 +152,7 @@ impl Mla {
             q,
             kv_a: linear(h, rank + rope_dim, bias, vb.pp("kv_a_proj_with_mqa"))?,
             kv_a_norm: Norm::load(rank, eps, vb.pp("kv_a_layernorm"))?,
-            kv_b: Projection::new(kv_b)?,
+            kv_b,
             w_uk,
             w_uv_t,
             o: linear(heads * v_dim, h, bias, vb.pp("o_proj"))?,
@@ -160,6 +173,7 @@ impl Mla {
         &self,
         x: &Tensor,
         rotary: &Rotary<'_>,
+        cos_sin: &(Tensor, Tensor),
         pool: &mut LatentPool,
         seqs: &[SeqSlice<'_>],
         layer: usize,
@@ -173,7 +187,7 @@ impl Mla {
                 return Ok(Tensor::from_vec(out, (n, hidden), x.device())?);
             }
         }
-        let (rope, cos_sin) = (rotary.rope, rotary.tensors);
+        let rope = rotary.rope;
         let (n_tokens, _) = x.dims2()?;
         let (heads, nope, rope_dim) = (self.heads, self.nope, self.rope_dim);
         let q = match &self.q {
@@ -194,14 +208,7 @@ impl Mla {
         pool.write_seqs(layer, &rows, seqs)?;
 
         let fused = pool.host_layer(layer).is_some() && x.dtype() == DType::F32;
-        let absorbed: Vec<bool> = seqs
-            .iter()
-            .map(|s| match mode {
-                AttentionMode::Absorbed => true,
-                AttentionMode::Naive => false,
-                AttentionMode::Auto => s.len == 1 || (fused && s.len <= ABSORBED_PREFILL_MAX_TOKENS),
-            })
-            .collect();
+        let absorbed: Vec<bool> = seqs.iter().map(|s| mode.absorbs(s.len, fused)).collect();
         // Absorbed sequences: [tokens, heads, rank + rope] queries, scale folded in, attended in one pass.
         let mut latent_values = None;
         if absorbed.iter().any(|&a| a) {
@@ -257,13 +264,7 @@ impl Mla {
 
     /// Whether [`Mla::forward_rows`] can run this batch: host weights, a host pool, every sequence absorbed.
     pub fn runs_on_host(&self, pool: &LatentPool, seqs: &[SeqSlice<'_>], layer: usize, mode: AttentionMode) -> bool {
-        self.host.is_some()
-            && pool.host_layer(layer).is_some()
-            && seqs.iter().all(|s| match mode {
-                AttentionMode::Absorbed => true,
-                AttentionMode::Naive => false,
-                AttentionMode::Auto => s.len <= ABSORBED_PREFILL_MAX_TOKENS,
-            })
+        self.host.is_some() && pool.host_layer(layer).is_some() && seqs.iter().all(|s| mode.absorbs(s.len, true))
     }
 
     /// The whole layer on the host over plain rows `xs` (`[n, hidden]`), for f32 CPU weights and a host pool when

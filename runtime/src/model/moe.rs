@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{ExpertParallel, StackedExperts};
-use super::host::{HostMlp, Projection, sigmoid_into};
+use super::host::{HostMlp, Projection, sigmoid_into, uses_host_kernels};
 use crate::error::{Error, Result};
 
 /// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers and shared experts.
@@ -34,11 +34,6 @@ pub(crate) fn load_swiglu(hidden: usize, intermediate: usize, vb: &VarBuilder) -
     let up = vb.pp("up_proj").get((intermediate, hidden), "weight")?;
     let down = vb.pp("down_proj").get((hidden, intermediate), "weight")?;
     Ok((Tensor::cat(&[&gate, &up], 0)?, down))
-}
-
-/// Whether weights loaded through `vb` run on the host kernels (f32 on the CPU).
-pub(crate) fn uses_host_kernels(vb: &VarBuilder) -> bool {
-    vb.device().is_cpu() && vb.dtype() == DType::F32
 }
 
 impl Mlp {
