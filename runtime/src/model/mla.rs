@@ -351,7 +351,8 @@ impl Mla {
             scores
         };
         let probs = softmax_f32(&scores)?;
-        Ok(probs.matmul(&ctx.narrow(1, 0, self.rank)?)?)
+        // The latent columns of the cache rows: a strided view, which CUDA's matmul does not take.
+        Ok(probs.matmul(&ctx.narrow(1, 0, self.rank)?.contiguous()?)?)
     }
 
     /// `[tokens * heads, rank]` attended latents → `[tokens, heads * v]` through `W_UV`.
@@ -366,7 +367,8 @@ impl Mla {
     fn naive(&self, q: &Tensor, ctx: &Tensor, past: usize) -> Result<Tensor> {
         let (len, heads, _) = q.dims3()?;
         let total = ctx.dim(0)?;
-        let kv = self.kv_b.forward(&ctx.narrow(1, 0, self.rank)?)?.reshape((total, heads, self.nope + self.v_dim))?;
+        let latent = ctx.narrow(1, 0, self.rank)?.contiguous()?;
+        let kv = self.kv_b.forward(&latent)?.reshape((total, heads, self.nope + self.v_dim))?;
         let k_nope = kv.narrow(2, 0, self.nope)?;
         let v = kv.narrow(2, self.nope, self.v_dim)?.transpose(0, 1)?.contiguous()?; // [heads, total, v]
         let k_pe =
