@@ -40,6 +40,8 @@ pub const ENV_HOSTNAME: &str = "HOSTNAME";
 pub const ENV_RUNTIME_EXPERT_TIMEOUT: &str = "BALEEN_RUNTIME_EXPERT_TIMEOUT";
 /// Runtime: compute device (`cpu`, `cuda`, `cuda:N`).
 pub const ENV_RUNTIME_DEVICE: &str = "BALEEN_RUNTIME_DEVICE";
+/// Runtime tests: the device the numeric (golden) tests run on (`cuda`, `cuda:N`; default the CPU).
+pub const ENV_TEST_DEVICE: &str = "BALEEN_TEST_DEVICE";
 /// Runtime: compute dtype (`f32`, `bf16`, `f16`).
 pub const ENV_RUNTIME_DTYPE: &str = "BALEEN_RUNTIME_DTYPE";
 /// Runtime: CPU compute threads (0 = choose from the model size).

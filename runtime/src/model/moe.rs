@@ -83,6 +83,10 @@ pub struct Routing {
     pub top_k: usize,
     pub experts: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Per token, how close the choice was to a different one: the smallest gap, in selection score, between the
+    /// last kept and the best dropped candidate (group, when routing is group-limited, or expert). A gap below the
+    /// scores' rounding error means another dtype or device may legitimately route the token differently.
+    pub margins: Vec<f32>,
 }
 
 impl Routing {
@@ -157,6 +161,7 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
     let per_group = e / config.n_group;
     let mut experts = Vec::with_capacity(tokens * k);
     let mut weights = Vec::with_capacity(tokens * k);
+    let mut margins = Vec::with_capacity(tokens);
     let mut scores = vec![0f32; e];
     let mut choice = vec![0f32; e];
     let mut order: Vec<usize> = Vec::with_capacity(e);
@@ -174,6 +179,7 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
             ScoringFunc::Sigmoid => sigmoid_into(row, &mut scores),
         }
         choice.copy_from_slice(&scores);
+        let mut margin = f32::INFINITY;
         if let (TopkMethod::NoauxTc, Some(bias)) = (config.topk_method, bias) {
             choice.iter_mut().zip(bias).for_each(|(c, b)| *c += b);
         }
@@ -198,6 +204,7 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
             };
             let group_scores: Vec<f32> = (0..config.n_group).map(group_score).collect();
             let keep = top_indices(&group_scores, config.topk_group, &mut order);
+            margin = margin.min(selection_gap(&group_scores, &keep));
             for g in 0..config.n_group {
                 if !keep.contains(&g) {
                     choice[g * per_group..(g + 1) * per_group].fill(f32::NEG_INFINITY);
@@ -205,6 +212,7 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
             }
         }
         let chosen = top_indices(&choice, k, &mut order);
+        margins.push(margin.min(selection_gap(&choice, &chosen)));
         let mut w: Vec<f32> = chosen.iter().map(|&i| scores[i]).collect();
         if config.norm_topk_prob {
             let denom = w.iter().sum::<f32>() + 1e-20;
@@ -216,7 +224,19 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
             weights.push(wi * scale);
         }
     }
-    Routing { top_k: k, experts, weights }
+    Routing { top_k: k, experts, weights, margins }
+}
+
+/// The gap between the smallest kept value and the largest finite value not kept (∞ when nothing was left out).
+fn selection_gap(values: &[f32], kept: &[usize]) -> f32 {
+    let last = kept.iter().map(|&i| values[i]).fold(f32::INFINITY, f32::min);
+    let dropped = values
+        .iter()
+        .enumerate()
+        .filter(|(i, v)| v.is_finite() && !kept.contains(i))
+        .map(|(_, &v)| v)
+        .fold(f32::NEG_INFINITY, f32::max);
+    last - dropped
 }
 
 /// Indices of the `k` largest values (ties: lower index first), highest first. One pass keeping the best `k`
@@ -489,5 +509,42 @@ mod tests {
                 assert_eq!(top_indices(&values, k, &mut order), sorted[..k.min(n)].to_vec(), "{values:?} k={k}");
             }
         }
+    }
+
+    fn moe_config(topk_method: TopkMethod, n_group: usize, topk_group: usize) -> MoeConfig {
+        MoeConfig {
+            n_routed_experts: 8,
+            n_shared_experts: 0,
+            num_experts_per_tok: 2,
+            moe_intermediate_size: 4,
+            topk_method,
+            scoring_func: ScoringFunc::Sigmoid,
+            n_group,
+            topk_group,
+            norm_topk_prob: true,
+            routed_scaling_factor: 1.0,
+            first_k_dense_replace: 0,
+            moe_layer_freq: 1,
+        }
+    }
+
+    /// The margin is the gap between the last kept and the best dropped candidate, at the expert stage and, for
+    /// group-limited routing, at the group stage, whichever is smaller.
+    #[test]
+    fn routing_margins_are_the_closest_selection_gap() {
+        let sig = |p: f32| (p / (1.0 - p)).ln(); // logit whose sigmoid is p
+        let logits: Vec<f32> = [0.6, 0.1, 0.8, 0.7, 0.2, 0.3, 0.75, 0.1].into_iter().map(sig).collect();
+        let greedy = route_logits(&moe_config(TopkMethod::Greedy, 1, 1), &logits, None);
+        assert_eq!(greedy.token_sorted(0).iter().map(|p| p.0).collect::<Vec<_>>(), vec![2, 6]);
+        assert!((greedy.margins[0] - 0.05).abs() < 1e-6, "0.75 kept vs 0.7 dropped: {}", greedy.margins[0]);
+        // Groups of two, best two by their top-2 sums (0.7, 1.5, 0.5, 0.85): groups 1 and 3, 0.15 ahead of group 0;
+        // then experts 2 (0.8) and 6 (0.75), 0.05 ahead of expert 3 (0.7).
+        let grouped = route_logits(&moe_config(TopkMethod::NoauxTc, 4, 2), &logits, Some(&[0.0; 8]));
+        assert_eq!(grouped.token_sorted(0).iter().map(|p| p.0).collect::<Vec<_>>(), vec![2, 6]);
+        assert!((grouped.margins[0] - 0.05).abs() < 1e-6, "{}", grouped.margins[0]);
+        // A bias that brings group 0 within 0.01 of group 3 (0.84) makes the group stage decide the margin.
+        let bias = [0.07, 0.07, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let close = route_logits(&moe_config(TopkMethod::NoauxTc, 4, 2), &logits, Some(&bias));
+        assert!((close.margins[0] - 0.01).abs() < 1e-5, "{}", close.margins[0]);
     }
 }
