@@ -17,6 +17,8 @@
 #   BENCH_DURATION          seconds measured per concurrency (default: 15)
 #   BENCH_WARMUP            seconds of warm-up per concurrency, not measured (default: 3)
 #   BENCH_MAX_TOKENS        tokens per request (default: 64)
+#   BENCH_SERVER_ARGS       extra `serve` flags, e.g. "--device cuda --dtype bf16" (a build with --features cuda)
+#   BENCH_MODEL             the model to serve (default: builtin:tiny-moe), e.g. a checkpoint directory
 #
 # Raw wrk output and one JSON line per concurrency go to $CARGO_TARGET_DIR/bench/ (serving-c*.txt,
 # serving.jsonl); a markdown table is printed. The goal (tokens/s at the highest concurrency >= 6x tokens/s at
@@ -111,7 +113,8 @@ trap stop_server EXIT
 trap 'exit 130' INT TERM
 
 STDOUT_FILE="$OUT_DIR/serving-server.stdout"
-SERVER_CMD=("$BIN" serve --model builtin:tiny-moe --host 127.0.0.1 --port 0 --max-num-seqs 64 --threads 1)
+read -r -a EXTRA_ARGS <<< "${BENCH_SERVER_ARGS:-}"
+SERVER_CMD=("$BIN" serve --model "${BENCH_MODEL:-builtin:tiny-moe}" --served-model-name "$MODEL" --host 127.0.0.1 --port 0 --max-num-seqs 64 --threads 1 "${EXTRA_ARGS[@]}")
 say "starting: ${SERVER_CMD[*]}"
 BALEEN_RUNTIME_LOG="${BALEEN_RUNTIME_LOG:-warn}" "${SERVER_CMD[@]}" > "$STDOUT_FILE" 2> "$SERVER_LOG" &
 SERVER_PID=$!
@@ -187,11 +190,13 @@ done
 stop_server
 say "raw results in $OUT_DIR (serving.jsonl, serving-c*.txt, serving-server.log)"
 echo
-python3 - "$JSONL" "$GOAL" "$PROMPT" "$BIN" <<'PY'
+python3 - "$JSONL" "$GOAL" "$PROMPT" "$BIN" "${BENCH_SERVER_ARGS:-}" "${BENCH_MODEL:-builtin:tiny-moe}" <<'PY'
 import json, sys
-path, goal, prompt, binary = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+path, goal, prompt, binary, extra, model = sys.argv[1:7]
+goal = float(goal)
 rows = [json.loads(l) for l in open(path) if l.strip()]
-print(f"`{binary} serve --model builtin:tiny-moe --max-num-seqs 64 --threads 1` (CPU), wrk 1 thread; "
+device = extra if "--device" in extra else (extra + " (CPU)").strip()
+print(f"`{binary} serve --model {model} --max-num-seqs 64 --threads 1` {device}, wrk 1 thread; "
       f"POST /v1/completions, prompt {prompt!r}, max_tokens {rows[0]['max_tokens']}, ignore_eos, temperature 0; "
       f"{rows[0]['duration_us'] / 1e6:.0f} s per concurrency after a warm-up")
 print()
