@@ -202,6 +202,40 @@ fn packed_batch_of_mixed_lengths_equals_separate_runs() {
     assert!(max_abs_diff(&out.narrow(0, 1, 9).unwrap(), &rb) <= 1e-5);
 }
 
+/// Sequences of different lengths decoding in one step (the batched decode attention on accelerators, the fused
+/// kernel on the CPU) give the logits each gives decoding alone.
+#[test]
+fn batched_decode_of_different_lengths_equals_separate_decodes() {
+    let model = load("tiny-v3", DType::F32);
+    let prompt = ids(&golden("tiny-v3")["prompt_ids"]);
+    let prompts = [&prompt[..5], &prompt[2..11], &prompt[..8]];
+    let steps = 3;
+    // Alone: each prompt prefilled, then `steps` greedy tokens, in its own pool.
+    let alone: Vec<(Vec<u32>, Tensor)> = prompts
+        .iter()
+        .map(|p| {
+            let (ids, logits, _) = decode(&model, p, steps + 1, None);
+            (ids, logits)
+        })
+        .collect();
+    // Together: the same prefills, then every decode step with all three sequences in one batch.
+    let mut pool = model.new_pool(0, 4).unwrap();
+    let mut caches = [SeqCache::default(), SeqCache::default(), SeqCache::default()];
+    for (p, c) in prompts.iter().zip(caches.iter_mut()) {
+        model.forward_cached(&mut pool, &mut [(p, c)], ForwardOptions::default()).unwrap();
+    }
+    for step in 0..steps {
+        let next: Vec<Vec<u32>> = alone.iter().map(|(ids, _)| vec![ids[step]]).collect();
+        let [c0, c1, c2] = &mut caches;
+        let mut batch = [(next[0].as_slice(), c0), (next[1].as_slice(), c1), (next[2].as_slice(), c2)];
+        let logits = model.forward_cached(&mut pool, &mut batch, ForwardOptions::default()).unwrap().logits;
+        for (i, (_, want)) in alone.iter().enumerate() {
+            let diff = max_abs_diff(&logits.get(i).unwrap(), &want.get(step + 1).unwrap());
+            assert!(diff <= 1e-5, "sequence {i} step {step}: batched decode differs from alone by {diff}");
+        }
+    }
+}
+
 /// The largest selection-score gap (`Routing::margins`) at which bf16 may route a token differently from f32: bf16
 /// keeps 8 significant bits, so the router's input moves by ~0.4% and the (f32) router scores by up to ~1e-2 here.
 const BF16_ROUTING_TIE: f32 = 1e-2;

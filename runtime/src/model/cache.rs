@@ -149,15 +149,31 @@ impl LatentPool {
     /// Writes every sequence's new rows of a packed batch (`rows`, `[tokens, latent_dim]`) for `layer`: one host
     /// copy of the batch, then row copies, for host pools; [`LatentPool::write`] per sequence otherwise.
     pub fn write_seqs(&mut self, layer: usize, rows: &Tensor, seqs: &[SeqSlice<'_>]) -> Result<()> {
-        if !matches!(self.storage, Storage::Host(_)) {
-            for seq in seqs {
-                self.write(layer, seq.blocks, seq.past, &rows.narrow(0, seq.start, seq.len)?)?;
-            }
-            return Ok(());
-        }
         let (_, dim) = rows.dims2()?;
         if dim != self.latent_dim {
             return Err(Error::InvalidRequest(format!("latent row width {dim} != cache width {}", self.latent_dim)));
+        }
+        if let Storage::Device(layers) = &self.storage {
+            if seqs.len() == 1 {
+                let seq = &seqs[0];
+                return self.write(layer, seq.blocks, seq.past, &rows.narrow(0, seq.start, seq.len)?);
+            }
+            // Several sequences: one scatter of every new row to its slot (one kernel on an accelerator, instead of
+            // a copy per sequence).
+            let mut src = Vec::with_capacity(seqs.iter().map(|s| s.len).sum());
+            let mut slots = Vec::with_capacity(src.capacity() * dim);
+            for seq in seqs {
+                for j in 0..seq.len {
+                    src.push((seq.start + j) as u32);
+                    let slot = self.slot(seq.blocks, seq.past + j)? as u32;
+                    slots.extend(std::iter::repeat_n(slot, dim));
+                }
+            }
+            let dst = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+            let n = src.len();
+            let picked = rows.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?.to_dtype(self.dtype)?;
+            dst.scatter_set(&Tensor::from_vec(slots, (n, dim), &self.device)?, &picked, 0)?;
+            return Ok(());
         }
         let data = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         self.write_host_rows(layer, &data, seqs)
@@ -209,6 +225,39 @@ impl LatentPool {
                 Ok(src.index_select(&Tensor::from_vec(idx, len, &self.device)?, 0)?)
             }
         }
+    }
+
+    /// The first `totals[i]` rows of `layer` for each sequence `i` (block tables `blocks[i]`), padded to the longest:
+    /// `[seqs, max(totals), latent_dim]`, one gather for the batch. Padding repeats a valid row; callers mask it.
+    pub fn gather_padded(&self, layer: usize, blocks: &[&[u32]], totals: &[usize]) -> Result<Tensor> {
+        let longest = totals.iter().copied().max().unwrap_or(0);
+        let mut slots = Vec::with_capacity(blocks.len() * longest);
+        for (b, &total) in blocks.iter().zip(totals) {
+            let first = slots.len();
+            for p in 0..total {
+                slots.push(self.slot(b, p)?);
+            }
+            let pad = slots.get(first).copied().unwrap_or(0);
+            slots.resize(first + longest, pad);
+        }
+        let dim = self.latent_dim;
+        let flat = match &self.storage {
+            Storage::Host(layers) => {
+                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let mut out = Vec::with_capacity(slots.len() * dim);
+                for slot in &slots {
+                    out.extend_from_slice(&src[slot * dim..(slot + 1) * dim]);
+                }
+                Tensor::from_vec(out, (slots.len(), dim), &self.device)?
+            }
+            Storage::Device(layers) => {
+                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let idx: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+                let n = idx.len();
+                src.index_select(&Tensor::from_vec(idx, n, &self.device)?, 0)?
+            }
+        };
+        Ok(flat.reshape((blocks.len(), longest, dim))?)
     }
 
     /// Copies block `from` into block `to` in every layer (copy-on-write of a shared partial block).

@@ -228,6 +228,15 @@ impl Mla {
                     let rows: usize = chosen.iter().map(|s| s.len).sum();
                     Tensor::from_vec(out, (rows * heads, self.rank), x.device())?
                 }
+                _ if chosen.len() > 1 && chosen.iter().all(|s| s.len == 1) => {
+                    // A decode step: every sequence attends at once, over its cache rows padded to the longest.
+                    let blocks: Vec<&[u32]> = chosen.iter().map(|s| s.blocks).collect();
+                    let totals: Vec<usize> = chosen.iter().map(|s| s.past + 1).collect();
+                    let ctx = pool.gather_padded(layer, &blocks, &totals)?;
+                    let rows: Vec<u32> = chosen.iter().map(|s| s.start as u32).collect();
+                    let q = q_full.index_select(&Tensor::from_vec(rows, chosen.len(), x.device())?, 0)?;
+                    absorbed_decode(&q, &ctx, &totals, self.rank)?
+                }
                 _ => {
                     let mut parts = Vec::with_capacity(chosen.len());
                     for s in &chosen {
@@ -387,6 +396,21 @@ impl Mla {
     }
 }
 
+/// Absorbed attention of a decode step, every sequence at once: `q` `[seqs, heads, rank + rope]` (scaled) over
+/// `ctx` `[seqs, longest, rank + rope]`, of which sequence `i` uses its first `totals[i]` rows (the rest is masked).
+/// Returns the attended latents `[seqs * heads, rank]`, in the order of [`Mla::absorbed`] per sequence.
+fn absorbed_decode(q: &Tensor, ctx: &Tensor, totals: &[usize], rank: usize) -> Result<Tensor> {
+    let (seqs, heads, _) = q.dims3()?;
+    let longest = ctx.dim(1)?;
+    let mask: Vec<f32> =
+        totals.iter().flat_map(|&t| (0..longest).map(move |k| if k < t { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask = Tensor::from_vec(mask, (seqs, 1, longest), q.device())?.to_dtype(q.dtype())?;
+    let scores = q.matmul(&ctx.transpose(1, 2)?)?.broadcast_add(&mask)?; // [seqs, heads, longest]
+    let probs = softmax_f32(&scores)?;
+    let latent = probs.matmul(&ctx.narrow(2, 0, rank)?.contiguous()?)?; // [seqs, heads, rank]
+    Ok(latent.reshape((seqs * heads, rank))?)
+}
+
 /// Softmax over the last dimension computed in f32, returned in the input dtype (as transformers' eager attention).
 fn softmax_f32(scores: &Tensor) -> Result<Tensor> {
     let dtype = scores.dtype();
@@ -399,4 +423,28 @@ fn causal_mask(len: usize, past: usize, total: usize, dtype: DType, device: &Dev
     let mask: Vec<f32> =
         (0..len).flat_map(|j| (0..total).map(move |k| if k > past + j { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (len, total), device)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batched decode step equals attending each sequence alone over exactly its own rows.
+    #[test]
+    fn batched_decode_attention_equals_one_sequence_at_a_time() {
+        let (heads, rank, rope, dev) = (4, 16, 8, Device::Cpu);
+        let totals = [5usize, 1, 12, 7];
+        let longest = 12;
+        let q = Tensor::randn(0f32, 1.0, (totals.len(), heads, rank + rope), &dev).unwrap();
+        let ctx = Tensor::randn(0f32, 1.0, (totals.len(), longest, rank + rope), &dev).unwrap();
+        let got = absorbed_decode(&q, &ctx, &totals, rank).unwrap().reshape((totals.len(), heads, rank)).unwrap();
+        for (i, &t) in totals.iter().enumerate() {
+            let own = ctx.get(i).unwrap().narrow(0, 0, t).unwrap(); // [t, width]
+            let probs = softmax_f32(&q.get(i).unwrap().matmul(&own.t().unwrap()).unwrap()).unwrap();
+            let want = probs.matmul(&own.narrow(1, 0, rank).unwrap()).unwrap(); // [heads, rank]
+            let diff =
+                (got.get(i).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "sequence {i}: {diff}");
+        }
+    }
 }
