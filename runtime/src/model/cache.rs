@@ -147,7 +147,8 @@ impl LatentPool {
     }
 
     /// Writes every sequence's new rows of a packed batch (`rows`, `[tokens, latent_dim]`) for `layer`: one host
-    /// copy of the batch, then row copies, for host pools; [`LatentPool::write`] per sequence otherwise.
+    /// copy of the batch, then row copies, for host pools; otherwise [`LatentPool::write`] for a single sequence
+    /// (runs of consecutive slots) and one scatter for several.
     pub fn write_seqs(&mut self, layer: usize, rows: &Tensor, seqs: &[SeqSlice<'_>]) -> Result<()> {
         let (_, dim) = rows.dims2()?;
         if dim != self.latent_dim {
@@ -209,22 +210,7 @@ impl LatentPool {
     /// The first `len` rows of `layer` for the sequence with block table `blocks`, as `[len, latent_dim]`.
     pub fn gather(&self, layer: usize, blocks: &[u32], len: usize) -> Result<Tensor> {
         let slots = (0..len).map(|p| self.slot(blocks, p)).collect::<Result<Vec<_>>>()?;
-        let dim = self.latent_dim;
-        match &self.storage {
-            Storage::Host(layers) => {
-                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
-                let mut out = Vec::with_capacity(len * dim);
-                for slot in slots {
-                    out.extend_from_slice(&src[slot * dim..(slot + 1) * dim]);
-                }
-                Ok(Tensor::from_vec(out, (len, dim), &self.device)?)
-            }
-            Storage::Device(layers) => {
-                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
-                let idx: Vec<u32> = slots.into_iter().map(|s| s as u32).collect();
-                Ok(src.index_select(&Tensor::from_vec(idx, len, &self.device)?, 0)?)
-            }
-        }
+        self.gather_slots(layer, &slots)
     }
 
     /// The first `totals[i]` rows of `layer` for each sequence `i` (block tables `blocks[i]`), padded to the longest:
@@ -240,24 +226,27 @@ impl LatentPool {
             let pad = slots.get(first).copied().unwrap_or(0);
             slots.resize(first + longest, pad);
         }
+        Ok(self.gather_slots(layer, &slots)?.reshape((blocks.len(), longest, self.latent_dim))?)
+    }
+
+    /// The rows at `slots` of `layer`, as `[slots.len(), latent_dim]`.
+    fn gather_slots(&self, layer: usize, slots: &[usize]) -> Result<Tensor> {
         let dim = self.latent_dim;
-        let flat = match &self.storage {
+        match &self.storage {
             Storage::Host(layers) => {
                 let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
                 let mut out = Vec::with_capacity(slots.len() * dim);
-                for slot in &slots {
+                for slot in slots {
                     out.extend_from_slice(&src[slot * dim..(slot + 1) * dim]);
                 }
-                Tensor::from_vec(out, (slots.len(), dim), &self.device)?
+                Ok(Tensor::from_vec(out, (slots.len(), dim), &self.device)?)
             }
             Storage::Device(layers) => {
                 let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
                 let idx: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
-                let n = idx.len();
-                src.index_select(&Tensor::from_vec(idx, n, &self.device)?, 0)?
+                Ok(src.index_select(&Tensor::from_vec(idx, slots.len(), &self.device)?, 0)?)
             }
-        };
-        Ok(flat.reshape((blocks.len(), longest, dim))?)
+        }
     }
 
     /// Copies block `from` into block `to` in every layer (copy-on-write of a shared partial block).

@@ -203,16 +203,19 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
                 }
             };
             let group_scores: Vec<f32> = (0..config.n_group).map(group_score).collect();
-            let keep = top_indices(&group_scores, config.topk_group, &mut order);
-            margin = margin.min(selection_gap(&group_scores, &keep));
+            // One more than kept: the best group left out gives the margin.
+            let ranked = top_indices(&group_scores, config.topk_group + 1, &mut order);
+            margin = margin.min(selection_gap(&group_scores, &ranked, config.topk_group));
+            let keep = &ranked[..config.topk_group.min(ranked.len())];
             for g in 0..config.n_group {
                 if !keep.contains(&g) {
                     choice[g * per_group..(g + 1) * per_group].fill(f32::NEG_INFINITY);
                 }
             }
         }
-        let chosen = top_indices(&choice, k, &mut order);
-        margins.push(margin.min(selection_gap(&choice, &chosen)));
+        let ranked = top_indices(&choice, k + 1, &mut order);
+        margins.push(margin.min(selection_gap(&choice, &ranked, k)));
+        let chosen = &ranked[..k.min(ranked.len())];
         let mut w: Vec<f32> = chosen.iter().map(|&i| scores[i]).collect();
         if config.norm_topk_prob {
             let denom = w.iter().sum::<f32>() + 1e-20;
@@ -227,16 +230,13 @@ pub fn route_logits(config: &MoeConfig, logits: &[f32], bias: Option<&[f32]>) ->
     Routing { top_k: k, experts, weights, margins }
 }
 
-/// The gap between the smallest kept value and the largest finite value not kept (∞ when nothing was left out).
-fn selection_gap(values: &[f32], kept: &[usize]) -> f32 {
-    let last = kept.iter().map(|&i| values[i]).fold(f32::INFINITY, f32::min);
-    let dropped = values
-        .iter()
-        .enumerate()
-        .filter(|(i, v)| v.is_finite() && !kept.contains(i))
-        .map(|(_, &v)| v)
-        .fold(f32::NEG_INFINITY, f32::max);
-    last - dropped
+/// The gap between the last kept and the best dropped value, from `ranked` (the `kept + 1` best, highest first);
+/// ∞ when nothing was left out (or only masked, −∞ values were).
+fn selection_gap(values: &[f32], ranked: &[usize], kept: usize) -> f32 {
+    match (kept.checked_sub(1).and_then(|i| ranked.get(i)), ranked.get(kept)) {
+        (Some(&last), Some(&dropped)) => values[last] - values[dropped],
+        _ => f32::INFINITY,
+    }
 }
 
 /// Indices of the `k` largest values (ties: lower index first), highest first. One pass keeping the best `k`
