@@ -137,6 +137,8 @@ pub struct EngineInfo {
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
     tx: std::sync::mpsc::Sender<scheduler::Command>,
+    /// Wakes an engine thread that waits for commands while driving its expert transport.
+    wake: Arc<tokio::sync::Notify>,
     shared: Arc<Shared>,
     info: Arc<EngineInfo>,
     tokenizer: Arc<Tokenizer>,
@@ -177,6 +179,7 @@ impl EngineHandle {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Draining);
         }
+        self.wake.notify_one();
         Ok(rx)
     }
 
@@ -211,5 +214,6 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.tx.send(scheduler::Command::Shutdown);
+        self.wake.notify_one();
     }
 }

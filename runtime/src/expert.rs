@@ -3,12 +3,13 @@
 //!
 //! - [`ExpertCompute`]: what a rank computes for its shard (implemented by the model).
 //! - [`serve_experts`]: the tonic server every rank runs on its expert port (default 50051).
-//! - [`ExpertPeers`]: the head's client, used from the synchronous engine thread. It owns a small tokio runtime
-//!   and one long-lived `Exchange` stream per remote rank, reconnects in the background, and fails pending
-//!   dispatches at once, naming the peer, when a stream breaks.
+//! - [`ExpertPeers`]: the head's client, used from the synchronous engine thread. It keeps one long-lived
+//!   `Exchange` stream per remote rank on a [`Driver`] runtime that the waiting thread drives itself, reconnects
+//!   in the background, and fails pending dispatches at once, naming the peer, when a stream breaks.
 //! - [`codec`]: candle tensors ↔ wire tensors (raw little-endian bytes, exact round trip).
 
 pub mod codec;
+mod driver;
 mod peers;
 mod service;
 mod stats;
@@ -16,6 +17,7 @@ mod stats;
 mod bridge;
 
 pub use bridge::{ComputeObserver, HeldExperts, ShardCompute, model_fingerprint};
+pub use driver::Driver;
 pub use peers::{ExpertPeers, Pending};
 pub use service::serve_experts;
 pub(crate) use stats::EXPERT_LATENCY_BUCKETS;

@@ -21,6 +21,7 @@ use super::sampler::{Sampler, log_softmax};
 use super::stop::TextStream;
 use super::{EngineConfig, EngineHandle, EngineInfo, KvCacheMemory, Shared};
 use crate::error::{Error, Result};
+use crate::expert::Driver;
 use crate::loader::LoadedModel;
 use crate::metrics::Metrics;
 use crate::model::{DeepseekModel, ForwardOptions, LatentPool, SeqInput};
@@ -145,8 +146,10 @@ pub fn spawn(
     let tokenizer = Arc::new(tokenizer);
     let shared = Arc::new(Shared::default());
     let (tx, rx) = std::sync::mpsc::channel();
+    let wake = Arc::new(tokio::sync::Notify::new());
     let handle = EngineHandle {
         tx,
+        wake: wake.clone(),
         shared: shared.clone(),
         info: info.clone(),
         tokenizer: tokenizer.clone(),
@@ -170,7 +173,7 @@ pub fn spawn(
         .spawn(move || {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).use_current_thread().build();
             match pool {
-                Ok(pool) => pool.install(|| engine.run(rx)),
+                Ok(pool) => pool.install(|| engine.run(rx, &wake)),
                 Err(e) => tracing::error!(error = %e, "cannot build the engine's compute pool"),
             }
             engine.shared.stopped.store(true, Ordering::SeqCst);
@@ -180,6 +183,26 @@ pub fn spawn(
             reason: format!("cannot start the engine thread: {e}"),
         })?;
     Ok((handle, thread))
+}
+
+/// How often an idle engine that drives its expert transport looks for a closed command channel (every handle
+/// gone) without a wake-up.
+const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The next command of an idle engine, blocking; `None` once every handle is gone. With an expert `driver`, the
+/// thread drives the transport while it waits, woken by `wake` when a command is sent.
+fn idle_wait(rx: &Receiver<Command>, driver: Option<&Driver>, wake: &tokio::sync::Notify) -> Option<Command> {
+    let Some(driver) = driver else { return rx.recv().ok() };
+    loop {
+        match rx.try_recv() {
+            Ok(cmd) => return Some(cmd),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => {
+                // A command sent between try_recv and here left a permit: notified() completes at once.
+                let _ = driver.block_on(async { tokio::time::timeout(IDLE_RECHECK, wake.notified()).await });
+            }
+        }
+    }
 }
 
 struct Engine {
@@ -196,17 +219,20 @@ struct Engine {
 }
 
 impl Engine {
-    fn run(&mut self, rx: Receiver<Command>) {
+    fn run(&mut self, rx: Receiver<Command>, wake: &tokio::sync::Notify) {
+        // A head that drives its own expert transport keeps driving it while idle: reconnects and, under
+        // data-parallel attention, other heads' dispatches to this one are served on this thread.
+        let driver = self.model.expert_driver();
         loop {
             // Block for work when idle; otherwise just take what has arrived.
             if self.waiting.is_empty() && self.running.is_empty() {
-                match rx.recv() {
-                    Ok(cmd) => {
+                match idle_wait(&rx, driver.as_ref(), wake) {
+                    Some(cmd) => {
                         if !self.accept(cmd) {
                             break;
                         }
                     }
-                    Err(_) => break,
+                    None => break,
                 }
             }
             let mut shutdown = false;

@@ -4,7 +4,7 @@
 use baleen_api::topology::ExpertPlacement;
 use candle_core::{Device, Tensor};
 
-use super::{ExpertCompute, ExpertPeers, Pending};
+use super::{Driver, ExpertCompute, ExpertPeers, Pending};
 use crate::error::{Error, Result};
 use crate::model::{DeepseekModel, ExpertDispatcher, ExpertShard, ModelConfig, PendingRows};
 
@@ -42,6 +42,10 @@ impl ExpertDispatcher for ExpertPeers {
     ) -> Result<Box<dyn PendingRows>> {
         let pending = ExpertPeers::dispatch(self, rank, layer, rows, experts, weights)?;
         Ok(Box::new(OnDevice { pending, device: rows.device().clone() }))
+    }
+
+    fn driver(&self) -> Option<Driver> {
+        Some(self.driver().clone())
     }
 }
 

@@ -1,19 +1,20 @@
 //! The head's client of the expert service: one background task per remote rank keeps a handshaken
 //! `Exchange` stream open (reconnecting with backoff), and routes responses to waiting [`Pending`]s by id.
 //!
-//! The engine thread is synchronous: [`ExpertPeers`] owns its own small tokio runtime, `dispatch` only queues
-//! the request on the peer's stream, and [`Pending::wait`] blocks on a plain channel with a deadline. When a
-//! stream breaks, every dispatch in flight to that peer fails at once with an error naming the peer.
+//! The engine thread is synchronous: the connections live on a [`Driver`] runtime that the calling thread drives
+//! itself — `dispatch` queues the request and writes it to the peer's socket before returning, and
+//! [`Pending::wait`] drives the runtime until the response arrives or the deadline passes. When a stream breaks,
+//! every dispatch in flight to that peer fails at once with an error naming the peer.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
@@ -22,7 +23,7 @@ use tonic::transport::Endpoint;
 use super::proto::expert_service_client::ExpertServiceClient;
 use super::proto::{DispatchRequest, DispatchResponse, HandshakeRequest};
 use super::stats::{ExpertMetrics, PeerMetrics, Stats};
-use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, codec};
+use super::{Driver, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, codec};
 use crate::{Error, Result};
 
 /// First reconnection delay after a failed attempt or a broken stream; doubles up to [`MAX_BACKOFF`].
@@ -44,6 +45,7 @@ pub struct ExpertPeers {
     stats: Arc<Stats>,
     metrics: ExpertMetrics,
     stop: CancellationToken,
+    driver: Driver,
 }
 
 impl ExpertPeers {
@@ -61,11 +63,7 @@ impl ExpertPeers {
         }
         let world_size = peers.len();
         let from_rank = u32::try_from(self_rank).map_err(|_| Error::Expert("rank does not fit in u32".into()))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Expert(format!("cannot start the expert client runtime: {e}")))?;
-        let handle = runtime.handle().clone();
+        let driver = Driver::new("baleen-expert-io")?;
         let stats = Arc::new(Stats::default());
         let metrics = ExpertMetrics::new()?;
         let stop = CancellationToken::new();
@@ -85,18 +83,10 @@ impl ExpertPeers {
                 stats: stats.clone(),
             });
             let link = Connector { peer: peer.clone(), hello: hello.clone(), world_size, timeout };
-            handle.spawn(link.run(stop.clone()));
+            driver.spawn(link.run(stop.clone()));
             slots.push(Some(peer));
         }
-        // One thread runs every connection's tasks (a current-thread runtime), so a dispatch costs one
-        // cross-thread wake-up each way (engine → client thread → engine) and none between the client's tasks.
-        let stopped = stop.clone();
-        std::thread::Builder::new()
-            .name("baleen-expert-client".into())
-            // The runtime is dropped on its own thread once stopped, outside any async context.
-            .spawn(move || runtime.block_on(stopped.cancelled()))
-            .map_err(|e| Error::Expert(format!("cannot start the expert client thread: {e}")))?;
-        Ok(Self { peers: slots, self_rank, timeout, next_id: AtomicU64::new(1), stats, metrics, stop })
+        Ok(Self { peers: slots, self_rank, timeout, next_id: AtomicU64::new(1), stats, metrics, stop, driver })
     }
 
     /// Sends one dispatch to `rank` without waiting; the returned handle waits for the response. Fails at once
@@ -126,7 +116,7 @@ impl ExpertPeers {
             weights: weights.to_vec(),
         };
         let (id, bytes) = (request.id, request.encoded_len() as u64);
-        let (reply, rx) = std_mpsc::channel();
+        let (reply, rx) = oneshot::channel();
         {
             let mut state = peer.lock();
             let sent = state.link.as_ref().is_some_and(|link| link.send(request).is_ok());
@@ -137,6 +127,8 @@ impl ExpertPeers {
             }
             state.inflight.insert(id, Waiter { layer, sent: Instant::now(), reply });
         }
+        // Write it to the socket now, so the peer works on it while this thread computes its own share.
+        self.driver.flush();
         self.stats.dispatches.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         peer.metrics.bytes_sent.inc_by(bytes);
@@ -147,6 +139,7 @@ impl ExpertPeers {
             rx,
             deadline: Instant::now() + self.timeout,
             timeout: self.timeout,
+            driver: self.driver.clone(),
         })
     }
 
@@ -158,16 +151,24 @@ impl ExpertPeers {
     /// Blocks up to `timeout` for [`Self::all_ready`]; the error names every peer still not ready and why.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        while !self.all_ready() {
-            if Instant::now() >= deadline {
-                return Err(Error::Expert(format!(
-                    "expert peers not ready after {timeout:?}: {}",
-                    self.not_ready().join("; ")
-                )));
+        self.driver.block_on(async {
+            while !self.all_ready() {
+                if Instant::now() >= deadline {
+                    return Err(Error::Expert(format!(
+                        "expert peers not ready after {timeout:?}: {}",
+                        self.not_ready().join("; ")
+                    )));
+                }
+                tokio::time::sleep(READY_POLL).await;
             }
-            std::thread::sleep(READY_POLL);
-        }
-        Ok(())
+            Ok(())
+        })
+    }
+
+    /// The runtime the connections live on (a head drives it while idle, and serves its own experts on it under
+    /// data-parallel attention).
+    pub fn driver(&self) -> &Driver {
+        &self.driver
     }
 
     /// Every remote peer that is not ready, as `rank R (ADDR): last error`.
@@ -214,6 +215,7 @@ impl Drop for ExpertPeers {
         for peer in self.peers.iter().flatten() {
             peer.down("the expert client shut down".to_owned());
         }
+        self.driver.shutdown();
     }
 }
 
@@ -232,20 +234,22 @@ pub struct Pending {
     id: u64,
     layer: usize,
     peer: Arc<Peer>,
-    rx: std_mpsc::Receiver<Result<Tensor>>,
+    rx: oneshot::Receiver<Result<Tensor>>,
     deadline: Instant,
     timeout: Duration,
+    driver: Driver,
 }
 
 impl Pending {
     /// Waits for the weighted expert outputs ([m, hidden], a CPU tensor in the dtype the peer computed).
     /// Fails fast with an error naming the peer when the peer is down or its stream broke, and fails when
     /// the timeout given to [`ExpertPeers::new`] passes.
-    pub fn wait(self) -> Result<Tensor> {
+    pub fn wait(mut self) -> Result<Tensor> {
         let remaining = self.deadline.saturating_duration_since(Instant::now());
-        match self.rx.recv_timeout(remaining) {
-            Ok(result) => result,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+        let rx = &mut self.rx;
+        match self.driver.block_on(async move { tokio::time::timeout(remaining, rx).await }) {
+            Ok(Ok(result)) => result,
+            Err(_elapsed) => {
                 if self.peer.lock().inflight.remove(&self.id).is_none() {
                     // Answered between the timeout and the removal.
                     if let Ok(result) = self.rx.try_recv() {
@@ -258,7 +262,7 @@ impl Pending {
                     self.peer, self.layer, self.timeout
                 )))
             }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+            Ok(Err(_closed)) => {
                 Err(Error::Expert(format!("{}: the layer {} dispatch was dropped", self.peer, self.layer)))
             }
         }
@@ -305,7 +309,7 @@ struct PeerState {
 struct Waiter {
     layer: usize,
     sent: Instant,
-    reply: std_mpsc::Sender<Result<Tensor>>,
+    reply: oneshot::Sender<Result<Tensor>>,
 }
 
 impl fmt::Display for Peer {

@@ -128,6 +128,15 @@ impl DeepseekModel {
         &self.config
     }
 
+    /// The expert transport's runtime when this model is a head that drives it itself (an idle engine thread
+    /// then drives it); `None` without expert parallelism.
+    pub fn expert_driver(&self) -> Option<crate::expert::Driver> {
+        self.layers.iter().find_map(|layer| match &layer.mlp {
+            Ffn::Moe(moe) => moe.expert_driver(),
+            Ffn::Dense(_) => None,
+        })
+    }
+
     /// Counts the token rows routed to each expert of every MoE layer into `counter{layer, expert}`.
     pub fn observe_experts(&mut self, counter: &prometheus::IntCounterVec) {
         for layer in &mut self.layers {

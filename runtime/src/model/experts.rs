@@ -24,6 +24,13 @@ pub trait ExpertDispatcher: Send + Sync + std::fmt::Debug {
         experts: &[u32],
         weights: &[f32],
     ) -> Result<Box<dyn PendingRows>>;
+
+    /// The runtime the transport lives on, when the waiting thread drives it itself: an idle engine thread
+    /// drives it too, so the group's traffic (and, under data-parallel attention, other heads' dispatches to this
+    /// one) progresses on it.
+    fn driver(&self) -> Option<crate::expert::Driver> {
+        None
+    }
 }
 
 /// A dispatch in flight.

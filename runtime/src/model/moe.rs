@@ -350,6 +350,11 @@ impl Moe {
             .collect();
     }
 
+    /// The expert transport's runtime, when the waiting thread drives it (see [`super::experts::ExpertDispatcher::driver`]).
+    pub fn expert_driver(&self) -> Option<crate::expert::Driver> {
+        self.parallel.as_ref().and_then(|p| p.dispatcher.driver())
+    }
+
     /// The routed experts held here (the expert service computes with them).
     pub fn experts(&self) -> &StackedExperts {
         &self.experts

@@ -139,10 +139,11 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
     let metrics = Arc::new(Metrics::new(&served)?);
     let (mut loaded, peers) = args.model.load_head()?;
     loaded.model.observe_experts(&metrics.expert_tokens_total);
+    let mut head_service = None;
     if let Some(peers) = &peers {
         peers.register(&metrics.registry)?;
         if args.model.expert.data_parallel_attention {
-            super::expert_rank::start_head_service(args, &runtime, &loaded.model)?;
+            head_service = Some(super::expert_rank::start_head_service(args, &loaded.model)?);
         }
         // Ranks of a group start in any order and load at their own pace (pods of a StatefulSet): a head whose
         // peers are late serves anyway, with `/ready` answering 503 (naming the missing peers) until they answer.
@@ -159,6 +160,9 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
     engine.shutdown();
     if engine_thread.join().is_err() {
         tracing::error!("the engine thread panicked");
+    }
+    if let Some(service) = head_service {
+        service.stop();
     }
     let drained = served_result?;
     tracing::info!(model = %served, drained, "stopped");

@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -105,12 +106,10 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
 }
 
 /// Data-parallel attention: a head also serves the experts its own model holds to the other heads, on its
-/// `--peers` address, alongside its HTTP API (the service lives as long as the runtime).
-pub(super) fn start_head_service(
-    args: &ServeArgs,
-    runtime: &tokio::runtime::Runtime,
-    model: &DeepseekModel,
-) -> Result<()> {
+/// `--peers` address, from a thread of its own (a current-thread runtime whose tasks compute small dispatches
+/// where they arrive, larger or concurrent ones on the shard's compute thread), so another head's rows are
+/// answered while this head's engine computes. Stop it with [`HeadService::stop`].
+pub(super) fn start_head_service(args: &ServeArgs, model: &DeepseekModel) -> Result<HeadService> {
     let expert = &args.model.expert;
     let config = model.config();
     let placement = expert
@@ -129,16 +128,50 @@ pub(super) fn start_head_service(
         None,
     )?);
     let port = expert_port(expert)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Server(format!("starting the expert service runtime failed: {e}")))?;
     let listener = runtime
         .block_on(TcpListener::bind((args.host.as_str(), port)))
         .map_err(|e| Error::Server(format!("binding the expert service on {}:{port} failed: {e}", args.host)))?;
     tracing::info!(rank, port, "serving this head's experts to the other heads");
-    runtime.spawn(async move {
-        if let Err(e) = serve_experts(listener, compute, std::future::pending()).await {
-            tracing::error!(error = %e, "the expert service stopped");
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("baleen-expert-svc".into())
+        .spawn(move || {
+            if let Err(e) = runtime.block_on(serve_experts(listener, compute, stopped.cancelled_owned())) {
+                tracing::error!(error = %e, "the expert service stopped");
+            }
+            // The runtime (and the model its tasks hold) is dropped here, outside any async context.
+            drop(runtime);
+            let _ = done.send(());
+        })
+        .map_err(|e| Error::Server(format!("starting the expert service thread failed: {e}")))?;
+    Ok(HeadService { stop, finished })
+}
+
+/// How long a stopping head waits for its expert service's connections to close.
+const HEAD_SERVICE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A data-parallel head's expert service, running until [`HeadService::stop`].
+#[derive(Debug)]
+pub(super) struct HeadService {
+    stop: CancellationToken,
+    finished: std::sync::mpsc::Receiver<()>,
+}
+
+impl HeadService {
+    /// Ends every open stream (other heads see this one go away at once) and waits, up to a bound, for the
+    /// service to stop.
+    pub(super) fn stop(self) {
+        self.stop.cancel();
+        if self.finished.recv_timeout(HEAD_SERVICE_CLOSE_TIMEOUT).is_err() {
+            tracing::warn!("the expert service did not stop within {HEAD_SERVICE_CLOSE_TIMEOUT:?}; exiting anyway");
         }
-    });
-    Ok(())
+    }
 }
 
 /// The port this rank's expert service binds: `--grpc-port` when given, else the port of its own `--peers` entry.
