@@ -56,23 +56,62 @@ done
 
 echo
 echo "## HTTP at 32 concurrent requests, 64 tokens each (${DURATION}s)"
+# cpu PID...: user+system seconds the processes have used so far.
+cpu() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; python3 -c "print($t / $(getconf CLK_TCK))"; }
 start "$OUT/ep-single.log" --port 0; A=$(addr "$OUT/ep-single.log"); ready "$A"
-one=$(rps "$A" 32); cleanup; PIDS=()
+c0=$(cpu "${PIDS[0]}"); one=$(rps "$A" 32); one_cpu=$(python3 -c "print($(cpu "${PIDS[0]}") - $c0)")
+cleanup; PIDS=()
 P=$(peers 2)
 start "$OUT/ep-head0.log" --port 0 --rank 0 --world-size 2 --peers "$P" --data-parallel-attention
 start "$OUT/ep-head1.log" --port 0 --rank 1 --world-size 2 --peers "$P" --data-parallel-attention
 A0=$(addr "$OUT/ep-head0.log"); A1=$(addr "$OUT/ep-head1.log")
 ready "$A0"; ready "$A1"
 r0f=$(mktemp); r1f=$(mktemp)
+c0=$(cpu "${PIDS[@]}")
 rps "$A0" 16 >"$r0f" & first=$!
 rps "$A1" 16 >"$r1f"; wait "$first"
+two_cpu=$(python3 -c "print($(cpu "${PIDS[@]}") - $c0)")
 two=$(python3 -c "print(float(open('$r0f').read() or 0) + float(open('$r1f').read() or 0))")
-python3 - "$one" "$two" <<'PY'
+cleanup; PIDS=()
+# What one round trip between two processes costs this machine's kernel: blocking loopback TCP, 8 KiB each way
+# (about a batch-16 dispatch of the tiny model), no gRPC, no compute.
+floor=$(python3 - <<'PY'
+import os, resource, socket
+N, SIZE = 20000, 8192
+msg = b"x" * SIZE
+def recv_exact(s, n):
+    buf = bytearray(n); view = memoryview(buf); got = 0
+    while got < n:
+        got += s.recv_into(view[got:])
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+pid = os.fork()
+if pid == 0:
+    c, _ = srv.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for _ in range(N):
+        recv_exact(c, SIZE); c.sendall(msg)
+    os._exit(0)
+s = socket.create_connection(srv.getsockname()); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(N):
+    s.sendall(msg); recv_exact(s, SIZE)
+os.waitpid(pid, 0)
+me, kid = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print((me.ru_stime + kid.ru_stime) / N * 1e6)
+PY
+)
+python3 - "$one" "$two" "$one_cpu" "$two_cpu" "$DURATION" "$(nproc)" "$floor" <<'PY'
 import sys
-one, two = float(sys.argv[1]), float(sys.argv[2])
-print("| setup | requests/s | generated tok/s |")
-print("|:--|---:|---:|")
-print(f"| EP=1, one head | {one:.1f} | {one*64:,.0f} |")
-print(f"| EP=2, two data-parallel heads | {two:.1f} | {two*64:,.0f} |")
+one, two, one_cpu, two_cpu, duration, cores, floor = map(float, sys.argv[1:])
+tokens = lambda rps: rps * 64 * duration
+print("| setup | requests/s | generated tok/s | CPU per token |")
+print("|:--|---:|---:|---:|")
+print(f"| EP=1, one head | {one:.1f} | {one*64:,.0f} | {one_cpu / tokens(one) * 1e6:.1f} us |")
+print(f"| EP=2, two data-parallel heads | {two:.1f} | {two*64:,.0f} | {two_cpu / tokens(two) * 1e6:.1f} us |")
 print(f"\nEP=2 with data-parallel attention / EP=1: {two/one:.2f}x (goal >= 1.6x)")
+# Each head runs 16 sequences per step and makes one round trip per MoE layer (3 in tiny-moe): 3/16 per token.
+per_trip = 16 / 3
+spent = (two_cpu / tokens(two) - one_cpu / tokens(one)) * per_trip * 1e6
+budget = (cores / (1.6 * one * 64) - one_cpu / tokens(one)) * per_trip * 1e6
+print(f"CPU the exchange costs per round trip (both sides, over one head's CPU per token): {spent:.0f} us")
+print(f"CPU per round trip that 1.6x leaves on {cores:.0f} cores: {budget:.0f} us")
+print(f"kernel CPU of a bare blocking loopback round trip (two processes, 8 KiB each way): {floor:.0f} us")
 PY

@@ -27,9 +27,9 @@ pub fn encode(tensor: &Tensor) -> Result<proto::Tensor> {
         .collect::<Result<Vec<u32>>>()?;
     let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?;
     let (dtype, data) = match tensor.dtype() {
-        DType::F32 => (DTYPE_F32, le_bytes(&flat.to_vec1::<f32>()?, f32::to_le_bytes)),
-        DType::BF16 => (DTYPE_BF16, le_bytes(&flat.to_vec1::<bf16>()?, bf16::to_le_bytes)),
-        DType::F16 => (DTYPE_F16, le_bytes(&flat.to_vec1::<f16>()?, f16::to_le_bytes)),
+        DType::F32 => (DTYPE_F32, le_bytes(&flat.to_vec1::<f32>()?)),
+        DType::BF16 => (DTYPE_BF16, le_bytes(&flat.to_vec1::<bf16>()?)),
+        DType::F16 => (DTYPE_F16, le_bytes(&flat.to_vec1::<f16>()?)),
         other => return Err(Error::Expert(format!("can only send f32, bf16 or f16 tensors, got {other:?}"))),
     };
     Ok(proto::Tensor { dtype: dtype.to_owned(), shape, data: data.into() })
@@ -59,29 +59,32 @@ pub fn decode(tensor: &proto::Tensor) -> Result<Tensor> {
     }
     let data = &tensor.data[..];
     let out = match tensor.dtype.as_str() {
-        DTYPE_F32 => Tensor::from_vec(from_le_bytes(data, f32::from_le_bytes), shape, &Device::Cpu)?,
-        DTYPE_BF16 => Tensor::from_vec(from_le_bytes(data, bf16::from_le_bytes), shape, &Device::Cpu)?,
-        _ => Tensor::from_vec(from_le_bytes(data, f16::from_le_bytes), shape, &Device::Cpu)?,
+        DTYPE_F32 => Tensor::from_vec(from_le_bytes::<f32>(data), shape, &Device::Cpu)?,
+        DTYPE_BF16 => Tensor::from_vec(from_le_bytes::<bf16>(data), shape, &Device::Cpu)?,
+        _ => Tensor::from_vec(from_le_bytes::<f16>(data), shape, &Device::Cpu)?,
     };
     Ok(out)
 }
 
-fn le_bytes<T: Copy, const N: usize>(values: &[T], to_le: fn(T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * N);
-    for &v in values {
-        out.extend_from_slice(&to_le(v));
+/// The elements' little-endian bytes: one copy of the whole buffer on little-endian machines.
+fn le_bytes<T: bytemuck::Pod>(values: &[T]) -> Vec<u8> {
+    let mut bytes = bytemuck::cast_slice::<T, u8>(values).to_vec();
+    if cfg!(target_endian = "big") {
+        bytes.chunks_exact_mut(size_of::<T>()).for_each(<[u8]>::reverse);
     }
-    out
+    bytes
 }
 
-fn from_le_bytes<T, const N: usize>(data: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N)
-        .map(|chunk| {
-            let mut bytes = [0u8; N];
-            bytes.copy_from_slice(chunk);
-            from_le(bytes)
-        })
-        .collect()
+/// Elements from their little-endian bytes (`data.len()` is a multiple of the element size, checked by the
+/// caller): one copy on little-endian machines, whatever the buffer's alignment.
+fn from_le_bytes<T: bytemuck::Pod>(data: &[u8]) -> Vec<T> {
+    let mut values = vec![T::zeroed(); data.len() / size_of::<T>()];
+    let bytes = bytemuck::cast_slice_mut::<T, u8>(&mut values);
+    bytes.copy_from_slice(data);
+    if cfg!(target_endian = "big") {
+        bytes.chunks_exact_mut(size_of::<T>()).for_each(<[u8]>::reverse);
+    }
+    values
 }
 
 #[cfg(test)]
