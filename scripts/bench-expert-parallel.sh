@@ -2,15 +2,20 @@
 # Expert parallelism on loopback, side by side in one run (builtin:tiny-moe, one compute thread per process):
 #  1. decode tokens/s of `baleen-runtime bench` as the head of EP = 1, 2, 4 groups (the exchange's cost per step);
 #  2. HTTP throughput at 32 concurrent requests: one head (EP = 1) vs two data-parallel-attention heads (EP = 2,
-#     16 connections each), with wrk (Debian package; installed when missing and running as root).
+#     16 connections each), with wrk (Debian package; installed when missing and running as root) as the load and
+#     the servers' own generated-token counters as the measure; then what the exchange costs per round trip.
 #   scripts/bench-expert-parallel.sh [--no-build]
+# BENCH_MODEL (a checkpoint directory), BENCH_DTYPE, BENCH_MAX_TOKENS, BENCH_DURATION (seconds) change part 2;
+# BENCH_SKIP_DECODE=1 skips part 1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$CARGO_TARGET_DIR/release/baleen-runtime"
 OUT="$CARGO_TARGET_DIR/bench"
-MODEL=builtin:tiny-moe
+MODEL="${BENCH_MODEL:-builtin:tiny-moe}"
+DTYPE="${BENCH_DTYPE:-f32}"
+MAX_TOKENS="${BENCH_MAX_TOKENS:-64}"
 DURATION="${BENCH_DURATION:-10}"
 mkdir -p "$OUT"
 [[ "${1:-}" == "--no-build" ]] || cargo build --release -p baleen-runtime
@@ -22,21 +27,27 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 peers() { local n=$1 out=""; for _ in $(seq "$n"); do out="$out${out:+,}127.0.0.1:$(port)"; done; echo "$out"; }
 # start LOG ARGS...: a serve process in the background (in this shell, so cleanup can stop it).
-start() { local log=$1; shift; "$BIN" serve --model "$MODEL" --host 127.0.0.1 --threads 1 "$@" >"$log" 2>/dev/null & PIDS+=($!); }
-# addr LOG: the address from the process's listening line.
+start() { local log=$1; shift; "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --threads 1 "$@" >"$log" 2>/dev/null & PIDS+=($!); }
+# addr LOG: the address from the process's listening line (printed once the model is loaded).
 addr() {
-  for _ in $(seq 200); do grep -q "listening on" "$1" && break; sleep 0.05; done
+  for _ in $(seq 6000); do grep -q "listening on" "$1" && break; sleep 0.05; done
   sed -n 's/.*listening on [a-z]*:\/\///p' "$1" | head -1
 }
-ready() { for _ in $(seq 200); do curl -sf "http://$1/ready" >/dev/null && return 0; sleep 0.05; done; echo "not ready: $1" >&2; exit 1; }
+ready() { for _ in $(seq 1200); do curl -sf "http://$1/ready" >/dev/null && return 0; sleep 0.05; done; echo "not ready: $1" >&2; exit 1; }
 LUA="$OUT/ep-completions.lua"
 cat >"$LUA" <<'LUA'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[{"prompt": "The baleen whale filters krill from", "max_tokens": 64, "temperature": 0, "ignore_eos": true}]]
+wrk.body = [[{"prompt": "The baleen whale filters krill from", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": true}]]
 LUA
-rps() { wrk -t1 -c"$2" -d"${DURATION}s" -s "$LUA" "http://$1/v1/completions" | awk '/Requests\/sec/ {print $2}'; }
+sed -i "s/MAX_TOKENS/$MAX_TOKENS/" "$LUA"
+# load ADDR CONNECTIONS: wrk for DURATION seconds.
+load() { wrk -t1 -c"$2" -d"${DURATION}s" --timeout 120s -s "$LUA" "http://$1/v1/completions" >/dev/null; }
+# generated ADDR...: the servers' generated tokens so far.
+generated() { local t=0; for a in "$@"; do t=$((t + $(curl -sf "http://$a/metrics" | awk '/^vllm:generation_tokens_total/ {s += $2} END {printf "%d", s}'))); done; echo "$t"; }
+now() { date +%s.%N; }
 
+if [[ "${BENCH_SKIP_DECODE:-0}" != 1 ]]; then
 echo "## decode tokens/s as the head of an EP group (bench --batch B --prompt-len 16 --gen-len 32)"
 echo "| EP | batch 1 | batch 8 | batch 32 | step ms at batch 1 |"
 echo "|---:|---:|---:|---:|---:|"
@@ -53,26 +64,38 @@ for ep in 1 2 4; do
   echo "$row| $step |"
   cleanup; PIDS=()
 done
+fi
 
 echo
-echo "## HTTP at 32 concurrent requests, 64 tokens each (${DURATION}s)"
+echo "## HTTP at 32 concurrent requests, $MAX_TOKENS tokens each ($MODEL, $DTYPE, ${DURATION}s)"
 # cpu PID...: user+system seconds the processes have used so far.
 cpu() { local t=0; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; python3 -c "print($t / $(getconf CLK_TCK))"; }
 start "$OUT/ep-single.log" --port 0; A=$(addr "$OUT/ep-single.log"); ready "$A"
-c0=$(cpu "${PIDS[0]}"); one=$(rps "$A" 32); one_cpu=$(python3 -c "print($(cpu "${PIDS[0]}") - $c0)")
+c0=$(cpu "${PIDS[0]}"); g0=$(generated "$A"); t0=$(now)
+load "$A" 32
+one_cpu=$(python3 -c "print($(cpu "${PIDS[0]}") - $c0)"); one_tokens=$(($(generated "$A") - g0)); one_s=$(python3 -c "print($(now) - $t0)")
 cleanup; PIDS=()
 P=$(peers 2)
 start "$OUT/ep-head0.log" --port 0 --rank 0 --world-size 2 --peers "$P" --data-parallel-attention
 start "$OUT/ep-head1.log" --port 0 --rank 1 --world-size 2 --peers "$P" --data-parallel-attention
 A0=$(addr "$OUT/ep-head0.log"); A1=$(addr "$OUT/ep-head1.log")
 ready "$A0"; ready "$A1"
-r0f=$(mktemp); r1f=$(mktemp)
-c0=$(cpu "${PIDS[@]}")
-rps "$A0" 16 >"$r0f" & first=$!
-rps "$A1" 16 >"$r1f"; wait "$first"
-two_cpu=$(python3 -c "print($(cpu "${PIDS[@]}") - $c0)")
-two=$(python3 -c "print(float(open('$r0f').read() or 0) + float(open('$r1f').read() or 0))")
+c0=$(cpu "${PIDS[@]}"); g0=$(generated "$A0" "$A1"); t0=$(now)
+load "$A0" 16 & first=$!
+load "$A1" 16; wait "$first"
+two_cpu=$(python3 -c "print($(cpu "${PIDS[@]}") - $c0)"); two_tokens=$(($(generated "$A0" "$A1") - g0)); two_s=$(python3 -c "print($(now) - $t0)")
 cleanup; PIDS=()
+# MoE layers of the model: one round trip each per step.
+moe_layers=$(python3 - "$MODEL" <<'PY'
+import json, pathlib, sys
+model = sys.argv[1]
+if model.startswith("builtin:"):
+    print(3)  # tiny-moe: 4 layers, the first dense
+else:
+    c = json.loads((pathlib.Path(model) / "config.json").read_text())
+    print(c["num_hidden_layers"] - c.get("first_k_dense_replace", 0))
+PY
+)
 # What one round trip between two processes costs this machine's kernel: blocking loopback TCP, 8 KiB each way
 # (about a batch-16 dispatch of the tiny model), no gRPC, no compute.
 floor=$(python3 - <<'PY'
@@ -98,20 +121,20 @@ me, kid = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.
 print((me.ru_stime + kid.ru_stime) / N * 1e6)
 PY
 )
-python3 - "$one" "$two" "$one_cpu" "$two_cpu" "$DURATION" "$(nproc)" "$floor" <<'PY'
+python3 - "$one_tokens" "$one_s" "$two_tokens" "$two_s" "$one_cpu" "$two_cpu" "$(nproc)" "$floor" "$moe_layers" <<'PY'
 import sys
-one, two, one_cpu, two_cpu, duration, cores, floor = map(float, sys.argv[1:])
-tokens = lambda rps: rps * 64 * duration
-print("| setup | requests/s | generated tok/s | CPU per token |")
-print("|:--|---:|---:|---:|")
-print(f"| EP=1, one head | {one:.1f} | {one*64:,.0f} | {one_cpu / tokens(one) * 1e6:.1f} us |")
-print(f"| EP=2, two data-parallel heads | {two:.1f} | {two*64:,.0f} | {two_cpu / tokens(two) * 1e6:.1f} us |")
+one_tokens, one_s, two_tokens, two_s, one_cpu, two_cpu, cores, floor, moe_layers = map(float, sys.argv[1:])
+one, two = one_tokens / one_s, two_tokens / two_s
+print("| setup | generated tok/s | CPU per token |")
+print("|:--|---:|---:|")
+print(f"| EP=1, one head | {one:,.0f} | {one_cpu / one_tokens * 1e6:.1f} us |")
+print(f"| EP=2, two data-parallel heads | {two:,.0f} | {two_cpu / two_tokens * 1e6:.1f} us |")
 print(f"\nEP=2 with data-parallel attention / EP=1: {two/one:.2f}x (goal >= 1.6x)")
-# Each head runs 16 sequences per step and makes one round trip per MoE layer (3 in tiny-moe): 3/16 per token.
-per_trip = 16 / 3
-spent = (two_cpu / tokens(two) - one_cpu / tokens(one)) * per_trip * 1e6
-budget = (cores / (1.6 * one * 64) - one_cpu / tokens(one)) * per_trip * 1e6
-print(f"CPU the exchange costs per round trip (both sides, over one head's CPU per token): {spent:.0f} us")
+# Each head runs 16 sequences per step and makes one round trip per MoE layer per step.
+per_trip = 16 / moe_layers
+spent = (two_cpu / two_tokens - one_cpu / one_tokens) * per_trip * 1e6
+budget = (cores / (1.6 * one) - one_cpu / one_tokens) * per_trip * 1e6
+print(f"CPU per round trip beyond one head's CPU per token (the exchange, both sides, and each head's smaller batch): {spent:.0f} us")
 print(f"CPU per round trip that 1.6x leaves on {cores:.0f} cores: {budget:.0f} us")
 print(f"kernel CPU of a bare blocking loopback round trip (two processes, 8 KiB each way): {floor:.0f} us")
 PY

@@ -193,12 +193,30 @@ fn data_parallel_heads_each_serve_what_one_process_serves() {
         let peers = peers.clone();
         move || start(&head_args(model, 1, 2, &peers), "baleen-runtime listening on http://")
     });
-    let (_h0, a0) = start(&head_args(model, 0, 2, &peers), "baleen-runtime listening on http://");
+    let (h0, a0) = start(&head_args(model, 0, 2, &peers), "baleen-runtime listening on http://");
     let (_h1, a1) = h1.join().unwrap();
     for addr in [&a0, &a1] {
         wait_for(addr, 200);
         assert_eq!(completion_text(addr), want, "head {addr}");
     }
+
+    // SIGTERM one head: it drains, stops serving its experts and exits 0 at once; the other head fails requests
+    // that need those experts, naming the peer, and turns not ready, then recovers when the head returns.
+    let mut h0 = h0;
+    let stopped = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &h0.0.id().to_string()]).status().unwrap().success());
+    let status = h0.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(5), "stopping took {:?}", stopped.elapsed());
+    let (status, text) = http(&a1, "POST", "/v1/completions", r#"{"prompt": "The whale", "max_tokens": 4}"#);
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{}", ports[0])), "{text}");
+    wait_for(&a1, 503);
+    let (_h0, a0) = start(&head_args(model, 0, 2, &peers), "baleen-runtime listening on http://");
+    wait_for(&a1, 200);
+    wait_for(&a0, 200);
+    assert_eq!(completion_text(&a1), want);
+    assert_eq!(completion_text(&a0), want);
 }
 
 #[test]
