@@ -220,8 +220,8 @@ struct Engine {
 
 impl Engine {
     fn run(&mut self, rx: Receiver<Command>, wake: &tokio::sync::Notify) {
-        // A head that drives its own expert transport keeps driving it while idle: reconnects and, under
-        // data-parallel attention, other heads' dispatches to this one are served on this thread.
+        // A head that drives its own expert transport keeps driving it while idle, so reconnects, handshakes and
+        // keepalives progress on this thread.
         let driver = self.model.expert_driver();
         loop {
             // Block for work when idle; otherwise just take what has arrived.

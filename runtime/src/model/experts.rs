@@ -26,8 +26,7 @@ pub trait ExpertDispatcher: Send + Sync + std::fmt::Debug {
     ) -> Result<Box<dyn PendingRows>>;
 
     /// The runtime the transport lives on, when the waiting thread drives it itself: an idle engine thread
-    /// drives it too, so the group's traffic (and, under data-parallel attention, other heads' dispatches to this
-    /// one) progresses on it.
+    /// drives it too, so reconnects and handshakes progress without a thread of their own.
     fn driver(&self) -> Option<crate::expert::Driver> {
         None
     }
