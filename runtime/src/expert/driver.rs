@@ -8,7 +8,7 @@
 //! dispatch.
 //!
 //! A fallback thread drives the runtime in short slices whenever no thread has for a while (a long prefill, a
-//! command-line run between calls), so reconnects, handshakes and other heads' dispatches still progress.
+//! command-line run between calls), so reconnects, handshakes and keepalives still progress.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,8 +56,7 @@ impl Inner {
 }
 
 impl Driver {
-    /// Starts the runtime and its fallback thread (`name`), whose expert computations, if it runs any, use a
-    /// compute pool of one thread.
+    /// Starts the runtime and its fallback thread (`name`).
     pub fn new(name: &str) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -73,16 +72,7 @@ impl Driver {
         let fallback = inner.clone();
         std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).use_current_thread().build();
-                match pool {
-                    Ok(pool) => pool.install(|| run_fallback(fallback)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build the expert fallback compute pool");
-                        run_fallback(fallback);
-                    }
-                }
-            })
+            .spawn(move || run_fallback(fallback))
             .map_err(|e| Error::Expert(format!("cannot start the expert transport thread: {e}")))?;
         Ok(Self { inner })
     }

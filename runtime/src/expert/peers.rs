@@ -165,8 +165,7 @@ impl ExpertPeers {
         })
     }
 
-    /// The runtime the connections live on (a head drives it while idle, and serves its own experts on it under
-    /// data-parallel attention).
+    /// The runtime the connections live on (a head's engine thread drives it while it waits and while idle).
     pub fn driver(&self) -> &Driver {
         &self.driver
     }
