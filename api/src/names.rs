@@ -44,6 +44,10 @@ pub const ENV_RUNTIME_DEVICE: &str = "BALEEN_RUNTIME_DEVICE";
 pub const ENV_TEST_DEVICE: &str = "BALEEN_TEST_DEVICE";
 /// Runtime: compute dtype (`f32`, `bf16`, `f16`).
 pub const ENV_RUNTIME_DTYPE: &str = "BALEEN_RUNTIME_DTYPE";
+/// Runtime: Baleen's CUDA kernels for routing, experts and decode attention (`true`/`false`; CUDA only).
+pub const ENV_RUNTIME_CUDA_KERNELS: &str = "BALEEN_RUNTIME_CUDA_KERNELS";
+/// Runtime: capture decode steps in CUDA graphs (`true`/`false`; CUDA only, with the kernels).
+pub const ENV_RUNTIME_CUDA_GRAPHS: &str = "BALEEN_RUNTIME_CUDA_GRAPHS";
 /// Runtime: CPU compute threads (0 = choose from the model size).
 pub const ENV_RUNTIME_THREADS: &str = "BALEEN_RUNTIME_THREADS";
 /// Runtime: log filter (`tracing` env-filter syntax).

@@ -6,10 +6,10 @@ use std::time::Instant;
 use std::sync::Arc;
 
 use baleen_api::names::{
-    ENV_HOSTNAME, ENV_RUNTIME_DATA_PARALLEL_ATTENTION, ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE,
-    ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_GRPC_PORT, ENV_RUNTIME_MODEL, ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS,
-    ENV_RUNTIME_RANK, ENV_RUNTIME_RANK_FROM_HOSTNAME, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS,
-    ENV_RUNTIME_WORLD_SIZE,
+    ENV_HOSTNAME, ENV_RUNTIME_CUDA_GRAPHS, ENV_RUNTIME_CUDA_KERNELS, ENV_RUNTIME_DATA_PARALLEL_ATTENTION,
+    ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_GRPC_PORT, ENV_RUNTIME_MODEL,
+    ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_RANK, ENV_RUNTIME_RANK_FROM_HOSTNAME,
+    ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
 };
 use baleen_api::topology::ExpertPlacement;
 use candle_core::{DType, Device};
@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::expert::{ExpertPeers, model_fingerprint};
 use crate::loader::{LoadedModel, ModelSource, load, load_parallel};
 use crate::model::{
-    AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ExpertParallel, ForwardOptions, LogitsFor, SeqCache,
+    Accel, AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ExpertParallel, ForwardOptions, LatentPool, LogitsFor,
+    SeqCache,
 };
 
 #[derive(Debug, Parser)]
@@ -60,6 +61,13 @@ pub struct ModelArgs {
     /// CPU compute threads; 0 picks one thread for small models (hidden < 1024) and all cores otherwise.
     #[arg(long, default_value_t = 0, env = ENV_RUNTIME_THREADS)]
     pub threads: usize,
+    /// Baleen's CUDA kernels: routing and dispatch on the device, grouped expert projections, decode attention
+    /// over the paged cache (CUDA only). false: candle's ops throughout, the router on the host.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = ENV_RUNTIME_CUDA_KERNELS)]
+    pub cuda_kernels: bool,
+    /// Capture decode steps in CUDA graphs and replay them (CUDA only; needs --cuda-kernels).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = ENV_RUNTIME_CUDA_GRAPHS)]
+    pub cuda_graphs: bool,
     #[command(flatten)]
     pub expert: ExpertArgs,
 }
@@ -173,10 +181,21 @@ impl ModelArgs {
         Ok((loaded, parse_device(&self.device)?, parse_dtype(&self.dtype)?))
     }
 
+    /// The CUDA paths chosen by `--cuda-kernels` and `--cuda-graphs`.
+    pub fn accel(&self) -> Accel {
+        Accel { kernels: self.cuda_kernels, graphs: self.cuda_kernels && self.cuda_graphs }
+    }
+
     /// Loads the model as a head; in an expert-parallel group, only this rank's routed experts, with a transport
     /// to the other ranks (connecting in the background: callers wait for [`ExpertPeers::wait_ready`] when they
     /// are ready to, e.g. after starting their own expert service).
     pub fn load_head(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
+        let (mut loaded, peers) = self.load_head_default()?;
+        loaded.model.set_accel(self.accel());
+        Ok((loaded, peers))
+    }
+
+    fn load_head_default(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype)?;
         let source = ModelSource::parse(&self.model);
@@ -281,9 +300,10 @@ pub struct GenerateArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Sequences decoded together in each step.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
+    /// Sequences decoded together in each step; a comma-separated list runs each size in turn on the one loaded
+    /// model and prints one JSON object per line as each finishes.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub batch: Vec<usize>,
     #[arg(long, default_value_t = 32)]
     pub prompt_len: usize,
     #[arg(long, default_value_t = 64)]
@@ -398,29 +418,49 @@ fn bench_prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn bench(args: &BenchArgs) -> Result<Value> {
-    if args.batch == 0 || args.prompt_len == 0 || args.gen_len == 0 || args.repeats == 0 {
+    if args.batch.is_empty()
+        || args.batch.contains(&0)
+        || args.prompt_len == 0
+        || args.gen_len == 0
+        || args.repeats == 0
+    {
         return Err(Error::InvalidRequest("--batch, --prompt-len, --gen-len and --repeats must be at least 1".into()));
     }
     let (loaded, _, dtype) = args.model.load()?;
+    if let [batch] = args.batch[..] {
+        return bench_batch(args, &loaded, dtype, batch);
+    }
+    for &batch in &args.batch {
+        println!("{}", bench_batch(args, &loaded, dtype, batch)?);
+    }
+    Ok(Value::Null)
+}
+
+/// One batch size of `bench`: its JSON object.
+fn bench_batch(args: &BenchArgs, loaded: &LoadedModel, dtype: DType, batch: usize) -> Result<Value> {
     let model = &loaded.model;
     let vocab = model.config().vocab_size;
-    let prompts: Vec<Vec<u32>> = (0..args.batch).map(|s| bench_prompt(s, args.prompt_len, vocab)).collect();
-    // Warm-up: touch every code path once (allocator, thread pool, lazily built tables).
-    run_batch(model, &prompts, 2)?;
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|s| bench_prompt(s, args.prompt_len, vocab)).collect();
+    // One cache pool for every run, so the runs after the warm-up replay the decode graphs it captured.
+    let per_seq = (args.prompt_len + args.gen_len).div_ceil(DEFAULT_BLOCK_SIZE);
+    let mut pool = model.new_pool(prompts.len() * per_seq, DEFAULT_BLOCK_SIZE)?;
+    // Warm-up: touch every code path once (allocator, thread pool, lazily built tables, decode graphs).
+    run_batch(model, &mut pool, &prompts, 2)?;
     let (mut best_prefill, mut best_decode) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..args.repeats {
-        let (prefill_s, decode_s) = run_batch(model, &prompts, args.gen_len)?;
+        let (prefill_s, decode_s) = run_batch(model, &mut pool, &prompts, args.gen_len)?;
         best_prefill = best_prefill.min(prefill_s);
         best_decode = best_decode.min(decode_s);
     }
-    let prefill_tokens = (args.batch * args.prompt_len) as f64;
-    let decode_tokens = (args.batch * (args.gen_len - 1)) as f64;
+    let (graphs, graph_error) = model.graph_status();
+    let prefill_tokens = (batch * args.prompt_len) as f64;
+    let decode_tokens = (batch * (args.gen_len - 1)) as f64;
     Ok(json!({
         "model": loaded.source.to_string(),
         "device": args.model.device,
         "dtype": args.model.dtype,
         "threads": args.model.threads()?,
-        "batch": args.batch,
+        "batch": batch,
         "prompt_len": args.prompt_len,
         "gen_len": args.gen_len,
         "prefill_s": best_prefill,
@@ -429,27 +469,30 @@ fn bench(args: &BenchArgs) -> Result<Value> {
         "decode_tokens_per_s": if args.gen_len > 1 { decode_tokens / best_decode } else { 0.0 },
         "decode_step_ms": if args.gen_len > 1 { 1e3 * best_decode / (args.gen_len - 1) as f64 } else { 0.0 },
         "kv_cache_bytes_per_token": model.config().kv_cache_bytes_per_token(dtype.size_in_bytes()),
+        "weight_bytes_per_decode_step": model.config().decode_weight_bytes(batch, dtype.size_in_bytes()),
+        "cuda_kernels": model.accel().kernels,
+        "cuda_graphs": model.accel().graphs,
+        "cuda_graphs_captured": graphs,
+        "cuda_graph_error": graph_error,
     }))
 }
 
 /// Prefills every prompt in one packed batch (which yields the first token), then decodes `gen_len - 1` greedy
-/// steps with all sequences batched. Returns (prefill seconds, decode seconds).
-fn run_batch(model: &DeepseekModel, prompts: &[Vec<u32>], gen_len: usize) -> Result<(f64, f64)> {
-    let block_size = DEFAULT_BLOCK_SIZE;
-    let per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(0) + gen_len).div_ceil(block_size);
-    let mut pool = model.new_pool(prompts.len() * per_seq, block_size)?;
+/// steps with all sequences batched, in `pool` (reset first). Returns (prefill seconds, decode seconds).
+fn run_batch(model: &DeepseekModel, pool: &mut LatentPool, prompts: &[Vec<u32>], gen_len: usize) -> Result<(f64, f64)> {
+    pool.reset();
     let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::default()).collect();
     let start = Instant::now();
     let mut inputs: Vec<(&[u32], &mut SeqCache)> =
         prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| (p.as_slice(), cache)).collect();
-    let logits = model.forward_cached(&mut pool, &mut inputs, ForwardOptions::default())?.logits;
+    let logits = model.forward_cached(pool, &mut inputs, ForwardOptions::default())?.logits;
     let mut next: Vec<[u32; 1]> = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|id| [id]).collect();
     let prefill_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 1..gen_len {
         let mut inputs: Vec<(&[u32], &mut SeqCache)> =
             next.iter().zip(caches.iter_mut()).map(|(t, cache)| (t.as_slice(), cache)).collect();
-        let logits = model.forward_cached(&mut pool, &mut inputs, ForwardOptions::default())?.logits;
+        let logits = model.forward_cached(pool, &mut inputs, ForwardOptions::default())?.logits;
         next = logits.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|id| [id]).collect();
     }
     Ok((prefill_s, start.elapsed().as_secs_f64()))

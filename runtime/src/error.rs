@@ -45,6 +45,12 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// One of Baleen's own device kernels could not run: this build or device has none, or its inputs have shapes
+    /// or dtypes it does not take (callers check before choosing a kernel, so this names a bug or a missing build
+    /// feature).
+    #[error("device kernel: {0}")]
+    Kernel(String),
+
     /// A metric could not be created or registered (a bad name or label, a duplicate).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

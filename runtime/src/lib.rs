@@ -10,6 +10,7 @@
 //! - [`metrics`]: Prometheus metrics (vLLM's names verbatim, plus `baleen_runtime_*`).
 //! - [`builtin`]: `builtin:tiny-moe`, a deterministic random-weight demo model.
 //! - [`device`]: device, dtype and CPU thread selection.
+//! - [`kernels`]: Baleen's own CUDA kernels (routing, dispatch, grouped experts, MLA decode) for the `cuda` build.
 
 pub mod builtin;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod expert;
+pub mod kernels;
 pub mod loader;
 pub mod metrics;
 pub mod model;

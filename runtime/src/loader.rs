@@ -91,7 +91,7 @@ pub fn load_parallel(
     }
     let model = DeepseekModel::load_parallel(&config, parallel, var_builder(source, &config, dtype, device)?)?;
     let tokenizer = match source {
-        ModelSource::Builtin(_) => Tokenizer::byte_level(),
+        ModelSource::Builtin(_) => Tokenizer::byte_level_for_vocab(config.vocab_size),
         ModelSource::Dir(dir) => Tokenizer::from_dir(dir)?,
     };
     if tokenizer.vocab_size() > config.vocab_size {

@@ -12,7 +12,10 @@ pub mod rope;
 
 pub use cache::{LatentPool, SeqCache};
 pub use config::ModelConfig;
-pub use deepseek::{DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, ForwardOutput, LogitsFor, SeqInput};
+pub use deepseek::{
+    Accel, DEFAULT_BLOCK_SIZE, DeepseekModel, DeviceStep, ForwardOptions, ForwardOutput, GRAPH_BATCHES, LogitsFor,
+    SeqInput,
+};
 pub use experts::{ExpertDispatcher, ExpertParallel, ExpertShard, InProcessExperts, PendingRows};
 pub use mla::AttentionMode;
-pub use moe::Routing;
+pub use moe::{DEVICE_MOE_MAX_TOKENS, MoeStep, Routing};

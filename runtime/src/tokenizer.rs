@@ -55,6 +55,12 @@ impl Tokenizer {
         Self::Bytes(ByteTokenizer::new())
     }
 
+    /// [`Tokenizer::byte_level`] for a model with a larger vocabulary (the full-size built-ins): the ids past the
+    /// byte tokenizer's decode as nothing.
+    pub fn byte_level_for_vocab(vocab: usize) -> Self {
+        Self::Bytes(ByteTokenizer::with_vocab(vocab))
+    }
+
     /// Encodes `text`; special tokens written in the text become their ids. `add_special_tokens` adds what the
     /// tokenizer's post-processor adds (BOS for DeepSeek).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -91,7 +97,7 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Hf(t) => t.vocab_size(),
-            Self::Bytes(_) => bytes::VOCAB_SIZE,
+            Self::Bytes(t) => t.vocab_size(),
         }
     }
 

@@ -245,56 +245,75 @@ const BF16_ROUTING_TIE: f32 = 1e-2;
 /// the accumulation-order noise of a different matmul library). Greedy ids are not compared: the argmax margins
 /// (≥ 1e-3) are below bf16 resolution, so the decode path is checked by teacher forcing the golden ids.
 ///
-/// A decode step where bf16 routes some token to other experts than our f32 run does is a different computation,
-/// not a rounding error (transformers' own bf16 run of tiny-v3 has one: its 0.999). Such a step is left out of the
-/// bound only when, at the first MoE layer whose choice differs, f32 had chosen by a tie at bf16 resolution (margin
-/// below [`BF16_ROUTING_TIE`]); later layers of that step see a changed input. A routing change at a clear margin
-/// fails the test. On the CPU no step differs; on CUDA one step of each V3 fixture does (margins 0.0043 and 0.0025).
+/// A token that bf16 routes to other experts than our f32 run does is a different computation, not a rounding error
+/// (transformers' own bf16 run of tiny-v3 has one decode step like that: its 0.999). It is left out of the bound
+/// only when, at the first MoE layer whose choice differs, f32 had chosen by a tie at bf16 resolution (margin below
+/// [`BF16_ROUTING_TIE`]); a routing change at a clear margin fails the test. In a decode step the whole step is left
+/// out (later layers see a changed input); in the prefill, the rerouted token and the positions after it (causal
+/// attention lets no earlier position see it). Seen: on the CPU, prefill token 8 of tiny-v3-fp8 (margin 0.0011;
+/// transformers' own bf16 prefill diverges there too, by 0.76); on the H200 with Baleen's kernels, that one, prefill
+/// token 9 of tiny-v2-greedy (0.0061), and decode steps 7 of tiny-v3 (0.0046) and 4 of tiny-v3-fp8 (0.0025).
 #[test]
 fn bf16_path_is_as_close_to_f32_as_transformers_bf16() {
     for name in ["tiny-v3", "tiny-v2", "tiny-v2-greedy", "tiny-v3-fp8"] {
         let model = load(name, DType::BF16);
+        let f32_model = load(name, DType::F32);
         let g = golden(name);
-        let (logits, _) = prefill(&model, &ids(&g["prompt_ids"]), AttentionMode::Naive);
-        let ours = max_abs_diff(&logits, &g["logits"]);
+        let prompt = ids(&g["prompt_ids"]);
+        let (logits, routes) = prefill(&model, &prompt, AttentionMode::Naive);
+        let (_, f32_routes) = prefill(&f32_model, &prompt, AttentionMode::Naive);
+        let kept = match tied_reroutes(name, "prefill", &routes, &f32_routes) {
+            Some(tokens) => tokens.into_iter().min().unwrap_or(0),
+            None => prompt.len(),
+        };
+        let ours = if kept == 0 {
+            0.0
+        } else {
+            max_abs_diff(&logits.narrow(0, 0, kept).unwrap(), &g["logits"].narrow(0, 0, kept).unwrap())
+        };
         let hf = max_abs_diff(&g["bf16.logits"], &g["logits"]);
-        eprintln!("{name}: bf16 prefill max abs vs f32: ours {ours}, transformers {hf}");
+        eprintln!("{name}: bf16 prefill max abs vs f32 (first {kept} positions): ours {ours}, transformers {hf}");
         assert!(ours <= 2.0 * hf + 0.01, "{name}: bf16 prefill error {ours} vs transformers' {hf}");
         let want = ids(&g["greedy.ids"]);
         let prompt = ids(&g["greedy.prompt_ids"]);
         let (_, logits, routes) = decode(&model, &prompt, want.len(), Some(&want));
-        let (_, _, f32_routes) = decode(&load(name, DType::F32), &prompt, want.len(), Some(&want));
+        let (_, _, f32_routes) = decode(&f32_model, &prompt, want.len(), Some(&want));
         let mut ours = 0f32;
         for (step, (bf16, f32)) in routes.iter().zip(&f32_routes).enumerate() {
             let diff = max_abs_diff(&logits.get(step).unwrap(), &g["greedy.logits"].get(step).unwrap());
-            // The first MoE layer where a token's experts differ decides; later layers see a different input.
-            let rerouted = bf16.iter().zip(f32).find_map(|((layer, b), (_, f))| {
-                let changed: Vec<usize> = (0..f.tokens())
-                    .filter(|&t| f.token_sorted(t).iter().map(|p| p.0).ne(b.token_sorted(t).iter().map(|p| p.0)))
-                    .collect();
-                (!changed.is_empty()).then_some((*layer, changed, b, f))
-            });
-            if let Some((layer, changed, b, f)) = &rerouted {
-                for &t in changed {
-                    let margin = f.margins[t];
-                    eprintln!(
-                        "{name} step {step} layer {layer} token {t}: bf16 routes to {:?}, f32 to {:?} (f32 margin \
-                         {margin}); logits differ by {diff}",
-                        b.token_sorted(t),
-                        f.token_sorted(t)
-                    );
-                    assert!(
-                        margin < BF16_ROUTING_TIE,
-                        "{name} step {step} layer {layer}: bf16 changed a routing decided by a margin of {margin}"
-                    );
-                }
-            }
-            if rerouted.is_none() {
-                ours = ours.max(diff);
+            match tied_reroutes(name, &format!("step {step}"), bf16, f32) {
+                Some(_) => eprintln!("{name} step {step}: rerouted; logits differ by {diff}"),
+                None => ours = ours.max(diff),
             }
         }
         let hf = max_abs_diff(&g["bf16.greedy.logits"], &g["greedy.logits"]);
         eprintln!("{name}: bf16 decode max abs vs f32: ours {ours}, transformers {hf}");
         assert!(ours <= 2.0 * hf + 0.01, "{name}: bf16 decode error {ours} vs transformers' {hf}");
     }
+}
+
+/// The tokens bf16 routes to other experts than f32 does at the first MoE layer where any choice differs (later
+/// layers see a changed input); `None` when every choice agrees. Fails unless each was a tie at bf16 resolution.
+fn tied_reroutes(
+    name: &str,
+    pass: &str,
+    bf16: &[(usize, baleen_runtime::model::Routing)],
+    f32: &[(usize, baleen_runtime::model::Routing)],
+) -> Option<Vec<usize>> {
+    let (layer, changed, b, f) = bf16.iter().zip(f32).find_map(|((layer, b), (_, f))| {
+        let changed: Vec<usize> = (0..f.tokens())
+            .filter(|&t| f.token_sorted(t).iter().map(|p| p.0).ne(b.token_sorted(t).iter().map(|p| p.0)))
+            .collect();
+        (!changed.is_empty()).then_some((*layer, changed, b, f))
+    })?;
+    for &t in &changed {
+        let margin = f.margins[t];
+        eprintln!(
+            "{name} {pass} layer {layer} token {t}: bf16 routes to {:?}, f32 to {:?} (f32 margin {margin})",
+            b.token_sorted(t),
+            f.token_sorted(t)
+        );
+        assert!(margin < BF16_ROUTING_TIE, "{name} {pass} layer {layer}: bf16 changed a routing decided by {margin}");
+    }
+    Some(changed)
 }

@@ -226,6 +226,10 @@ impl Engine {
         loop {
             // Block for work when idle; otherwise just take what has arrived.
             if self.waiting.is_empty() && self.running.is_empty() {
+                // Routed-row counts kept on the device reach the metrics before the engine sleeps.
+                if let Err(e) = self.model.flush_expert_counts(true) {
+                    tracing::warn!(error = %e, "flushing the expert token counters failed");
+                }
                 match idle_wait(&rx, driver.as_ref(), wake) {
                     Some(cmd) => {
                         if !self.accept(cmd) {

@@ -7,15 +7,25 @@
 //! kernel, no copies), or one candle tensor per layer on any other device or dtype (written with `slice_set`,
 //! read with `index_select`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+
+/// Identities of pool allocations (a captured decode graph is tied to the tensors of one).
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_pool_id() -> u64 {
+    NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 #[derive(Debug, Clone)]
 enum Storage {
     /// `[num_blocks * block_size * latent_dim]` per layer.
     Host(Vec<Vec<f32>>),
-    /// `[num_blocks * block_size, latent_dim]` per layer.
+    /// `[num_blocks * block_size + 1, latent_dim]` per layer: the last row is scratch space that no sequence
+    /// owns, where the padding rows of a captured decode step write and read.
     Device(Vec<Tensor>),
 }
 
@@ -30,6 +40,8 @@ pub struct LatentPool {
     device: Device,
     /// Next never-used block, for the growable pools of single-process tools ([`LatentPool::extend`]).
     bump: usize,
+    /// Changes whenever the storage is reallocated.
+    id: u64,
 }
 
 /// One sequence's slice of a packed batch: its new tokens are rows `start..start + len` of the batch, placed
@@ -70,11 +82,37 @@ impl LatentPool {
         } else {
             Storage::Device(
                 (0..num_layers)
-                    .map(|_| Tensor::zeros((rows.max(1), latent_dim), dtype, device))
+                    .map(|_| Tensor::zeros((rows + 1, latent_dim), dtype, device))
                     .collect::<candle_core::Result<Vec<_>>>()?,
             )
         };
-        Ok(Self { storage, num_layers, block_size, num_blocks, latent_dim, dtype, device: device.clone(), bump: 0 })
+        let device = device.clone();
+        Ok(Self { storage, num_layers, block_size, num_blocks, latent_dim, dtype, device, bump: 0, id: next_pool_id() })
+    }
+
+    /// The identity of the current storage: equal ids mean the same device tensors.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The rows of `layer` as one device tensor (`[num_blocks * block_size + 1, latent_dim]`, the last row
+    /// scratch); `None` for host pools.
+    pub fn device_layer(&self, layer: usize) -> Option<&Tensor> {
+        match &self.storage {
+            Storage::Device(layers) => layers.get(layer),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// The scratch row of a device pool (block `num_blocks`, slot 0): owned by no sequence.
+    pub fn scratch_slot(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// Forgets which blocks [`LatentPool::extend`] handed out, so a tool can reuse the pool's storage for new
+    /// sequences (their rows are overwritten before they are read).
+    pub fn reset(&mut self) {
+        self.bump = 0;
     }
 
     pub fn block_size(&self) -> usize {
@@ -102,7 +140,8 @@ impl LatentPool {
         }
     }
 
-    fn slot(&self, blocks: &[u32], pos: usize) -> Result<usize> {
+    /// The cache row of position `pos` of the sequence with block table `blocks`.
+    pub(crate) fn slot(&self, blocks: &[u32], pos: usize) -> Result<usize> {
         let block = blocks
             .get(pos / self.block_size)
             .ok_or_else(|| Error::InvalidRequest(format!("no cache block for position {pos}")))?;
@@ -295,7 +334,7 @@ impl LatentPool {
             }
             Storage::Device(layers) => {
                 for l in layers.iter_mut() {
-                    let grown = Tensor::zeros((rows, self.latent_dim), self.dtype, &self.device)?;
+                    let grown = Tensor::zeros((rows + 1, self.latent_dim), self.dtype, &self.device)?;
                     let old_rows = self.num_blocks * self.block_size;
                     if old_rows > 0 {
                         grown.slice_set(&l.narrow(0, 0, old_rows)?, 0, 0)?;
@@ -305,6 +344,7 @@ impl LatentPool {
             }
         }
         self.num_blocks = num_blocks;
+        self.id = next_pool_id();
         Ok(())
     }
 }

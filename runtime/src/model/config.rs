@@ -284,6 +284,65 @@ impl ModelConfig {
         self.moe.as_ref().is_some_and(|m| layer >= m.first_k_dense_replace && layer.is_multiple_of(m.moe_layer_freq))
     }
 
+    /// Parameters of one decoder layer's attention block (norms included).
+    fn attention_parameters(&self) -> usize {
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        let bias = usize::from(self.attention_bias);
+        let q = match self.q_lora_rank {
+            None => h * heads * self.qk_head_dim(),
+            Some(r) => h * r + bias * r + r + r * heads * self.qk_head_dim(),
+        };
+        let kv_a = (h + bias) * self.latent_dim() + self.kv_lora_rank;
+        let kv_b = self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim);
+        let o = heads * self.v_head_dim * h + bias * h;
+        2 * h + q + kv_a + kv_b + o
+    }
+
+    /// Parameters of the whole model, as a checkpoint stores them (routed experts included).
+    pub fn parameter_count(&self) -> usize {
+        let h = self.hidden_size;
+        let heads_out = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let layers: usize = (0..self.num_hidden_layers)
+            .map(|l| {
+                let ffn = match (&self.moe, self.is_moe_layer(l)) {
+                    (Some(m), true) => {
+                        let bias = if m.topk_method == TopkMethod::NoauxTc { m.n_routed_experts } else { 0 };
+                        m.n_routed_experts * h
+                            + bias
+                            + (m.n_routed_experts + m.n_shared_experts) * 3 * h * m.moe_intermediate_size
+                    }
+                    _ => 3 * h * self.intermediate_size,
+                };
+                self.attention_parameters() + ffn
+            })
+            .sum();
+        self.vocab_size * h + layers + h + heads_out
+    }
+
+    /// Bytes of weights a decode step of `batch` sequences reads, weights in `dtype_bytes` (the router in f32):
+    /// every dense and attention weight, the output head, the embedding rows of the batch, and each MoE layer's
+    /// routed experts that at least one sequence chooses — their expected number under uniform routing,
+    /// `E · (1 − (1 − k/E)^batch)`. The HBM bound of a decode step is these bytes over the memory bandwidth.
+    pub fn decode_weight_bytes(&self, batch: usize, dtype_bytes: usize) -> f64 {
+        let h = self.hidden_size;
+        let mut values = (self.vocab_size * h + batch * h + h) as f64;
+        let mut router_bytes = 0f64;
+        for l in 0..self.num_hidden_layers {
+            values += self.attention_parameters() as f64;
+            match (&self.moe, self.is_moe_layer(l)) {
+                (Some(m), true) => {
+                    let e = m.n_routed_experts as f64;
+                    let active = e * (1.0 - (1.0 - m.num_experts_per_tok as f64 / e).powi(batch as i32));
+                    let expert = (3 * h * m.moe_intermediate_size) as f64;
+                    values += (active + m.n_shared_experts as f64) * expert;
+                    router_bytes += (m.n_routed_experts * h * 4) as f64;
+                }
+                _ => values += (3 * h * self.intermediate_size) as f64,
+            }
+        }
+        values * dtype_bytes as f64 + router_bytes
+    }
+
     /// The softmax scale of attention: `1/sqrt(qk_head_dim)`, times `mscale(factor, mscale_all_dim)^2` under YaRN.
     pub fn softmax_scale(&self) -> f64 {
         let base = 1.0 / (self.qk_head_dim() as f64).sqrt();

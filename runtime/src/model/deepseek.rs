@@ -5,6 +5,8 @@
 //! its own latent cache and position offset (the number of tokens it already cached). That one shape serves
 //! prefill, decode, chunked prefill and mixed batches alike.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -13,9 +15,16 @@ use super::config::ModelConfig;
 use super::experts::ExpertParallel;
 use super::host::{Norm, Projection};
 use super::mla::{AttentionMode, Mla, Rotary};
-use super::moe::{Mlp, Moe, Routing};
+use super::moe::{Mlp, Moe, MoeStep, Routing};
 use super::rope::Rope;
 use crate::error::{Error, Result};
+use crate::kernels::ExpertCounters;
+
+mod decode;
+mod graph;
+
+pub use decode::DeviceStep;
+pub use graph::GRAPH_BATCHES;
 
 #[derive(Debug, Clone)]
 enum Ffn {
@@ -29,6 +38,16 @@ struct DecoderLayer {
     self_attn: Mla,
     post_attention_layernorm: Norm,
     mlp: Ffn,
+}
+
+/// How [`DeepseekModel::feed_forward`] runs a layer: with Baleen's kernels or not, traced or not, counting routed
+/// rows into the model's device counters (`counts`, `[layers, experts]`) for the first `real[0]` tokens.
+#[derive(Debug, Clone, Copy)]
+struct FfnStep<'a> {
+    kernels: bool,
+    trace: bool,
+    counts: Option<&'a Tensor>,
+    real: Option<&'a Tensor>,
 }
 
 /// Which positions' logits a forward pass returns.
@@ -69,6 +88,22 @@ pub struct ForwardOutput {
     pub router: Vec<(usize, Routing)>,
 }
 
+/// Which of Baleen's CUDA paths a model uses (both on by default; they matter only on a CUDA device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accel {
+    /// Baleen's kernels: routing and dispatch on the device, grouped expert projections, and a decode step over
+    /// the paged cache ([`crate::kernels`]). Off: candle's ops throughout, with the router on the host.
+    pub kernels: bool,
+    /// Capture kernel decode steps in CUDA graphs and replay them (needs `kernels`).
+    pub graphs: bool,
+}
+
+impl Default for Accel {
+    fn default() -> Self {
+        Self { kernels: true, graphs: true }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DeepseekModel {
     config: ModelConfig,
@@ -79,6 +114,12 @@ pub struct DeepseekModel {
     rope: Rope,
     dtype: DType,
     device: Device,
+    accel: Accel,
+    /// `cos`/`sin` for every position on the device (the kernels' decode step looks its positions up here).
+    rope_device: Option<Arc<(Tensor, Tensor)>>,
+    graphs: Arc<graph::DecodeGraphs>,
+    /// Routed rows per expert counted on the device, when observed.
+    expert_counts: Option<decode::SharedCounts>,
 }
 
 impl DeepseekModel {
@@ -112,7 +153,7 @@ impl DeepseekModel {
         } else {
             vb.pp("lm_head").get((config.vocab_size, h), "weight")?
         };
-        Ok(Self {
+        let mut model = Self {
             config: config.clone(),
             embed_tokens,
             layers,
@@ -121,7 +162,28 @@ impl DeepseekModel {
             rope: Rope::new(config),
             dtype: vb.dtype(),
             device: vb.device().clone(),
-        })
+            accel: Accel::default(),
+            rope_device: None,
+            graphs: Arc::default(),
+            expert_counts: None,
+        };
+        model.rope_device = model.device_rope_tables()?;
+        Ok(model)
+    }
+
+    /// Chooses Baleen's CUDA paths (see [`Accel`]); captured graphs are dropped.
+    pub fn set_accel(&mut self, accel: Accel) {
+        self.accel = accel;
+        self.graphs.clear();
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Decode-step graphs captured so far, and why graphs were turned off if a capture failed.
+    pub fn graph_status(&self) -> (usize, Option<String>) {
+        self.graphs.status()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -137,13 +199,28 @@ impl DeepseekModel {
         })
     }
 
-    /// Counts the token rows routed to each expert of every MoE layer into `counter{layer, expert}`.
-    pub fn observe_experts(&mut self, counter: &prometheus::IntCounterVec) {
+    /// Counts the token rows routed to each expert of every MoE layer into `counter{layer, expert}`. Layers on
+    /// the CUDA kernels count on the device; [`DeepseekModel::flush_expert_counts`] adds those counts.
+    pub fn observe_experts(&mut self, counter: &prometheus::IntCounterVec) -> Result<()> {
+        let mut per_layer = Vec::with_capacity(self.layers.len());
+        let mut on_kernels = false;
         for layer in &mut self.layers {
-            if let Ffn::Moe(moe) = &mut layer.mlp {
-                moe.observe(counter);
+            match &mut layer.mlp {
+                Ffn::Moe(moe) => {
+                    moe.observe(counter);
+                    on_kernels |= moe.runs_on_kernels();
+                    per_layer.push(moe.token_counters().to_vec());
+                }
+                Ffn::Dense(_) => per_layer.push(Vec::new()),
             }
         }
+        if on_kernels {
+            let experts = self.config.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+            let tensor = Tensor::zeros((self.layers.len(), experts), DType::I64, &self.device)?;
+            self.expert_counts = Some(Arc::new(Mutex::new(decode::DeviceCounts::new(tensor, per_layer))));
+            self.graphs.clear();
+        }
+        Ok(())
     }
 
     /// The expert service's work on a head rank: rows of MoE layer `layer` through the routed experts held here.
@@ -229,6 +306,18 @@ impl DeepseekModel {
             tokens.extend_from_slice(seq.tokens);
             positions.extend(past..past + seq.tokens.len());
         }
+        if self.decodes_on_kernels(pool, seqs, options) {
+            let out = match (self.accel.graphs && !options.trace_router && self.moe_on_kernels())
+                .then(|| self.graphs.run(self, pool, seqs))
+                .transpose()?
+                .flatten()
+            {
+                Some(logits) => ForwardOutput { logits, router: Vec::new() },
+                None => self.forward_decode(pool, seqs, options.trace_router)?,
+            };
+            self.flush_expert_counts(false)?;
+            return Ok(out);
+        }
         let n = tokens.len();
         let ids = Tensor::from_vec(tokens, n, &self.device)?;
         let mut x = self.embed_tokens.embedding(&ids)?;
@@ -248,21 +337,14 @@ impl DeepseekModel {
         let cos_sin = self.rope.cos_sin(&tables, self.dtype, &self.device)?;
         let rotary = Rotary { rope: &self.rope, tables: &tables };
         let mut router = Vec::new();
+        let counts = self.device_counts();
+        let ffn_step =
+            FfnStep { kernels: self.accel.kernels, trace: options.trace_router, counts: counts.as_ref(), real: None };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
             let attn = layer.self_attn.forward(&h, &rotary, &cos_sin, pool, &slices, i, options.attention)?;
             x = (x + attn)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            let ffn = match &layer.mlp {
-                Ffn::Dense(mlp) => mlp.forward(&h)?,
-                Ffn::Moe(moe) => {
-                    let (out, routing) = moe.forward(&h)?;
-                    if options.trace_router {
-                        router.push((i, routing));
-                    }
-                    out
-                }
-            };
+            let ffn = self.feed_forward(i, &x, ffn_step, &mut router)?;
             x = (x + ffn)?;
         }
         let x = match options.logits {
@@ -275,7 +357,33 @@ impl DeepseekModel {
         };
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        self.flush_expert_counts(false)?;
         Ok(ForwardOutput { logits, router })
+    }
+
+    /// The feed-forward half of layer `i` (post-attention norm, then dense MLP or MoE) on the residual stream `x`;
+    /// an MoE layer's routing goes to `router` when traced.
+    fn feed_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        step: FfnStep<'_>,
+        router: &mut Vec<(usize, Routing)>,
+    ) -> Result<Tensor> {
+        let layer = self.layers.get(i).ok_or_else(|| Error::InvalidRequest(format!("no layer {i}")))?;
+        let h = layer.post_attention_layernorm.forward(x)?;
+        match &layer.mlp {
+            Ffn::Dense(mlp) => mlp.forward(&h),
+            Ffn::Moe(moe) => {
+                let row = step.counts.map(|c| c.get(i)).transpose()?;
+                let counters = row.as_ref().map(|counters| ExpertCounters { counters, real_tokens: step.real });
+                let (out, routing) = moe.forward(&h, MoeStep { kernels: step.kernels, trace: step.trace, counters })?;
+                if let Some(routing) = routing {
+                    router.push((i, routing));
+                }
+                Ok(out)
+            }
+        }
     }
 
     /// Whether the whole pass can run over plain rows: f32 on the CPU, a host pool, every layer's attention able

@@ -276,6 +276,15 @@ impl Norm {
         matches!(self, Self::Host { .. })
     }
 
+    /// The weight tensor and epsilon of a norm that runs on candle (the device kernels apply it themselves);
+    /// `None` when packed for the host.
+    pub fn weight_eps(&self) -> Option<(Tensor, f64)> {
+        match self {
+            Self::Candle(norm) => Some((norm.weight().clone(), norm.clone().into_inner().eps())),
+            Self::Host { .. } => None,
+        }
+    }
+
     /// Normalizes every `dim`-wide row of `data` in place; `false` (nothing done) when this norm runs on candle.
     pub fn host(&self, data: &mut [f32]) -> bool {
         let Self::Host { weight, eps } = self else { return false };

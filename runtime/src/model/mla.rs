@@ -14,10 +14,12 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
+use super::deepseek::DeviceStep;
 use super::host::{Norm, PackedMatrix, Projection};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::{Rope, RopeTables};
 use crate::error::{Error, Result};
+use crate::kernels;
 
 /// Which MLA form computes attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -187,34 +189,17 @@ impl Mla {
                 return Ok(Tensor::from_vec(out, (n, hidden), x.device())?);
             }
         }
-        let rope = rotary.rope;
-        let (n_tokens, _) = x.dims2()?;
-        let (heads, nope, rope_dim) = (self.heads, self.nope, self.rope_dim);
-        let q = match &self.q {
-            QProj::Direct(q) => q.forward(x)?,
-            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
-        }
-        .reshape((n_tokens, heads, nope + rope_dim))?;
-        let q_nope = q.narrow(2, 0, nope)?;
-        // [1, heads, tokens, rope] as the rotary kernels want; token t uses row t of cos/sin.
-        let q_pe = rope.apply(&q.narrow(2, nope, rope_dim)?.transpose(0, 1)?.unsqueeze(0)?, &cos_sin.0, &cos_sin.1)?;
-        let q_pe = q_pe.squeeze(0)?; // [heads, tokens, rope]
-
-        let kv = self.kv_a.forward(x)?;
-        let c_kv = self.kv_a_norm.forward(&kv.narrow(1, 0, self.rank)?.contiguous()?)?;
-        let k_pe = kv.narrow(1, self.rank, rope_dim)?.reshape((1, 1, n_tokens, rope_dim))?;
-        let k_pe = rope.apply(&k_pe, &cos_sin.0, &cos_sin.1)?.reshape((n_tokens, rope_dim))?;
-        let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
+        let (q_nope, q_pe, rows) = self.project(x, rotary.rope, &cos_sin.0, &cos_sin.1)?;
         pool.write_seqs(layer, &rows, seqs)?;
+        let rope_dim = self.rope_dim;
+        let heads = self.heads;
 
         let fused = pool.host_layer(layer).is_some() && x.dtype() == DType::F32;
         let absorbed: Vec<bool> = seqs.iter().map(|s| mode.absorbs(s.len, fused)).collect();
         // Absorbed sequences: [tokens, heads, rank + rope] queries, scale folded in, attended in one pass.
         let mut latent_values = None;
         if absorbed.iter().any(|&a| a) {
-            // [heads, tokens, nope] · [heads, nope, rank] → [heads, tokens, rank]
-            let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
-            let q_full = (Tensor::cat(&[&q_lat, &q_pe], 2)? * self.scale)?.transpose(0, 1)?.contiguous()?;
+            let q_full = self.absorbed_queries(&q_nope, &q_pe)?;
             let chosen: Vec<&SeqSlice<'_>> = seqs.iter().zip(&absorbed).filter(|p| *p.1).map(|p| p.0).collect();
             let latent = match pool.host_layer(layer) {
                 Some(host) if fused => {
@@ -269,6 +254,77 @@ impl Mla {
         }
         let attn = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
         self.o.forward(&attn)
+    }
+
+    /// The queries and new cache rows of `x` (`[tokens, hidden]`): `q_nope` `[tokens, heads, nope]`, the rotated
+    /// `q_pe` `[heads, tokens, rope]`, and the rows `[tokens, rank + rope]` (normalized compressed KV, rotated
+    /// shared key). Token `t` uses row `t` of `cos`/`sin`.
+    fn project(&self, x: &Tensor, rope: &Rope, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n_tokens, _) = x.dims2()?;
+        let (heads, nope, rope_dim) = (self.heads, self.nope, self.rope_dim);
+        let q = match &self.q {
+            QProj::Direct(q) => q.forward(x)?,
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        }
+        .reshape((n_tokens, heads, nope + rope_dim))?;
+        let q_nope = q.narrow(2, 0, nope)?;
+        // [1, heads, tokens, rope] as the rotary kernels want; token t uses row t of cos/sin.
+        let q_pe = rope.apply(&q.narrow(2, nope, rope_dim)?.transpose(0, 1)?.unsqueeze(0)?, cos, sin)?;
+        let q_pe = q_pe.squeeze(0)?; // [heads, tokens, rope]
+
+        let kv = self.kv_a.forward(x)?;
+        let c_kv = self.kv_a_norm.forward(&kv.narrow(1, 0, self.rank)?.contiguous()?)?;
+        let k_pe = kv.narrow(1, self.rank, rope_dim)?.reshape((1, 1, n_tokens, rope_dim))?;
+        let k_pe = rope.apply(&k_pe, cos, sin)?.reshape((n_tokens, rope_dim))?;
+        let rows = Tensor::cat(&[&c_kv, &k_pe.to_dtype(c_kv.dtype())?], 1)?;
+        Ok((q_nope, q_pe, rows))
+    }
+
+    /// Absorbed queries `[tokens, heads, rank + rope]`, scale folded in: `q_nope` through `W_UK` beside `q_pe`.
+    fn absorbed_queries(&self, q_nope: &Tensor, q_pe: &Tensor) -> Result<Tensor> {
+        // [heads, tokens, nope] · [heads, nope, rank] → [heads, tokens, rank]
+        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
+        Ok((Tensor::cat(&[&q_lat, q_pe], 2)? * self.scale)?.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// A single-token decode step of every sequence on Baleen's CUDA kernels: one kernel normalizes, rotates and
+    /// writes the new cache rows; attention runs over the paged cache through the step's block tables, with the
+    /// queries assembled (rotary part rotated, scale applied) inside the attention kernel — no host data and none
+    /// of the small copies of the tensor path in between.
+    pub fn forward_decode(
+        &self,
+        x: &Tensor,
+        rotary: &kernels::DeviceRotary<'_>,
+        pool: &LatentPool,
+        step: &DeviceStep,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        let q = match &self.q {
+            QProj::Direct(q) => q.forward(x)?,
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        };
+        let kv = self.kv_a.forward(x)?;
+        let cache = pool
+            .device_layer(layer)
+            .ok_or_else(|| Error::Kernel(format!("layer {layer} of the latent cache is not a device tensor")))?;
+        let (norm, eps) =
+            self.kv_a_norm.weight_eps().ok_or_else(|| Error::Kernel("the kv norm is packed for the host".into()))?;
+        kernels::kv_write(&kv, &norm, eps as f32, rotary, &step.slots, cache)?;
+        // [heads, tokens, nope] · [heads, nope, rank] → [heads, tokens, rank]
+        let q_nope = q.reshape((n, self.heads, self.nope + self.rope_dim))?.narrow(2, 0, self.nope)?;
+        let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
+        let paged =
+            kernels::PagedCache { cache, tables: &step.tables, lens: &step.lens, block_size: pool.block_size() };
+        let latent = kernels::mla_decode(&q_lat, &q, self.nope, self.scale as f32, rotary, &paged)?;
+        self.o.forward(&self.values(&latent)?)
+    }
+
+    /// Whether [`Mla::forward_decode`] takes this layer's shapes and `dtype`.
+    pub fn runs_on_kernels(&self, dtype: DType) -> bool {
+        kernels::supports_dtype(dtype)
+            && self.rank + self.rope_dim <= kernels::MLA_MAX_WIDTH
+            && self.rank <= kernels::MLA_MAX_RANK
     }
 
     /// Whether [`Mla::forward_rows`] can run this batch: host weights, a host pool, every sequence absorbed.
@@ -367,7 +423,12 @@ impl Mla {
     /// `[tokens * heads, rank]` attended latents → `[tokens, heads * v]` through `W_UV`.
     fn expand_latent(&self, latent: &Tensor) -> Result<Tensor> {
         let tokens = latent.dim(0)? / self.heads;
-        let per_head = latent.reshape((tokens, self.heads, self.rank))?.transpose(0, 1)?.contiguous()?;
+        self.values(&latent.reshape((tokens, self.heads, self.rank))?.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// `[heads, tokens, rank]` attended latents → `[tokens, heads * v]` through `W_UV`.
+    fn values(&self, per_head: &Tensor) -> Result<Tensor> {
+        let tokens = per_head.dim(1)?;
         let values = per_head.matmul(&self.w_uv_t)?; // [heads, tokens, v]
         Ok(values.transpose(0, 1)?.reshape((tokens, self.heads * self.v_dim))?)
     }

@@ -12,6 +12,12 @@ use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{ExpertParallel, StackedExperts};
 use super::host::{HostMlp, Projection, sigmoid_into, uses_host_kernels};
 use crate::error::{Error, Result};
+use crate::kernels::ExpertCounters;
+
+mod device;
+
+pub use device::DEVICE_MOE_MAX_TOKENS;
+use device::DeviceMoe;
 
 /// A SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`), used for dense layers and shared experts.
 /// `gate_proj` and `up_proj` are fused into one matrix at load; f32 weights on the CPU are packed for the host
@@ -143,10 +149,14 @@ impl Router {
         Some(route_logits(&self.config, &logits, self.bias.as_deref()))
     }
 
+    /// The router's f32 logits of every row of `x` (`[tokens, hidden]` → `[tokens, experts]`).
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.weight.forward(&x.to_dtype(DType::F32)?)
+    }
+
     /// Routes every row of `x` (`[tokens, hidden]`).
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let logits = self.weight.forward(&x.to_dtype(DType::F32)?)?;
-        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let logits = self.logits(x)?.flatten_all()?.to_vec1::<f32>()?;
         Ok(route_logits(&self.config, &logits, self.bias.as_deref()))
     }
 }
@@ -300,6 +310,17 @@ impl DispatchPlan {
     }
 }
 
+/// How one forward pass runs an MoE layer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MoeStep<'a> {
+    /// Use Baleen's CUDA kernels where the layer supports them.
+    pub kernels: bool,
+    /// Return the routing (copied to the host).
+    pub trace: bool,
+    /// Where the kernels count each expert's routed rows (this layer's row of the model's counters).
+    pub counters: Option<ExpertCounters<'a>>,
+}
+
 /// A DeepSeekMoE block: router, the routed experts this rank holds, shared experts, and — under expert
 /// parallelism — the way to the other ranks' experts.
 #[derive(Debug, Clone)]
@@ -309,6 +330,8 @@ pub struct Moe {
     experts: StackedExperts,
     shared: Option<Mlp>,
     parallel: Option<ExpertParallel>,
+    /// The same router and experts on Baleen's CUDA kernels, when they take this layer.
+    device: Option<DeviceMoe>,
     /// Per routed expert, a counter of the token rows routed to it (empty when not observed).
     token_counts: Vec<prometheus::IntCounter>,
 }
@@ -332,14 +355,17 @@ impl Moe {
             0 => None,
             n => Some(Mlp::load(h, moe.moe_intermediate_size * n, vb.pp("shared_experts"))?),
         };
-        Ok(Self {
-            layer,
-            router: Router::load(moe, h, vb.pp("gate"))?,
-            experts,
-            shared,
-            parallel: parallel.cloned(),
-            token_counts: Vec::new(),
-        })
+        let router = Router::load(moe, h, vb.pp("gate"))?;
+        let device = match (parallel, experts.stacked()) {
+            (None, Some((gate_up, down))) => DeviceMoe::new(moe, router.bias.as_deref(), gate_up, down)?,
+            _ => None,
+        };
+        Ok(Self { layer, router, experts, shared, parallel: parallel.cloned(), device, token_counts: Vec::new() })
+    }
+
+    /// Whether this layer can run on Baleen's CUDA kernels (see [`Moe::forward`]).
+    pub fn runs_on_kernels(&self) -> bool {
+        self.device.is_some()
     }
 
     /// Counts the token rows routed to each expert into `counter{layer, expert}`.
@@ -348,6 +374,11 @@ impl Moe {
         self.token_counts = (0..self.router.n_experts())
             .map(|e| counter.with_label_values(&[layer.as_str(), &e.to_string()]))
             .collect();
+    }
+
+    /// The per-expert counters [`Moe::observe`] set up (empty until then).
+    pub fn token_counters(&self) -> &[prometheus::IntCounter] {
+        &self.token_counts
     }
 
     /// The expert transport's runtime, when the waiting thread drives it (see [`super::experts::ExpertDispatcher::driver`]).
@@ -360,11 +391,20 @@ impl Moe {
         &self.experts
     }
 
-    /// `x` `[tokens, hidden]` → `[tokens, hidden]`; also returns the routing, for tracing.
+    /// `x` `[tokens, hidden]` → `[tokens, hidden]`; also returns the routing when `step.trace` asks for it.
     ///
-    /// Rows for experts on other ranks are sent first; the local experts and the shared experts run while those
-    /// are in flight; then everything is combined with one scatter-add.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Routing)> {
+    /// With `step.kernels`, a layer the CUDA kernels take runs batches of up to [`DEVICE_MOE_MAX_TOKENS`] tokens on
+    /// them, counting routed rows into `step.counters` (the host counters of [`Moe::observe`] are not touched).
+    /// Otherwise the router runs on the host: rows for experts on other ranks are sent first; the local experts
+    /// and the shared experts run while those are in flight; then everything is combined with one scatter-add.
+    pub fn forward(&self, x: &Tensor, step: MoeStep<'_>) -> Result<(Tensor, Option<Routing>)> {
+        if step.kernels
+            && let Some(device) = &self.device
+            && x.dim(0)? <= DEVICE_MOE_MAX_TOKENS
+        {
+            let logits = self.router.logits(x)?;
+            return device.forward(x, &logits, self.shared.as_ref(), step.counters, step.trace);
+        }
         let routing = self.router.route(x)?;
         let plan = DispatchPlan::new(&routing, self.router.n_experts());
         self.count_tokens(&plan);
@@ -394,7 +434,7 @@ impl Moe {
             Some(s) => (routed + s)?,
             None => routed,
         };
-        Ok((out, routing))
+        Ok((out, step.trace.then_some(routing)))
     }
 
     /// Whether [`Moe::forward_rows`] can run: host router, experts and shared experts.

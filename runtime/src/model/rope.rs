@@ -38,6 +38,11 @@ impl Rope {
         Self { inv_freq, attention_factor: attention_factor as f32, interleave: config.rope_interleave }
     }
 
+    /// Whether rotary pairs are adjacent elements (else the two halves of the rotary dims).
+    pub fn interleaved(&self) -> bool {
+        self.interleave
+    }
+
     /// `cos` and `sin` tables `[positions.len(), dim / 2]` for the given absolute positions.
     pub fn tables(&self, positions: &[usize]) -> RopeTables {
         let half = self.inv_freq.len();

@@ -138,7 +138,7 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
     }
     let metrics = Arc::new(Metrics::new(&served)?);
     let (mut loaded, peers) = args.model.load_head()?;
-    loaded.model.observe_experts(&metrics.expert_tokens_total);
+    loaded.model.observe_experts(&metrics.expert_tokens_total)?;
     let mut head_service = None;
     if let Some(peers) = &peers {
         peers.register(&metrics.registry)?;

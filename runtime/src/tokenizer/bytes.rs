@@ -49,6 +49,9 @@ pub struct ByteTokenizer {
     /// Boxed: the environment is large and `Tokenizer` holds this inline.
     template: Box<std::result::Result<ChatTemplate, String>>,
     eos_ids: [u32; 1],
+    /// The model's vocabulary: ids from [`VOCAB_SIZE`] up to it are padding of a larger random model and decode as
+    /// nothing (at least [`VOCAB_SIZE`]).
+    vocab: usize,
 }
 
 impl ByteTokenizer {
@@ -57,7 +60,18 @@ impl ByteTokenizer {
         specials.insert("bos_token".to_string(), Value::from(SPECIALS[0]));
         specials.insert("eos_token".to_string(), Value::from(SPECIALS[1]));
         let template = ChatTemplate::new(CHAT_TEMPLATE.to_string(), specials).map_err(|e| e.to_string());
-        Self { template: Box::new(template), eos_ids: [EOS_ID] }
+        Self { template: Box::new(template), eos_ids: [EOS_ID], vocab: VOCAB_SIZE }
+    }
+
+    /// The tokenizer of a model whose vocabulary is `vocab` (at least [`VOCAB_SIZE`]): ids past the bytes and
+    /// specials decode as nothing.
+    pub fn with_vocab(vocab: usize) -> Self {
+        Self { vocab: vocab.max(VOCAB_SIZE), ..Self::new() }
+    }
+
+    /// Ids this tokenizer decodes.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
     }
 
     /// Bytes, except that the special tokens' text maps to their ids; `add_special_tokens` prepends `<|bos|>`.
@@ -93,9 +107,9 @@ impl ByteTokenizer {
                         bytes.extend_from_slice(SPECIALS[(id - BOS_ID) as usize].as_bytes());
                     }
                 }
-                _ if (id as usize) < VOCAB_SIZE => {}
+                _ if (id as usize) < self.vocab => {}
                 _ => {
-                    return Err(Error::Tokenizer(format!("token id {id} is out of range (vocab size {VOCAB_SIZE})")));
+                    return Err(Error::Tokenizer(format!("token id {id} is out of range (vocab size {})", self.vocab)));
                 }
             }
         }
