@@ -4,23 +4,27 @@
 #
 #   scripts/cuda-toolkit-from-pypi.sh /tmp/cuda && source /tmp/cuda/env.sh   # when there is no CUDA toolkit
 #   cargo build --release -p baleen-runtime --features cuda
-#   cargo test --release -p baleen-runtime --features cuda --test golden --no-run
+#   cargo test --release -p baleen-runtime --features cuda --test golden --test kernels --no-run
 #
-# and put `baleen-runtime`, the `golden-*` test binary (renamed `golden`), and optionally `wrk` (+ its
-# libluajit) in one folder:
+# and put `baleen-runtime`, the `golden-*` and `kernels-*` test binaries (renamed `golden` and `kernels`), and
+# optionally `wrk` (+ its libluajit) in one folder:
 #
 #   scripts/gpu-check.sh DIR [OUTDIR]
 #
 # It runs, in one go, each step's output going to OUTDIR (default: DIR/out):
 #   1. the transformers goldens on CUDA (BALEEN_TEST_DEVICE=cuda), f32 at 1e-4 and bf16 against transformers' bf16;
-#   2. `baleen-runtime bench` decode at batch 1, 8, 32 on CUDA f32 and bf16, and the CPU (one thread) beside it;
-#   3. scripts/bench-serving.sh on CUDA (f32, bf16) and on the CPU, at 1, 8 and 32 concurrent requests;
-#   4. scripts/bench-expert-parallel.sh on the CPU with every core available (one compute thread per process);
-#   5. `baleen-runtime bench` on CUDA bf16 over a random-weight checkpoint in DeepSeek-V2-Lite's shapes, its first
-#      GPU_CHECK_LAYERS (default 4) layers (scripts/make-random-checkpoint.py; needs python3 with torch or numpy).
-#   6. scripts/bench-serving.sh on CUDA bf16 over that checkpoint.
+#   2. the kernel tests on CUDA: routing kernel = host router, grouped experts = batched matmuls, kernel decode and
+#      its CUDA graph = candle's decode, device-drawn built-in weights = the host's;
+#   3. `baleen-runtime bench` on builtin:deepseek-v2-lite (all 27 layers, bf16, weights drawn on the GPU), batch
+#      1, 8, 32, 128, prompt 128, 64 generated tokens, three ways in turn: Baleen's kernels with CUDA graphs (the
+#      default), the kernels without graphs, and candle's ops alone (--cuda-kernels false, the path before them);
+#   4. the same for builtin:deepseek-v3-slice (DeepSeek-V3's layer shapes, 5 layers) at batch 1 and 32;
+#   5. `baleen-runtime bench` on the tiny model at batch 1, 8, 32 on CUDA f32, kernels and candle, and the CPU;
+#   6. scripts/bench-serving.sh on CUDA (f32, bf16) and on the CPU, at 1, 8 and 32 concurrent requests;
+#   7. scripts/bench-expert-parallel.sh on the CPU with every core available (one compute thread per process).
 # A failing step is reported and the next one still runs; the exit status is the number of failed steps.
-# GPU_CHECK_ONLY (an extended regex) runs only the steps whose names match it.
+# GPU_CHECK_ONLY (an extended regex) runs only the steps whose names match it; STEP_TIMEOUT (seconds) bounds each
+# step (a bench prints each batch size's line as it finishes, so a step cut short still reports what it measured).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="$(cd "${1:?usage: scripts/gpu-check.sh DIR [OUTDIR]}" && pwd)"
@@ -29,7 +33,7 @@ mkdir -p "$OUTD"
 cd "$ROOT"
 FAILED=0
 step() { local name=$1; shift; [[ "$name" =~ ${GPU_CHECK_ONLY:-.} ]] || return 0; echo "=== $name: $*"; local t0=$SECONDS
-    if "$@" > "$OUTD/$name.log" 2>&1; then echo "--- $name ok ($((SECONDS - t0)) s)"; else
+    if timeout "${STEP_TIMEOUT:-0}" bash -c '"$@"' "$name" "$@" > "$OUTD/$name.log" 2>&1; then echo "--- $name ok ($((SECONDS - t0)) s)"; else
         echo "--- $name FAILED ($((SECONDS - t0)) s)"; FAILED=$((FAILED + 1))
         local server="$CARGO_TARGET_DIR/bench/serving-server.log"
         [[ "$name" != serving-* || ! -f "$server" ]] || { echo "(server log)"; tail -n 15 "$server"; }
@@ -43,7 +47,7 @@ libdirs="$(find /usr/local/nvidia /usr/local/cuda* /usr/lib/x86_64-linux-gnu /op
        -o -name 'libcudart.so.13' -o -name 'libluajit-5.1.so.2' \) -not -path '*/compat/*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
 export LD_LIBRARY_PATH="$DIR:$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PATH="$DIR:$PATH"
-BIN="$DIR/baleen-runtime"
+export BIN="$DIR/baleen-runtime"
 nvidia-smi -L; nproc; grep -m1 "model name" /proc/cpuinfo; for t in curl python3 wrk; do command -v "$t" >/dev/null || echo "missing: $t"; done
 ldd "$BIN" | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart'
 
@@ -51,31 +55,29 @@ ldd "$BIN" | grep -E 'not found|cuda|cublas|curand|nvrtc|cudart'
 export CARGO_TARGET_DIR="$OUTD/target"
 mkdir -p "$CARGO_TARGET_DIR/release" && cp "$BIN" "$CARGO_TARGET_DIR/release/"
 
+step kernels-cuda env BALEEN_TEST_DEVICE=cuda "$DIR/kernels" --test-threads 1 --nocapture
 step goldens-cuda env BALEEN_TEST_DEVICE=cuda "$DIR/golden" --test-threads 1 --nocapture
 
-# batches MODEL PROMPT_LEN REPEATS BATCHES [FLAGS...]: one `bench` JSON line per batch size.
-batches() { local model=$1 plen=$2 rep=$3 sizes=$4 b j; shift 4
-    for b in $sizes; do
-        j="$("$BIN" bench --model "$model" --batch "$b" --prompt-len "$plen" --gen-len 32 --repeats "$rep" "$@")" || return 1
-        echo "batch $b: $j"
-    done; }
-bench() { batches builtin:tiny-moe 16 3 "1 8 32" "$@"; }
-step bench-cuda-f32 bench --device cuda --dtype f32
-step bench-cuda-bf16 bench --device cuda --dtype bf16
-step bench-cpu-f32 bench --threads 1
+# full MODEL BATCHES GEN [FLAGS...]: one `bench` process over the batch sizes (one JSON line each).
+full() { local model=$1 sizes=$2 gen=$3; shift 3
+    "$BIN" bench --model "builtin:$model" --device cuda --dtype bf16 --batch "$sizes" --prompt-len 128 \
+        --gen-len "$gen" --repeats 2 "$@"; }
+tiny() { "$BIN" bench --model builtin:tiny-moe --batch 1,8,32 --prompt-len 16 --gen-len 32 --repeats 3 "$@"; }
+# Steps run in a child shell (under `timeout`), which needs the functions exported.
+export -f full tiny
+TAIL=4 step v2-lite-graphs full deepseek-v2-lite 1,8,32,128 64
+TAIL=4 step v2-lite-candle full deepseek-v2-lite 1,8,32,128 64 --cuda-kernels false
+TAIL=4 step v2-lite-kernels full deepseek-v2-lite 1,8,32,128 64 --cuda-graphs false
+TAIL=2 step v3-slice-graphs full deepseek-v3-slice 1,32 32
+TAIL=2 step v3-slice-candle full deepseek-v3-slice 1,32 32 --cuda-kernels false
+
+TAIL=3 step tiny-cuda-f32-graphs tiny --device cuda --dtype f32
+TAIL=3 step tiny-cuda-f32-candle tiny --device cuda --dtype f32 --cuda-kernels false
+TAIL=3 step tiny-cpu-f32 tiny --threads 1
 
 export BENCH_DURATION="${BENCH_DURATION:-8}" BENCH_WARMUP=2
 TAIL=12 step serving-cuda-f32 env BENCH_SERVER_ARGS="--device cuda" scripts/bench-serving.sh --no-build
 TAIL=12 step serving-cuda-bf16 env BENCH_SERVER_ARGS="--device cuda --dtype bf16" scripts/bench-serving.sh --no-build
-
-LITE="$OUTD/v2-lite-random"
-[[ -d "$LITE" ]] || step make-v2-lite python3 scripts/make-random-checkpoint.py "$LITE" --layers "${GPU_CHECK_LAYERS:-4}"
-lite() { batches "$LITE" 128 2 "1 8 32 128" "$@"; }
-step v2-lite-cuda-bf16 lite --device cuda --dtype bf16
-TAIL=12 step v2-lite-serving-cuda-bf16 env BENCH_MODEL="$LITE" BENCH_SERVER_ARGS="--device cuda --dtype bf16" \
-    scripts/bench-serving.sh --no-build
-rm -rf "$LITE"
-
 TAIL=12 step serving-cpu scripts/bench-serving.sh --no-build
 TAIL=20 step expert-parallel-cpu scripts/bench-expert-parallel.sh --no-build
 echo "failed steps: $FAILED"
