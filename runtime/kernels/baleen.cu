@@ -3,8 +3,8 @@
 //
 // - moe_route:        router scores, group-limited selection and top-k, weights and selection margins, per token.
 // - moe_dispatch:     the routing regrouped by expert (offsets, active experts, permutation), on the device.
-// - moe_gate_up_*:    the active experts' gate/up projections with SwiGLU, each expert's weights read once for all
-//                     of its rows (a grouped matrix-vector product: decode batches give an expert a few rows).
+// - moe_gate_up_*:    the active experts' gate/up projections with SwiGLU, each expert's weights read once for
+//                     every 8 of its rows (a grouped matrix-vector product: decode batches give an expert a few).
 // - moe_down_*:       the active experts' down projections, scaled by the routing weights.
 // - moe_combine_*:    each token's weighted expert outputs summed, plus the shared experts' output.
 // - mla_decode_*:     absorbed MLA attention of single-token decode steps straight over the paged latent cache,
@@ -103,7 +103,9 @@ extern "C" __global__ void __launch_bounds__(32) moe_route(
     for (int i = lane; i < n_experts; i += 32) {
         float c = scores[i];
         if (method == 2 && has_bias) c += bias[i];
-        choice[i] = c;
+        // A NaN score (from a NaN or infinite logit) ranks last, as -inf: every comparison below then still picks
+        // a valid expert, and no index leaves the tables.
+        choice[i] = c == c ? c : -INF;
     }
     __syncwarp();
 

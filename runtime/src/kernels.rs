@@ -2,7 +2,7 @@
 //! execution costs most: routing and dispatch on the device (no copy of the router's logits to the host in every
 //! MoE layer), the active experts of a layer in one grouped launch per projection, and absorbed MLA attention
 //! straight over the paged latent cache. Every kernel takes its sizes from its launch and its indices from device
-//! tensors, so a decode step made of them can be captured in a CUDA graph ([`crate::model::graph`]).
+//! tensors, so a decode step made of them can be captured in a CUDA graph (`model/deepseek/graph.rs`).
 //!
 //! The functions exist in every build; without the `cuda` feature, or for tensors not on a CUDA device, they
 //! return [`crate::Error::Kernel`]. Callers check [`available`] and the size limits below before choosing them.
@@ -92,6 +92,40 @@ pub struct ExpertCounters<'a> {
     pub real_tokens: Option<&'a Tensor>,
 }
 
+/// A dispatch plan, as only [`dispatch`] makes it: `[2 * n_experts + 2 + tokens * top_k]` u32 on the device
+/// (offsets, active experts, permutation; the layout is in the kernel's source). The kernels that read it index
+/// rows and experts by its contents, so they take it only from here, with the sizes it was made for.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct Plan {
+    tensor: Tensor,
+    n_experts: usize,
+    tokens: usize,
+    top_k: usize,
+}
+
+impl Plan {
+    /// Routed experts the plan spreads rows over.
+    pub fn n_experts(&self) -> usize {
+        self.n_experts
+    }
+
+    /// Tokens routed (rows of the input).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Experts per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Routed rows: `tokens * top_k`.
+    pub fn assignments(&self) -> usize {
+        self.tokens * self.top_k
+    }
+}
+
 #[cfg(not(feature = "cuda"))]
 fn unavailable<T>() -> Result<T> {
     Err(crate::Error::Kernel("the CUDA kernels need a build with the `cuda` feature".into()))
@@ -110,9 +144,9 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, params: &RouteParams) -> Re
     }
 }
 
-/// Regroups routed rows by expert: `ids` (`[tokens * top_k]` u32) → the dispatch plan, `[2 * n_experts + 2 +
-/// tokens * top_k]` u32 (offsets, active experts, permutation; the layout is in the kernel's source).
-pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<ExpertCounters<'_>>) -> Result<Tensor> {
+/// Regroups routed rows by expert: `ids` (`[tokens * top_k]` u32; ids past `n_experts` are dropped) → the
+/// dispatch plan.
+pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<ExpertCounters<'_>>) -> Result<Plan> {
     #[cfg(feature = "cuda")]
     return cuda::dispatch(ids, n_experts, top_k, counters);
     #[cfg(not(feature = "cuda"))]
@@ -124,12 +158,12 @@ pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<E
 
 /// The active experts' `silu(gate(x)) * up(x)` for every routed row: `x` `[tokens, hidden]`, `gate_up`
 /// `[n_experts, 2 * inter, hidden]` (gate rows first) → `[tokens * top_k, inter]` in the plan's order.
-pub fn expert_gate_up(x: &Tensor, gate_up: &Tensor, plan: &Tensor, top_k: usize) -> Result<Tensor> {
+pub fn expert_gate_up(x: &Tensor, gate_up: &Tensor, plan: &Plan) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    return cuda::expert_gate_up(x, gate_up, plan, top_k);
+    return cuda::expert_gate_up(x, gate_up, plan);
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, gate_up, plan, top_k);
+        let _ = (x, gate_up, plan);
         unavailable()
     }
 }
@@ -137,7 +171,7 @@ pub fn expert_gate_up(x: &Tensor, gate_up: &Tensor, plan: &Tensor, top_k: usize)
 /// The active experts' down projections of [`expert_gate_up`]'s rows, each scaled by its routing weight
 /// (`weights`, `[tokens * top_k]` f32): `down` `[n_experts, hidden, inter]` → `[tokens * top_k, hidden]` f32, row
 /// `t * top_k + j` for token `t`'s `j`-th expert.
-pub fn expert_down(h: &Tensor, down: &Tensor, plan: &Tensor, weights: &Tensor) -> Result<Tensor> {
+pub fn expert_down(h: &Tensor, down: &Tensor, plan: &Plan, weights: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     return cuda::expert_down(h, down, plan, weights);
     #[cfg(not(feature = "cuda"))]
@@ -163,7 +197,8 @@ pub fn combine(y: &Tensor, shared: Option<&Tensor>, top_k: usize, dtype: DType) 
 /// and the positions of a decode step's sequences (`[seqs]` u32); pairs are adjacent when `interleave`, else the
 /// two halves (as [`crate::model::rope::Rope`] rotates).
 #[derive(Debug, Clone, Copy)]
-pub struct DeviceRotary<'a> {
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct DeviceRotary<'a> {
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
     pub positions: &'a Tensor,
@@ -174,7 +209,8 @@ pub struct DeviceRotary<'a> {
 /// attending to its first `lens[s]` tokens (`[seqs]` u32) through block table row `tables[s]` (`[seqs,
 /// max_blocks]` u32) of `block_size`-token blocks.
 #[derive(Debug, Clone, Copy)]
-pub struct PagedCache<'a> {
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct PagedCache<'a> {
     pub cache: &'a Tensor,
     pub tables: &'a Tensor,
     pub lens: &'a Tensor,
@@ -184,8 +220,9 @@ pub struct PagedCache<'a> {
 /// Absorbed MLA attention of single-token decode steps. The query of sequence `s`, head `h` is assembled in the
 /// kernel: `q_lat[h, s]` (`[heads, seqs, rank]`: q_nope through W_UK) beside the rotary part of `q[s]` (`[seqs,
 /// heads * (nope + rope)]`, rotated at the sequence's position), both times `scale`. Returns the attended latents
-/// `[heads, seqs, rank]`.
-pub fn mla_decode(
+/// `[heads, seqs, rank]`. Crate-only: the kernel reads the cache rows, positions and block tables it is given, which
+/// only a staged decode step (`DeviceStep` in `model/deepseek/decode.rs`, checked against its pool) vouches for.
+pub(crate) fn mla_decode(
     q_lat: &Tensor,
     q: &Tensor,
     nope: usize,
@@ -204,8 +241,8 @@ pub fn mla_decode(
 
 /// A decode step's new latent rows into the cache, in place: from the kv_a projection `kv` (`[seqs, rank +
 /// rope]`), the first `rank` values RMS-normalized (`norm` weight `[rank]`, `eps`) and the rest rotated at each
-/// sequence's position, written to rows `slots` (`[seqs]` u32) of `cache`.
-pub fn kv_write(
+/// sequence's position, written to rows `slots` (`[seqs]` u32) of `cache`. Crate-only, as [`mla_decode`].
+pub(crate) fn kv_write(
     kv: &Tensor,
     norm: &Tensor,
     eps: f32,
@@ -224,20 +261,20 @@ pub fn kv_write(
 
 /// For batched GEMMs over large decode batches: `[n_experts * rows]` u32, the token of each active expert's `r`-th
 /// routed row at `e * rows + r`, or `rows` (the index of an appended zero row) past its count. `rows` must be at
-/// least every expert's count (the batch's tokens always are).
-pub fn pad_rows(plan: &Tensor, n_experts: usize, top_k: usize, rows: usize) -> Result<Tensor> {
+/// least every expert's count, so at least the plan's tokens (a token chooses an expert once).
+pub fn pad_rows(plan: &Plan, rows: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    return cuda::pad_rows(plan, n_experts, top_k, rows);
+    return cuda::pad_rows(plan, rows);
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (plan, n_experts, top_k, rows);
+        let _ = (plan, rows);
         unavailable()
     }
 }
 
 /// The batched GEMMs' output `out` (`[n_experts, rows, hidden]`) back to routed rows, each scaled by its routing
 /// weight: `[tokens * top_k, hidden]` f32 as [`expert_down`] returns.
-pub fn unpad_rows(out: &Tensor, plan: &Tensor, weights: &Tensor) -> Result<Tensor> {
+pub fn unpad_rows(out: &Tensor, plan: &Plan, weights: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     return cuda::unpad_rows(out, plan, weights);
     #[cfg(not(feature = "cuda"))]
@@ -248,8 +285,8 @@ pub fn unpad_rows(out: &Tensor, plan: &Tensor, weights: &Tensor) -> Result<Tenso
 }
 
 /// `[n]` f32 values `mean + std · zᵢ`, where `zᵢ` is the `i`-th standard normal draw of the built-in models' host
-/// generator seeded with `seed` (SplitMix64 and Box–Muller; see [`crate::builtin`]): the same weights the host
-/// would draw, generated on the device.
+/// generator seeded with `seed` (SplitMix64 and Box–Muller; see [`crate::builtin`]): the host's draws, generated on
+/// the device (equal but for the last rounding of the double-precision logarithm and cosine, within 1e-6).
 pub fn random_normal(n: usize, seed: u64, mean: f32, std: f32, device: &Device) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     return cuda::random_normal(n, seed, mean, std, device);

@@ -13,8 +13,7 @@ pub mod rope;
 pub use cache::{LatentPool, SeqCache};
 pub use config::ModelConfig;
 pub use deepseek::{
-    Accel, DEFAULT_BLOCK_SIZE, DeepseekModel, DeviceStep, ForwardOptions, ForwardOutput, GRAPH_BATCHES, LogitsFor,
-    SeqInput,
+    Accel, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, ForwardOutput, GRAPH_BATCHES, LogitsFor, SeqInput,
 };
 pub use experts::{ExpertDispatcher, ExpertParallel, ExpertShard, InProcessExperts, PendingRows};
 pub use mla::AttentionMode;

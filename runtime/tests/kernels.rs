@@ -164,7 +164,7 @@ fn grouped_expert_kernels_match_the_batched_matmuls() {
             }
             let plan = plan.unwrap();
             let w = Tensor::from_slice(&weights, tokens * k, &dev).unwrap();
-            let h = kernels::expert_gate_up(&x, gate_up, &plan, k).unwrap();
+            let h = kernels::expert_gate_up(&x, gate_up, &plan).unwrap();
             let y = kernels::expert_down(&h, down, &plan, &w).unwrap();
             let got = kernels::combine(&y, None, k, dtype).unwrap();
             let diff = max_abs_diff(&got, &want);
@@ -238,13 +238,14 @@ fn expert_counters_count_every_routed_row() {
     let mut model = load("tiny-v3", DType::F32, Accel::default());
     model.observe_experts(&metrics.expert_tokens_total).unwrap();
     let prompt: Vec<u32> = (0..6).collect();
-    let decoded = batched_decode(&model, &[&prompt, &prompt[..4]], 3);
+    // Three sequences: a CUDA graph pads the batch to four, and the padding row must not be counted.
+    let decoded = batched_decode(&model, &[&prompt, &prompt[..4], &prompt[1..6]], 3);
     model.flush_expert_counts(true).unwrap();
     let config = model.config();
     let moe_layers = (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).count();
     let k = config.moe.as_ref().unwrap().num_experts_per_tok;
-    // Prefill of 6 and 4 tokens, then 3 steps of 2 sequences.
-    let tokens = 6 + 4 + decoded.len() * 2;
+    // Prefill of 6, 4 and 5 tokens, then 3 steps of 3 sequences.
+    let tokens = 6 + 4 + 5 + decoded.len() * 3;
     let prefix = format!("{METRIC_RUNTIME_EXPERT_TOKENS_TOTAL}{{");
     let total: u64 = metrics
         .render()

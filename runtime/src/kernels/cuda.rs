@@ -1,8 +1,10 @@
-//! Launches of the kernels in `runtime/kernels/baleen.cu` (compiled to PTX by build.rs) on candle's CUDA stream.
+//! Launches of the kernels in `runtime/kernels/baleen.cu` (compiled to PTX by build.rs) on the CUDA device's stream.
 //!
 //! Inputs are made contiguous and passed to the kernels as device addresses; outputs are fresh device buffers
-//! wrapped as candle tensors. Every launch is ordered on candle's one stream, after the work that produced its
-//! inputs and before any later free of them (candle frees buffers stream-ordered).
+//! wrapped as candle tensors. Every launch is ordered on the stream candle's device launches on (for
+//! `Device::new_cuda`, the per-thread default stream), after the work that produced its inputs and before any later
+//! free of them (candle frees buffers stream-ordered) — so, as with candle's own ops, a model's tensors are used from
+//! one host thread at a time (the engine's).
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Shape, Storage, Tensor};
 
-use super::{DeviceRotary, ExpertCounters, MLA_MAX_RANK, MLA_MAX_WIDTH, PagedCache, RouteParams};
+use super::{DeviceRotary, ExpertCounters, MLA_MAX_RANK, MLA_MAX_WIDTH, PagedCache, Plan, RouteParams};
 use crate::error::{Error, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/baleen.ptx"));
@@ -141,10 +143,11 @@ fn typed(root: &'static str, dtype: DType) -> Result<&'static str> {
     Ok(name)
 }
 
-/// A fresh, uninitialized `[len]` buffer of `dtype` (every kernel writes all of its output).
+/// A fresh, uninitialized `[len]` buffer of `dtype`: every kernel writes each element its callers read (a dispatch
+/// plan's unused active-expert slots excepted, which nothing reads).
 fn output(dev: &CudaDevice, dtype: DType, len: usize, shape: impl Into<Shape>) -> Result<(Tensor, Held)> {
     let len = len.max(1);
-    // SAFETY: the buffers are written by the kernel launched next, before anything reads them.
+    // SAFETY: the buffers are written by the kernel launched next before anything reads them (see above).
     let t = unsafe {
         match dtype {
             DType::F32 => wrap(dev.alloc::<f32>(len)?, dev, len),
@@ -244,12 +247,20 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, p: &RouteParams) -> Result<
     Ok((ids, out))
 }
 
-pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<ExpertCounters<'_>>) -> Result<Tensor> {
+pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<ExpertCounters<'_>>) -> Result<Plan> {
     let dev = cuda_device(ids)?;
     let stream = dev.cuda_stream();
     let assignments = ids.elem_count();
-    if ids.dtype() != DType::U32 || n_experts > super::MAX_EXPERTS || n_experts == 0 {
-        return Err(kernel_error(format!("dispatching {:?} ids over {n_experts} experts", ids.dtype())));
+    if ids.dtype() != DType::U32
+        || n_experts > super::MAX_EXPERTS
+        || n_experts == 0
+        || top_k == 0
+        || !assignments.is_multiple_of(top_k)
+    {
+        return Err(kernel_error(format!(
+            "dispatching {assignments} {:?} ids over {n_experts} experts, {top_k} per token",
+            ids.dtype()
+        )));
     }
     let ids = Held::new(ids)?;
     let plan_len = 2 * n_experts + 2 + assignments;
@@ -259,6 +270,9 @@ pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<E
         return Err(kernel_error("expert counters must be i64, one per expert"));
     }
     let real = counters.and_then(|c| c.real_tokens).map(Held::new).transpose()?;
+    if real.as_ref().is_some_and(|r| r.dtype() != DType::U32 || r.tensor.elem_count() != 1) {
+        return Err(kernel_error("the real token count must be one u32"));
+    }
     let ids_ptr = ids.ptr(&stream)?;
     let cfg = config((1, 1), DISPATCH_THREADS)?;
     launch(
@@ -277,14 +291,18 @@ pub fn dispatch(ids: &Tensor, n_experts: usize, top_k: usize, counters: Option<E
             Arg::Int(int(top_k, "top_k")?),
         ],
     )?;
-    Ok(plan)
+    Ok(Plan { tensor: plan, n_experts, tokens: assignments / top_k, top_k })
 }
 
-/// The routed rows of a dispatch plan for `n_experts`.
-fn plan_rows(plan: &Tensor, n_experts: usize) -> Result<usize> {
-    plan.elem_count()
-        .checked_sub(2 * n_experts + 2)
-        .ok_or_else(|| kernel_error(format!("a dispatch plan of {} words for {n_experts} experts", plan.elem_count())))
+/// Checks that `experts` stacked weights and `rows` input rows are what `plan` was made for.
+fn check_plan(plan: &Plan, experts: usize, rows: usize, what: &str) -> Result<()> {
+    if experts != plan.n_experts || rows != plan.tokens {
+        return Err(kernel_error(format!(
+            "{what}: {experts} experts over {rows} rows with a plan for {} over {}",
+            plan.n_experts, plan.tokens
+        )));
+    }
+    Ok(())
 }
 
 /// Launch shape of the grouped expert kernels: row tiles × active-expert slots.
@@ -292,17 +310,18 @@ fn expert_grid(rows: usize, n_experts: usize, assignments: usize) -> Result<Laun
     config((rows.div_ceil(EXPERT_ROWS_PER_BLOCK), n_experts.min(assignments)), EXPERT_THREADS)
 }
 
-pub fn expert_gate_up(x: &Tensor, gate_up: &Tensor, plan: &Tensor, top_k: usize) -> Result<Tensor> {
+pub fn expert_gate_up(x: &Tensor, gate_up: &Tensor, plan: &Plan) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let stream = dev.cuda_stream();
-    let (_, hidden) = x.dims2()?;
+    let (tokens, hidden) = x.dims2()?;
     let (n_experts, two_inter, w_hidden) = gate_up.dims3()?;
     let inter = two_inter / 2;
-    if w_hidden != hidden || x.dtype() != gate_up.dtype() || two_inter % 2 != 0 || top_k == 0 {
+    if w_hidden != hidden || x.dtype() != gate_up.dtype() || two_inter % 2 != 0 {
         return Err(kernel_error(format!("experts {:?} for rows of width {hidden}", gate_up.dims())));
     }
-    let assignments = plan_rows(plan, n_experts)?;
-    let (x, w, plan) = (Held::new(x)?, Held::new(gate_up)?, Held::new(plan)?);
+    check_plan(plan, n_experts, tokens, "gate/up projections")?;
+    let (assignments, top_k) = (plan.assignments(), plan.top_k);
+    let (x, w, plan) = (Held::new(x)?, Held::new(gate_up)?, Held::new(&plan.tensor)?);
     let name = typed("moe_gate_up", x.dtype())?;
     let pack = 16 / x.dtype().size_in_bytes();
     let vec = hidden.is_multiple_of(pack) && x.aligned16(&stream)? && w.aligned16(&stream)?;
@@ -328,7 +347,7 @@ pub fn expert_gate_up(x: &Tensor, gate_up: &Tensor, plan: &Tensor, top_k: usize)
     Ok(h)
 }
 
-pub fn expert_down(h: &Tensor, down: &Tensor, plan: &Tensor, weights: &Tensor) -> Result<Tensor> {
+pub fn expert_down(h: &Tensor, down: &Tensor, plan: &Plan, weights: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(h)?;
     let stream = dev.cuda_stream();
     let (assignments, inter) = h.dims2()?;
@@ -339,10 +358,11 @@ pub fn expert_down(h: &Tensor, down: &Tensor, plan: &Tensor, weights: &Tensor) -
             down.dims()
         )));
     }
-    if plan_rows(plan, n_experts)? != assignments {
+    if assignments != plan.assignments() {
         return Err(kernel_error("a dispatch plan for a different number of rows"));
     }
-    let (h, w, plan) = (Held::new(h)?, Held::new(down)?, Held::new(plan)?);
+    check_plan(plan, n_experts, plan.tokens, "down projections")?;
+    let (h, w, plan) = (Held::new(h)?, Held::new(down)?, Held::new(&plan.tensor)?);
     let weights = Held::new(&weights.to_dtype(DType::F32)?)?;
     let name = typed("moe_down", h.dtype())?;
     let pack = 16 / h.dtype().size_in_bytes();
@@ -526,11 +546,14 @@ pub fn kv_write(
     )
 }
 
-pub fn pad_rows(plan: &Tensor, n_experts: usize, top_k: usize, rows: usize) -> Result<Tensor> {
-    let dev = cuda_device(plan)?;
+pub fn pad_rows(plan: &Plan, rows: usize) -> Result<Tensor> {
+    let dev = cuda_device(&plan.tensor)?;
     let stream = dev.cuda_stream();
-    plan_rows(plan, n_experts)?;
-    let plan = Held::new(plan)?;
+    if rows < plan.tokens {
+        return Err(kernel_error(format!("slabs of {rows} rows for {} tokens", plan.tokens)));
+    }
+    let (n_experts, top_k) = (plan.n_experts, plan.top_k);
+    let plan = Held::new(&plan.tensor)?;
     let len = n_experts * rows;
     let (idx, idx_w) = output(&dev, DType::U32, len, len)?;
     if len > 0 {
@@ -552,16 +575,19 @@ pub fn pad_rows(plan: &Tensor, n_experts: usize, top_k: usize, rows: usize) -> R
     Ok(idx)
 }
 
-pub fn unpad_rows(out: &Tensor, plan: &Tensor, weights: &Tensor) -> Result<Tensor> {
+pub fn unpad_rows(out: &Tensor, plan: &Plan, weights: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(out)?;
     let stream = dev.cuda_stream();
     let (n_experts, rows, hidden) = out.dims3()?;
-    let assignments = plan_rows(plan, n_experts)?;
+    if n_experts != plan.n_experts || rows < plan.tokens {
+        return Err(kernel_error(format!("slabs {:?} for a plan over {} experts", out.dims(), plan.n_experts)));
+    }
+    let assignments = plan.assignments();
     if weights.elem_count() != assignments {
         return Err(kernel_error(format!("{} routing weights for {assignments} routed rows", weights.elem_count())));
     }
     let name = typed("moe_unpad_rows", out.dtype())?;
-    let (out, plan, weights) = (Held::new(out)?, Held::new(plan)?, Held::new(&weights.to_dtype(DType::F32)?)?);
+    let (out, plan, weights) = (Held::new(out)?, Held::new(&plan.tensor)?, Held::new(&weights.to_dtype(DType::F32)?)?);
     let (y, y_w) = output(&dev, DType::F32, assignments * hidden, (assignments, hidden))?;
     if assignments > 0 {
         let cfg = config((rows, n_experts), ELEMENTWISE_THREADS)?;

@@ -23,7 +23,7 @@ use crate::kernels::ExpertCounters;
 mod decode;
 mod graph;
 
-pub use decode::DeviceStep;
+pub(crate) use decode::DeviceStep;
 pub use graph::GRAPH_BATCHES;
 
 #[derive(Debug, Clone)]
@@ -171,6 +171,14 @@ impl DeepseekModel {
         Ok(model)
     }
 
+    /// Flushes the device's routed-row counts when due; a failure is logged, not passed on (the step it follows
+    /// succeeded).
+    fn flush_counts_or_log(&self) {
+        if let Err(e) = self.flush_expert_counts(false) {
+            tracing::warn!(error = %e, "flushing the expert token counters failed");
+        }
+    }
+
     /// Chooses Baleen's CUDA paths (see [`Accel`]); captured graphs are dropped.
     pub fn set_accel(&mut self, accel: Accel) {
         self.accel = accel;
@@ -200,7 +208,8 @@ impl DeepseekModel {
     }
 
     /// Counts the token rows routed to each expert of every MoE layer into `counter{layer, expert}`. Layers on
-    /// the CUDA kernels count on the device; [`DeepseekModel::flush_expert_counts`] adds those counts.
+    /// the CUDA kernels count on the device; [`DeepseekModel::flush_expert_counts`] adds those counts. Call it after
+    /// [`DeepseekModel::set_accel`]: with the kernels off nothing counts on the device.
     pub fn observe_experts(&mut self, counter: &prometheus::IntCounterVec) -> Result<()> {
         let mut per_layer = Vec::with_capacity(self.layers.len());
         let mut on_kernels = false;
@@ -214,7 +223,12 @@ impl DeepseekModel {
                 Ffn::Dense(_) => per_layer.push(Vec::new()),
             }
         }
-        if on_kernels {
+        // Counts of counters being replaced reach the old metrics first.
+        if let Err(e) = self.flush_expert_counts(true) {
+            tracing::warn!(error = %e, "flushing the expert token counters failed");
+        }
+        self.expert_counts = None;
+        if on_kernels && self.accel.kernels {
             let experts = self.config.moe.as_ref().map_or(0, |m| m.n_routed_experts);
             let tensor = Tensor::zeros((self.layers.len(), experts), DType::I64, &self.device)?;
             self.expert_counts = Some(Arc::new(Mutex::new(decode::DeviceCounts::new(tensor, per_layer))));
@@ -315,7 +329,7 @@ impl DeepseekModel {
                 Some(logits) => ForwardOutput { logits, router: Vec::new() },
                 None => self.forward_decode(pool, seqs, options.trace_router)?,
             };
-            self.flush_expert_counts(false)?;
+            self.flush_counts_or_log();
             return Ok(out);
         }
         let n = tokens.len();
@@ -357,7 +371,7 @@ impl DeepseekModel {
         };
         let x = self.norm.forward(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        self.flush_expert_counts(false)?;
+        self.flush_counts_or_log();
         Ok(ForwardOutput { logits, router })
     }
 

@@ -291,7 +291,7 @@ impl Mla {
     /// writes the new cache rows; attention runs over the paged cache through the step's block tables, with the
     /// queries assembled (rotary part rotated, scale applied) inside the attention kernel — no host data and none
     /// of the small copies of the tensor path in between.
-    pub fn forward_decode(
+    pub(crate) fn forward_decode(
         &self,
         x: &Tensor,
         rotary: &kernels::DeviceRotary<'_>,

@@ -15,9 +15,11 @@ use crate::model::cache::LatentPool;
 use crate::model::mla::AttentionMode;
 use crate::model::moe::Routing;
 
-/// A decode step's per-sequence inputs as device tensors (views into one staging buffer, see [`StepShape`]).
+/// A decode step's per-sequence inputs as device tensors (views into one staging buffer, see [`StepShape`]). Made
+/// only here, from values [`StepShape::stage`] checked against the step's pool: the kernels index the cache with
+/// them.
 #[derive(Debug, Clone)]
-pub struct DeviceStep {
+pub(crate) struct DeviceStep {
     /// `[batch]` u32: each sequence's new token.
     pub ids: Tensor,
     /// `[batch]` u32: its position (the tokens it already cached).
@@ -190,7 +192,8 @@ impl DeepseekModel {
 
     /// The routed-row counters on the device, when [`DeepseekModel::observe_experts`] set them up.
     pub(super) fn device_counts(&self) -> Option<Tensor> {
-        self.expert_counts.as_ref().and_then(|c| c.lock().ok().map(|c| c.tensor().clone()))
+        let counts = self.expert_counts.as_ref()?;
+        Some(counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).tensor().clone())
     }
 
     /// One decode step from its device inputs: `[batch, vocab]` f32 logits, and each MoE layer's routing when
@@ -252,7 +255,7 @@ impl DeepseekModel {
     /// set device counters up.
     pub fn flush_expert_counts(&self, force: bool) -> Result<()> {
         match &self.expert_counts {
-            Some(counts) => counts.lock().map_err(|_| Error::Kernel("expert counters poisoned".into()))?.flush(force),
+            Some(counts) => counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush(force),
             None => Ok(()),
         }
     }

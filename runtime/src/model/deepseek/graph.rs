@@ -11,7 +11,7 @@ use candle_core::Tensor;
 
 use super::decode::StepShape;
 use super::{DeepseekModel, SeqInput};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::cache::LatentPool;
 
 /// Batch sizes a graph is captured for; a step is padded to the next one. Larger batches run as issued.
@@ -58,11 +58,12 @@ impl std::fmt::Debug for DecodeGraphs {
 }
 
 impl DecodeGraphs {
-    /// Drops every captured graph (their shapes or counters changed).
+    /// Drops every captured graph (their shapes or counters changed) and forgets a failed capture, so graphs are
+    /// tried again.
     pub fn clear(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.graphs.clear();
-        }
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.graphs.clear();
+        s.failed = None;
     }
 
     /// The number of graphs captured so far, and why graphs were turned off if they were.
@@ -79,10 +80,13 @@ impl DecodeGraphs {
     pub fn run(&self, model: &DeepseekModel, pool: &LatentPool, seqs: &[SeqInput<'_>]) -> Result<Option<Tensor>> {
         let Some(shape) = padded_shape(seqs, pool.block_size()) else { return Ok(None) };
         let key = GraphKey { shape, pool: pool.id() };
-        let mut state = self.state.lock().map_err(|_| Error::Kernel("decode graphs poisoned".into()))?;
+        // A panic while the lock was held leaves the graphs in an unknown state: run steps as issued.
+        let Ok(mut state) = self.state.lock() else { return Ok(None) };
         if state.failed.is_some() {
             return Ok(None);
         }
+        // Graphs of another pool are dead weight (a pool that grew or was replaced): each holds its logits buffer.
+        state.graphs.retain(|k, _| k.pool == key.pool);
         let captured = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => match Captured::capture(model, pool, shape) {
@@ -115,7 +119,7 @@ impl Captured {
     }
 
     fn replay(&self, _: &DeepseekModel, _: &LatentPool, _: &[SeqInput<'_>], _: StepShape) -> Result<Tensor> {
-        Err(Error::Kernel("CUDA graphs need a build with the `cuda` feature".into()))
+        Err(crate::Error::Kernel("CUDA graphs need a build with the `cuda` feature".into()))
     }
 }
 

@@ -73,7 +73,7 @@ impl DeviceMoe {
         let y = if tokens >= SLAB_MIN_TOKENS && self.params.n_experts <= SLAB_MAX_EXPERTS_PER_CHOICE * k {
             self.slabs(&x, &plan, &routed)?
         } else {
-            let h = kernels::expert_gate_up(&x, &self.gate_up, &plan, k)?;
+            let h = kernels::expert_gate_up(&x, &self.gate_up, &plan)?;
             kernels::expert_down(&h, &self.down, &plan, &routed)?
         };
         let shared = shared.map(|s| s.forward(&x)).transpose()?;
@@ -94,10 +94,10 @@ impl DeviceMoe {
     /// Every expert's routed rows of `x` gathered into a slab of `tokens` rows (zero rows past its count; no expert
     /// has more, as a token chooses an expert once), two batched GEMMs with SwiGLU between, and the rows back in
     /// the routing's order, weighted: what [`kernels::expert_down`] returns.
-    fn slabs(&self, x: &Tensor, plan: &Tensor, routed: &Tensor) -> Result<Tensor> {
+    fn slabs(&self, x: &Tensor, plan: &kernels::Plan, routed: &Tensor) -> Result<Tensor> {
         let (tokens, hidden) = x.dims2()?;
         let (n_experts, _, inter) = self.down.dims3()?;
-        let idx = kernels::pad_rows(plan, n_experts, self.params.top_k, tokens)?;
+        let idx = kernels::pad_rows(plan, tokens)?;
         let padded = Tensor::cat(&[x, &Tensor::zeros((1, hidden), x.dtype(), x.device())?], 0)?;
         let xs = padded.index_select(&idx, 0)?.reshape((n_experts, tokens, hidden))?;
         let h = xs.matmul(&self.gate_up.transpose(1, 2)?)?;
