@@ -7,11 +7,15 @@
 //! - [`crd`]: the `ModelDeployment` resource as plain serde types, its manifest and validation, and
 //!   [`crd::ModelSource`] (where the weights come from).
 //!
+//! - `http` (feature `http`): the OpenAI HTTP edge shared by the runtime and the gateway — `ApiError` rendered
+//!   as OpenAI JSON, body limits, JSON parsing, SSE framing.
 //! - [`topology`]: replica-group topology — which rank holds which routed experts, redundant replicas.
 //!
 //! The kube `CustomResource` derive on the CRD types joins this crate with the operator issue.
 
 pub mod crd;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod names;
 pub mod openai;
 pub mod topology;

@@ -365,3 +365,64 @@ pub const EVENT_GROUP_CREATED: &str = "GroupCreated";
 pub const EVENT_GROUP_DELETED: &str = "GroupDeleted";
 /// Event reason (`Normal`): no group of an older revision is left.
 pub const EVENT_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gateway (`baleen-gateway`): its flags' environment variables, metrics and labels.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Gateway: the static discovery file (`--config`).
+pub const ENV_GATEWAY_CONFIG: &str = "BALEEN_GATEWAY_CONFIG";
+/// Gateway: listen address (`--host`, default `0.0.0.0`).
+pub const ENV_GATEWAY_HOST: &str = "BALEEN_GATEWAY_HOST";
+/// Gateway: OpenAI API port (`--port`, default 8080).
+pub const ENV_GATEWAY_PORT: &str = "BALEEN_GATEWAY_PORT";
+/// Gateway: `/metrics` port (`--admin-port`, default 9090).
+pub const ENV_GATEWAY_ADMIN_PORT: &str = "BALEEN_GATEWAY_ADMIN_PORT";
+/// Gateway: request body cap in bytes (`--max-request-bytes`).
+pub const ENV_GATEWAY_MAX_REQUEST_BYTES: &str = "BALEEN_GATEWAY_MAX_REQUEST_BYTES";
+/// Gateway: seconds between scrapes of each backend's `/metrics` and `/ready` (`--scrape-interval`).
+pub const ENV_GATEWAY_SCRAPE_INTERVAL: &str = "BALEEN_GATEWAY_SCRAPE_INTERVAL";
+/// Gateway: seconds to wait for an upstream's response head (`--request-timeout`).
+pub const ENV_GATEWAY_REQUEST_TIMEOUT: &str = "BALEEN_GATEWAY_REQUEST_TIMEOUT";
+/// Gateway: other backends tried after a failure before the first response byte (`--retries`).
+pub const ENV_GATEWAY_RETRIES: &str = "BALEEN_GATEWAY_RETRIES";
+/// Gateway: bytes of a prompt's leading text hashed by `prefix-affinity` (`--prefix-bytes`).
+pub const ENV_GATEWAY_PREFIX_BYTES: &str = "BALEEN_GATEWAY_PREFIX_BYTES";
+/// Gateway: the header `session-affinity` keys on (`--session-header`).
+pub const ENV_GATEWAY_SESSION_HEADER: &str = "BALEEN_GATEWAY_SESSION_HEADER";
+/// Gateway: log filter (`tracing` env-filter syntax).
+pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
+/// Gateway: default OpenAI API port.
+pub const GATEWAY_PORT: u16 = 8080;
+/// Gateway: default header of `session-affinity` (its value names the session; the body's `user` otherwise).
+pub const GATEWAY_SESSION_HEADER: &str = "x-session-id";
+/// Response header naming the backend that served a request (for debugging and tests).
+pub const HEADER_GATEWAY_BACKEND: &str = "x-baleen-backend";
+
+/// Counter: answers by [`LABEL_MODEL`], [`LABEL_BACKEND`] (empty when none was chosen) and [`LABEL_CODE`].
+pub const METRIC_GATEWAY_REQUESTS_TOTAL: &str = "baleen_gateway_requests_total";
+/// Histogram: seconds from a request's arrival to its upstream request being sent (the gateway's own cost).
+pub const METRIC_GATEWAY_ADDED_LATENCY_SECONDS: &str = "baleen_gateway_added_latency_seconds";
+/// Histogram: seconds from a request's arrival to the first body byte of its answer, by [`LABEL_MODEL`] (a
+/// stream's time to first token as the client sees it, minus the network).
+pub const METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS: &str = "baleen_gateway_time_to_first_byte_seconds";
+/// Gauge: requests in flight through the gateway, by [`LABEL_MODEL`] and [`LABEL_BACKEND`].
+pub const METRIC_GATEWAY_IN_FLIGHT: &str = "baleen_gateway_in_flight";
+/// Gauge: 1 while a backend is ready and not ejected, by [`LABEL_MODEL`] and [`LABEL_BACKEND`].
+pub const METRIC_GATEWAY_BACKEND_HEALTHY: &str = "baleen_gateway_backend_healthy";
+/// Counter: upstream attempts retried on another backend, by [`LABEL_MODEL`].
+pub const METRIC_GATEWAY_RETRIES_TOTAL: &str = "baleen_gateway_retries_total";
+/// Counter: backends ejected after consecutive failures, by [`LABEL_MODEL`] and [`LABEL_BACKEND`].
+pub const METRIC_GATEWAY_EJECTIONS_TOTAL: &str = "baleen_gateway_ejections_total";
+/// Counter: failed scrapes of a backend's `/metrics` or `/ready`, by [`LABEL_MODEL`] and [`LABEL_BACKEND`].
+pub const METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL: &str = "baleen_gateway_scrape_errors_total";
+/// Gauge: the autoscaler's desired replicas, by [`LABEL_MODEL`].
+pub const METRIC_GATEWAY_DESIRED_REPLICAS: &str = "baleen_gateway_desired_replicas";
+/// Gauge: ready replicas (backends) serving a model, by [`LABEL_MODEL`].
+pub const METRIC_GATEWAY_READY_REPLICAS: &str = "baleen_gateway_ready_replicas";
+/// Label: the served model name (a configured one; unknown models are counted under [`MODEL_UNKNOWN`]).
+pub const LABEL_MODEL: &str = "model";
+/// Label: a backend's base URL.
+pub const LABEL_BACKEND: &str = "backend";
+/// Value of [`LABEL_MODEL`] for requests whose model is missing or not configured.
+pub const MODEL_UNKNOWN: &str = "";

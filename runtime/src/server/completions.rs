@@ -3,26 +3,27 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use baleen_api::http::parse_json;
 use baleen_api::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason as WireFinishReason, SinglePrompt,
 };
 
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
-use super::http::{parse_json, read_body};
+use super::http::read_body;
 use super::params::{CommonParams, check_model, new_request_id};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
 
-pub(crate) async fn handle(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
-    run(state, body).await.unwrap_or_else(IntoResponse::into_response)
+pub(crate) async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    run(state, headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn run(state: AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = read_body(body, state.max_request_bytes)?;
+async fn run(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(&headers, body, state.max_request_bytes).await?;
     let req: CompletionRequest = parse_json(&body)?;
     let served = state.served_model_name().to_string();
     check_model(req.model.as_deref(), &served)?;

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use baleen_api::http::{set_sse_headers, sse_frame};
 use baleen_api::openai::{FinishReason as WireFinishReason, STREAM_DONE, Usage as WireUsage};
 use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
@@ -97,16 +97,6 @@ pub(crate) trait StreamFormat: Send + 'static {
     fn finish(&mut self, reason: WireFinishReason, usage: &Usage, text: &str) -> Vec<String>;
 }
 
-/// The SSE frame of one payload.
-pub(crate) fn sse_frame(payload: &str) -> Bytes {
-    Bytes::from(format!("data: {payload}\n\n"))
-}
-
-/// The error payload sent in place of further chunks when a stream fails.
-fn error_payload(e: &ApiError) -> String {
-    serde_json::to_string(&e.body()).unwrap_or_else(|_| String::from("{\"error\":{}}"))
-}
-
 struct StreamState<F> {
     events: EventStream,
     _guard: CancelOnDrop,
@@ -137,16 +127,16 @@ pub(crate) fn sse_stream<F: StreamFormat>(
                     s.done = true;
                     match wire_finish(reason) {
                         Ok(reason) => s.format.finish(reason, &usage, &text),
-                        Err(e) => vec![error_payload(&e)],
+                        Err(e) => vec![e.json()],
                     }
                 }
                 Some(Event::Error(message)) => {
                     s.done = true;
-                    vec![error_payload(&ApiError::internal(message))]
+                    vec![ApiError::internal(message).json()]
                 }
                 None => {
                     s.done = true;
-                    vec![error_payload(&ApiError::internal("the engine stopped before the request finished"))]
+                    vec![ApiError::internal("the engine stopped before the request finished").json()]
                 }
             };
             s.pending.extend(payloads.iter().map(|p| sse_frame(p)));
@@ -160,10 +150,7 @@ pub(crate) fn sse_stream<F: StreamFormat>(
 /// A `text/event-stream` response over `stream`.
 pub(crate) fn sse_response(stream: impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static) -> Response {
     let mut response = Body::from_stream(stream).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    set_sse_headers(response.headers_mut());
     response
 }
 

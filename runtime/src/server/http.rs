@@ -14,24 +14,24 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{Method, StatusCode, Uri, header};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use baleen_api::http;
 use baleen_api::names::{
     PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY, ROUTE_UNMATCHED,
 };
 use baleen_api::openai::{Model, ModelList};
-use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
 use super::{ApiError, AppState, chat, completions};
 use crate::error::{Error, Result};
 
-/// The application: every route (the paths are in `baleen_api::names`, also the `route` metric label), with bodies over `state.max_request_bytes` refused (413) before parsing.
+/// The application: every route (the paths are in `baleen_api::names`, also the `route` metric label), bodies over `state.max_request_bytes` are refused (413) by the handlers before parsing ([`read_body`]).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(PATH_CHAT_COMPLETIONS, post(chat::handle))
@@ -42,7 +42,6 @@ pub fn router(state: AppState) -> Router {
         .route(PATH_METRICS, get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.max_request_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -71,20 +70,10 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
-/// The body, or 413 when it is over the limit.
-pub(crate) fn read_body(body: std::result::Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::invalid(format!("could not read the request body: {}", rejection.body_text()))
-        }
-    })
-}
-
-/// Parses a JSON body; any mismatch is a 400 that quotes serde's message (it names the field).
-pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+/// The request body, capped at `limit` before parsing (413 on a declared or actual size over it).
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    http::check_content_length(headers, limit)?;
+    http::read_body(body, limit).await
 }
 
 async fn models(State(state): State<AppState>) -> Json<ModelList> {

@@ -141,7 +141,7 @@ fn backticked(message: &str) -> Option<&str> {
 /// `model` must be absent or the served name.
 pub(crate) fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
     match model {
-        Some(m) if m != served => Err(ApiError::model_not_found(m, served)),
+        Some(m) if m != served => Err(ApiError::model_not_found(m, &format!("`{served}`"))),
         _ => Ok(()),
     }
 }
