@@ -1,0 +1,235 @@
+//! Backends and discovery: which runtime heads serve each model, whether each is ready, and how loaded it is.
+//!
+//! Discovery fills a [`Registry`] (model name → [`Pool`]) through [`Registry::set_model`]; the static file does it
+//! once, `baleen up` whenever it starts or stops a replica. A backend that stays in a model keeps its state
+//! (health, load sample, in-flight count). The [`scrape`] loop probes every backend's `/ready` and scrapes its
+//! `/metrics` for the vLLM load gauges; [`health`] tracks passive failures (ejection with backoff, readmission
+//! by a successful probe, re-ejection on the first failure after it).
+
+pub mod health;
+pub mod scrape;
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::PolicyKind;
+use crate::policy::{self, Policy};
+use health::Health;
+
+/// Added to the load score of a backend whose metrics are stale or missing: it is chosen only when every other
+/// one is too.
+pub const SATURATED: f64 = 1.0e6;
+/// Weight of the KV-cache use (0..1) in the load score: a full cache counts as this many queued requests.
+pub const KV_WEIGHT: f64 = 4.0;
+
+/// The load gauges of one scrape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadSample {
+    pub waiting: f64,
+    pub running: f64,
+    pub kv_usage: f64,
+    pub at: Instant,
+}
+
+/// One runtime head serving a model.
+#[derive(Debug)]
+pub struct Backend {
+    /// `http://host:port`.
+    pub url: String,
+    /// A stable hash of the URL (the affinity policies' identity of the backend).
+    pub id: u64,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+    sample: Mutex<Option<LoadSample>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A stable 64-bit hash (SipHash with fixed keys), the same in every process.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+impl Backend {
+    pub fn new(url: String) -> Self {
+        let id = stable_hash(url.as_bytes());
+        Self {
+            url,
+            id,
+            in_flight: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            sample: Mutex::new(None),
+        }
+    }
+
+    /// Requests the gateway has sent it that have not finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Ready (by its last probe) and not ejected.
+    pub fn routable(&self, now: Instant) -> bool {
+        lock(&self.health).routable(now)
+    }
+
+    /// The health state, for changes.
+    pub fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        lock(&self.health)
+    }
+
+    pub fn set_sample(&self, sample: Option<LoadSample>) {
+        *lock(&self.sample) = sample;
+    }
+
+    pub fn sample(&self) -> Option<LoadSample> {
+        *lock(&self.sample)
+    }
+
+    /// The load score least-load minimizes: the larger of the gateway's in-flight count (fresh) and the scraped
+    /// running + waiting (complete, but up to one scrape old), plus the queue again (waiting is worse than
+    /// running) and the KV-cache use; [`SATURATED`] more when the sample is older than `stale_after`.
+    pub fn score(&self, now: Instant, stale_after: Duration) -> f64 {
+        let in_flight = self.in_flight() as f64;
+        match self.sample() {
+            Some(s) if now.saturating_duration_since(s.at) <= stale_after => {
+                in_flight.max(s.running + s.waiting) + s.waiting + KV_WEIGHT * s.kv_usage
+            }
+            _ => in_flight + SATURATED,
+        }
+    }
+}
+
+/// A model's backends and its routing policy.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub policy: Box<dyn Policy>,
+    backends: RwLock<Vec<Arc<Backend>>>,
+}
+
+impl Pool {
+    fn new(name: String, kind: PolicyKind, backends: Vec<Arc<Backend>>) -> Self {
+        Self { name, policy: policy::new(kind), backends: RwLock::new(backends) }
+    }
+
+    /// Every backend, routable or not.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Backends ready and not ejected now.
+    pub fn routable(&self, now: Instant) -> Vec<Arc<Backend>> {
+        self.backends().into_iter().filter(|b| b.routable(now)).collect()
+    }
+
+    /// Replaces the backend list; backends that stay keep their state. Returns the removed ones.
+    fn set_backends(&self, urls: &[String]) -> Vec<Arc<Backend>> {
+        let mut backends = self.backends.write().unwrap_or_else(PoisonError::into_inner);
+        let mut old: BTreeMap<String, Arc<Backend>> = backends.drain(..).map(|b| (b.url.clone(), b)).collect();
+        for url in urls {
+            let backend = old.remove(url).unwrap_or_else(|| Arc::new(Backend::new(url.clone())));
+            backends.push(backend);
+        }
+        old.into_values().collect()
+    }
+}
+
+/// Every model the gateway serves.
+#[derive(Debug, Default)]
+pub struct Registry {
+    models: RwLock<BTreeMap<String, Arc<Pool>>>,
+}
+
+impl Registry {
+    /// Adds `name` or updates it: its policy (a change starts the policy afresh) and its backend URLs (normalized
+    /// `http://host:port`). Returns the backends that left, so callers can drop their metric series.
+    pub fn set_model(&self, name: &str, kind: PolicyKind, urls: &[String]) -> Vec<Arc<Backend>> {
+        let mut models = self.models.write().unwrap_or_else(PoisonError::into_inner);
+        let pool = match models.get(name).cloned() {
+            Some(pool) if pool.policy.kind() == kind => pool,
+            existing => {
+                let backends = existing.map(|old| old.backends()).unwrap_or_default();
+                let pool = Arc::new(Pool::new(name.to_string(), kind, backends));
+                models.insert(name.to_string(), pool.clone());
+                pool
+            }
+        };
+        pool.set_backends(urls)
+    }
+
+    /// Removes a model; returns its backends.
+    pub fn remove_model(&self, name: &str) -> Vec<Arc<Backend>> {
+        let removed = self.models.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        removed.map(|pool| pool.backends()).unwrap_or_default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
+        self.models.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// Every model, in name order.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.models.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    /// The configured model names, in order, for messages.
+    pub fn names(&self) -> Vec<String> {
+        self.models.read().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn updating_a_model_keeps_the_state_of_backends_that_stay() {
+        let registry = Registry::default();
+        let urls = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        registry.set_model("m", PolicyKind::LeastLoad, &urls(&["http://a:1", "http://b:1"]));
+        let pool = registry.get("m").unwrap();
+        pool.backends()[0].begin();
+        let removed = registry.set_model("m", PolicyKind::LeastLoad, &urls(&["http://a:1", "http://c:1"]));
+        assert_eq!(removed.iter().map(|b| b.url.as_str()).collect::<Vec<_>>(), ["http://b:1"]);
+        let pool = registry.get("m").unwrap();
+        assert_eq!(pool.backends()[0].in_flight(), 1, "a stays with its in-flight count");
+        registry.set_model("m", PolicyKind::RoundRobin, &urls(&["http://a:1"]));
+        let pool = registry.get("m").unwrap();
+        assert_eq!(pool.policy.kind(), PolicyKind::RoundRobin);
+        assert_eq!(pool.backends()[0].in_flight(), 1, "a policy change keeps backends too");
+        assert_eq!(registry.remove_model("m").len(), 1);
+        assert!(registry.get("m").is_none());
+    }
+
+    #[test]
+    fn stale_or_missing_samples_score_as_saturated() {
+        let b = Backend::new("http://a:1".into());
+        let now = Instant::now();
+        assert!(b.score(now, Duration::from_secs(3)) >= SATURATED);
+        b.set_sample(Some(LoadSample { waiting: 2.0, running: 3.0, kv_usage: 0.5, at: now }));
+        assert_eq!(b.score(now, Duration::from_secs(3)), 5.0 + 2.0 + 2.0);
+        for _ in 0..9 {
+            b.begin();
+        }
+        assert_eq!(b.score(now, Duration::from_secs(3)), 9.0 + 2.0 + 2.0, "the fresh in-flight count wins");
+        let later = now + Duration::from_secs(4);
+        assert!(b.score(later, Duration::from_secs(3)) >= SATURATED);
+    }
+}

@@ -1,0 +1,305 @@
+//! The gateway's settings: its flags (each with an environment variable) and the static discovery file, both
+//! validated at start-up with errors that name the field.
+//!
+//! The static file (YAML; unknown keys are refused):
+//! ```yaml
+//! models:
+//!   - name: tiny-moe              # the OpenAI `model` clients send; /v1/models lists it
+//!     policy: prefix-affinity     # least-load (default) | prefix-affinity | session-affinity | round-robin
+//!     backends:                   # runtime heads: their OpenAI API and /metrics are on this URL
+//!       - http://127.0.0.1:8001
+//!       - http://127.0.0.1:8002
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baleen_api::names::{
+    ADMIN_PORT, ENV_GATEWAY_ADMIN_PORT, ENV_GATEWAY_CONFIG, ENV_GATEWAY_HOST, ENV_GATEWAY_MAX_REQUEST_BYTES,
+    ENV_GATEWAY_PORT, ENV_GATEWAY_PREFIX_BYTES, ENV_GATEWAY_REQUEST_TIMEOUT, ENV_GATEWAY_RETRIES,
+    ENV_GATEWAY_SCRAPE_INTERVAL, ENV_GATEWAY_SESSION_HEADER, GATEWAY_PORT, GATEWAY_SESSION_HEADER,
+};
+use clap::{Args, Parser, Subcommand};
+use http::HeaderName;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default cap on a request body (10 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+
+/// `baleen-gateway`: the OpenAI front door of Baleen's model replicas.
+#[derive(Debug, Parser)]
+#[command(name = "baleen-gateway", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The gateway's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI API on `--port`, routing each request to a backend of its model.
+    Serve(ServeArgs),
+}
+
+/// `baleen-gateway serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The static discovery file: models, their routing policy and backend URLs.
+    #[arg(long, env = ENV_GATEWAY_CONFIG)]
+    pub config: PathBuf,
+    /// Listen address of both ports.
+    #[arg(long, env = ENV_GATEWAY_HOST, default_value = "0.0.0.0")]
+    pub host: String,
+    /// OpenAI API, `/health` and `/ready`.
+    #[arg(long, env = ENV_GATEWAY_PORT, default_value_t = GATEWAY_PORT)]
+    pub port: u16,
+    /// `/metrics`.
+    #[arg(long, env = ENV_GATEWAY_ADMIN_PORT, default_value_t = ADMIN_PORT)]
+    pub admin_port: u16,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+}
+
+/// Flags that shape routing (shared with `baleen up`, which runs the gateway in-process).
+#[derive(Debug, Clone, Args)]
+pub struct RoutingArgs {
+    /// Largest request body accepted, in bytes (413 above it, refused before it is read).
+    #[arg(long, env = ENV_GATEWAY_MAX_REQUEST_BYTES, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    /// Seconds between scrapes of each backend's `/ready` and `/metrics`; samples older than three intervals
+    /// count as saturated.
+    #[arg(long, env = ENV_GATEWAY_SCRAPE_INTERVAL, default_value_t = 1.0)]
+    pub scrape_interval: f64,
+    /// Seconds to wait for a backend's response head (a non-streamed completion answers only when it is done).
+    #[arg(long, env = ENV_GATEWAY_REQUEST_TIMEOUT, default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// Other backends tried when one fails before the first response byte (refused connection, 429, 502-504).
+    #[arg(long, env = ENV_GATEWAY_RETRIES, default_value_t = 2)]
+    pub retries: u32,
+    /// Bytes of a prompt's leading text that `prefix-affinity` hashes (requests sharing them go together).
+    #[arg(long, env = ENV_GATEWAY_PREFIX_BYTES, default_value_t = 256)]
+    pub prefix_bytes: usize,
+    /// The header `session-affinity` keys on (the body's `user` field when the header is absent).
+    #[arg(long, env = ENV_GATEWAY_SESSION_HEADER, default_value = GATEWAY_SESSION_HEADER)]
+    pub session_header: String,
+}
+
+impl Default for RoutingArgs {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            scrape_interval: 1.0,
+            request_timeout: 600.0,
+            retries: 2,
+            prefix_bytes: 256,
+            session_header: GATEWAY_SESSION_HEADER.to_string(),
+        }
+    }
+}
+
+/// Validated routing settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_request_bytes: usize,
+    pub scrape_interval: Duration,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub prefix_bytes: usize,
+    pub session_header: HeaderName,
+}
+
+fn seconds(field: &str, value: f64) -> Result<Duration> {
+    if value.is_finite() && value > 0.0 && value <= 86_400.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(Error::Invalid { field: field.into(), reason: format!("{value} is not a number of seconds in (0, 86400]") })
+    }
+}
+
+impl RoutingArgs {
+    /// The typed settings; the error names the flag.
+    pub fn settings(&self) -> Result<Settings> {
+        if self.max_request_bytes == 0 {
+            return Err(Error::Invalid { field: "--max-request-bytes".into(), reason: "must be at least 1".into() });
+        }
+        if self.prefix_bytes == 0 {
+            return Err(Error::Invalid { field: "--prefix-bytes".into(), reason: "must be at least 1".into() });
+        }
+        let session_header = HeaderName::try_from(self.session_header.to_ascii_lowercase()).map_err(|e| {
+            Error::Invalid { field: "--session-header".into(), reason: format!("`{}`: {e}", self.session_header) }
+        })?;
+        Ok(Settings {
+            max_request_bytes: self.max_request_bytes,
+            scrape_interval: seconds("--scrape-interval", self.scrape_interval)?,
+            request_timeout: seconds("--request-timeout", self.request_timeout)?,
+            retries: self.retries,
+            prefix_bytes: self.prefix_bytes,
+            session_header,
+        })
+    }
+}
+
+/// How a model's requests are spread over its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// The backend with the least load: the gateway's in-flight requests and the backend's scraped queue,
+    /// running batch and KV-cache use.
+    #[default]
+    LeastLoad,
+    /// Requests whose prompts share their leading text go to the same backend (its prefix cache is warm), unless
+    /// it is loaded well above the average: then the next backend in the prompt's hash order takes it.
+    PrefixAffinity,
+    /// Requests of one session (a header, else the body's `user`) go to the same backend.
+    SessionAffinity,
+    /// Each backend in turn: the baseline.
+    RoundRobin,
+}
+
+impl PolicyKind {
+    /// The name used in the static file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastLoad => "least-load",
+            Self::PrefixAffinity => "prefix-affinity",
+            Self::SessionAffinity => "session-affinity",
+            Self::RoundRobin => "round-robin",
+        }
+    }
+}
+
+/// The static discovery file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    pub models: Vec<ModelConfig>,
+}
+
+/// One model of the static file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The OpenAI `model` clients send.
+    pub name: String,
+    #[serde(default)]
+    pub policy: PolicyKind,
+    /// Base URLs (`http://host:port`) of the runtime heads serving it.
+    #[serde(default)]
+    pub backends: Vec<String>,
+}
+
+impl StaticConfig {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::ReadConfig { path: path.to_path_buf(), source })?;
+        let config: Self =
+            serde_yaml::from_str(&text).map_err(|source| Error::ParseConfig { path: path.to_path_buf(), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Non-empty unique model names; backends that are `http://host:port` URLs, none twice in a model.
+    pub fn validate(&self) -> Result<()> {
+        let mut names = BTreeSet::new();
+        for (i, model) in self.models.iter().enumerate() {
+            if model.name.trim().is_empty() {
+                return Err(Error::Invalid { field: format!("models[{i}].name"), reason: "is empty".into() });
+            }
+            if !names.insert(model.name.as_str()) {
+                return Err(Error::Invalid {
+                    field: format!("models[{i}].name"),
+                    reason: format!("`{}` is listed twice", model.name),
+                });
+            }
+            let mut seen = BTreeSet::new();
+            for (j, url) in model.backends.iter().enumerate() {
+                let base = backend_base(url)
+                    .map_err(|reason| Error::Invalid { field: format!("models[{i}].backends[{j}]"), reason })?;
+                if !seen.insert(base) {
+                    return Err(Error::Invalid {
+                        field: format!("models[{i}].backends[{j}]"),
+                        reason: format!("`{url}` is listed twice"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The normalized base URL of a backend (`http://host:port`, no trailing slash), or why it is not one.
+pub fn backend_base(url: &str) -> std::result::Result<String, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("`{url}`: only http:// backends are supported"));
+    }
+    let Some(authority) = uri.authority() else { return Err(format!("`{url}` has no host")) };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("`{url}`: give the base URL only (http://host:port), without a path"));
+    }
+    Ok(format!("http://{authority}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<StaticConfig> {
+        let config: StaticConfig = serde_yaml::from_str(text)
+            .map_err(|source| Error::ParseConfig { path: PathBuf::from("test.yaml"), source })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_documented_file_parses_with_least_load_by_default() {
+        let config = parse(
+            "models:\n  - name: tiny-moe\n    policy: prefix-affinity\n    backends: [http://127.0.0.1:8001, \
+             http://127.0.0.1:8002/]\n  - name: other\n    backends: [http://10.0.0.1:8000]\n",
+        )
+        .unwrap();
+        assert_eq!(config.models[0].policy, PolicyKind::PrefixAffinity);
+        assert_eq!(config.models[1].policy, PolicyKind::LeastLoad);
+        assert_eq!(backend_base(&config.models[0].backends[1]).unwrap(), "http://127.0.0.1:8002");
+    }
+
+    #[test]
+    fn unknown_keys_and_policies_are_refused_with_their_name() {
+        let e = parse("models:\n  - name: a\n    backend: [http://x:1]\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `backend`"), "{e}");
+        let e = parse("models:\n  - name: a\n    policy: fastest\n").unwrap_err().to_string();
+        assert!(e.contains("fastest"), "{e}");
+        let e = parse("modls: []\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `modls`"), "{e}");
+    }
+
+    #[test]
+    fn bad_backends_and_duplicate_names_name_the_field() {
+        for (text, field) in [
+            ("models:\n  - name: a\n    backends: [https://x:1]\n", "models[0].backends[0]"),
+            ("models:\n  - name: a\n    backends: [http://x:1/v1]\n", "models[0].backends[0]"),
+            ("models:\n  - name: a\n    backends: [http://x:1, 'http://x:1/']\n", "models[0].backends[1]"),
+            ("models:\n  - name: a\n  - name: a\n", "models[1].name"),
+            ("models:\n  - name: ' '\n", "models[0].name"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn routing_flags_are_checked() {
+        let ok = RoutingArgs::default().settings().unwrap();
+        assert_eq!(ok.session_header.as_str(), GATEWAY_SESSION_HEADER);
+        let e = RoutingArgs { scrape_interval: 0.0, ..RoutingArgs::default() }.settings().unwrap_err();
+        assert!(e.to_string().contains("--scrape-interval"), "{e}");
+        let e = RoutingArgs { session_header: "bad header".into(), ..RoutingArgs::default() }.settings().unwrap_err();
+        assert!(e.to_string().contains("--session-header"), "{e}");
+    }
+}

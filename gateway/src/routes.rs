@@ -1,0 +1,91 @@
+//! The gateway's routes.
+//!
+//! | route (API port) | answer |
+//! |---|---|
+//! | `POST /v1/chat/completions`, `POST /v1/completions` | proxied to a backend of the request's model ([`proxy`]) |
+//! | `GET /v1/models` | the models with at least one ready backend |
+//! | `GET /health` | 200 while the process is alive |
+//! | `GET /ready` | 200 once discovery has loaded |
+//!
+//! The admin port serves `GET /metrics` and `GET /health`. Anything else is an OpenAI-shaped 404 or 405.
+
+pub mod body;
+pub mod peek;
+pub mod proxy;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use baleen_api::http::{ApiError, json_response};
+use baleen_api::names::{PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY};
+use baleen_api::openai::{Model, ModelList};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+
+pub use body::ResponseBody;
+
+use crate::App;
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {
+    let text = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    json_response(status, Bytes::from(text))
+}
+
+fn status_ok() -> Response<ResponseBody> {
+    json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+fn not_routed(method: &Method, path: &str, known: &[&str]) -> Response<ResponseBody> {
+    if known.contains(&path) {
+        ApiError::method_not_allowed(method.as_str(), path).into_http()
+    } else {
+        ApiError::route_not_found(method.as_str(), path).into_http()
+    }
+}
+
+/// The API port.
+pub async fn handle<B>(app: &Arc<App>, request: Request<B>) -> Response<ResponseBody>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let arrived = Instant::now();
+    let path = request.uri().path();
+    match (request.method(), path) {
+        (&Method::POST, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS) => proxy::forward(app, request, arrived).await,
+        (&Method::GET, PATH_MODELS) => models(app),
+        (&Method::GET, PATH_HEALTH) => status_ok(),
+        (&Method::GET, PATH_READY) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
+        (method, path) => {
+            not_routed(method, path, &[PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_MODELS, PATH_HEALTH, PATH_READY])
+        }
+    }
+}
+
+/// The admin port.
+pub fn admin<B>(app: &App, request: &Request<B>) -> Response<ResponseBody> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, PATH_METRICS) => {
+            let mut response = Response::new(ResponseBody::from(app.metrics.render()));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+            response
+        }
+        (&Method::GET, PATH_HEALTH) => status_ok(),
+        (method, path) => not_routed(method, path, &[PATH_METRICS, PATH_HEALTH]),
+    }
+}
+
+/// `GET /v1/models`: every model with a backend that can take requests now.
+fn models(app: &App) -> Response<ResponseBody> {
+    let now = Instant::now();
+    let data = app
+        .registry
+        .pools()
+        .iter()
+        .filter(|pool| !pool.routable(now).is_empty())
+        .map(|pool| Model::new(pool.name.clone(), app.created, None))
+        .collect();
+    json(StatusCode::OK, &ModelList::new(data))
+}

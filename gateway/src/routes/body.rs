@@ -1,0 +1,107 @@
+//! The body of every gateway answer: our own (JSON, metrics) or an upstream's, streamed through frame by frame.
+//! An upstream body holds the request's in-flight guard (released when the answer ends or the client goes away)
+//! and observes the time to its first byte.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use prometheus::{Histogram, IntGauge};
+
+use crate::backends::Backend;
+
+/// One request in flight on a backend: counted from creation to drop, in the backend's own count (routing) and
+/// in the in-flight gauge.
+#[derive(Debug)]
+pub struct InFlight {
+    backend: Arc<Backend>,
+    gauge: IntGauge,
+}
+
+impl InFlight {
+    pub fn new(backend: Arc<Backend>, gauge: IntGauge) -> Self {
+        backend.begin();
+        gauge.inc();
+        Self { backend, gauge }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.end();
+        self.gauge.dec();
+    }
+}
+
+/// An upstream answer's body on its way to the client. Dropping it (the client disconnected) drops the upstream
+/// connection, so the backend cancels the request and frees its KV cache.
+#[derive(Debug)]
+pub struct Upstream {
+    pub inner: Incoming,
+    pub first_byte: Option<(Instant, Histogram)>,
+    pub _in_flight: InFlight,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub enum ResponseBody {
+    Full(Full<Bytes>),
+    Upstream(Box<Upstream>),
+}
+
+impl From<Bytes> for ResponseBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::Full(Full::new(bytes))
+    }
+}
+
+impl From<String> for ResponseBody {
+    fn from(text: String) -> Self {
+        Self::Full(Full::new(Bytes::from(text)))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Full(full) => match Pin::new(full).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(Some(Err(never))) => match never {},
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Self::Upstream(up) => {
+                let polled = Pin::new(&mut up.inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && frame.is_data()
+                    && let Some((arrived, histogram)) = up.first_byte.take()
+                {
+                    histogram.observe(arrived.elapsed().as_secs_f64());
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(full) => full.is_end_stream(),
+            Self::Upstream(up) => up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(full) => full.size_hint(),
+            Self::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}

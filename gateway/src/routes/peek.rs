@@ -1,0 +1,230 @@
+//! What routing reads of a request body — `model`, the prompt's leading text, `user` — without taking the rest
+//! apart: every other field is skipped, and a field of an unexpected shape is left for the backend to judge.
+
+use std::borrow::Cow;
+
+use baleen_api::http::{ApiError, parse_json};
+use http::HeaderMap;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::backends::stable_hash;
+use crate::policy::RouteKey;
+
+#[derive(Debug, Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    messages: Option<Messages>,
+    #[serde(default)]
+    prompt: Option<Prompt>,
+    #[serde(default)]
+    user: Option<Lenient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Messages {
+    List(Vec<Message>),
+    Other(IgnoredAny),
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    #[serde(default)]
+    role: Option<Lenient>,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+    Other(IgnoredAny),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(default)]
+    text: Option<Lenient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i64>),
+    Batch(Vec<Vec<i64>>),
+    Other(IgnoredAny),
+}
+
+/// A string, or anything else (ignored).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Lenient {
+    Text(String),
+    Other(IgnoredAny),
+}
+
+impl Lenient {
+    fn text(&self) -> Option<&str> {
+        match self {
+            Self::Text(s) => Some(s),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+/// The routing view of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peeked {
+    /// `model`, when given.
+    pub model: Option<String>,
+    pub key: RouteKey,
+}
+
+/// Appends up to `limit` bytes in total.
+fn push(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) {
+    let room = limit.saturating_sub(buf.len());
+    buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+}
+
+fn prefix_text(peek: &Peek<'_>, limit: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(limit.min(4096));
+    if let Some(Messages::List(messages)) = &peek.messages {
+        for message in messages {
+            if buf.len() >= limit {
+                break;
+            }
+            push(&mut buf, message.role.as_ref().and_then(Lenient::text).unwrap_or("").as_bytes(), limit);
+            push(&mut buf, b"\n", limit);
+            match &message.content {
+                Some(Content::Text(text)) => push(&mut buf, text.as_bytes(), limit),
+                Some(Content::Parts(parts)) => {
+                    for text in parts.iter().filter_map(|p| p.text.as_ref().and_then(Lenient::text)) {
+                        push(&mut buf, text.as_bytes(), limit);
+                    }
+                }
+                Some(Content::Other(_)) | None => {}
+            }
+            push(&mut buf, b"\0", limit);
+        }
+    }
+    match &peek.prompt {
+        Some(Prompt::Text(text)) => push(&mut buf, text.as_bytes(), limit),
+        Some(Prompt::Texts(texts)) => {
+            if let Some(text) = texts.first() {
+                push(&mut buf, text.as_bytes(), limit);
+            }
+        }
+        Some(Prompt::Tokens(ids)) => push_ids(&mut buf, ids, limit),
+        Some(Prompt::Batch(batch)) => {
+            if let Some(ids) = batch.first() {
+                push_ids(&mut buf, ids, limit);
+            }
+        }
+        Some(Prompt::Other(_)) | None => {}
+    }
+    buf
+}
+
+fn push_ids(buf: &mut Vec<u8>, ids: &[i64], limit: usize) {
+    for id in ids {
+        if buf.len() >= limit {
+            break;
+        }
+        push(buf, format!("{id},").as_bytes(), limit);
+    }
+}
+
+/// Reads `body` for routing: the model, the hash of the first `prefix_bytes` of the prompt's text (the chat
+/// messages' roles and text, or the completion prompt), and the session (the `session_header` value, else
+/// `user`). A body that is not a JSON object, or a `model` that is not a string, is a 400.
+pub fn peek(
+    body: &[u8],
+    headers: &HeaderMap,
+    session_header: &http::HeaderName,
+    prefix_bytes: usize,
+) -> Result<Peeked, ApiError> {
+    let peek: Peek<'_> = parse_json(body)?;
+    let prefix = prefix_text(&peek, prefix_bytes);
+    let session = match headers.get(session_header) {
+        Some(value) => Some(stable_hash(value.as_bytes())),
+        None => peek.user.as_ref().and_then(Lenient::text).map(|user| stable_hash(user.as_bytes())),
+    };
+    Ok(Peeked {
+        model: peek.model.map(Cow::into_owned),
+        key: RouteKey { prefix: (!prefix.is_empty()).then(|| stable_hash(&prefix)), session },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use http::{HeaderName, HeaderValue};
+    use serde_json::json;
+
+    use super::*;
+
+    fn run(body: serde_json::Value, limit: usize) -> Peeked {
+        let header = HeaderName::from_static("x-session-id");
+        peek(body.to_string().as_bytes(), &HeaderMap::new(), &header, limit).unwrap()
+    }
+
+    #[test]
+    fn chats_sharing_their_leading_text_share_a_key() {
+        let system = "You are a helpful assistant. ".repeat(10);
+        let a = run(
+            json!({"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}),
+            64,
+        );
+        let b = run(
+            json!({"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": "bye"}], "temperature": 0.5}),
+            64,
+        );
+        assert_eq!(a.model.as_deref(), Some("m"));
+        assert_eq!(a.key.prefix, b.key.prefix);
+        let c = run(json!({"model": "m", "messages": [{"role": "system", "content": "Other"}]}), 64);
+        assert_ne!(a.key.prefix, c.key.prefix);
+        let parts = run(
+            json!({"model": "m", "messages": [{"role": "system", "content": [{"type": "text", "text": system}]}]}),
+            64,
+        );
+        assert_eq!(parts.key.prefix, a.key.prefix, "text parts hash like a string");
+    }
+
+    #[test]
+    fn completion_prompts_of_every_shape_give_a_key() {
+        for prompt in [json!("hello"), json!(["hello", "x"]), json!([1, 2, 3]), json!([[1, 2], [3]])] {
+            assert!(run(json!({"model": "m", "prompt": prompt}), 16).key.prefix.is_some(), "{prompt}");
+        }
+        assert_eq!(run(json!({"model": "m", "prompt": 5}), 16).key.prefix, None, "left for the backend to refuse");
+    }
+
+    #[test]
+    fn the_session_is_the_header_else_user() {
+        let header = HeaderName::from_static("x-session-id");
+        let body = json!({"model": "m", "prompt": "x", "user": "alice"}).to_string();
+        let by_user = peek(body.as_bytes(), &HeaderMap::new(), &header, 8).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header.clone(), HeaderValue::from_static("s1"));
+        let by_header = peek(body.as_bytes(), &headers, &header, 8).unwrap();
+        assert!(by_user.key.session.is_some() && by_header.key.session.is_some());
+        assert_ne!(by_user.key.session, by_header.key.session);
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_objects_are_400() {
+        let header = HeaderName::from_static("x-session-id");
+        for body in [&b"not json"[..], b"[1]", br#"{"model": 5}"#] {
+            let e = peek(body, &HeaderMap::new(), &header, 8).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(run(json!({"prompt": "x"}), 8).model, None);
+    }
+}

@@ -1,0 +1,218 @@
+//! Forwarding one completion request: cap and read the body, peek at what routing needs, pick a backend by the
+//! model's policy, send the body as received, and stream the answer back. A failure before the first response
+//! byte — a refused or reset connection, or a 429/502/503/504 answer — is retried on another backend of the
+//! model, up to `--retries` times; the last answer (or a 502) goes back when none is left.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use baleen_api::http::{ApiError, check_content_length, read_body};
+use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::Full;
+
+use super::body::{InFlight, ResponseBody, Upstream};
+use super::peek::peek;
+use crate::App;
+use crate::backends::{Backend, Pool};
+use crate::policy::Candidate;
+
+/// Headers of one hop only (RFC 9110 §7.6.1), plus `host` (set from the backend URL) and `expect` (the body is
+/// already read).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::EXPECT);
+}
+
+/// Answers worth another backend: it is over capacity, draining, or failed as a gateway would.
+fn retryable(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// An error answer, counted.
+fn refuse(app: &App, model: &str, e: ApiError) -> Response<ResponseBody> {
+    app.metrics.request(model, "", e.status.as_u16());
+    e.into_http()
+}
+
+/// Why no backend of `pool` can take a request now (for the 503).
+fn no_backend(pool: &Pool, now: Instant) -> ApiError {
+    let backends = pool.backends();
+    let reason = if backends.is_empty() {
+        "it has no backends".to_string()
+    } else {
+        let ejected = backends.iter().filter(|b| b.health().ejected_until.is_some_and(|t| now < t)).count();
+        let not_ready = backends.iter().filter(|b| b.health().ready != Some(true)).count();
+        format!("{} backends: {not_ready} not ready, {ejected} ejected after failures", backends.len())
+    };
+    let mut e = ApiError::unavailable(format!("no ready backend for the model `{}`: {reason}", pool.name));
+    e.retry_after = Some(1);
+    e
+}
+
+/// Marks a failed attempt on `backend` (ejecting it after repeated failures).
+fn failed(app: &App, pool: &Pool, backend: &Backend) {
+    if backend.health().failed(Instant::now()) {
+        tracing::warn!(model = %pool.name, backend = %backend.url, "backend ejected after repeated failures");
+        app.metrics.ejected(&pool.name, &backend.url);
+    }
+}
+
+/// The request to `backend`: same method, path, query, headers (less hop-by-hop) and body.
+fn upstream_request(
+    parts: &http::request::Parts,
+    backend: &Backend,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, ApiError> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: http::Uri = format!("{}{path}", backend.url)
+        .parse()
+        .map_err(|e| ApiError::internal(format!("backend URL {}: {e}", backend.url)))?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.clone_from(&parts.headers);
+    strip_hop_by_hop(headers);
+    Ok(request)
+}
+
+/// Proxies one completion request (see the module docs).
+pub async fn forward<B>(app: &Arc<App>, request: Request<B>, arrived: Instant) -> Response<ResponseBody>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = request.into_parts();
+    let limit = app.settings.max_request_bytes;
+    let body = match check_content_length(&parts.headers, limit) {
+        Ok(()) => read_body(body, limit).await,
+        Err(e) => Err(e),
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return refuse(app, MODEL_UNKNOWN, e),
+    };
+    let peeked = match peek(&body, &parts.headers, &app.settings.session_header, app.settings.prefix_bytes) {
+        Ok(peeked) => peeked,
+        Err(e) => return refuse(app, MODEL_UNKNOWN, e),
+    };
+    let names = app.registry.names();
+    let model = match peeked.model {
+        Some(model) => model,
+        None if names.len() == 1 => names[0].clone(),
+        None => {
+            let e = ApiError::invalid_param("model", "`model` is required: this gateway serves several models");
+            return refuse(app, MODEL_UNKNOWN, e);
+        }
+    };
+    let Some(pool) = app.registry.get(&model) else {
+        let served = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        return refuse(app, MODEL_UNKNOWN, ApiError::model_not_found(&model, &served));
+    };
+
+    let stale_after = app.settings.scrape_interval * 3;
+    let mut tried: Vec<u64> = Vec::new();
+    // A retryable answer kept to return if no other backend answers better: (backend URL, answer).
+    let mut held: Option<(String, Response<ResponseBody>)> = None;
+    let mut last_error: Option<ApiError> = None;
+    for attempt in 0..=app.settings.retries {
+        let now = Instant::now();
+        let candidates: Vec<Candidate> = pool
+            .routable(now)
+            .into_iter()
+            .filter(|b| !tried.contains(&b.id))
+            .map(|backend| Candidate {
+                score: backend.score(now, stale_after),
+                in_flight: backend.in_flight(),
+                backend,
+            })
+            .collect();
+        let Some(chosen) = pool.policy.pick(&candidates, &peeked.key) else { break };
+        let backend = Arc::clone(&candidates[chosen].backend);
+        tried.push(backend.id);
+        if attempt > 0 {
+            app.metrics.retry(&pool.name);
+        }
+        let upstream = match upstream_request(&parts, &backend, body.clone()) {
+            Ok(upstream) => upstream,
+            Err(e) => return refuse(app, &pool.name, e),
+        };
+        let in_flight = InFlight::new(Arc::clone(&backend), app.metrics.in_flight(&pool.name, &backend.url));
+        if attempt == 0 {
+            app.metrics.added_latency(arrived.elapsed().as_secs_f64());
+        }
+        let response = match tokio::time::timeout(app.settings.request_timeout, app.client.request(upstream)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                failed(app, &pool, &backend);
+                tracing::debug!(model = %pool.name, backend = %backend.url, "upstream failed: {e}");
+                last_error = Some(ApiError::bad_gateway(format!("the backend {} failed: {e}", backend.url)));
+                continue;
+            }
+            Err(_) => {
+                // The backend may still be working on it: another try would run the request twice.
+                failed(app, &pool, &backend);
+                let e = ApiError::gateway_timeout(format!(
+                    "the backend {} did not answer within {:?}",
+                    backend.url, app.settings.request_timeout
+                ));
+                app.metrics.request(&pool.name, &backend.url, e.status.as_u16());
+                return e.into_http();
+            }
+        };
+        let status = response.status();
+        if status.is_server_error() {
+            failed(app, &pool, &backend);
+        } else {
+            backend.health().succeeded();
+        }
+        let (mut head, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        if let Ok(value) = HeaderValue::from_str(&backend.url) {
+            head.headers.insert(HEADER_GATEWAY_BACKEND, value);
+        }
+        let body = Upstream {
+            inner: incoming,
+            first_byte: Some((arrived, app.metrics.ttfb(&pool.name))),
+            _in_flight: in_flight,
+        };
+        let answer = Response::from_parts(head, ResponseBody::Upstream(Box::new(body)));
+        if retryable(status) {
+            held = Some((backend.url.clone(), answer));
+            continue;
+        }
+        app.metrics.request(&pool.name, &backend.url, status.as_u16());
+        return answer;
+    }
+    if let Some((url, answer)) = held {
+        app.metrics.request(&pool.name, &url, answer.status().as_u16());
+        return answer;
+    }
+    let e = last_error.unwrap_or_else(|| no_backend(&pool, Instant::now()));
+    refuse(app, &pool.name, e)
+}

@@ -1,0 +1,211 @@
+//! Serving: the API and admin listeners on hyper's HTTP/1.1 server, the probe loop, graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::backends::{Registry, scrape};
+use crate::config::{PolicyKind, ServeArgs, Settings, StaticConfig, backend_base};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::{App, Client, routes};
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for answers in flight (streams included) before it closes their connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an upstream connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle upstream connection stays pooled.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The upstream client: keep-alive pool, no Nagle delay, a connect timeout.
+pub fn client() -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// The gateway as a library: its models and backends ([`Gateway::set_model`]) and [`Gateway::serve`].
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    app: Arc<App>,
+}
+
+impl Gateway {
+    pub fn new(settings: Settings) -> Result<Self> {
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let app = App {
+            settings,
+            registry: Arc::new(Registry::default()),
+            client: client(),
+            metrics: Arc::new(Metrics::new()?),
+            created,
+        };
+        Ok(Self { app: Arc::new(app) })
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Adds or updates a model with its backends' base URLs (`http://host:port`); the error names the bad URL.
+    pub fn set_model(&self, name: &str, policy: PolicyKind, backends: &[String]) -> Result<()> {
+        let urls = backends
+            .iter()
+            .map(|url| {
+                backend_base(url).map_err(|reason| Error::Invalid { field: format!("backend of `{name}`"), reason })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for gone in self.app.registry.set_model(name, policy, &urls) {
+            self.app.metrics.forget_backend(name, &gone.url);
+        }
+        Ok(())
+    }
+
+    /// Every model of a static file.
+    pub fn load(&self, config: &StaticConfig) -> Result<()> {
+        config.validate()?;
+        for model in &config.models {
+            self.set_model(&model.name, model.policy, &model.backends)?;
+        }
+        Ok(())
+    }
+
+    /// Probes every backend once now (before serving, or after a backend was added).
+    pub async fn probe_now(&self) {
+        let timeout = self.app.settings.scrape_interval.max(Duration::from_secs(1));
+        scrape::probe_all(&self.app.client, &self.app.registry, timeout, &self.app.metrics).await;
+    }
+
+    /// Serves the API on `api` and `/metrics` on `admin`, probing backends every scrape interval, until
+    /// `shutdown` completes; then stops accepting and lets answers in flight finish (up to 30 s).
+    pub async fn serve<F>(self, api: TcpListener, admin: TcpListener, shutdown: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.probe_now().await;
+        let app = self.app;
+        let probes = tokio::spawn(scrape::run(
+            app.client.clone(),
+            Arc::clone(&app.registry),
+            app.settings.scrape_interval,
+            Arc::clone(&app.metrics),
+        ));
+        let (stop_tx, stop) = watch::channel(false);
+        let api_task = tokio::spawn(accept(api, Arc::clone(&app), false, stop.clone()));
+        let admin_task = tokio::spawn(accept(admin, Arc::clone(&app), true, stop));
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for task in [api_task, admin_task] {
+            if let Err(e) = task.await {
+                tracing::warn!("a listener task failed: {e}");
+            }
+        }
+        probes.abort();
+    }
+}
+
+/// Accepts connections on `listener` until `stop` turns true, then drains them.
+async fn accept(listener: TcpListener, app: Arc<App>, admin: bool, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let service = service_fn(move |request| {
+            let app = Arc::clone(&app);
+            async move {
+                let response = if admin { routes::admin(&app, &request) } else { routes::handle(&app, request).await };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection ended with an error: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
+    }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// `baleen-gateway serve`: the static file's models, served until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let settings = args.routing.settings()?;
+    let config = StaticConfig::load(&args.config)?;
+    let gateway = Gateway::new(settings)?;
+    gateway.load(&config)?;
+    let api = bind(&args.host, args.port).await?;
+    let admin = bind(&args.host, args.admin_port).await?;
+    for model in &config.models {
+        tracing::info!(model = %model.name, policy = model.policy.as_str(), backends = ?model.backends, "routing");
+    }
+    tracing::info!(api = %format!("{}:{}", args.host, args.port), admin = %format!("{}:{}", args.host, args.admin_port), "serving");
+    gateway.serve(api, admin, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
