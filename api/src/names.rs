@@ -426,3 +426,6 @@ pub const LABEL_MODEL: &str = "model";
 pub const LABEL_BACKEND: &str = "backend";
 /// Value of [`LABEL_MODEL`] for requests whose model is missing or not configured.
 pub const MODEL_UNKNOWN: &str = "";
+/// The first words of the line `baleen-gateway serve` prints on stdout once bound: `HOST:PORT` of the API port,
+/// then ` admin http://HOST:PORT`.
+pub const GATEWAY_LISTENING_PREFIX: &str = "baleen-gateway listening on http://";

@@ -17,6 +17,9 @@ pub enum Error {
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    /// The listening line could not be written to stdout.
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
     /// Registering a metric failed (a programming error: a duplicate name).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use baleen_api::http::{ApiError, json_response};
-use baleen_api::names::{PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY};
+use baleen_api::names::{
+    MODEL_UNKNOWN, PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY,
+};
 use baleen_api::openai::{Model, ModelList};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -59,7 +61,10 @@ where
         (&Method::GET, PATH_HEALTH) => status_ok(),
         (&Method::GET, PATH_READY) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
         (method, path) => {
-            not_routed(method, path, &[PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_MODELS, PATH_HEALTH, PATH_READY])
+            let known = [PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_MODELS, PATH_HEALTH, PATH_READY];
+            let response = not_routed(method, path, &known);
+            app.metrics.request(MODEL_UNKNOWN, "", response.status().as_u16());
+            response
         }
     }
 }

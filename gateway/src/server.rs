@@ -2,9 +2,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use baleen_api::names::GATEWAY_LISTENING_PREFIX;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -86,7 +88,7 @@ impl Gateway {
 
     /// Probes every backend once now (before serving, or after a backend was added).
     pub async fn probe_now(&self) {
-        let timeout = self.app.settings.scrape_interval.max(Duration::from_secs(1));
+        let timeout = scrape::probe_timeout(self.app.settings.scrape_interval);
         scrape::probe_all(&self.app.client, &self.app.registry, timeout, &self.app.metrics).await;
     }
 
@@ -160,6 +162,10 @@ async fn accept(listener: TcpListener, app: Arc<App>, admin: bool, mut stop: wat
     }
 }
 
+fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr> {
+    listener.local_addr().map_err(|source| Error::Bind { addr: "a bound listener".into(), source })
+}
+
 async fn bind(host: &str, port: u16) -> Result<TcpListener> {
     let addr = format!("{host}:{port}");
     TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })
@@ -204,7 +210,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     for model in &config.models {
         tracing::info!(model = %model.name, policy = model.policy.as_str(), backends = ?model.backends, "routing");
     }
-    tracing::info!(api = %format!("{}:{}", args.host, args.port), admin = %format!("{}:{}", args.host, args.admin_port), "serving");
+    let (api_addr, admin_addr) = (local_addr(&api)?, local_addr(&admin)?);
+    // The one stdout line (port 0 picks free ports: this says which), for scripts and `baleen up`.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{GATEWAY_LISTENING_PREFIX}{api_addr} admin http://{admin_addr}")
+        .and_then(|()| stdout.flush())
+        .map_err(Error::Stdout)?;
+    drop(stdout);
     gateway.serve(api, admin, shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())

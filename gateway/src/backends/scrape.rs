@@ -128,10 +128,16 @@ pub async fn probe_all(client: &Client, registry: &Registry, timeout: Duration, 
     }
 }
 
-/// Probes every `interval` until the task is dropped.
+/// How long one probe may take: the scrape interval, within 1 to 5 seconds.
+pub fn probe_timeout(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+/// Probes every `interval`, starting one interval from now, until the task is dropped.
 pub async fn run(client: Client, registry: Arc<Registry>, interval: Duration, metrics: Arc<Metrics>) {
-    let timeout = interval.max(Duration::from_secs(1));
-    let mut ticker = tokio::time::interval(interval);
+    let timeout = probe_timeout(interval);
+    // The first probe is one interval away: whoever spawns this has just probed (`Gateway::probe_now`).
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;

@@ -171,7 +171,17 @@ where
             Ok(Err(e)) => {
                 failed(app, &pool, &backend);
                 tracing::debug!(model = %pool.name, backend = %backend.url, "upstream failed: {e}");
-                last_error = Some(ApiError::bad_gateway(format!("the backend {} failed: {e}", backend.url)));
+                last_error = Some(if e.is_connect() {
+                    // Nothing reached it: the backend is gone (stopped, restarting), not misbehaving.
+                    let mut e = ApiError::unavailable(format!(
+                        "no backend of the model `{}` could be reached; the last, {}, refused: {e}",
+                        pool.name, backend.url
+                    ));
+                    e.retry_after = Some(1);
+                    e
+                } else {
+                    ApiError::bad_gateway(format!("the backend {} failed: {e}", backend.url))
+                });
                 continue;
             }
             Err(_) => {
@@ -209,8 +219,12 @@ where
         app.metrics.request(&pool.name, &backend.url, status.as_u16());
         return answer;
     }
-    if let Some((url, answer)) = held {
+    if let Some((url, mut answer)) = held {
         app.metrics.request(&pool.name, &url, answer.status().as_u16());
+        // A client told "too many requests" or "unavailable" is told when to come back.
+        if matches!(answer.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            answer.headers_mut().entry(header::RETRY_AFTER).or_insert(HeaderValue::from_static("1"));
+        }
         return answer;
     }
     let e = last_error.unwrap_or_else(|| no_backend(&pool, Instant::now()));
