@@ -119,6 +119,49 @@ pub struct ModelDeploymentSpec {
     /// How a spec change is rolled out. Default: one extra group at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+    /// How the gateway spreads requests over the replicas. Default: least load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingSpec>,
+}
+
+/// `spec.routing`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutingSpec {
+    /// The gateway's policy for this model. Default `least-load`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<RoutingPolicy>,
+}
+
+/// `spec.routing.policy`: how the gateway picks a replica (a head) for each request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingPolicy {
+    /// The replica with the least load: the gateway's requests in flight there and the replica's scraped queue,
+    /// running batch and KV-cache use.
+    #[default]
+    LeastLoad,
+    /// Requests whose prompts share their leading text go to the same replica (its prefix cache is warm), unless
+    /// it is loaded well above the average: then the next replica in the prompt's hash order takes it.
+    PrefixAffinity,
+    /// Requests of one session (the gateway's session header, else the body's `user`) go to the same replica.
+    SessionAffinity,
+    /// Each replica in turn: the baseline.
+    RoundRobin,
+}
+
+impl RoutingPolicy {
+    /// The spelling of manifests and the gateway's static file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastLoad => "least-load",
+            Self::PrefixAffinity => "prefix-affinity",
+            Self::SessionAffinity => "session-affinity",
+            Self::RoundRobin => "round-robin",
+        }
+    }
 }
 
 /// `spec.model`.
@@ -358,7 +401,13 @@ impl ModelDeploymentSpec {
             scheduling: None,
             autoscaling: None,
             rollout: None,
+            routing: None,
         }
+    }
+
+    /// `routing.policy`, or least load.
+    pub fn routing_policy(&self) -> RoutingPolicy {
+        self.routing.as_ref().and_then(|r| r.policy).unwrap_or_default()
     }
 
     /// `replicas`, or [`DEFAULT_REPLICAS`].

@@ -220,6 +220,8 @@ pub const ENV_RUNTIME_BIN: &str = "BALEEN_RUNTIME_BIN";
 pub const ENV_UP_HOST: &str = "BALEEN_UP_HOST";
 /// `baleen up`: API port (`--port`; 0 picks a free port).
 pub const ENV_UP_PORT: &str = "BALEEN_UP_PORT";
+/// `baleen up --admin-port`: the in-process gateway's `/metrics` port.
+pub const ENV_UP_ADMIN_PORT: &str = "BALEEN_UP_ADMIN_PORT";
 /// `baleen up`: seconds to wait for the model to load and `/ready` to answer 200 (`--ready-timeout`).
 pub const ENV_UP_READY_TIMEOUT: &str = "BALEEN_UP_READY_TIMEOUT";
 /// `baleen up`: seconds to wait for the runtime to drain and exit after SIGTERM before killing it

@@ -24,16 +24,13 @@ pub fn curl_line(base_url: &str, model: &str) -> String {
     )
 }
 
-/// The lines printed when the runtime is ready.
-pub fn ready_lines(addr: SocketAddr, model: &str, demo: bool) -> Vec<String> {
+/// The lines printed when every replica is ready; `details` (`  name: value` lines) follow the model's.
+pub fn ready_lines(addr: SocketAddr, model: &str, demo: bool, details: &[String]) -> Vec<String> {
     let base = base_url(addr);
-    let mut lines = vec![
-        "ready.".to_string(),
-        format!("  OpenAI base URL: {base}"),
-        format!("  model:           {model}"),
-        "  try it:".to_string(),
-        format!("    {}", curl_line(&base, model)),
-    ];
+    let mut lines =
+        vec!["ready.".to_string(), format!("  OpenAI base URL: {base}"), format!("  model:           {model}")];
+    lines.extend(details.iter().cloned());
+    lines.extend(["  try it:".to_string(), format!("    {}", curl_line(&base, model))]);
     if demo {
         lines.push(format!(
             "  note: {BUILTIN_TINY_MOE} has random weights: it shows the serving stack working, and its replies are \
@@ -64,7 +61,7 @@ mod tests {
 
     #[test]
     fn the_banner_has_the_url_the_model_and_a_curl_line() {
-        let lines = ready_lines("127.0.0.1:8080".parse().unwrap(), "whale-demo", false);
+        let lines = ready_lines("127.0.0.1:8080".parse().unwrap(), "whale-demo", false, &[]);
         let text = lines.join("\n");
         assert!(text.contains("OpenAI base URL: http://127.0.0.1:8080/v1"), "{text}");
         assert!(text.contains("model:           whale-demo"), "{text}");
@@ -80,7 +77,7 @@ mod tests {
             json!({"model": "whale-demo", "messages": [{"role": "user", "content": "Hello! Who are you?"}], "max_tokens": 32})
         );
         assert!(!text.contains("random weights"));
-        let demo = ready_lines("127.0.0.1:8080".parse().unwrap(), "tiny-moe", true).join("\n");
+        let demo = ready_lines("127.0.0.1:8080".parse().unwrap(), "tiny-moe", true, &[]).join("\n");
         assert!(demo.contains("builtin:tiny-moe has random weights"), "{demo}");
     }
 

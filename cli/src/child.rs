@@ -9,6 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baleen_api::names::{ENV_NO_COLOR, RUNTIME_LISTENING_PREFIX};
@@ -22,11 +23,16 @@ use tokio::task::JoinHandle;
 use crate::error::Error;
 use crate::launch::Launch;
 
-/// Prefix of every forwarded log line of the head (the only process without expert parallelism).
-const LOG_PREFIX: &str = "runtime | ";
-/// Prefixes of the expert-only ranks' log lines (rank 1, 2, ...); ranks past the list share the last one.
-const RANK_PREFIXES: [&str; 8] =
-    ["rank 1  | ", "rank 2  | ", "rank 3  | ", "rank 4  | ", "rank 5  | ", "rank 6  | ", "rank 7  | ", "rank 8+ | "];
+/// The name of one process in logs and messages: `runtime` for the head of the only replica, `rank K` for its
+/// other ranks; with several replicas `rR` and `rR.K` (R counted from 1).
+pub fn process_name(replicas: usize, replica: usize, rank: usize) -> String {
+    match (replicas, rank) {
+        (1, 0) => "runtime".to_string(),
+        (1, k) => format!("rank {k}"),
+        (_, 0) => format!("r{}", replica + 1),
+        (_, k) => format!("r{}.{k}", replica + 1),
+    }
+}
 /// How long the log forwarders may take to drain the pipes after the child exited.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -47,8 +53,9 @@ impl Runtime {
         bin: &Path,
         args: &[String],
         env: &[(String, String)],
-        prefix: &'static str,
+        name: &str,
     ) -> Result<(Self, Listening), Error> {
+        let prefix: Arc<str> = Arc::from(format!("{name:<7} | "));
         let mut command = Command::new(bin);
         command.arg("serve").args(args);
         if !std::io::stderr().is_terminal() {
@@ -68,7 +75,7 @@ impl Runtime {
         let (found, listening) = oneshot::channel();
         let mut forwarders = Vec::new();
         if let Some(stdout) = child.stdout.take() {
-            forwarders.push(tokio::spawn(read_stdout(stdout, found, prefix)));
+            forwarders.push(tokio::spawn(read_stdout(stdout, found, Arc::clone(&prefix))));
         }
         if let Some(stderr) = child.stderr.take() {
             forwarders.push(tokio::spawn(forward_lines(stderr, prefix)));
@@ -111,76 +118,84 @@ impl Runtime {
     }
 }
 
-/// One replica's processes: the head (HTTP API) and its expert-only ranks, started and stopped together.
+/// Every process of a launch — each replica's head and its other ranks — started and stopped together.
 #[derive(Debug)]
 pub struct Group {
-    head: Runtime,
-    ranks: Vec<Runtime>,
+    /// (name, process); each replica's other ranks, then its head.
+    processes: Vec<(String, Runtime)>,
 }
 
 impl Group {
-    /// Starts the expert-only ranks, then the head; resolves with the head's address.
-    pub fn spawn(bin: &Path, launch: &Launch) -> Result<(Self, Listening), Error> {
-        let mut ranks = Vec::with_capacity(launch.ranks.len());
-        for (i, args) in launch.ranks.iter().enumerate() {
-            let prefix = RANK_PREFIXES[i.min(RANK_PREFIXES.len() - 1)];
-            ranks.push(Runtime::spawn(bin, args, &launch.env, prefix)?.0);
+    /// Starts each replica's other ranks, then its head. Returns the listening addresses of the processes that
+    /// serve the API — each replica's head, and with data-parallel attention its other ranks — with their names.
+    pub fn spawn(bin: &Path, launch: &Launch) -> Result<(Self, Vec<(String, Listening)>), Error> {
+        let mut processes = Vec::with_capacity(launch.processes());
+        let mut listening = Vec::new();
+        let replicas = launch.replicas.len();
+        for (r, replica) in launch.replicas.iter().enumerate() {
+            let mut rank_listening = Vec::new();
+            for (k, args) in replica.ranks.iter().enumerate() {
+                let name = process_name(replicas, r, k + 1);
+                let (runtime, found) = Runtime::spawn(bin, args, &launch.env, &name)?;
+                if replica.ranks_serve_api {
+                    rank_listening.push((name.clone(), found));
+                }
+                processes.push((name, runtime));
+            }
+            let name = process_name(replicas, r, 0);
+            let (head, found) = Runtime::spawn(bin, &replica.head, &launch.env, &name)?;
+            listening.push((name.clone(), found));
+            listening.append(&mut rank_listening);
+            processes.push((name, head));
         }
-        let (head, listening) = Runtime::spawn(bin, &launch.args, &launch.env, LOG_PREFIX)?;
-        Ok((Self { head, ranks }, listening))
+        Ok((Self { processes }, listening))
     }
 
-    /// The head's process id.
-    pub fn pid(&self) -> Option<i32> {
-        self.head.pid()
+    /// Each process's name and id.
+    pub fn pids(&self) -> Vec<(&str, Option<i32>)> {
+        self.processes.iter().map(|(name, p)| (name.as_str(), p.pid())).collect()
     }
 
-    /// Process ids of the expert-only ranks 1..N.
-    pub fn rank_pids(&self) -> Vec<Option<i32>> {
-        self.ranks.iter().map(Runtime::pid).collect()
-    }
-
-    /// Waits until any process of the group exits, and returns its status (cancel-safe).
-    pub async fn wait(&mut self) -> Result<ExitStatus, Error> {
-        if self.ranks.is_empty() {
-            return self.head.wait().await;
-        }
-        let waits = std::iter::once(&mut self.head).chain(self.ranks.iter_mut()).map(|r| Box::pin(r.wait()));
+    /// Waits until any process exits, and returns its name and status (cancel-safe).
+    pub async fn wait(&mut self) -> (String, Result<ExitStatus, Error>) {
+        let waits = self.processes.iter_mut().map(|(name, p)| {
+            Box::pin(async move {
+                let status = p.wait().await;
+                (name.clone(), status)
+            })
+        });
         futures_util::future::select_all(waits).await.0
     }
 
-    /// Waits until every process exited: the head's status, or a rank's when the head succeeded and it did not.
+    /// Waits until every process exited: the first failure's status, else success.
     pub async fn wait_all(&mut self) -> Result<ExitStatus, Error> {
-        let mut status = self.head.wait().await?;
-        for rank in &mut self.ranks {
-            let rank_status = rank.wait().await?;
-            if status.success() && !rank_status.success() {
-                status = rank_status;
+        let mut status = None;
+        for (_, process) in &mut self.processes {
+            let this = process.wait().await?;
+            if status.is_none_or(|s: ExitStatus| s.success() && !this.success()) {
+                status = Some(this);
             }
         }
-        Ok(status)
+        status.ok_or(Error::Process { what: "waiting for the runtime", source: std::io::ErrorKind::NotFound.into() })
     }
 
-    /// SIGTERM to the head (it drains) and to every rank.
+    /// SIGTERM to every process (heads drain their requests).
     pub fn terminate(&self) -> Result<(), Error> {
-        self.head.terminate()?;
-        self.ranks.iter().try_for_each(Runtime::terminate)
+        self.processes.iter().try_for_each(|(_, p)| p.terminate())
     }
 
     /// Kills every process and reaps them.
     pub async fn kill(&mut self) -> Result<(), Error> {
-        self.head.kill().await?;
-        for rank in &mut self.ranks {
-            rank.kill().await?;
+        for (_, process) in &mut self.processes {
+            process.kill().await?;
         }
         Ok(())
     }
 
     /// Lets the log forwarders print what the exited processes left in their pipes.
     pub async fn flush_logs(&mut self) {
-        self.head.flush_logs().await;
-        for rank in &mut self.ranks {
-            rank.flush_logs().await;
+        for (_, process) in &mut self.processes {
+            process.flush_logs().await;
         }
     }
 }
@@ -200,7 +215,7 @@ pub fn free_ports(n: usize) -> Result<Vec<u16>, Error> {
 }
 
 /// Forwards stdout, sending the address of the listening line once.
-async fn read_stdout(stdout: impl AsyncRead + Unpin, found: oneshot::Sender<SocketAddr>, prefix: &str) {
+async fn read_stdout(stdout: impl AsyncRead + Unpin, found: oneshot::Sender<SocketAddr>, prefix: Arc<str>) {
     let mut found = Some(found);
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -210,7 +225,7 @@ async fn read_stdout(stdout: impl AsyncRead + Unpin, found: oneshot::Sender<Sock
             let _ = found.send(addr);
             continue;
         }
-        log_line(prefix, &line);
+        log_line(&prefix, &line);
     }
 }
 
@@ -219,10 +234,10 @@ fn log_line(prefix: &str, line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{prefix}{line}");
 }
 
-async fn forward_lines(pipe: impl AsyncRead + Unpin, prefix: &str) {
+async fn forward_lines(pipe: impl AsyncRead + Unpin, prefix: Arc<str>) {
     let mut lines = BufReader::new(pipe).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        log_line(prefix, &line);
+        log_line(&prefix, &line);
     }
 }
 

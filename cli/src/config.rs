@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use baleen_api::names::{ENV_RUNTIME_BIN, ENV_UP_HOST, ENV_UP_PORT, ENV_UP_READY_TIMEOUT, ENV_UP_STOP_TIMEOUT};
+use baleen_api::names::{
+    ADMIN_PORT, ENV_RUNTIME_BIN, ENV_UP_ADMIN_PORT, ENV_UP_HOST, ENV_UP_PORT, ENV_UP_READY_TIMEOUT, ENV_UP_STOP_TIMEOUT,
+};
+use baleen_gateway::config::RoutingArgs;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::Error;
@@ -30,12 +33,17 @@ pub enum Command {
 pub struct UpArgs {
     /// ModelDeployment manifest (YAML). Without one, `builtin:tiny-moe` (a random-weight demo model) is served.
     pub manifest: Option<PathBuf>,
-    /// Address the OpenAI API binds to.
+    /// Address the gateway (OpenAI API and `/metrics`) binds to; the runtimes listen on 127.0.0.1 behind it.
     #[arg(long, default_value = "127.0.0.1", env = ENV_UP_HOST)]
     pub host: String,
-    /// Port of the OpenAI API; 0 picks a free one (the printed URL says which).
+    /// Port of the OpenAI API (the in-process gateway); 0 picks a free one (the printed URL says which).
     #[arg(long, default_value_t = 8080, env = ENV_UP_PORT)]
     pub port: u16,
+    /// Port of the gateway's `/metrics`; 0 picks a free one.
+    #[arg(long, default_value_t = ADMIN_PORT, env = ENV_UP_ADMIN_PORT)]
+    pub admin_port: u16,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
     /// The `baleen-runtime` binary [default: next to `baleen`, else on PATH].
     #[arg(long, env = ENV_RUNTIME_BIN, value_name = "PATH")]
     pub runtime_bin: Option<PathBuf>,

@@ -58,6 +58,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The gateway's port could not be bound.
+    #[error("cannot listen on {addr} (another process may hold the port; pick another with --port/--admin-port)")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The in-process gateway refused a setting or failed to start.
+    #[error("gateway: {0}")]
+    Gateway(#[from] baleen_gateway::Error),
     /// An HTTP GET to the runtime got no answer in time.
     #[error("no answer within {0:?}")]
     ProbeTimeout(Duration),

@@ -1,11 +1,12 @@
-//! From a `ModelDeployment` spec to one `baleen-runtime serve` command line (pure; no I/O).
+//! From a `ModelDeployment` spec to the `baleen-runtime serve` command lines of its processes (pure; no I/O).
 //!
-//! What `baleen up` can run on one machine today: one replica — one rank, or an expert-parallel group of ranks
-//! (`parallelism.expert`), each a process exchanging token rows with the head over gRPC on 127.0.0.1 — with a
-//! `builtin:` or `file://` source. Anything else is refused with the field that asks for it and what to do
-//! instead.
+//! What `baleen up` runs on one machine: `replicas` replicas, each one rank or an expert-parallel group of ranks
+//! (`parallelism.expert`) exchanging token rows over gRPC on 127.0.0.1 — with `dataParallelAttention` every rank
+//! of a group is a head with its own API — from a `builtin:` or `file://` source. Every head serves on
+//! 127.0.0.1 (a free port) behind the in-process gateway, which owns the user's `--host`/`--port`. Anything else
+//! is refused with the field that asks for it and what to do instead.
 
-use baleen_api::crd::{ModelDeploymentSpec, ModelSource};
+use baleen_api::crd::{ModelDeploymentSpec, ModelSource, RoutingPolicy};
 use baleen_api::names::BUILTIN_TINY_MOE;
 
 use crate::error::Error;
@@ -18,17 +19,33 @@ pub struct Launch {
     /// The name the runtime will serve the model as (its rule: `servedName`, else `NAME` of `builtin:NAME`, else
     /// the `--model` string); `GET /v1/models` is the authority, this is the fallback.
     pub served_name: String,
-    /// Arguments after `serve` of the head (rank 0, the HTTP API).
-    pub args: Vec<String>,
-    /// Arguments after `serve` of each expert-only rank 1..N of an expert-parallel group (empty for one rank).
-    pub ranks: Vec<Vec<String>>,
+    /// The processes of each replica.
+    pub replicas: Vec<ReplicaLaunch>,
+    /// How the gateway spreads requests over the heads (`spec.routing.policy`).
+    pub policy: RoutingPolicy,
     /// Extra environment of the runtime process (`spec.runtime.env`).
     pub env: Vec<(String, String)>,
     /// Things in the spec that `baleen up` ignores, one sentence each, to print.
     pub notes: Vec<String>,
 }
 
+/// One replica's processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaLaunch {
+    /// Arguments after `serve` of the head (rank 0, the HTTP API on 127.0.0.1, a free port).
+    pub head: Vec<String>,
+    /// Arguments after `serve` of ranks 1..N of an expert-parallel group (empty for one rank).
+    pub ranks: Vec<Vec<String>>,
+    /// Ranks 1..N are heads too (`dataParallelAttention`): each serves the API on 127.0.0.1 and is a backend.
+    pub ranks_serve_api: bool,
+}
+
 impl Launch {
+    /// How many processes the launch starts.
+    pub fn processes(&self) -> usize {
+        self.replicas.iter().map(|r| 1 + r.ranks.len()).sum()
+    }
+
     /// True for the random-weight demo model, whose replies are noise.
     pub fn is_demo(&self) -> bool {
         matches!(&self.source, ModelSource::Builtin { .. }) && self.source.to_string() == BUILTIN_TINY_MOE
@@ -38,8 +55,8 @@ impl Launch {
 /// Flags `baleen up` sets itself, with where to set them instead; `spec.runtime.args` must not repeat them.
 const OWNED_FLAGS: [(&str, &str); 14] = [
     ("--model", "spec.model.source"),
-    ("--host", "`baleen up --host`"),
-    ("--port", "`baleen up --port`"),
+    ("--host", "`baleen up --host` (the gateway's)"),
+    ("--port", "`baleen up --port` (the gateway's)"),
     ("--served-model-name", "spec.model.servedName"),
     ("--dtype", "spec.model.dtype"),
     ("--max-num-seqs", "spec.runtime.maxNumSeqs"),
@@ -53,11 +70,14 @@ const OWNED_FLAGS: [(&str, &str); 14] = [
     ("--data-parallel-attention", "spec.parallelism.dataParallelAttention"),
 ];
 
-/// The `serve` command lines for `spec`: the head's API on `host:port`, and with `parallelism.expert` = N > 1 the
-/// N ranks' expert gRPC services on `127.0.0.1:grpc_ports[r]` (the caller picks N free ports; ignored for one
-/// rank). The spec is assumed validated (the manifest parser does it); what it asks for beyond one local replica
-/// is refused here.
-pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16]) -> Result<Launch, Error> {
+/// Where every head binds: loopback, a free port (the gateway in front owns the user's address).
+const HEAD_HOST: &str = "127.0.0.1";
+
+/// The `serve` command lines for `spec`: `replicas` replicas, each a head and with `parallelism.expert` = N > 1
+/// N - 1 more ranks whose expert gRPC services listen on `127.0.0.1:grpc_ports[replica * N + rank]` (the caller
+/// picks `replicas * N` free ports; none for one rank). The spec is assumed validated (the manifest parser does
+/// it); what `baleen up` cannot run here is refused.
+pub fn plan(spec: &ModelDeploymentSpec, grpc_ports: &[u16]) -> Result<Launch, Error> {
     let source = spec.source().map_err(|e| Error::Unsupported { field: "spec.model.source", reason: e.to_string() })?;
     let (model, default_name) = match &source {
         ModelSource::Builtin { name } => (source.to_string(), name.clone()),
@@ -74,34 +94,18 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16
         }
     };
     let world = spec.expert_parallelism() as usize;
-    if world > 1 && spec.data_parallel_attention() {
+    let replicas = spec.replicas() as usize;
+    if replicas == 0 {
         return Err(Error::Unsupported {
-            field: "spec.parallelism.dataParallelAttention",
-            reason: "every rank is a head with its own API, which needs the in-process gateway in front of them; it \
-                     arrives with a later release. `baleen up` runs expert-parallel groups with one head for now"
-                .to_string(),
+            field: "spec.replicas",
+            reason: "0 replicas runs nothing; `baleen up` serves at least one replica (replicas: 1)".to_string(),
         });
     }
-    if world > 1 && grpc_ports.len() != world {
+    let ports_needed = if world > 1 { replicas * world } else { 0 };
+    if grpc_ports.len() != ports_needed {
         return Err(Error::Setting {
             name: "grpc ports",
-            reason: format!("{} ports for a group of {world} ranks", grpc_ports.len()),
-        });
-    }
-    if spec.replicas() == 0 {
-        return Err(Error::Unsupported {
-            field: "spec.replicas",
-            reason: "0 replicas runs nothing; `baleen up` serves one replica (replicas: 1)".to_string(),
-        });
-    }
-    if spec.replicas() > 1 {
-        return Err(Error::Unsupported {
-            field: "spec.replicas",
-            reason: format!(
-                "{} replicas requested, but more than one replica needs the in-process gateway, which arrives with \
-                 a later release; `baleen up` runs replicas: 1 for now",
-                spec.replicas()
-            ),
+            reason: format!("{} ports for {replicas} replicas of {world} ranks", grpc_ports.len()),
         });
     }
 
@@ -111,13 +115,10 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16
     if let Some(dtype) = spec.model.dtype {
         shared.extend(["--dtype".to_string(), dtype.as_str().to_string()]);
     }
-    let mut args = vec!["--model".to_string(), model, "--host".into(), host.into(), "--port".into(), port.to_string()];
-    let mut flag = |name: &str, value: String| {
-        args.push(name.to_string());
-        args.push(value);
-    };
+    let mut head = vec!["--model".to_string(), model, "--host".into(), HEAD_HOST.into(), "--port".into(), "0".into()];
     for (name, value) in spec.serve_flags() {
-        flag(name, value);
+        head.push(name.to_string());
+        head.push(value);
     }
     let mut env = Vec::new();
     let mut notes = Vec::new();
@@ -154,28 +155,38 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16
             ));
         }
     }
-    // An expert-parallel group: the head is rank 0; ranks 1..N serve their experts (and probes) only.
-    let mut ranks = Vec::new();
-    if world > 1 {
-        let peers = grpc_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
-        let mut group = vec!["--world-size".to_string(), world.to_string(), "--peers".to_string(), peers];
-        let replicas = spec.redundant_experts().iter().map(|r| format!("{}@{}", r.expert, r.rank)).collect::<Vec<_>>();
-        if !replicas.is_empty() {
-            group.extend(["--replicate".to_string(), replicas.join(",")]);
+    let data_parallel = world > 1 && spec.data_parallel_attention();
+    let mut launches = Vec::with_capacity(replicas);
+    for replica in 0..replicas {
+        let mut head = head.clone();
+        // An expert-parallel group: the head is rank 0; ranks 1..N serve their experts (and probes) only, or with
+        // data-parallel attention the API too.
+        let mut ranks = Vec::new();
+        if world > 1 {
+            let ports = &grpc_ports[replica * world..(replica + 1) * world];
+            let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+            let mut group = vec!["--world-size".to_string(), world.to_string(), "--peers".to_string(), peers];
+            let redundant =
+                spec.redundant_experts().iter().map(|r| format!("{}@{}", r.expert, r.rank)).collect::<Vec<_>>();
+            if !redundant.is_empty() {
+                group.extend(["--replicate".to_string(), redundant.join(",")]);
+            }
+            if data_parallel {
+                group.push("--data-parallel-attention".to_string());
+            }
+            head.extend(["--rank".to_string(), "0".to_string()]);
+            head.extend(group.iter().cloned());
+            for rank in 1..world {
+                let mut rank_args = shared.clone();
+                rank_args.extend(["--host", HEAD_HOST, "--port", "0", "--rank"].map(str::to_string));
+                rank_args.push(rank.to_string());
+                rank_args.extend(group.iter().cloned());
+                rank_args.extend(extra.iter().cloned());
+                ranks.push(rank_args);
+            }
         }
-        args.extend(["--rank".to_string(), "0".to_string()]);
-        args.extend(group.iter().cloned());
-        for rank in 1..world {
-            let mut rank_args = shared.clone();
-            rank_args.extend(["--host", "127.0.0.1", "--port", "0", "--rank"].map(str::to_string));
-            rank_args.push(rank.to_string());
-            rank_args.extend(group.iter().cloned());
-            ranks.push(rank_args);
-        }
-    }
-    args.extend(extra.iter().cloned());
-    for rank_args in &mut ranks {
-        rank_args.extend(extra.iter().cloned());
+        head.extend(extra.iter().cloned());
+        launches.push(ReplicaLaunch { head, ranks, ranks_serve_api: data_parallel });
     }
     for (field, set) in [
         ("spec.scheduling", spec.scheduling.is_some()),
@@ -183,22 +194,22 @@ pub fn plan(spec: &ModelDeploymentSpec, host: &str, port: u16, grpc_ports: &[u16
         ("spec.rollout", spec.rollout.is_some()),
     ] {
         if set {
-            notes.push(format!("{field} is ignored: it applies to a cluster, and `baleen up` runs one replica here"));
+            notes.push(format!("{field} is ignored: it applies to a cluster; `baleen up` runs `replicas` here"));
         }
     }
-    Ok(Launch { source, served_name, args, ranks, env, notes })
+    Ok(Launch { source, served_name, replicas: launches, policy: spec.routing_policy(), env, notes })
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use baleen_api::crd::{Dtype, EnvVar, ParallelismSpec, RuntimeSpec};
+    use baleen_api::crd::{Dtype, EnvVar, ParallelismSpec, RoutingSpec, RuntimeSpec};
 
     use super::*;
 
     fn unsupported_field(spec: &ModelDeploymentSpec) -> (&'static str, String) {
-        match plan(spec, "127.0.0.1", 0, &[]) {
+        match plan(spec, &[]) {
             Err(Error::Unsupported { field, reason }) => (field, reason),
             other => panic!("{other:?}"),
         }
@@ -206,8 +217,11 @@ mod tests {
 
     #[test]
     fn the_default_spec_serves_the_builtin_demo() {
-        let launch = plan(&ModelDeploymentSpec::new(BUILTIN_TINY_MOE), "127.0.0.1", 8080, &[]).unwrap();
-        assert_eq!(launch.args, ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "8080"]);
+        let launch = plan(&ModelDeploymentSpec::new(BUILTIN_TINY_MOE), &[]).unwrap();
+        assert_eq!(launch.replicas.len(), 1);
+        assert_eq!(launch.replicas[0].head, ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "0"]);
+        assert!(launch.replicas[0].ranks.is_empty());
+        assert_eq!(launch.policy, RoutingPolicy::LeastLoad);
         assert!(launch.env.is_empty() && launch.notes.is_empty());
         assert!(launch.is_demo());
         assert_eq!(launch.served_name, "tiny-moe");
@@ -233,14 +247,16 @@ mod tests {
             env: vec![EnvVar { name: "BALEEN_RUNTIME_LOG".into(), value: Some("debug".into()), value_from: None }],
             ..RuntimeSpec::default()
         });
-        let launch = plan(&spec, "0.0.0.0", 0, &[]).unwrap();
+        spec.routing = Some(RoutingSpec { policy: Some(RoutingPolicy::PrefixAffinity) });
+        let launch = plan(&spec, &[]).unwrap();
+        assert_eq!(launch.policy, RoutingPolicy::PrefixAffinity);
         assert_eq!(
-            launch.args,
+            launch.replicas[0].head,
             [
                 "--model",
                 "/srv/models/v2-lite",
                 "--host",
-                "0.0.0.0",
+                "127.0.0.1",
                 "--port",
                 "0",
                 "--served-model-name",
@@ -284,17 +300,16 @@ mod tests {
             ..ParallelismSpec::default()
         });
         spec.runtime = Some(RuntimeSpec { args: vec!["--threads".into(), "1".into()], ..RuntimeSpec::default() });
-        let launch = plan(&spec, "127.0.0.1", 8080, &[7001, 7002]).unwrap();
+        let launch = plan(&spec, &[7001, 7002]).unwrap();
         let group = ["--world-size", "2", "--peers", "127.0.0.1:7001,127.0.0.1:7002", "--replicate", "3@1"];
-        let head: Vec<String> =
-            ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "8080", "--dtype", "f32"]
-                .into_iter()
-                .chain(["--rank", "0"])
-                .chain(group)
-                .chain(["--threads", "1"])
-                .map(str::to_string)
-                .collect();
-        assert_eq!(launch.args, head);
+        let head: Vec<String> = ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "0", "--dtype", "f32"]
+            .into_iter()
+            .chain(["--rank", "0"])
+            .chain(group)
+            .chain(["--threads", "1"])
+            .map(str::to_string)
+            .collect();
+        assert_eq!(launch.replicas[0].head, head);
         let rank1: Vec<String> =
             ["--model", "builtin:tiny-moe", "--dtype", "f32", "--host", "127.0.0.1", "--port", "0"]
                 .into_iter()
@@ -303,26 +318,44 @@ mod tests {
                 .chain(["--threads", "1"])
                 .map(str::to_string)
                 .collect();
-        assert_eq!(launch.ranks, [rank1]);
+        assert_eq!(launch.replicas[0].ranks, [rank1]);
+        assert!(!launch.replicas[0].ranks_serve_api);
+        assert_eq!(launch.processes(), 2);
     }
 
     #[test]
-    fn data_parallel_heads_need_the_gateway() {
+    fn replicas_of_data_parallel_groups_are_heads_on_their_own_ports() {
         let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
+        spec.replicas = Some(2);
         spec.parallelism = Some(ParallelismSpec {
             expert: Some(2),
             data_parallel_attention: Some(true),
             ..ParallelismSpec::default()
         });
-        let (field, reason) = unsupported_field(&spec);
-        assert_eq!(field, "spec.parallelism.dataParallelAttention");
-        assert!(reason.contains("gateway"), "{reason}");
+        assert!(matches!(plan(&spec, &[7001, 7002]), Err(Error::Setting { .. })), "two replicas need four ports");
+        let launch = plan(&spec, &[7001, 7002, 7003, 7004]).unwrap();
+        assert_eq!(launch.replicas.len(), 2);
+        assert_eq!(launch.processes(), 4);
+        for (replica, peers) in
+            launch.replicas.iter().zip(["127.0.0.1:7001,127.0.0.1:7002", "127.0.0.1:7003,127.0.0.1:7004"])
+        {
+            assert!(replica.ranks_serve_api);
+            for args in std::iter::once(&replica.head).chain(&replica.ranks) {
+                assert!(args.contains(&"--data-parallel-attention".to_string()), "{args:?}");
+                assert!(args.windows(2).any(|w| w[0] == "--peers" && w[1] == peers), "{args:?}");
+                assert!(args.windows(2).any(|w| w[0] == "--port" && w[1] == "0"), "{args:?}");
+            }
+        }
     }
 
     #[test]
-    fn more_than_one_replica_is_refused() {
+    fn replicas_are_identical_heads_and_zero_is_refused() {
         let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
-        spec.replicas = Some(2);
+        spec.replicas = Some(3);
+        let launch = plan(&spec, &[]).unwrap();
+        assert_eq!(launch.replicas.len(), 3);
+        assert!(launch.replicas.iter().all(|r| r.head == launch.replicas[0].head && r.ranks.is_empty()));
+        spec.replicas = Some(0);
         assert_eq!(unsupported_field(&spec).0, "spec.replicas");
     }
 

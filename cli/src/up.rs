@@ -1,10 +1,13 @@
-//! `baleen up`: run a ModelDeployment on this machine as `baleen-runtime serve` child processes — one, or with
-//! `parallelism.expert` = N a head and N - 1 expert-only ranks exchanging token rows over gRPC on 127.0.0.1.
+//! `baleen up`: run a ModelDeployment on this machine as `baleen-runtime serve` child processes behind the
+//! in-process gateway — `replicas` replicas, each one process, or with `parallelism.expert` = N a head and N - 1
+//! ranks exchanging token rows over gRPC on 127.0.0.1 (with `dataParallelAttention` every rank is a head).
 //!
-//! Start the runtime, learn its address from its listening line, poll `/ready` until 200 (or `--ready-timeout`),
-//! print the base URL, the served model and a curl line, then serve until Ctrl-C or SIGTERM: send the runtime one
-//! SIGTERM (it drains in-flight requests and exits 0), wait up to `--stop-timeout`, kill it if it is still there,
-//! and report. A second Ctrl-C while stopping is forwarded (the runtime then aborts what is in flight).
+//! Start every process, learn each head's address from its listening line, poll their `/ready` until 200 (or
+//! `--ready-timeout`), put the gateway in front of them on `--host`/`--port` (routing by `spec.routing.policy`,
+//! `/metrics` on `--admin-port`), print the base URL, the served model and a curl line, then serve until Ctrl-C or
+//! SIGTERM: the gateway stops accepting and every runtime gets one SIGTERM (each drains its in-flight requests
+//! and exits 0); wait up to `--stop-timeout`, kill what is still there, and report. A second Ctrl-C while
+//! stopping is forwarded (the runtimes then abort what is in flight).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,9 +15,13 @@ use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
-use baleen_api::crd::{ModelDeploymentManifest, ModelDeploymentSpec};
+use baleen_api::crd::{ModelDeploymentManifest, ModelDeploymentSpec, RoutingPolicy};
 use baleen_api::names::BUILTIN_TINY_MOE;
 use baleen_api::openai::ModelList;
+use baleen_gateway::Gateway;
+use baleen_gateway::config::Settings;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::banner;
@@ -77,75 +84,147 @@ pub fn load_manifest(path: &Path) -> Result<ModelDeploymentManifest, Error> {
 /// Runs `baleen up` to the end.
 pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     args.validate()?;
+    let settings = args.routing.settings()?;
     let spec = match &args.manifest {
         Some(path) => load_manifest(path)?.spec,
         None => ModelDeploymentSpec::new(BUILTIN_TINY_MOE),
     };
     let world = spec.expert_parallelism() as usize;
-    let grpc_ports = if world > 1 { child::free_ports(world)? } else { Vec::new() };
-    let launch = launch::plan(&spec, &args.host, args.port, &grpc_ports)?;
+    let grpc_ports = if world > 1 { child::free_ports(world * spec.replicas() as usize)? } else { Vec::new() };
+    let launch = launch::plan(&spec, &grpc_ports)?;
     let bin = find_runtime(&SearchPlaces::of_this_process(args.runtime_bin.clone()))?;
+    // The gateway's ports first: one in use fails before any model loads.
+    let api = bind(&args.host, args.port).await?;
+    let admin = bind(&args.host, args.admin_port).await?;
     let mut signals = Signals::new()?;
     for note in &launch.notes {
         say(format!("note: {note}"));
     }
-    for (rank, rank_args) in launch.ranks.iter().enumerate() {
-        say(format!("starting expert rank {}: {} serve {}", rank + 1, bin.display(), rank_args.join(" ")));
+    let replicas = launch.replicas.len();
+    for (r, replica) in launch.replicas.iter().enumerate() {
+        for (k, rank_args) in replica.ranks.iter().enumerate() {
+            let name = child::process_name(replicas, r, k + 1);
+            say(format!("starting {name}: {} serve {}", bin.display(), rank_args.join(" ")));
+        }
+        let name = child::process_name(replicas, r, 0);
+        say(format!("starting {name}: {} serve {}", bin.display(), replica.head.join(" ")));
     }
-    say(format!("starting runtime: {} serve {}", bin.display(), launch.args.join(" ")));
     let (mut runtime, listening) = Group::spawn(&bin, &launch)?;
-    let rank_pids = runtime.rank_pids();
-    for (rank, pid) in rank_pids.iter().enumerate() {
-        if let Some(pid) = pid {
-            say(format!("expert rank {} pid {pid}", rank + 1));
-        }
-    }
-    match runtime.pid() {
-        Some(pid) if !rank_pids.is_empty() => {
-            say(format!("loading model {} (head pid {pid}, {} ranks)…", launch.source, rank_pids.len() + 1));
-        }
-        Some(pid) => say(format!("loading model {} (runtime pid {pid})…", launch.source)),
-        None => say(format!("loading model {}…", launch.source)),
-    }
+    let pids =
+        runtime.pids().iter().filter_map(|(name, pid)| pid.map(|pid| format!("{name} {pid}"))).collect::<Vec<_>>();
+    say(format!(
+        "loading model {} ({} replica{}, {} process{}: pid {})…",
+        launch.source,
+        replicas,
+        if replicas == 1 { "" } else { "s" },
+        launch.processes(),
+        if launch.processes() == 1 { "" } else { "es" },
+        pids.join(", ")
+    ));
     let deadline = Instant::now() + args.ready_timeout();
 
+    let (names, receivers): (Vec<String>, Vec<_>) = listening.into_iter().unzip();
     let bound = tokio::select! {
-        found = listening => match found {
-            Ok(addr) => addr,
-            // stdout closed without the line: the runtime is exiting.
+        found = futures_util::future::try_join_all(receivers) => match found {
+            Ok(addrs) => addrs,
+            // A stdout closed without the line: that process is exiting.
             Err(_) => return Err(Error::RuntimeFailed { status: finish(&mut runtime).await? }),
         },
-        status = runtime.wait() => return Err(Error::RuntimeFailed { status: ended(&mut runtime, status).await? }),
-        signal = signals.recv() => return stop(runtime, signals, args.stop_timeout(), signal).await,
+        (_, status) = runtime.wait() => return Err(Error::RuntimeFailed { status: ended(&mut runtime, status).await? }),
+        signal = signals.recv() => return stop(runtime, None, signals, args.stop_timeout(), signal).await,
         () = tokio::time::sleep_until(deadline) => return ready_timeout(runtime, signals, args).await,
     };
-    let addr = connect_addr(bound);
-    say(format!("runtime listening on http://{bound}; waiting for {READY_PATH}…"));
+    let addrs: Vec<SocketAddr> = bound.iter().copied().map(connect_addr).collect();
+    for (name, addr) in names.iter().zip(&bound) {
+        say(format!("{name} listening on http://{addr}"));
+    }
+    say(format!("waiting for {READY_PATH}…"));
     tokio::select! {
-        () = wait_ready(addr) => {}
-        status = runtime.wait() => return Err(Error::RuntimeFailed { status: ended(&mut runtime, status).await? }),
-        signal = signals.recv() => return stop(runtime, signals, args.stop_timeout(), signal).await,
+        _ = futures_util::future::join_all(addrs.iter().map(|addr| wait_ready(*addr))) => {}
+        (_, status) = runtime.wait() => return Err(Error::RuntimeFailed { status: ended(&mut runtime, status).await? }),
+        signal = signals.recv() => return stop(runtime, None, signals, args.stop_timeout(), signal).await,
         () = tokio::time::sleep_until(deadline) => return ready_timeout(runtime, signals, args).await,
     }
 
-    let model = match served_model(addr).await {
+    let model = match served_model(addrs[0]).await {
         Ok(name) => name,
         Err(e) => {
             tracing::warn!(error = %e, "GET {MODELS_PATH} failed; showing the expected model name");
             launch.served_name.clone()
         }
     };
-    for line in banner::ready_lines(addr, &model, launch.is_demo()) {
+    let front = Front::start(settings, &model, launch.policy, &addrs, api, admin).await?;
+    let details = [
+        format!(
+            "  replicas:        {} ({} behind the gateway, {} routing)",
+            replicas,
+            plural(addrs.len(), "head"),
+            launch.policy.as_str()
+        ),
+        format!("  gateway metrics: http://{}/metrics", front.admin),
+    ];
+    for line in banner::ready_lines(front.api, &model, launch.is_demo(), &details) {
         say(line);
     }
 
     tokio::select! {
-        status = runtime.wait() => {
+        (name, status) = runtime.wait() => {
             let status = ended(&mut runtime, status).await?;
-            complain(format!("the runtime exited on its own ({status}); its log above says why"));
+            complain(format!("{name} exited on its own ({status}); its log above says why"));
+            front.close().await;
             Ok(Outcome::Exited(status))
         }
-        signal = signals.recv() => stop(runtime, signals, args.stop_timeout(), signal).await,
+        signal = signals.recv() => stop(runtime, Some(front), signals, args.stop_timeout(), signal).await,
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, Error> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// The in-process gateway in front of the heads: the user's `--host`/`--port` and `--admin-port`.
+struct Front {
+    api: SocketAddr,
+    admin: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    /// Routes `model` over the heads at `addrs` and starts serving (after one probe of every head).
+    async fn start(
+        settings: Settings,
+        model: &str,
+        policy: RoutingPolicy,
+        addrs: &[SocketAddr],
+        api: TcpListener,
+        admin: TcpListener,
+    ) -> Result<Self, Error> {
+        let local = |l: &TcpListener| {
+            l.local_addr().map(connect_addr).map_err(|source| Error::Bind { addr: "the gateway's port".into(), source })
+        };
+        let (api_addr, admin_addr) = (local(&api)?, local(&admin)?);
+        let gateway = Gateway::new(settings)?;
+        let urls = addrs.iter().map(|addr| format!("http://{addr}")).collect::<Vec<_>>();
+        gateway.set_model(model, policy, &urls)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(api, admin, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self { api: api_addr, admin: admin_addr, stop, task })
+    }
+
+    /// Stops accepting and lets the answers in flight finish.
+    async fn close(self) {
+        let _ = self.stop.send(());
+        if let Err(e) = self.task.await {
+            tracing::warn!("the gateway task failed: {e}");
+        }
     }
 }
 
@@ -171,9 +250,17 @@ async fn served_model(addr: SocketAddr) -> Result<String, String> {
     list.data.into_iter().next().map(|m| m.id).ok_or_else(|| "no models listed".to_string())
 }
 
-/// Asks the runtime to drain and exit; forwards a second signal; kills it after `timeout`.
-async fn stop(mut runtime: Group, mut signals: Signals, timeout: Duration, signal: &str) -> Result<Outcome, Error> {
+/// Asks the gateway and the runtimes to drain and exit (at once: requests in flight finish through the gateway
+/// while both refuse new ones); forwards a second signal; kills the runtimes after `timeout`.
+async fn stop(
+    mut runtime: Group,
+    front: Option<Front>,
+    mut signals: Signals,
+    timeout: Duration,
+    signal: &str,
+) -> Result<Outcome, Error> {
     say(format!("{signal}: stopping the runtime (finishing in-flight requests, up to {}s)…", timeout.as_secs()));
+    let front = front.map(|front| tokio::spawn(front.close()));
     runtime.terminate()?;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -181,6 +268,9 @@ async fn stop(mut runtime: Group, mut signals: Signals, timeout: Duration, signa
         tokio::select! {
             status = runtime.wait_all() => {
                 let status = ended(&mut runtime, status).await?;
+                if let Some(front) = front {
+                    let _ = front.await;
+                }
                 if status.success() {
                     say("stopped.");
                 } else {
@@ -205,7 +295,7 @@ async fn stop(mut runtime: Group, mut signals: Signals, timeout: Duration, signa
 
 /// Stops a runtime that missed `--ready-timeout`, then reports the timeout.
 async fn ready_timeout(runtime: Group, signals: Signals, args: &UpArgs) -> Result<Outcome, Error> {
-    stop(runtime, signals, args.stop_timeout(), "not ready in time").await?;
+    stop(runtime, None, signals, args.stop_timeout(), "not ready in time").await?;
     Err(Error::ReadyTimeout { timeout: args.ready_timeout() })
 }
 
@@ -215,9 +305,9 @@ async fn ended(runtime: &mut Group, status: Result<ExitStatus, Error>) -> Result
     status
 }
 
-/// Waits for a runtime that is exiting, then flushes its logs.
+/// Waits for a runtime process that is exiting, then flushes the logs.
 async fn finish(runtime: &mut Group) -> Result<ExitStatus, Error> {
-    let status = runtime.wait().await;
+    let (_, status) = runtime.wait().await;
     ended(runtime, status).await
 }
 

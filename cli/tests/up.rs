@@ -78,7 +78,9 @@ struct Up {
     lines: Receiver<String>,
     stdout: Vec<String>,
     stderr: Arc<Mutex<String>>,
+    /// The first head's pid.
     runtime_pid: Option<i32>,
+    head_pids: Vec<i32>,
     rank_pids: Vec<i32>,
 }
 
@@ -87,7 +89,7 @@ impl Up {
         let mut child = Command::new(baleen_bin())
             .arg("up")
             .args(extra)
-            .args(["--port", "0", "--ready-timeout", "170", "--runtime-bin"])
+            .args(["--port", "0", "--admin-port", "0", "--ready-timeout", "170", "--runtime-bin"])
             .arg(runtime_bin())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -115,7 +117,15 @@ impl Up {
                 sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Self { child, lines, stdout: Vec::new(), stderr, runtime_pid: None, rank_pids: Vec::new() }
+        Self {
+            child,
+            lines,
+            stdout: Vec::new(),
+            stderr,
+            runtime_pid: None,
+            head_pids: Vec::new(),
+            rank_pids: Vec::new(),
+        }
     }
 
     fn stderr(&self) -> String {
@@ -132,15 +142,20 @@ impl Up {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    let pid = |marker: &str| {
-                        let rest = line.split(marker).nth(1)?;
-                        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<i32>().ok()
-                    };
-                    if let Some(p) = pid("runtime pid ").or_else(|| pid("head pid ")) {
-                        self.runtime_pid = Some(p);
-                    }
-                    if let Some(p) = pid(" pid ").filter(|_| line.starts_with("expert rank ")) {
-                        self.rank_pids.push(p);
+                    // `loading model SOURCE (… processes: pid runtime 12, rank 1 34)…`: heads are `runtime` or `rN`.
+                    if line.starts_with("loading model ")
+                        && let Some(list) = line.split("pid ").nth(1)
+                    {
+                        for entry in list.trim_end_matches(")…").split(", ") {
+                            let (name, pid) = entry.rsplit_once(' ').unwrap();
+                            let pid = pid.parse::<i32>().unwrap();
+                            if name == "runtime" || (name.starts_with('r') && !name.contains(['.', ' '])) {
+                                self.runtime_pid.get_or_insert(pid);
+                                self.head_pids.push(pid);
+                            } else {
+                                self.rank_pids.push(pid);
+                            }
+                        }
                     }
                     self.stdout.push(line.clone());
                     if line.contains(needle) {
@@ -161,6 +176,18 @@ impl Up {
     fn base_url(&mut self) -> String {
         let line = self.line_with("OpenAI base URL: ", READY_WAIT);
         line.split("OpenAI base URL: ").nth(1).unwrap().trim().to_string()
+    }
+
+    /// The first head's own URL (`runtime listening on http://…`), behind the gateway: its `/metrics`.
+    fn runtime_url(&mut self) -> String {
+        let line = self.line_with(" listening on http://", READY_WAIT);
+        format!("http://{}", line.split(" listening on http://").nth(1).unwrap().trim())
+    }
+
+    /// The gateway's `/metrics` URL, once ready.
+    fn gateway_metrics(&mut self) -> String {
+        let line = self.line_with("gateway metrics: ", Duration::from_secs(5));
+        line.split("gateway metrics: ").nth(1).unwrap().trim().to_string()
     }
 
     fn signal(&self, signal: Signal) {
@@ -195,7 +222,7 @@ impl Drop for Up {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        for pid in self.runtime_pid.iter().chain(&self.rank_pids) {
+        for pid in self.head_pids.iter().chain(&self.rank_pids) {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
     }
@@ -306,7 +333,7 @@ fn up_serves_a_manifest_under_its_served_name_and_sigterm_stops_it() {
     let (status, body) = chat(&base, "whale-demo", 1000);
     assert_eq!(status, 400, "{body}");
     // spec.runtime.env reached the runtime: its KV cache uses 32-token blocks.
-    let root = base.trim_end_matches("/v1");
+    let root = up.runtime_url();
     let (status, metrics) = get(&format!("{root}/metrics"));
     assert_eq!(status, 200);
     let info = metrics.lines().find(|l| l.starts_with("vllm:cache_config_info{")).unwrap_or_default();
@@ -322,7 +349,7 @@ fn up_serves_a_manifest_under_its_served_name_and_sigterm_stops_it() {
 fn ctrl_c_lets_in_flight_requests_finish() {
     let mut up = Up::start(&[]);
     let base = up.base_url();
-    let root = base.trim_end_matches("/v1").to_string();
+    let root = up.runtime_url();
     let request = {
         let base = base.clone();
         std::thread::spawn(move || chat(&base, "tiny-moe", 2000))
@@ -368,7 +395,7 @@ fn the_expert_parallel_example_runs_a_group_of_ranks_locally() {
     let (status, body) = chat(&base, "tiny-moe", 4);
     assert_eq!(status, 200, "{body}");
     // The head really sent rows to rank 1 over gRPC.
-    let (status, metrics) = get(&format!("{}/metrics", base.trim_end_matches("/v1")));
+    let (status, metrics) = get(&format!("{}/metrics", up.runtime_url()));
     assert_eq!(status, 200);
     let line = |prefix: &str| metrics.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_string();
     assert!(line("baleen_runtime_expert_peer_up{").ends_with(" 1"), "{metrics}");
@@ -378,6 +405,50 @@ fn the_expert_parallel_example_runs_a_group_of_ranks_locally() {
     up.signal(Signal::SIGINT);
     assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
     for pid in up.runtime_pid.iter().chain(&up.rank_pids) {
+        assert!(!process_exists(*pid), "process {pid} outlived `baleen up`");
+    }
+}
+
+#[test]
+fn replicas_of_data_parallel_groups_are_served_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "  model: {source: builtin:tiny-moe}\n  replicas: 2\n  parallelism: {expert: 2, dataParallelAttention: true}\n  \
+         routing: {policy: round-robin}\n  runtime: {args: [\"--threads\", \"1\"]}\n",
+    );
+    let mut up = Up::start(&[manifest.to_str().unwrap()]);
+    let base = up.base_url();
+    let metrics_url = up.gateway_metrics();
+    assert_eq!(up.head_pids.len(), 2, "{:#?}", up.stdout);
+    assert_eq!(up.rank_pids.len(), 2, "{:#?}", up.stdout);
+    assert!(
+        up.stdout.iter().any(|l| l.contains("2 (4 heads behind the gateway, round-robin routing)")),
+        "{:#?}",
+        up.stdout
+    );
+    // Round robin over four heads: eight requests reach each head twice.
+    let mut served = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..8 {
+        let mut response = http()
+            .post(&format!("{base}/chat/completions"))
+            .header("Content-Type", "application/json")
+            .send(json!({"model": "tiny-moe", "messages": [{"role": "user", "content": format!("hi {i}")}], "max_tokens": 2}).to_string())
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{}", response.body_mut().read_to_string().unwrap());
+        let backend = response.headers().get("x-baleen-backend").unwrap().to_str().unwrap().to_string();
+        *served.entry(backend).or_default() += 1;
+    }
+    assert_eq!(served.len(), 4, "{served:?}");
+    assert!(served.values().all(|n| *n == 2), "{served:?}");
+    let (status, metrics) = get(&metrics_url);
+    assert_eq!(status, 200);
+    let ready = metrics.lines().find(|l| l.starts_with("baleen_gateway_ready_replicas{")).unwrap_or_default();
+    assert!(ready.ends_with(" 4"), "{metrics}");
+
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+    for pid in up.head_pids.iter().chain(&up.rank_pids) {
         assert!(!process_exists(*pid), "process {pid} outlived `baleen up`");
     }
 }
@@ -428,9 +499,9 @@ fn invalid_manifests_fail_naming_the_field() {
             &["`spec.model.source`", "needs a cluster", "file://"],
         ),
         (
-            "data-parallel heads",
-            "  model: {source: builtin:tiny-moe}\n  parallelism: {expert: 2, dataParallelAttention: true}\n",
-            &["`spec.parallelism.dataParallelAttention`", "gateway"],
+            "unknown policy",
+            "  model: {source: builtin:tiny-moe}\n  routing: {policy: fastest}\n",
+            &["spec.routing.policy", "fastest"],
         ),
         ("zero replicas", "  model: {source: builtin:tiny-moe}\n  replicas: 0\n", &["`spec.replicas`"]),
         ("unknown scheme", "  model: {source: s3://bucket/model}\n", &["`spec.model.source`", "s3://bucket/model"]),
@@ -443,7 +514,16 @@ fn invalid_manifests_fail_naming_the_field() {
             format!("apiVersion: baleen.dev/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: m\nspec:\n{yaml}")
         };
         std::fs::write(&path, text).unwrap();
-        let out = run_to_end(&["up", path.to_str().unwrap(), "--port", "0", "--runtime-bin", "/nonexistent/rt"]);
+        let out = run_to_end(&[
+            "up",
+            path.to_str().unwrap(),
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--runtime-bin",
+            "/nonexistent/rt",
+        ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: succeeded");
         for want in wants {
@@ -458,7 +538,7 @@ fn invalid_manifests_fail_naming_the_field() {
 
 #[test]
 fn a_missing_runtime_binary_says_how_to_build_it() {
-    let out = run_to_end(&["up", "--port", "0", "--runtime-bin", "/nonexistent/baleen-runtime"]);
+    let out = run_to_end(&["up", "--port", "0", "--admin-port", "0", "--runtime-bin", "/nonexistent/baleen-runtime"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/baleen-runtime") && stderr.contains("cargo build --release"), "{stderr}");

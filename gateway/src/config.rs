@@ -142,34 +142,8 @@ impl RoutingArgs {
     }
 }
 
-/// How a model's requests are spread over its backends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyKind {
-    /// The backend with the least load: the gateway's in-flight requests and the backend's scraped queue,
-    /// running batch and KV-cache use.
-    #[default]
-    LeastLoad,
-    /// Requests whose prompts share their leading text go to the same backend (its prefix cache is warm), unless
-    /// it is loaded well above the average: then the next backend in the prompt's hash order takes it.
-    PrefixAffinity,
-    /// Requests of one session (a header, else the body's `user`) go to the same backend.
-    SessionAffinity,
-    /// Each backend in turn: the baseline.
-    RoundRobin,
-}
-
-impl PolicyKind {
-    /// The name used in the static file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::LeastLoad => "least-load",
-            Self::PrefixAffinity => "prefix-affinity",
-            Self::SessionAffinity => "session-affinity",
-            Self::RoundRobin => "round-robin",
-        }
-    }
-}
+/// How a model's requests are spread over its backends: `spec.routing.policy` of a ModelDeployment.
+pub use baleen_api::crd::RoutingPolicy as PolicyKind;
 
 /// The static discovery file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
