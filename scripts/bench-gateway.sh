@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# What the gateway adds to a request, against nginx doing the same proxying, all legs in one run on this machine.
+#
+#   scripts/bench-gateway.sh             # builds baleen-gateway (release), then benchmarks
+#   scripts/bench-gateway.sh --no-build  # uses the binary already in $CARGO_TARGET_DIR/release (says so)
+#
+# The backend is an nginx `return 200` of a small chat-completion JSON (and a static vLLM metrics page and
+# /ready for the gateway's probes), so no model compute hides the proxy's cost. Three legs, interleaved in
+# rounds so drift on a shared machine hits each alike:
+#   direct   wrk -> backend
+#   nginx    wrk -> nginx (proxy_pass to an upstream with keepalive, HTTP/1.1) -> backend
+#   gateway  wrk -> baleen-gateway (least-load, one model, the backend its only replica) -> backend
+# at concurrency 1 (latency: p50/p99; added = leg - direct) and 32 (throughput: requests/s). wrk runs one thread;
+# the median over the rounds is reported. Then the streamed time to first token on the tiny model, direct vs
+# through the gateway (time to the first `data:` event carrying text, sequential requests, alternating).
+#
+# Goal (issue 13): gateway-added p50 and p99 at c=1 <= nginx's, and c=32 throughput >= nginx's; printed, not
+# asserted (the machines are shared and noisy: compare the ratios).
+#
+# Environment (all optional):
+#   CARGO_TARGET_DIR   build directory (default: <repo>/target)
+#   BENCH_DURATION     seconds per measured leg (default: 5)
+#   BENCH_ROUNDS       rounds of the three legs (default: 3)
+#   BENCH_TTFT_N       streamed requests per side for the TTFT comparison (default: 30; 0 skips it)
+#   BENCH_RUNTIME_BIN  runtime for the TTFT leg (default: release build if present, else the debug build)
+# Raw output goes to $CARGO_TARGET_DIR/bench/gateway/; a markdown table is printed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+DURATION="${BENCH_DURATION:-5}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+TTFT_N="${BENCH_TTFT_N:-30}"
+GATEWAY="$CARGO_TARGET_DIR/release/baleen-gateway"
+OUT="$CARGO_TARGET_DIR/bench/gateway"
+
+die() { echo "bench-gateway: error: $*" >&2; exit 1; }
+say() { echo "bench-gateway: $*" >&2; }
+
+BUILD=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-build) BUILD=0 ;;
+        -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) die "unknown argument: $arg (accepted: --no-build)" ;;
+    esac
+done
+
+command -v python3 >/dev/null || die "python3 is required"
+command -v curl >/dev/null || die "curl is required"
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
+if (( ${#need[@]} )); then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        say "installing ${need[*]} with apt-get"
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } \
+            || die "apt-get install ${need[*]} failed"
+    else
+        die "missing ${need[*]} (Debian packages: apt-get install ${need[*]}, as root)"
+    fi
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+if (( BUILD )); then
+    say "building baleen-gateway (release) in $CARGO_TARGET_DIR"
+    cargo build --release -p baleen-gateway || die "cargo build --release -p baleen-gateway failed"
+else
+    say "--no-build: NOT rebuilding; using $GATEWAY"
+fi
+[[ -x "$GATEWAY" ]] || die "$GATEWAY does not exist"
+RUNTIME="${BENCH_RUNTIME_BIN:-}"
+if [[ -z "$RUNTIME" && "$TTFT_N" != 0 ]]; then
+    if [[ -x "$CARGO_TARGET_DIR/release/baleen-runtime" ]]; then
+        RUNTIME="$CARGO_TARGET_DIR/release/baleen-runtime"
+    else
+        (( BUILD )) && { cargo build -p baleen-runtime || die "cargo build -p baleen-runtime failed"; }
+        RUNTIME="$CARGO_TARGET_DIR/debug/baleen-runtime"
+    fi
+fi
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACKEND_PORT="$(free_port)"
+PROXY_PORT="$(free_port)"
+
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---- nginx: the fixed-response backend and the reference proxy (each its own prefix, in the foreground).
+ANSWER='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The baleen whale filters krill."},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":7,"total_tokens":15}}'
+METRICS_PAGE='# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="bench"} 0\n# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="bench"} 0\n# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="bench"} 0\n'
+nginx_conf() { # NAME WORKERS SERVER_BLOCK
+    local dir="$OUT/nginx-$1"
+    mkdir -p "$dir/tmp"
+    cat > "$dir/nginx.conf" <<CONF
+worker_processes $2;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_body_buffer_size 64k;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+$3
+}
+CONF
+    "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2> "$dir/stderr.log" &
+    PIDS+=($!)
+}
+nginx_conf backend 1 "    server {
+        listen 127.0.0.1:$BACKEND_PORT;
+        location = /v1/chat/completions { default_type application/json; return 200 '$ANSWER'; }
+        location = /metrics { default_type text/plain; return 200 '$(printf "$METRICS_PAGE")'; }
+        location = /ready { default_type application/json; return 200 '{\"status\":\"ready\"}'; }
+    }"
+nginx_conf proxy auto "    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
+    server {
+        listen 127.0.0.1:$PROXY_PORT;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }
+    }"
+
+# ---- the runtime for the TTFT leg
+RUNTIME_URL=""
+if [[ "$TTFT_N" != 0 ]]; then
+    BALEEN_RUNTIME_LOG=warn "$RUNTIME" serve --model builtin:tiny-moe --host 127.0.0.1 --port 0 --threads 1 \
+        > "$OUT/runtime.stdout" 2> "$OUT/runtime.log" &
+    PIDS+=($!)
+    for _ in $(seq 1 600); do
+        RUNTIME_URL="$(sed -n 's/^baleen-runtime listening on \(http:\/\/[^ ]*\)$/\1/p' "$OUT/runtime.stdout" | head -n 1)"
+        [[ -n "$RUNTIME_URL" ]] && break
+        sleep 0.1
+    done
+    [[ -n "$RUNTIME_URL" ]] || die "the runtime printed no listening line; log: $OUT/runtime.log"
+fi
+
+# ---- the gateway: model `bench` on the nginx backend, `tiny-moe` on the runtime.
+{
+    echo "models:"
+    echo "  - name: bench"
+    echo "    backends: [http://127.0.0.1:$BACKEND_PORT]"
+    [[ -n "$RUNTIME_URL" ]] && { echo "  - name: tiny-moe"; echo "    backends: [$RUNTIME_URL]"; }
+} > "$OUT/gateway.yaml"
+BALEEN_GATEWAY_LOG=warn "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 --admin-port 0 \
+    > "$OUT/gateway.stdout" 2> "$OUT/gateway.log" &
+PIDS+=($!)
+GATEWAY_URL=""
+for _ in $(seq 1 300); do
+    GATEWAY_URL="$(sed -n 's/^baleen-gateway listening on \(http:\/\/[^ ]*\) admin .*$/\1/p' "$OUT/gateway.stdout" | head -n 1)"
+    [[ -n "$GATEWAY_URL" ]] && break
+    sleep 0.1
+done
+[[ -n "$GATEWAY_URL" ]] || die "the gateway printed no listening line; log: $OUT/gateway.log"
+
+BODY='{"model":"bench","messages":[{"role":"user","content":"Tell me about baleen whales."}],"max_tokens":16}'
+declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")
+for leg in direct nginx gateway; do
+    url="${URLS[$leg]}"
+    ok=""
+    for _ in $(seq 1 100); do
+        if [[ "$(curl -s -o "$OUT/check-$leg.json" -w '%{http_code}' -H 'Content-Type: application/json' -d "$BODY" "$url/v1/chat/completions")" == 200 ]]; then
+            ok=1; break
+        fi
+        sleep 0.1
+    done
+    [[ -n "$ok" ]] || die "$leg ($url) never answered 200: $(cat "$OUT/check-$leg.json" 2>/dev/null)"
+    cmp -s "$OUT/check-$leg.json" <(printf '%s' "$ANSWER") || die "$leg returned a different body: $(cat "$OUT/check-$leg.json")"
+done
+say "backend :$BACKEND_PORT, nginx :$PROXY_PORT, gateway $GATEWAY_URL; ${ROUNDS} rounds x ${DURATION}s per leg"
+
+cat > "$OUT/post.lua" <<LUA
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[$BODY]]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK_JSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"errors": %d}\n', summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+LUA
+
+: > "$OUT/results.jsonl"
+for round in $(seq 1 "$ROUNDS"); do
+    for c in 1 32; do
+        for leg in direct nginx gateway; do
+            raw="$OUT/wrk-$leg-c$c-r$round.txt"
+            wrk -t 1 -c "$c" -d 1s -s "$OUT/post.lua" "${URLS[$leg]}" > /dev/null  # warm connections and caches
+            wrk -t 1 -c "$c" -d "${DURATION}s" --latency -s "$OUT/post.lua" "${URLS[$leg]}" > "$raw" \
+                || die "wrk failed ($raw)"
+            line="$(sed -n 's/^WRK_JSON //p' "$raw")"
+            [[ -n "$line" ]] || die "wrk printed no summary ($raw)"
+            echo "{\"leg\": \"$leg\", \"c\": $c, \"round\": $round, \"wrk\": $line}" >> "$OUT/results.jsonl"
+        done
+    done
+    say "round $round of $ROUNDS done"
+done
+
+# ---- streamed TTFT on the tiny model: direct vs through the gateway.
+if [[ -n "$RUNTIME_URL" ]]; then
+    python3 - "$RUNTIME_URL" "$GATEWAY_URL" "$TTFT_N" > "$OUT/ttft.json" <<'PY'
+import http.client, json, sys, time, urllib.parse
+direct, gateway, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+body = json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "Tell me about baleen whales."}],
+                   "max_tokens": 16, "temperature": 0, "stream": True})
+def ttft(base):
+    u = urllib.parse.urlparse(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200, r.status
+    first = None
+    for line in r:
+        if first is None and line.startswith(b"data: {") and b'"content"' in line:
+            first = time.perf_counter() - start
+    conn.close()
+    assert first is not None, "no content event"
+    return first
+for base in (direct, gateway):  # warm the prefix cache and connections
+    ttft(base)
+out = {"direct": [], "gateway": []}
+for _ in range(n):
+    out["direct"].append(ttft(direct))
+    out["gateway"].append(ttft(gateway))
+print(json.dumps(out))
+PY
+fi
+
+python3 - "$OUT/results.jsonl" "$OUT/ttft.json" "$DURATION" "$ROUNDS" "$RUNTIME" "${#ANSWER}" <<'PY'
+import json, os, statistics, sys
+path, ttft_path, duration, rounds, runtime, answer_bytes = sys.argv[1:7]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+def med(leg, c, key):
+    vals = [r["wrk"][key] for r in rows if r["leg"] == leg and r["c"] == c]
+    return statistics.median(vals)
+def rps(leg, c):
+    return statistics.median(r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in rows if r["leg"] == leg and r["c"] == c)
+errors = sum(r["wrk"]["errors"] for r in rows)
+print(f"POST /v1/chat/completions ({answer_bytes}-byte JSON answer from nginx `return 200`); wrk 1 thread, "
+      f"{duration}s per leg, median of {rounds} interleaved rounds; {errors} wrk errors in all")
+print()
+print("| leg | c=1 p50 | c=1 p99 | added p50 | added p99 | c=32 req/s | c=32 p99 |")
+print("|---|---|---|---|---|---|---|")
+d50, d99 = med("direct", 1, "p50_us"), med("direct", 1, "p99_us")
+for leg in ("direct", "nginx", "gateway"):
+    p50, p99 = med(leg, 1, "p50_us"), med(leg, 1, "p99_us")
+    added = "—" if leg == "direct" else f"{p50 - d50:+.0f} µs"
+    added99 = "—" if leg == "direct" else f"{p99 - d99:+.0f} µs"
+    print(f"| {leg} | {p50:.0f} µs | {p99:.0f} µs | {added} | {added99} | {rps(leg, 32):,.0f} | "
+          f"{med(leg, 32, 'p99_us'):.0f} µs |")
+print()
+g50, n50 = med("gateway", 1, "p50_us") - d50, med("nginx", 1, "p50_us") - d50
+g99, n99 = med("gateway", 1, "p99_us") - d99, med("nginx", 1, "p99_us") - d99
+ratio = rps("gateway", 32) / rps("nginx", 32)
+print(f"goal: gateway-added p50 {g50:+.0f} µs vs nginx {n50:+.0f} µs ({'met' if g50 <= n50 else 'NOT met'}); "
+      f"p99 {g99:+.0f} µs vs {n99:+.0f} µs ({'met' if g99 <= n99 else 'NOT met'}); "
+      f"c=32 throughput gateway/nginx = {ratio:.2f}x ({'met' if ratio >= 1 else 'NOT met'})")
+if os.path.getsize(ttft_path) if os.path.exists(ttft_path) else 0:
+    t = json.load(open(ttft_path))
+    dm, gm = statistics.median(t["direct"]) * 1e3, statistics.median(t["gateway"]) * 1e3
+    print(f"streamed TTFT on builtin:tiny-moe ({os.path.basename(os.path.dirname(runtime))} runtime, "
+          f"{len(t['direct'])} requests each, median): direct {dm:.2f} ms, through the gateway {gm:.2f} ms "
+          f"({gm - dm:+.2f} ms)")
+PY
