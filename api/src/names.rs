@@ -392,6 +392,8 @@ pub const ENV_GATEWAY_RETRIES: &str = "BALEEN_GATEWAY_RETRIES";
 pub const ENV_GATEWAY_PREFIX_BYTES: &str = "BALEEN_GATEWAY_PREFIX_BYTES";
 /// Gateway: the header `session-affinity` keys on (`--session-header`).
 pub const ENV_GATEWAY_SESSION_HEADER: &str = "BALEEN_GATEWAY_SESSION_HEADER";
+/// Gateway: the API keys file (`--api-keys`): names, SHA-256 hashes and rate limits.
+pub const ENV_GATEWAY_API_KEYS: &str = "BALEEN_GATEWAY_API_KEYS";
 /// Gateway: log filter (`tracing` env-filter syntax).
 pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
 /// Gateway: default OpenAI API port.
@@ -422,6 +424,12 @@ pub const METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL: &str = "baleen_gateway_scrape_erro
 pub const METRIC_GATEWAY_DESIRED_REPLICAS: &str = "baleen_gateway_desired_replicas";
 /// Gauge: ready replicas (backends) serving a model, by [`LABEL_MODEL`].
 pub const METRIC_GATEWAY_READY_REPLICAS: &str = "baleen_gateway_ready_replicas";
+/// Counter: requests refused by an API key's rate limit, by [`LABEL_KEY`] and [`LABEL_LIMIT`].
+pub const METRIC_GATEWAY_RATE_LIMITED_TOTAL: &str = "baleen_gateway_rate_limited_total";
+/// Label: an API key's name (never the key).
+pub const LABEL_KEY: &str = "key";
+/// Label: which limit refused a request: `requests` or `tokens`.
+pub const LABEL_LIMIT: &str = "limit";
 /// Label: the served model name (a configured one; unknown models are counted under [`MODEL_UNKNOWN`]).
 pub const LABEL_MODEL: &str = "model";
 /// Label: a backend's base URL.

@@ -13,17 +13,19 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baleen_api::names::{
-    ADMIN_PORT, ENV_GATEWAY_ADMIN_PORT, ENV_GATEWAY_CONFIG, ENV_GATEWAY_HOST, ENV_GATEWAY_MAX_REQUEST_BYTES,
-    ENV_GATEWAY_PORT, ENV_GATEWAY_PREFIX_BYTES, ENV_GATEWAY_REQUEST_TIMEOUT, ENV_GATEWAY_RETRIES,
-    ENV_GATEWAY_SCRAPE_INTERVAL, ENV_GATEWAY_SESSION_HEADER, GATEWAY_PORT, GATEWAY_SESSION_HEADER,
+    ADMIN_PORT, ENV_GATEWAY_ADMIN_PORT, ENV_GATEWAY_API_KEYS, ENV_GATEWAY_CONFIG, ENV_GATEWAY_HOST,
+    ENV_GATEWAY_MAX_REQUEST_BYTES, ENV_GATEWAY_PORT, ENV_GATEWAY_PREFIX_BYTES, ENV_GATEWAY_REQUEST_TIMEOUT,
+    ENV_GATEWAY_RETRIES, ENV_GATEWAY_SCRAPE_INTERVAL, ENV_GATEWAY_SESSION_HEADER, GATEWAY_PORT, GATEWAY_SESSION_HEADER,
 };
 use clap::{Args, Parser, Subcommand};
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Keys;
 use crate::error::{Error, Result};
 
 /// Default cap on a request body (10 MiB).
@@ -42,6 +44,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI API on `--port`, routing each request to a backend of its model.
     Serve(ServeArgs),
+    /// Print the SHA-256 of the API key read from stdin (one line), as the `--api-keys` file stores it.
+    HashKey,
 }
 
 /// `baleen-gateway serve` flags.
@@ -85,6 +89,9 @@ pub struct RoutingArgs {
     /// The header `session-affinity` keys on (the body's `user` field when the header is absent).
     #[arg(long, env = ENV_GATEWAY_SESSION_HEADER, default_value = GATEWAY_SESSION_HEADER)]
     pub session_header: String,
+    /// API keys file (names, SHA-256 hashes, per-key rate limits); without it no key is asked for.
+    #[arg(long, env = ENV_GATEWAY_API_KEYS, value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
 }
 
 impl Default for RoutingArgs {
@@ -96,6 +103,7 @@ impl Default for RoutingArgs {
             retries: 2,
             prefix_bytes: 256,
             session_header: GATEWAY_SESSION_HEADER.to_string(),
+            api_keys: None,
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct Settings {
     pub retries: u32,
     pub prefix_bytes: usize,
     pub session_header: HeaderName,
+    /// API keys, when `--api-keys` is given.
+    pub api_keys: Option<Arc<Keys>>,
 }
 
 fn seconds(field: &str, value: f64) -> Result<Duration> {
@@ -138,6 +148,7 @@ impl RoutingArgs {
             retries: self.retries,
             prefix_bytes: self.prefix_bytes,
             session_header,
+            api_keys: self.api_keys.as_deref().map(Keys::load).transpose()?.map(Arc::new),
         })
     }
 }

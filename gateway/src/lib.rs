@@ -6,6 +6,7 @@
 //! [`server::Gateway`] is the whole gateway as a library: `baleen-gateway serve` runs it from the static file,
 //! `baleen up` in-process in front of its runtime processes.
 
+pub mod auth;
 pub mod backends;
 pub mod config;
 pub mod error;

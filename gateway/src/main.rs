@@ -12,6 +12,13 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(baleen_gateway::server::run(args))?,
+        Command::HashKey => {
+            let mut key = String::new();
+            std::io::stdin().read_line(&mut key)?;
+            let key = key.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!key.is_empty(), "no key on stdin (try: echo -n KEY | baleen-gateway hash-key)");
+            println!("{}", baleen_gateway::auth::hash_key(key));
+        }
     }
     Ok(())
 }

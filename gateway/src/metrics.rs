@@ -1,10 +1,10 @@
 //! The gateway's Prometheus metrics (names in `baleen_api::names`), served on the admin port.
 
 use baleen_api::names::{
-    LABEL_BACKEND, LABEL_CODE, LABEL_MODEL, METRIC_GATEWAY_ADDED_LATENCY_SECONDS, METRIC_GATEWAY_BACKEND_HEALTHY,
-    METRIC_GATEWAY_EJECTIONS_TOTAL, METRIC_GATEWAY_IN_FLIGHT, METRIC_GATEWAY_READY_REPLICAS,
-    METRIC_GATEWAY_REQUESTS_TOTAL, METRIC_GATEWAY_RETRIES_TOTAL, METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL,
-    METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS,
+    LABEL_BACKEND, LABEL_CODE, LABEL_KEY, LABEL_LIMIT, LABEL_MODEL, METRIC_GATEWAY_ADDED_LATENCY_SECONDS,
+    METRIC_GATEWAY_BACKEND_HEALTHY, METRIC_GATEWAY_EJECTIONS_TOTAL, METRIC_GATEWAY_IN_FLIGHT,
+    METRIC_GATEWAY_RATE_LIMITED_TOTAL, METRIC_GATEWAY_READY_REPLICAS, METRIC_GATEWAY_REQUESTS_TOTAL,
+    METRIC_GATEWAY_RETRIES_TOTAL, METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL, METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS,
 };
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -33,6 +33,7 @@ pub struct Metrics {
     ejections: IntCounterVec,
     scrape_errors: IntCounterVec,
     ready_replicas: IntGaugeVec,
+    rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -80,6 +81,11 @@ impl Metrics {
             Opts::new(METRIC_GATEWAY_READY_REPLICAS, "Ready backends serving a model."),
             &[LABEL_MODEL],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(METRIC_GATEWAY_RATE_LIMITED_TOTAL, "Requests refused by an API key's rate limit."),
+            &[LABEL_KEY, LABEL_LIMIT],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(added_latency.clone()))?;
         registry.register(Box::new(ttfb.clone()))?;
@@ -100,11 +106,16 @@ impl Metrics {
             ejections,
             scrape_errors,
             ready_replicas,
+            rate_limited,
         })
     }
 
     pub fn request(&self, model: &str, backend: &str, code: u16) {
         self.requests.with_label_values(&[model, backend, &code.to_string()]).inc();
+    }
+
+    pub fn rate_limited(&self, key: &str, limit: &str) {
+        self.rate_limited.with_label_values(&[key, limit]).inc();
     }
 
     pub fn added_latency(&self, seconds: f64) {

@@ -55,8 +55,22 @@ where
 {
     let arrived = Instant::now();
     let path = request.uri().path();
+    let key = match (&app.settings.api_keys, path) {
+        (Some(keys), PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS | PATH_MODELS) => {
+            match keys.authenticate(request.headers()) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    app.metrics.request(MODEL_UNKNOWN, "", e.status.as_u16());
+                    let mut response: Response<ResponseBody> = e.into_http();
+                    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return response;
+                }
+            }
+        }
+        _ => None,
+    };
     match (request.method(), path) {
-        (&Method::POST, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS) => proxy::forward(app, request, arrived).await,
+        (&Method::POST, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS) => proxy::forward(app, request, arrived, key).await,
         (&Method::GET, PATH_MODELS) => models(app),
         (&Method::GET, PATH_HEALTH) => status_ok(),
         (&Method::GET, PATH_READY) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),

@@ -261,3 +261,69 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
     }
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_required_and_their_limits_refuse_with_429() {
+    let a = Runtime::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "keys:\n  - name: few-requests\n    sha256: {}\n    requestsPerMinute: 2\n  - name: few-tokens\n    sha256: {}\n    \
+             tokensPerMinute: 20\n",
+            baleen_gateway::auth::hash_key("sk-requests"),
+            baleen_gateway::auth::hash_key("sk-tokens"),
+        ),
+    )
+    .unwrap();
+    let routing = RoutingArgs { api_keys: Some(path), ..routing(0.2) };
+    let gw = Gw::start(PolicyKind::LeastLoad, &[&a], routing).await;
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let body = chat("hello", 8).to_string();
+    let with = |key: &'static str| [("authorization", key)];
+
+    let answer = send(Method::POST, &url, &[], body.clone()).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(answer.headers[header::WWW_AUTHENTICATE], "Bearer");
+    assert_eq!(answer.error()["type"], "authentication_error");
+    let answer = send(Method::POST, &url, &with("Bearer sk-wrong"), body.clone()).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let (status, _) = get(&format!("{}/v1/models", gw.url)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the model list needs a key too");
+    let (status, _) = get(&format!("{}/health", gw.url)).await;
+    assert_eq!(status, StatusCode::OK, "probes need none");
+
+    for _ in 0..2 {
+        let answer = send(Method::POST, &url, &with("Bearer sk-requests"), body.clone()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    }
+    let answer = send(Method::POST, &url, &with("Bearer sk-requests"), body.clone()).await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answer.headers[header::RETRY_AFTER], "30");
+    assert!(answer.error()["message"].as_str().unwrap().contains("few-requests"));
+
+    // 20 tokens a minute: 8 + 8 pass, the next 8 waits; no max_tokens is refused.
+    for _ in 0..2 {
+        let answer = send(Method::POST, &url, &with("Bearer sk-tokens"), body.clone()).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    }
+    let answer = send(Method::POST, &url, &with("Bearer sk-tokens"), body.clone()).await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    let unbounded = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let answer = send(Method::POST, &url, &with("Bearer sk-tokens"), unbounded).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.error()["param"], "max_tokens");
+
+    assert_eq!(
+        gw.metric(baleen_api::names::METRIC_GATEWAY_RATE_LIMITED_TOTAL, "key=\"few-requests\",limit=\"requests\"")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric(baleen_api::names::METRIC_GATEWAY_RATE_LIMITED_TOTAL, "key=\"few-tokens\",limit=\"tokens\"").await,
+        1.0
+    );
+    assert!(gw.metric(METRIC_GATEWAY_REQUESTS_TOTAL, "code=\"401\"").await >= 3.0);
+    gw.stop().await;
+}

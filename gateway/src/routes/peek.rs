@@ -21,6 +21,27 @@ struct Peek<'a> {
     prompt: Option<Prompt>,
     #[serde(default)]
     user: Option<Lenient>,
+    #[serde(default)]
+    max_tokens: Option<Count>,
+    #[serde(default)]
+    max_completion_tokens: Option<Count>,
+}
+
+/// A count, or anything else (left for the backend to refuse).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Count {
+    N(u64),
+    Other(IgnoredAny),
+}
+
+impl Count {
+    fn get(&self) -> Option<u64> {
+        match self {
+            Self::N(n) => Some(*n),
+            Self::Other(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +106,8 @@ pub struct Peeked {
     /// `model`, when given.
     pub model: Option<String>,
     pub key: RouteKey,
+    /// `max_completion_tokens`, else `max_tokens`: what the request may generate (API keys' token limits).
+    pub max_tokens: Option<u64>,
 }
 
 /// Appends up to `limit` bytes in total.
@@ -159,6 +182,7 @@ pub fn peek(
     Ok(Peeked {
         model: peek.model.map(Cow::into_owned),
         key: RouteKey { prefix: (!prefix.is_empty()).then(|| stable_hash(&prefix)), session },
+        max_tokens: peek.max_completion_tokens.as_ref().or(peek.max_tokens.as_ref()).and_then(Count::get),
     })
 }
 

@@ -17,6 +17,7 @@ use http_body_util::Full;
 use super::body::{InFlight, ResponseBody, Upstream};
 use super::peek::peek;
 use crate::App;
+use crate::auth::Key;
 use crate::backends::{Backend, Pool};
 use crate::policy::Candidate;
 
@@ -102,7 +103,12 @@ fn upstream_request(
 }
 
 /// Proxies one completion request (see the module docs).
-pub async fn forward<B>(app: &Arc<App>, request: Request<B>, arrived: Instant) -> Response<ResponseBody>
+pub async fn forward<B>(
+    app: &Arc<App>,
+    request: Request<B>,
+    arrived: Instant,
+    api_key: Option<&Key>,
+) -> Response<ResponseBody>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -121,6 +127,14 @@ where
         Ok(peeked) => peeked,
         Err(e) => return refuse(app, MODEL_UNKNOWN, e),
     };
+    if let Some(key) = api_key
+        && let Err((e, limit)) = key.admit(peeked.max_tokens, Instant::now())
+    {
+        if let Some(limit) = limit {
+            app.metrics.rate_limited(&key.name, limit.as_str());
+        }
+        return refuse(app, MODEL_UNKNOWN, e);
+    }
     let names = app.registry.names();
     let model = match peeked.model {
         Some(model) => model,
