@@ -29,6 +29,7 @@
 //!
 //! [`ModelDeploymentManifest`] is one YAML document as a user writes it (`kubectl apply -f`, `baleen up FILE`).
 
+mod command;
 mod source;
 mod status;
 
@@ -37,10 +38,14 @@ use std::collections::BTreeMap;
 pub use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use serde::{Deserialize, Serialize};
 
+pub use command::{Launcher, Peers, RESERVED_FLAGS};
 pub use source::{ModelSource, SourceError};
 pub use status::{ModelDeploymentStatus, ModelStatus};
 
-use crate::names::{BUILTIN_SCHEME, BUILTIN_TINY_MOE, BUILTIN_TINY_MOE_ROUTED_EXPERTS, CRD_API_VERSION, CRD_KIND};
+use crate::names::{
+    BUILTIN_SCHEME, BUILTIN_TINY_MOE, BUILTIN_TINY_MOE_ROUTED_EXPERTS, CRD_API_VERSION, CRD_KIND, FLAG_DTYPE,
+    FLAG_KV_CACHE_MEMORY, FLAG_MAX_MODEL_LEN, FLAG_MAX_NUM_SEQS, FLAG_SERVED_MODEL_NAME,
+};
 
 /// Replicas when `spec.replicas` is absent.
 pub const DEFAULT_REPLICAS: u32 = 1;
@@ -446,20 +451,20 @@ impl ModelDeploymentSpec {
     pub fn serve_flags(&self) -> Vec<(&'static str, String)> {
         let mut flags = Vec::new();
         if let Some(name) = &self.model.served_name {
-            flags.push(("--served-model-name", name.clone()));
+            flags.push((FLAG_SERVED_MODEL_NAME, name.clone()));
         }
         if let Some(dtype) = self.model.dtype {
-            flags.push(("--dtype", dtype.as_str().to_string()));
+            flags.push((FLAG_DTYPE, dtype.as_str().to_string()));
         }
         if let Some(runtime) = &self.runtime {
             if let Some(n) = runtime.max_num_seqs {
-                flags.push(("--max-num-seqs", n.to_string()));
+                flags.push((FLAG_MAX_NUM_SEQS, n.to_string()));
             }
             if let Some(n) = runtime.max_model_len {
-                flags.push(("--max-model-len", n.to_string()));
+                flags.push((FLAG_MAX_MODEL_LEN, n.to_string()));
             }
             if let Some(memory) = &runtime.kv_cache_memory {
-                flags.push(("--kv-cache-memory", memory.trim().to_string()));
+                flags.push((FLAG_KV_CACHE_MEMORY, memory.trim().to_string()));
             }
         }
         flags

@@ -439,3 +439,27 @@ pub const MODEL_UNKNOWN: &str = "";
 /// The first words of the line `baleen-gateway serve` prints on stdout once bound: `HOST:PORT` of the API port,
 /// then ` admin http://HOST:PORT`.
 pub const GATEWAY_LISTENING_PREFIX: &str = "baleen-gateway listening on http://";
+
+// ---------------------------------------------------------------------------------------------------------------
+// `baleen-runtime serve` flags that the launchers (`baleen up`, the operator) set from a ModelDeployment
+// (crd::command builds the command line from them).
+// ---------------------------------------------------------------------------------------------------------------
+
+pub const FLAG_MODEL: &str = "--model";
+pub const FLAG_HOST: &str = "--host";
+pub const FLAG_PORT: &str = "--port";
+pub const FLAG_DEVICE: &str = "--device";
+pub const FLAG_DTYPE: &str = "--dtype";
+pub const FLAG_SERVED_MODEL_NAME: &str = "--served-model-name";
+pub const FLAG_MAX_NUM_SEQS: &str = "--max-num-seqs";
+pub const FLAG_MAX_MODEL_LEN: &str = "--max-model-len";
+pub const FLAG_KV_CACHE_MEMORY: &str = "--kv-cache-memory";
+pub const FLAG_DRAIN_TIMEOUT: &str = "--drain-timeout";
+pub const FLAG_RANK: &str = "--rank";
+pub const FLAG_WORLD_SIZE: &str = "--world-size";
+pub const FLAG_PEERS: &str = "--peers";
+pub const FLAG_PEER_PATTERN: &str = "--peer-pattern";
+pub const FLAG_RANK_FROM_HOSTNAME: &str = "--rank-from-hostname";
+pub const FLAG_GRPC_PORT: &str = "--grpc-port";
+pub const FLAG_REPLICATE: &str = "--replicate";
+pub const FLAG_DATA_PARALLEL_ATTENTION: &str = "--data-parallel-attention";

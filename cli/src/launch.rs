@@ -6,7 +6,7 @@
 //! 127.0.0.1 (a free port) behind the in-process gateway, which owns the user's `--host`/`--port`. Anything else
 //! is refused with the field that asks for it and what to do instead.
 
-use baleen_api::crd::{ModelDeploymentSpec, ModelSource, RoutingPolicy};
+use baleen_api::crd::{Launcher, ManifestError, ModelDeploymentSpec, ModelSource, Peers, RoutingPolicy};
 use baleen_api::names::BUILTIN_TINY_MOE;
 
 use crate::error::Error;
@@ -52,24 +52,6 @@ impl Launch {
     }
 }
 
-/// Flags `baleen up` sets itself, with where to set them instead; `spec.runtime.args` must not repeat them.
-const OWNED_FLAGS: [(&str, &str); 14] = [
-    ("--model", "spec.model.source"),
-    ("--host", "`baleen up --host` (the gateway's)"),
-    ("--port", "`baleen up --port` (the gateway's)"),
-    ("--served-model-name", "spec.model.servedName"),
-    ("--dtype", "spec.model.dtype"),
-    ("--max-num-seqs", "spec.runtime.maxNumSeqs"),
-    ("--max-model-len", "spec.runtime.maxModelLen"),
-    ("--kv-cache-memory", "spec.runtime.kvCacheMemory"),
-    ("--rank", "spec.parallelism.expert"),
-    ("--world-size", "spec.parallelism.expert"),
-    ("--peers", "spec.parallelism.expert"),
-    ("--peer-pattern", "spec.parallelism.expert"),
-    ("--replicate", "spec.parallelism.redundantExperts"),
-    ("--data-parallel-attention", "spec.parallelism.dataParallelAttention"),
-];
-
 /// Where every head binds: loopback, a free port (the gateway in front owns the user's address).
 const HEAD_HOST: &str = "127.0.0.1";
 
@@ -110,30 +92,9 @@ pub fn plan(spec: &ModelDeploymentSpec, grpc_ports: &[u16]) -> Result<Launch, Er
     }
 
     let served_name = spec.model.served_name.clone().unwrap_or(default_name);
-    // Flags every rank of a group shares: the model and its dtype.
-    let mut shared = vec!["--model".to_string(), model.clone()];
-    if let Some(dtype) = spec.model.dtype {
-        shared.extend(["--dtype".to_string(), dtype.as_str().to_string()]);
-    }
-    let mut head = vec!["--model".to_string(), model, "--host".into(), HEAD_HOST.into(), "--port".into(), "0".into()];
-    for (name, value) in spec.serve_flags() {
-        head.push(name.to_string());
-        head.push(value);
-    }
     let mut env = Vec::new();
     let mut notes = Vec::new();
-    let mut extra = Vec::new();
     if let Some(runtime) = &spec.runtime {
-        for arg in &runtime.args {
-            let name = arg.split_once('=').map_or(arg.as_str(), |(name, _)| name);
-            if let Some((_, instead)) = OWNED_FLAGS.iter().find(|(owned, _)| *owned == name) {
-                return Err(Error::Unsupported {
-                    field: "spec.runtime.args",
-                    reason: format!("`{name}` is set by `baleen up`; use {instead} instead"),
-                });
-            }
-        }
-        extra.clone_from(&runtime.args);
         for var in &runtime.env {
             if var.value_from.is_some() {
                 return Err(Error::Unsupported {
@@ -155,38 +116,34 @@ pub fn plan(spec: &ModelDeploymentSpec, grpc_ports: &[u16]) -> Result<Launch, Er
             ));
         }
     }
-    let data_parallel = world > 1 && spec.data_parallel_attention();
+    // Every rank of a replica has the same command line but its rank; with expert parallelism the ranks exchange
+    // rows over gRPC on loopback ports, and with data-parallel attention every rank is also a head.
+    let args = |replica: usize, rank: usize| -> Result<Vec<String>, Error> {
+        let peers = (world > 1).then(|| Peers::List {
+            addrs: grpc_ports[replica * world..(replica + 1) * world]
+                .iter()
+                .map(|p| format!("{HEAD_HOST}:{p}"))
+                .collect(),
+            rank: rank as u32,
+        });
+        let launcher = Launcher {
+            model: model.clone(),
+            host: HEAD_HOST.into(),
+            port: 0,
+            device: None,
+            drain_timeout: None,
+            peers,
+        };
+        spec.serve_args(&launcher).map_err(|e| match e {
+            ManifestError::Invalid { field, reason } => Error::Unsupported { field, reason },
+            other => Error::Unsupported { field: "spec", reason: other.to_string() },
+        })
+    };
     let mut launches = Vec::with_capacity(replicas);
     for replica in 0..replicas {
-        let mut head = head.clone();
-        // An expert-parallel group: the head is rank 0; ranks 1..N serve their experts (and probes) only, or with
-        // data-parallel attention the API too.
-        let mut ranks = Vec::new();
-        if world > 1 {
-            let ports = &grpc_ports[replica * world..(replica + 1) * world];
-            let peers = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
-            let mut group = vec!["--world-size".to_string(), world.to_string(), "--peers".to_string(), peers];
-            let redundant =
-                spec.redundant_experts().iter().map(|r| format!("{}@{}", r.expert, r.rank)).collect::<Vec<_>>();
-            if !redundant.is_empty() {
-                group.extend(["--replicate".to_string(), redundant.join(",")]);
-            }
-            if data_parallel {
-                group.push("--data-parallel-attention".to_string());
-            }
-            head.extend(["--rank".to_string(), "0".to_string()]);
-            head.extend(group.iter().cloned());
-            for rank in 1..world {
-                let mut rank_args = shared.clone();
-                rank_args.extend(["--host", HEAD_HOST, "--port", "0", "--rank"].map(str::to_string));
-                rank_args.push(rank.to_string());
-                rank_args.extend(group.iter().cloned());
-                rank_args.extend(extra.iter().cloned());
-                ranks.push(rank_args);
-            }
-        }
-        head.extend(extra.iter().cloned());
-        launches.push(ReplicaLaunch { head, ranks, ranks_serve_api: data_parallel });
+        let head = args(replica, 0)?;
+        let ranks = (1..world).map(|rank| args(replica, rank)).collect::<Result<Vec<_>, _>>()?;
+        launches.push(ReplicaLaunch { head, ranks, ranks_serve_api: world > 1 && spec.data_parallel_attention() });
     }
     for (field, set) in [
         ("spec.scheduling", spec.scheduling.is_some()),
@@ -301,23 +258,17 @@ mod tests {
         });
         spec.runtime = Some(RuntimeSpec { args: vec!["--threads".into(), "1".into()], ..RuntimeSpec::default() });
         let launch = plan(&spec, &[7001, 7002]).unwrap();
-        let group = ["--world-size", "2", "--peers", "127.0.0.1:7001,127.0.0.1:7002", "--replicate", "3@1"];
-        let head: Vec<String> = ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "0", "--dtype", "f32"]
-            .into_iter()
-            .chain(["--rank", "0"])
-            .chain(group)
-            .chain(["--threads", "1"])
-            .map(str::to_string)
-            .collect();
-        assert_eq!(launch.replicas[0].head, head);
-        let rank1: Vec<String> =
-            ["--model", "builtin:tiny-moe", "--dtype", "f32", "--host", "127.0.0.1", "--port", "0"]
+        // Every rank: the same command line but its rank (the operator's pods differ only by host name).
+        let rank = |r: &str| -> Vec<String> {
+            ["--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "0", "--dtype", "f32", "--world-size", "2"]
                 .into_iter()
-                .chain(["--rank", "1"])
-                .chain(group)
+                .chain(["--rank", r, "--peers", "127.0.0.1:7001,127.0.0.1:7002", "--replicate", "3@1"])
                 .chain(["--threads", "1"])
                 .map(str::to_string)
-                .collect();
+                .collect()
+        };
+        assert_eq!(launch.replicas[0].head, rank("0"));
+        let rank1 = rank("1");
         assert_eq!(launch.replicas[0].ranks, [rank1]);
         assert!(!launch.replicas[0].ranks_serve_api);
         assert_eq!(launch.processes(), 2);
@@ -357,6 +308,18 @@ mod tests {
         assert!(launch.replicas.iter().all(|r| r.head == launch.replicas[0].head && r.ranks.is_empty()));
         spec.replicas = Some(0);
         assert_eq!(unsupported_field(&spec).0, "spec.replicas");
+    }
+
+    #[test]
+    fn env_must_not_set_what_the_flags_set() {
+        let mut spec = ModelDeploymentSpec::new(BUILTIN_TINY_MOE);
+        spec.runtime = Some(RuntimeSpec {
+            env: vec![EnvVar { name: "BALEEN_RUNTIME_PORT".into(), value: Some("1".into()), value_from: None }],
+            ..RuntimeSpec::default()
+        });
+        let (field, reason) = unsupported_field(&spec);
+        assert_eq!(field, "spec.runtime.env");
+        assert!(reason.contains("BALEEN_RUNTIME_PORT"), "{reason}");
     }
 
     #[test]

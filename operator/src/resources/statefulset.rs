@@ -2,13 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use baleen_api::crd::{ManifestError, ModelDeployment, ModelSource};
+use baleen_api::crd::{Launcher, ManifestError, ModelDeployment, ModelSource, Peers};
 use baleen_api::names::{
-    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, ENV_RUNTIME_DATA_PARALLEL_ATTENTION,
-    ENV_RUNTIME_DEVICE, ENV_RUNTIME_DRAIN_TIMEOUT, ENV_RUNTIME_DTYPE, ENV_RUNTIME_GRPC_PORT, ENV_RUNTIME_HOST,
-    ENV_RUNTIME_KV_CACHE_MEMORY, ENV_RUNTIME_MAX_MODEL_LEN, ENV_RUNTIME_MAX_NUM_SEQS, ENV_RUNTIME_MODEL,
-    ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_PORT, ENV_RUNTIME_RANK, ENV_RUNTIME_RANK_FROM_HOSTNAME,
-    ENV_RUNTIME_REPLICATE, ENV_RUNTIME_SERVED_MODEL_NAME, ENV_RUNTIME_WORLD_SIZE, HF_TOKEN_KEY, LABEL_GROUP,
+    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, HF_TOKEN_KEY, LABEL_GROUP,
     LABEL_MODEL_DEPLOYMENT, PATH_HEALTH, PATH_READY, PORT_NAME_GRPC, PORT_NAME_HTTP, RUNTIME_BIN_NAME,
     RUNTIME_GRPC_PORT, RUNTIME_HTTP_PORT,
 };
@@ -82,30 +78,6 @@ hf download "$repo" "$@" --local-dir "$dir"
 touch "$marker"
 echo "model-download: $repo downloaded to $dir"
 "#;
-
-/// Flags of `baleen-runtime serve` (and their variables) that the operator sets itself, with the field that
-/// controls each. `spec.runtime.args` and `spec.runtime.env` may not repeat them: two sources for one setting
-/// would leave the spec saying one thing and the pods doing another.
-const MANAGED_FLAGS: &[(&str, &str, &str)] = &[
-    ("--model", ENV_RUNTIME_MODEL, "spec.model.source"),
-    ("--host", ENV_RUNTIME_HOST, "the operator (0.0.0.0)"),
-    ("--port", ENV_RUNTIME_PORT, "the operator (8000)"),
-    ("--device", ENV_RUNTIME_DEVICE, "spec.runtime.gpusPerRank"),
-    ("--dtype", ENV_RUNTIME_DTYPE, "spec.model.dtype"),
-    ("--served-model-name", ENV_RUNTIME_SERVED_MODEL_NAME, "spec.model.servedName"),
-    ("--max-num-seqs", ENV_RUNTIME_MAX_NUM_SEQS, "spec.runtime.maxNumSeqs"),
-    ("--max-model-len", ENV_RUNTIME_MAX_MODEL_LEN, "spec.runtime.maxModelLen"),
-    ("--kv-cache-memory", ENV_RUNTIME_KV_CACHE_MEMORY, "spec.runtime.kvCacheMemory"),
-    ("--drain-timeout", ENV_RUNTIME_DRAIN_TIMEOUT, "the operator's --drain-timeout"),
-    ("--rank", ENV_RUNTIME_RANK, "the StatefulSet ordinal"),
-    ("--world-size", ENV_RUNTIME_WORLD_SIZE, "spec.parallelism.expert"),
-    ("--peers", ENV_RUNTIME_PEERS, "the group's headless Service"),
-    ("--peer-pattern", ENV_RUNTIME_PEER_PATTERN, "the group's headless Service"),
-    ("--rank-from-hostname", ENV_RUNTIME_RANK_FROM_HOSTNAME, "spec.parallelism.expert"),
-    ("--grpc-port", ENV_RUNTIME_GRPC_PORT, "the operator (50051)"),
-    ("--replicate", ENV_RUNTIME_REPLICATE, "spec.parallelism.redundantExperts"),
-    ("--data-parallel-attention", ENV_RUNTIME_DATA_PARALLEL_ATTENTION, "spec.parallelism.dataParallelAttention"),
-];
 
 fn invalid(field: &'static str, reason: String) -> Error {
     Error::InvalidSpec(ManifestError::Invalid { field, reason })
@@ -244,75 +216,29 @@ fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<Mode
 }
 
 /// The `baleen-runtime serve` arguments of every rank of a group named `group` (the rank comes from the host
-/// name, so one pod template serves all ranks).
+/// name, so one pod template serves all ranks): the shared builder ([`ModelDeploymentSpec::serve_args`]) with the
+/// operator's choices — all interfaces, port 8000, CUDA when the spec asks for GPUs, the drain timeout, peers by
+/// the group's headless Service.
 pub fn runtime_args(
     md: &ModelDeployment,
     group: &str,
     model_arg: &str,
     config: &OperatorConfig,
 ) -> Result<Vec<String>> {
-    check_user_settings(md)?;
-    let spec = &md.spec;
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--model".into(),
-        model_arg.into(),
-        "--host".into(),
-        "0.0.0.0".into(),
-        "--port".into(),
-        RUNTIME_HTTP_PORT.to_string(),
-    ];
-    let mut flag = |name: &str, value: String| {
-        args.push(name.into());
-        args.push(value);
+    let launcher = Launcher {
+        model: model_arg.to_string(),
+        host: "0.0.0.0".to_string(),
+        port: RUNTIME_HTTP_PORT,
+        device: (md.spec.gpus_per_rank() > 0).then(|| "cuda".to_string()),
+        drain_timeout: Some(u64::from(config.drain_timeout_seconds)),
+        peers: Some(Peers::Pattern {
+            pattern: format!("{group}-{{rank}}.{group}:{RUNTIME_GRPC_PORT}"),
+            grpc_port: RUNTIME_GRPC_PORT,
+        }),
     };
-    if spec.gpus_per_rank() > 0 {
-        flag("--device", "cuda".into());
-    }
-    for (name, value) in spec.serve_flags() {
-        flag(name, value);
-    }
-    flag("--drain-timeout", config.drain_timeout_seconds.to_string());
-    let ranks = spec.expert_parallelism();
-    if ranks > 1 {
-        flag("--world-size", ranks.to_string());
-        args.push("--rank-from-hostname".into());
-        args.push("--peer-pattern".into());
-        args.push(format!("{group}-{{rank}}.{group}:{RUNTIME_GRPC_PORT}"));
-        args.push("--grpc-port".into());
-        args.push(RUNTIME_GRPC_PORT.to_string());
-        let replicas: Vec<String> =
-            spec.redundant_experts().iter().map(|r| format!("{}@{}", r.expert, r.rank)).collect();
-        if !replicas.is_empty() {
-            args.push("--replicate".into());
-            args.push(replicas.join(","));
-        }
-        if spec.data_parallel_attention() {
-            args.push("--data-parallel-attention".into());
-        }
-    }
-    if let Some(runtime) = &spec.runtime {
-        args.extend(runtime.args.iter().cloned());
-    }
+    let mut args = vec!["serve".to_string()];
+    args.extend(md.spec.serve_args(&launcher).map_err(Error::InvalidSpec)?);
     Ok(args)
-}
-
-/// Refuses `spec.runtime.args` and `spec.runtime.env` entries that set what the operator sets (see
-/// [`MANAGED_FLAGS`]).
-fn check_user_settings(md: &ModelDeployment) -> Result<()> {
-    let Some(runtime) = &md.spec.runtime else { return Ok(()) };
-    for arg in &runtime.args {
-        let given = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
-        if let Some((flag, _, by)) = MANAGED_FLAGS.iter().find(|(flag, _, _)| *flag == given) {
-            return Err(invalid("spec.runtime.args", format!("`{arg}`: {flag} is set by {by}; remove it from args")));
-        }
-    }
-    for var in &runtime.env {
-        if let Some((_, env, by)) = MANAGED_FLAGS.iter().find(|(_, env, _)| *env == var.name) {
-            return Err(invalid("spec.runtime.env", format!("{env} is set by {by}; remove it from env")));
-        }
-    }
-    Ok(())
 }
 
 fn http_get(path: &str) -> Option<HTTPGetAction> {
