@@ -61,9 +61,9 @@ pub const MAX_NAME_LEN: usize = 40;
 // With the `crd` feature this is also the kube `CustomResource` `ModelDeployment`: its schema, the CEL rules the
 // API server checks, the `status` and `scale` subresources and the `kubectl get` columns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(kube::CustomResource, kube::KubeSchema))]
+#[cfg_attr(feature = "kube", derive(kube::CustomResource, kube::KubeSchema))]
 #[cfg_attr(
-    feature = "crd",
+    feature = "kube",
     kube(
         group = "baleen.dev",
         version = "v1alpha1",
@@ -88,9 +88,9 @@ pub const MAX_NAME_LEN: usize = 40;
             .message("metadata.name must be at most 40 characters (the names of its pods derive from it)")
     )
 )]
-#[cfg_attr(all(feature = "crd", test), x_kube(cel))]
+#[cfg_attr(all(feature = "kube", test), x_kube(cel))]
 #[cfg_attr(
-    feature = "crd",
+    feature = "kube",
     x_kube(validation = Rule::new(
         "!self.model.source.startsWith('builtin:tiny-moe') || !has(self.parallelism) || \
          !has(self.parallelism.expert) || 16 % self.parallelism.expert == 0"
@@ -107,7 +107,7 @@ pub struct ModelDeploymentSpec {
     /// Replica groups to run. Default 1; 0 stops every group (scale to zero) and keeps the resource. This is the
     /// field the `scale` subresource, `kubectl scale` and autoscalers change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "crd", schemars(extend("default" = 1)))]
+    #[cfg_attr(feature = "kube", schemars(extend("default" = 1)))]
     pub replicas: Option<u32>,
     /// How one replica is split across ranks. Default: one rank holding every expert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,7 +131,7 @@ pub struct ModelDeploymentSpec {
 
 /// `spec.routing`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutingSpec {
     /// The gateway's policy for this model. Default `least-load`.
@@ -141,7 +141,7 @@ pub struct RoutingSpec {
 
 /// `spec.routing.policy`: how the gateway picks a replica (a head) for each request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingPolicy {
     /// The replica with the least load: the gateway's requests in flight there and the replica's scraped queue,
@@ -171,12 +171,12 @@ impl RoutingPolicy {
 
 /// `spec.model`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelSpec {
     /// Where the weights come from (required): `hf://org/name[@revision]`, `pvc://claim/path`, `file:///path` or
     /// `builtin:NAME` (`builtin:tiny-moe` is a random-weight demo model). See [`ModelSource`].
-    #[cfg_attr(feature = "crd", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(length(min = 1)))]
     pub source: String,
     /// The name clients send as `model` in API requests. Default: the runtime's choice — `NAME` for
     /// `builtin:NAME`, otherwise the model path as the runtime sees it.
@@ -192,13 +192,13 @@ pub struct ModelSpec {
     /// The checkpoint's number of routed experts (`n_routed_experts` in its config.json), when you want the API
     /// server to check that `parallelism.expert` divides it. Optional; the runtime checks it again at start-up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
     pub routed_experts: Option<u32>,
 }
 
 /// `spec.model.dtype`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// 32-bit floats.
@@ -223,13 +223,13 @@ impl Dtype {
 
 /// `spec.parallelism`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParallelismSpec {
     /// Ranks (pods) per replica; each owns a shard of the routed experts. Default 1. Must be at least 1 and
     /// divide the model's number of routed experts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "crd", schemars(range(min = 1, max = 1024)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1, max = 1024)))]
     pub expert: Option<u32>,
     /// Every rank runs attention and the HTTP API for its own requests (data-parallel attention), instead of
     /// rank 0 alone. Default false.
@@ -243,7 +243,7 @@ pub struct ParallelismSpec {
 
 /// One entry of `spec.parallelism.redundantExperts`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedundantExpert {
     /// Routed expert index (0-based).
@@ -254,7 +254,7 @@ pub struct RedundantExpert {
 
 /// `spec.runtime`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuntimeSpec {
     /// Container image of the runtime. Default: the image the operator was installed with. Ignored by
@@ -270,12 +270,12 @@ pub struct RuntimeSpec {
     pub resources: Option<ResourceRequirements>,
     /// Sequences in the running batch at most (`--max-num-seqs`). Default: the runtime's (64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
     pub max_num_seqs: Option<u32>,
     /// Prompt plus generated tokens of one request at most (`--max-model-len`). Default: the model's
     /// `max_position_embeddings`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
     pub max_model_len: Option<u32>,
     /// Memory for the latent KV cache (`--kv-cache-memory`): a size such as `"4GiB"` or `"512MiB"`, or a fraction
     /// of device memory such as `"0.2"` (quote it). Default: the runtime's (1GiB).
@@ -292,7 +292,7 @@ pub struct RuntimeSpec {
 
 /// `spec.scheduling`: placed on every rank pod as in a Pod spec. Ignored by `baleen up`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SchedulingSpec {
     /// Node labels a rank's node must have. Default none.
@@ -312,9 +312,9 @@ pub struct SchedulingSpec {
 /// `spec.autoscaling`: the gateway changes `spec.replicas` between `minReplicas` and `maxReplicas` so that
 /// `metric` per ready replica stays near `target`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(kube::KubeSchema))]
+#[cfg_attr(feature = "kube", derive(kube::KubeSchema))]
 #[cfg_attr(
-    feature = "crd",
+    feature = "kube",
     x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
         .message("minReplicas must not exceed maxReplicas"))
 )]
@@ -325,7 +325,7 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_replicas: Option<u32>,
     /// Most replicas (required, at least 1).
-    #[cfg_attr(feature = "crd", schemars(range(min = 1)))]
+    #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
     pub max_replicas: u32,
     /// What is measured (required).
     pub metric: AutoscalingMetric,
@@ -345,9 +345,9 @@ pub struct AutoscalingSpec {
 
 /// `spec.autoscaling.metric`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(kube::KubeSchema))]
+#[cfg_attr(feature = "kube", derive(kube::KubeSchema))]
 #[cfg_attr(
-    feature = "crd",
+    feature = "kube",
     x_kube(validation = Rule::new("(self.type == 'PromQL') == has(self.query)")
         .message("query is required with type PromQL and only allowed with it"))
 )]
@@ -364,7 +364,7 @@ pub struct AutoscalingMetric {
 
 /// `spec.autoscaling.metric.type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum MetricKind {
     /// Waiting requests per replica.
     QueueDepth,
@@ -380,7 +380,7 @@ pub enum MetricKind {
 
 /// `spec.rollout`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RolloutSpec {
     /// Groups of the new version that may run above `replicas` during a rollout; an old group is removed only

@@ -4,15 +4,16 @@
 //!   that more than one component reads. Names are constants in one place so they never drift.
 //! - [`openai`]: the OpenAI API wire types (chat completions, completions, models, errors) with the vLLM
 //!   extensions the runtime and the gateway accept.
-//! - [`crd`]: the `ModelDeployment` resource as plain serde types, its manifest and validation, and
-//!   [`crd::ModelSource`] (where the weights come from).
+//! - `crd` (feature `crd`): the `ModelDeployment` resource as plain serde types, its manifest and validation,
+//!   `ModelSource` (where the weights come from) and the runtime command line both launchers build; with feature
+//!   `kube` also the kube `CustomResource` (the CRD).
 //!
 //! - `http` (feature `http`): the OpenAI HTTP edge shared by the runtime and the gateway — `ApiError` rendered
 //!   as OpenAI JSON, body limits, JSON parsing, SSE framing.
 //! - [`topology`]: replica-group topology — which rank holds which routed experts, redundant replicas.
 //!
-//! The kube `CustomResource` derive on the CRD types joins this crate with the operator issue.
 
+#[cfg(feature = "crd")]
 pub mod crd;
 #[cfg(feature = "http")]
 pub mod http;

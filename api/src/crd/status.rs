@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 /// What the operator observed. `replicas` and `selector` back the `scale` subresource, so `kubectl scale`, HPA,
 /// KEDA and the gateway read the same numbers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentStatus {
     /// The `metadata.generation` this status describes.
@@ -44,7 +44,7 @@ pub struct ModelDeploymentStatus {
 
 /// `status.model`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelStatus {
     /// `architectures[0]` of the checkpoint's config, e.g. `DeepseekV3ForCausalLM`.

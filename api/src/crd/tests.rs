@@ -200,7 +200,7 @@ fn dtype_spellings_match_the_runtime_flag() {
 }
 
 /// The CRD as the API server sees it: schema, subresources, columns, and the CEL rules evaluated client-side.
-#[cfg(feature = "crd")]
+#[cfg(feature = "kube")]
 mod schema {
     use kube::CustomResourceExt;
     use serde_json::{Value, json};
