@@ -7,15 +7,17 @@
 //! by a successful probe, re-ejection on the first failure after it).
 
 pub mod health;
+pub mod pool;
 pub mod scrape;
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::PolicyKind;
+use crate::metrics::{BackendMetrics, Metrics};
 use crate::policy::{self, Policy};
 use health::Health;
 
@@ -44,6 +46,9 @@ pub struct Backend {
     in_flight: AtomicUsize,
     health: Mutex<Health>,
     sample: Mutex<Option<LoadSample>>,
+    /// Keep-alive connections for requests.
+    pub pool: pool::ConnPool,
+    handles: OnceLock<BackendMetrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -60,13 +65,21 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
 impl Backend {
     pub fn new(url: String) -> Self {
         let id = stable_hash(url.as_bytes());
+        let authority = url.strip_prefix("http://").unwrap_or(&url).to_string();
         Self {
+            pool: pool::ConnPool::new(authority),
+            handles: OnceLock::new(),
             url,
             id,
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
             sample: Mutex::new(None),
         }
+    }
+
+    /// Its metric series (a backend belongs to one model's pool), looked up on first use.
+    pub fn metrics(&self, model: &str, metrics: &Metrics) -> &BackendMetrics {
+        self.handles.get_or_init(|| metrics.backend(model, &self.url))
     }
 
     /// Requests the gateway has sent it that have not finished.

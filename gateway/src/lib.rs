@@ -24,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 pub use error::{Error, Result};
 pub use server::Gateway;
 
-/// The upstream HTTP/1.1 client: pooled keep-alive connections to every backend.
+/// The probes' HTTP/1.1 client (requests go over each backend's own connections: `backends::pool`).
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
 /// What every request handler shares.

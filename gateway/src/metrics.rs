@@ -20,6 +20,14 @@ const ADDED_LATENCY_BUCKETS: [f64; 14] =
 const TTFB_BUCKETS: [f64; 15] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// A backend's hot series: its in-flight gauge, its 200 counter, its model's time to first byte.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    pub in_flight: prometheus::IntGauge,
+    pub ok: prometheus::IntCounter,
+    pub ttfb: Histogram,
+}
+
 /// Every gateway metric.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -122,14 +130,13 @@ impl Metrics {
         self.added_latency.observe(seconds);
     }
 
-    /// The histogram a streamed answer observes its first body byte into.
-    pub fn ttfb(&self, model: &str) -> Histogram {
-        self.ttfb.with_label_values(&[model])
-    }
-
-    /// The in-flight gauge of one backend.
-    pub fn in_flight(&self, model: &str, backend: &str) -> prometheus::IntGauge {
-        self.in_flight.with_label_values(&[model, backend])
+    /// The series one backend's requests touch, looked up once (see [`crate::backends::Backend::metrics`]).
+    pub fn backend(&self, model: &str, backend: &str) -> BackendMetrics {
+        BackendMetrics {
+            in_flight: self.in_flight.with_label_values(&[model, backend]),
+            ok: self.requests.with_label_values(&[model, backend, "200"]),
+            ttfb: self.ttfb.with_label_values(&[model]),
+        }
     }
 
     pub fn set_healthy(&self, model: &str, backend: &str, healthy: bool) {

@@ -83,22 +83,24 @@ fn failed(app: &App, pool: &Pool, backend: &Backend) {
     }
 }
 
-/// The request to `backend`: same method, path, query, headers (less hop-by-hop) and body.
+/// The request to `backend`: same method, path and query (origin form), headers (less hop-by-hop, `Host` the
+/// backend's) and body.
 fn upstream_request(
     parts: &http::request::Parts,
     backend: &Backend,
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, ApiError> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: http::Uri = format!("{}{path}", backend.url)
-        .parse()
-        .map_err(|e| ApiError::internal(format!("backend URL {}: {e}", backend.url)))?;
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
+    if let Some(path) = parts.uri.path_and_query() {
+        *request.uri_mut() = http::Uri::from(path.clone());
+    }
     let headers = request.headers_mut();
     headers.clone_from(&parts.headers);
     strip_hop_by_hop(headers);
+    let host = HeaderValue::from_str(backend.pool.authority())
+        .map_err(|e| ApiError::internal(format!("backend URL {}: {e}", backend.url)))?;
+    headers.insert(header::HOST, host);
     Ok(request)
 }
 
@@ -176,11 +178,12 @@ where
             Ok(upstream) => upstream,
             Err(e) => return refuse(app, &pool.name, e),
         };
-        let in_flight = InFlight::new(Arc::clone(&backend), app.metrics.in_flight(&pool.name, &backend.url));
+        let series = backend.metrics(&pool.name, &app.metrics);
+        let in_flight = InFlight::new(Arc::clone(&backend), series.in_flight.clone());
         if attempt == 0 {
             app.metrics.added_latency(arrived.elapsed().as_secs_f64());
         }
-        let response = match tokio::time::timeout(app.settings.request_timeout, app.client.request(upstream)).await {
+        let response = match tokio::time::timeout(app.settings.request_timeout, backend.pool.send(upstream)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 failed(app, &pool, &backend);
@@ -220,17 +223,18 @@ where
         if let Ok(value) = HeaderValue::from_str(&backend.url) {
             head.headers.insert(HEADER_GATEWAY_BACKEND, value);
         }
-        let body = Upstream {
-            inner: incoming,
-            first_byte: Some((arrived, app.metrics.ttfb(&pool.name))),
-            _in_flight: in_flight,
-        };
+        let body =
+            Upstream { inner: incoming, first_byte: Some((arrived, series.ttfb.clone())), _in_flight: in_flight };
         let answer = Response::from_parts(head, ResponseBody::Upstream(Box::new(body)));
         if retryable(status) {
             held = Some((backend.url.clone(), answer));
             continue;
         }
-        app.metrics.request(&pool.name, &backend.url, status.as_u16());
+        if status == StatusCode::OK {
+            series.ok.inc();
+        } else {
+            app.metrics.request(&pool.name, &backend.url, status.as_u16());
+        }
         return answer;
     }
     if let Some((url, mut answer)) = held {
