@@ -410,6 +410,19 @@ impl ModelDeploymentSpec {
         }
     }
 
+    /// The name a rank pod serves the model under (the runtime's rule on the operator's `--model`):
+    /// `model.servedName`, else `NAME` for `builtin:NAME`, else [`ModelSource::pod_model_arg`]. The gateway routes
+    /// requests for this name to the deployment's heads.
+    pub fn cluster_served_name(&self) -> Result<String, ManifestError> {
+        if let Some(name) = &self.model.served_name {
+            return Ok(name.clone());
+        }
+        Ok(match self.source()? {
+            ModelSource::Builtin { name } => name,
+            other => other.pod_model_arg(),
+        })
+    }
+
     /// `routing.policy`, or least load.
     pub fn routing_policy(&self) -> RoutingPolicy {
         self.routing.as_ref().and_then(|r| r.policy).unwrap_or_default()

@@ -322,6 +322,10 @@ pub const CONTAINER_RUNTIME: &str = "runtime";
 pub const CONTAINER_MODEL_DOWNLOAD: &str = "model-download";
 /// Key of the Hugging Face token in the Secret `spec.model.hfTokenSecret` names, and the variable it is given as.
 pub const HF_TOKEN_KEY: &str = "HF_TOKEN";
+/// Where model weights are mounted in a rank pod: `/models/<claim>` for `pvc://`.
+pub const MODELS_DIR: &str = "/models";
+/// Where the `model-download` init container puts an `hf://` model: `/models/hf/<org>--<name>`.
+pub const HF_CACHE_DIR: &str = "/models/hf";
 /// Runtime HTTP port (OpenAI API, `/health`, `/ready`, `/metrics`).
 pub const RUNTIME_HTTP_PORT: u16 = 8000;
 /// Runtime expert gRPC port.
@@ -394,6 +398,12 @@ pub const ENV_GATEWAY_PREFIX_BYTES: &str = "BALEEN_GATEWAY_PREFIX_BYTES";
 pub const ENV_GATEWAY_SESSION_HEADER: &str = "BALEEN_GATEWAY_SESSION_HEADER";
 /// Gateway: the API keys file (`--api-keys`): names, SHA-256 hashes and rate limits.
 pub const ENV_GATEWAY_API_KEYS: &str = "BALEEN_GATEWAY_API_KEYS";
+/// Gateway: discover ModelDeployments and their heads in the cluster (`--kubernetes`).
+pub const ENV_GATEWAY_KUBERNETES: &str = "BALEEN_GATEWAY_KUBERNETES";
+/// Gateway: the namespace discovery watches (`--namespace`; all when unset).
+pub const ENV_GATEWAY_NAMESPACE: &str = "BALEEN_GATEWAY_NAMESPACE";
+/// Gateway: seconds between full relists of the cluster's ModelDeployments and EndpointSlices.
+pub const ENV_GATEWAY_RELIST_INTERVAL: &str = "BALEEN_GATEWAY_RELIST_INTERVAL";
 /// Gateway: log filter (`tracing` env-filter syntax).
 pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
 /// Gateway: default OpenAI API port.
@@ -426,6 +436,8 @@ pub const METRIC_GATEWAY_DESIRED_REPLICAS: &str = "baleen_gateway_desired_replic
 pub const METRIC_GATEWAY_READY_REPLICAS: &str = "baleen_gateway_ready_replicas";
 /// Counter: requests refused by an API key's rate limit, by [`LABEL_KEY`] and [`LABEL_LIMIT`].
 pub const METRIC_GATEWAY_RATE_LIMITED_TOTAL: &str = "baleen_gateway_rate_limited_total";
+/// Counter: failed lists of the cluster's ModelDeployments and EndpointSlices (discovery keeps its last state).
+pub const METRIC_GATEWAY_DISCOVERY_ERRORS_TOTAL: &str = "baleen_gateway_discovery_errors_total";
 /// Label: an API key's name (never the key).
 pub const LABEL_KEY: &str = "key";
 /// Label: which limit refused a request: `requests` or `tokens`.

@@ -7,6 +7,7 @@
 //! by a successful probe, re-ejection on the first failure after it).
 
 pub mod health;
+pub mod kubernetes;
 pub mod pool;
 pub mod scrape;
 

@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use baleen_api::names::{
     ADMIN_PORT, ENV_GATEWAY_ADMIN_PORT, ENV_GATEWAY_API_KEYS, ENV_GATEWAY_CONFIG, ENV_GATEWAY_HOST,
-    ENV_GATEWAY_MAX_REQUEST_BYTES, ENV_GATEWAY_PORT, ENV_GATEWAY_PREFIX_BYTES, ENV_GATEWAY_REQUEST_TIMEOUT,
-    ENV_GATEWAY_RETRIES, ENV_GATEWAY_SCRAPE_INTERVAL, ENV_GATEWAY_SESSION_HEADER, GATEWAY_PORT, GATEWAY_SESSION_HEADER,
+    ENV_GATEWAY_KUBERNETES, ENV_GATEWAY_MAX_REQUEST_BYTES, ENV_GATEWAY_NAMESPACE, ENV_GATEWAY_PORT,
+    ENV_GATEWAY_PREFIX_BYTES, ENV_GATEWAY_RELIST_INTERVAL, ENV_GATEWAY_REQUEST_TIMEOUT, ENV_GATEWAY_RETRIES,
+    ENV_GATEWAY_SCRAPE_INTERVAL, ENV_GATEWAY_SESSION_HEADER, GATEWAY_PORT, GATEWAY_SESSION_HEADER,
 };
 use clap::{Args, Parser, Subcommand};
 use http::HeaderName;
@@ -52,8 +53,17 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// The static discovery file: models, their routing policy and backend URLs.
-    #[arg(long, env = ENV_GATEWAY_CONFIG)]
-    pub config: PathBuf,
+    #[arg(long, env = ENV_GATEWAY_CONFIG, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub config: Option<PathBuf>,
+    /// Discover the cluster's ModelDeployments and the ready heads of each (in-cluster config or kubeconfig).
+    #[arg(long, env = ENV_GATEWAY_KUBERNETES)]
+    pub kubernetes: bool,
+    /// The namespace discovery looks in [default: every namespace].
+    #[arg(long, env = ENV_GATEWAY_NAMESPACE, requires = "kubernetes")]
+    pub namespace: Option<String>,
+    /// Seconds between full relists of ModelDeployments and EndpointSlices (watches trigger one sooner).
+    #[arg(long, env = ENV_GATEWAY_RELIST_INTERVAL, default_value_t = 30.0)]
+    pub relist_interval: f64,
     /// Listen address of both ports.
     #[arg(long, env = ENV_GATEWAY_HOST, default_value = "0.0.0.0")]
     pub host: String,
@@ -121,7 +131,7 @@ pub struct Settings {
     pub api_keys: Option<Arc<Keys>>,
 }
 
-fn seconds(field: &str, value: f64) -> Result<Duration> {
+pub(crate) fn seconds(field: &str, value: f64) -> Result<Duration> {
     if value.is_finite() && value > 0.0 && value <= 86_400.0 {
         Ok(Duration::from_secs_f64(value))
     } else {

@@ -20,6 +20,9 @@ pub enum Error {
     /// The listening line could not be written to stdout.
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
+    /// The Kubernetes client could not be configured (no in-cluster config or kubeconfig).
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
     /// Registering a metric failed (a programming error: a duplicate name).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

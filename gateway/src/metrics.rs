@@ -2,9 +2,10 @@
 
 use baleen_api::names::{
     LABEL_BACKEND, LABEL_CODE, LABEL_KEY, LABEL_LIMIT, LABEL_MODEL, METRIC_GATEWAY_ADDED_LATENCY_SECONDS,
-    METRIC_GATEWAY_BACKEND_HEALTHY, METRIC_GATEWAY_EJECTIONS_TOTAL, METRIC_GATEWAY_IN_FLIGHT,
-    METRIC_GATEWAY_RATE_LIMITED_TOTAL, METRIC_GATEWAY_READY_REPLICAS, METRIC_GATEWAY_REQUESTS_TOTAL,
-    METRIC_GATEWAY_RETRIES_TOTAL, METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL, METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS,
+    METRIC_GATEWAY_BACKEND_HEALTHY, METRIC_GATEWAY_DISCOVERY_ERRORS_TOTAL, METRIC_GATEWAY_EJECTIONS_TOTAL,
+    METRIC_GATEWAY_IN_FLIGHT, METRIC_GATEWAY_RATE_LIMITED_TOTAL, METRIC_GATEWAY_READY_REPLICAS,
+    METRIC_GATEWAY_REQUESTS_TOTAL, METRIC_GATEWAY_RETRIES_TOTAL, METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL,
+    METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS,
 };
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -42,6 +43,7 @@ pub struct Metrics {
     scrape_errors: IntCounterVec,
     ready_replicas: IntGaugeVec,
     rate_limited: IntCounterVec,
+    discovery_errors: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -93,6 +95,11 @@ impl Metrics {
             Opts::new(METRIC_GATEWAY_RATE_LIMITED_TOTAL, "Requests refused by an API key's rate limit."),
             &[LABEL_KEY, LABEL_LIMIT],
         )?;
+        let discovery_errors = prometheus::IntCounter::new(
+            METRIC_GATEWAY_DISCOVERY_ERRORS_TOTAL,
+            "Failed lists of the cluster's ModelDeployments and EndpointSlices.",
+        )?;
+        registry.register(Box::new(discovery_errors.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(added_latency.clone()))?;
@@ -115,11 +122,16 @@ impl Metrics {
             scrape_errors,
             ready_replicas,
             rate_limited,
+            discovery_errors,
         })
     }
 
     pub fn request(&self, model: &str, backend: &str, code: u16) {
         self.requests.with_label_values(&[model, backend, &code.to_string()]).inc();
+    }
+
+    pub fn discovery_error(&self) {
+        self.discovery_errors.inc();
     }
 
     pub fn rate_limited(&self, key: &str, limit: &str) {

@@ -14,7 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backends::{Registry, scrape};
+use crate::backends::{Registry, kubernetes, scrape};
 use crate::config::{PolicyKind, ServeArgs, Settings, StaticConfig, backend_base};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -75,6 +75,13 @@ impl Gateway {
             self.app.metrics.forget_backend(name, &gone.url);
         }
         Ok(())
+    }
+
+    /// Stops serving a model (discovery found its deployment gone).
+    pub fn remove_model(&self, name: &str) {
+        for gone in self.app.registry.remove_model(name) {
+            self.app.metrics.forget_backend(name, &gone.url);
+        }
     }
 
     /// Every model of a static file.
@@ -202,14 +209,25 @@ pub async fn shutdown_signal() {
 /// `baleen-gateway serve`: the static file's models, served until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> Result<()> {
     let settings = args.routing.settings()?;
-    let config = StaticConfig::load(&args.config)?;
     let gateway = Gateway::new(settings)?;
-    gateway.load(&config)?;
+    let discovery = match &args.config {
+        Some(path) => {
+            let config = StaticConfig::load(path)?;
+            gateway.load(&config)?;
+            for model in &config.models {
+                tracing::info!(model = %model.name, policy = model.policy.as_str(), backends = ?model.backends, "routing");
+            }
+            None
+        }
+        None => {
+            let client = kube::Client::try_default().await?;
+            let relist = crate::config::seconds("--relist-interval", args.relist_interval)?;
+            tracing::info!(namespace = ?args.namespace, "discovering ModelDeployments in the cluster");
+            Some(tokio::spawn(kubernetes::run(gateway.clone(), client, args.namespace.clone(), relist)))
+        }
+    };
     let api = bind(&args.host, args.port).await?;
     let admin = bind(&args.host, args.admin_port).await?;
-    for model in &config.models {
-        tracing::info!(model = %model.name, policy = model.policy.as_str(), backends = ?model.backends, "routing");
-    }
     let (api_addr, admin_addr) = (local_addr(&api)?, local_addr(&admin)?);
     // The one stdout line (port 0 picks free ports: this says which), for scripts and `baleen up`.
     let mut stdout = std::io::stdout().lock();
@@ -218,6 +236,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .map_err(Error::Stdout)?;
     drop(stdout);
     gateway.serve(api, admin, shutdown_signal()).await;
+    if let Some(discovery) = discovery {
+        discovery.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use baleen_api::crd::{Launcher, ManifestError, ModelDeployment, ModelSource, Peers};
 use baleen_api::names::{
-    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, HF_TOKEN_KEY, LABEL_GROUP,
-    LABEL_MODEL_DEPLOYMENT, PATH_HEALTH, PATH_READY, PORT_NAME_GRPC, PORT_NAME_HTTP, RUNTIME_BIN_NAME,
+    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, HF_CACHE_DIR, HF_TOKEN_KEY, LABEL_GROUP,
+    LABEL_MODEL_DEPLOYMENT, MODELS_DIR, PATH_HEALTH, PATH_READY, PORT_NAME_GRPC, PORT_NAME_HTTP, RUNTIME_BIN_NAME,
     RUNTIME_GRPC_PORT, RUNTIME_HTTP_PORT,
 };
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -26,10 +26,6 @@ use crate::error::{Error, Result};
 
 /// Extended resource name of NVIDIA GPUs (the NVIDIA device plugin's).
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// Where model weights are mounted in a rank pod: `/models/<claim>` for `pvc://`, `/models/hf` for `hf://`.
-pub const MODELS_DIR: &str = "/models";
-/// Mount path of the `hf://` download cache (an emptyDir shared by the download init container and the runtime).
-pub const HF_CACHE_DIR: &str = "/models/hf";
 /// Volume holding the weights: the `pvc://` claim, or the `hf://` download cache.
 pub const MODEL_VOLUME: &str = "model";
 /// File the download init container writes once a download finished; present = skip the download.
@@ -133,14 +129,14 @@ struct ModelPlacement {
 ///   (`hf download`), `--model /models/hf/org--name`. Each rank pod downloads its own copy; for very large models
 ///   a pre-filled ReadOnlyMany claim (`pvc://`) saves the downloads.
 fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<ModelPlacement> {
-    match md.spec.source()? {
-        ModelSource::Builtin { .. } => {
-            Ok(ModelPlacement { model_arg: md.spec.model.source.clone(), ..Default::default() })
+    let source = md.spec.source()?;
+    let model_arg = source.pod_model_arg();
+    match source {
+        ModelSource::Builtin { .. } | ModelSource::File { .. } => {
+            Ok(ModelPlacement { model_arg, ..Default::default() })
         }
-        ModelSource::File { path } => Ok(ModelPlacement { model_arg: path, ..Default::default() }),
-        ModelSource::Pvc { claim, path } => {
+        ModelSource::Pvc { claim, .. } => {
             let mount_path = format!("{MODELS_DIR}/{claim}");
-            let model_arg = if path.is_empty() { mount_path.clone() } else { format!("{mount_path}/{path}") };
             Ok(ModelPlacement {
                 model_arg,
                 volumes: vec![Volume {
@@ -161,7 +157,7 @@ fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<Mode
             })
         }
         ModelSource::HuggingFace { repo, revision } => {
-            let dir = format!("{HF_CACHE_DIR}/{}", repo.replace('/', "--"));
+            let dir = model_arg;
             let env = md.spec.model.hf_token_secret.as_ref().map(|secret| {
                 vec![EnvVar {
                     name: HF_TOKEN_KEY.into(),
