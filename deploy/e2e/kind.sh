@@ -19,8 +19,10 @@ KIND_NODE_IMAGE="${KIND_NODE_IMAGE:-}"
 IMAGE_TAG="${IMAGE_TAG:-e2e}"
 OPERATOR_IMAGE_REPO="${OPERATOR_IMAGE_REPO:-ghcr.io/baleen-dev/baleen-operator}"
 RUNTIME_IMAGE_REPO="${RUNTIME_IMAGE_REPO:-ghcr.io/baleen-dev/baleen-runtime}"
+GATEWAY_IMAGE_REPO="${GATEWAY_IMAGE_REPO:-ghcr.io/baleen-dev/baleen-gateway}"
 OPERATOR_IMAGE="${OPERATOR_IMAGE_REPO}:${IMAGE_TAG}"
 RUNTIME_IMAGE="${RUNTIME_IMAGE_REPO}:${IMAGE_TAG}"
+GATEWAY_IMAGE="${GATEWAY_IMAGE_REPO}:${IMAGE_TAG}"
 OPERATOR_NAMESPACE="${OPERATOR_NAMESPACE:-baleen-system}"
 MODEL_NAMESPACE="${MODEL_NAMESPACE:-default}"
 RELEASE="${RELEASE:-baleen}"
@@ -94,11 +96,11 @@ require() {
   done
 }
 
-# Port-forwards service/$1 in $2 to LOCAL_PORT and waits for /health through it.
+# Port-forwards service/$1 in $2 (its port $3, default 8000) to LOCAL_PORT and waits for /health through it.
 port_forward() {
   local service=$1 namespace=$2 i
   stop_port_forward
-  kctl -n "${namespace}" port-forward "service/${service}" "${LOCAL_PORT}:8000" \
+  kctl -n "${namespace}" port-forward "service/${service}" "${LOCAL_PORT}:${3:-8000}" \
     >"${WORK_DIR}/port-forward-${service}.log" 2>&1 &
   PORT_FORWARD_PID=$!
   for i in $(seq 1 60); do
@@ -159,10 +161,11 @@ if [[ "${SKIP_BUILD}" != "1" ]]; then
   log "building ${RUNTIME_IMAGE} and ${OPERATOR_IMAGE}"
   DOCKER_BUILDKIT=1 docker build -f deploy/docker/runtime.Dockerfile -t "${RUNTIME_IMAGE}" .
   DOCKER_BUILDKIT=1 docker build -f deploy/docker/operator.Dockerfile -t "${OPERATOR_IMAGE}" .
+  DOCKER_BUILDKIT=1 docker build -f deploy/docker/gateway.Dockerfile -t "${GATEWAY_IMAGE}" .
 fi
 
 log "loading the images into kind"
-kind load docker-image --name "${CLUSTER_NAME}" "${RUNTIME_IMAGE}" "${OPERATOR_IMAGE}"
+kind load docker-image --name "${CLUSTER_NAME}" "${RUNTIME_IMAGE}" "${OPERATOR_IMAGE}" "${GATEWAY_IMAGE}"
 
 log "helm install ${RELEASE} charts/baleen"
 helm --kube-context "kind-${CLUSTER_NAME}" upgrade --install "${RELEASE}" charts/baleen \
@@ -171,6 +174,9 @@ helm --kube-context "kind-${CLUSTER_NAME}" upgrade --install "${RELEASE}" charts
   --set operator.image.tag="${IMAGE_TAG}" \
   --set operator.image.pullPolicy=IfNotPresent \
   --set operator.runtimeImage="${RUNTIME_IMAGE}" \
+  --set gateway.image.repository="${GATEWAY_IMAGE_REPO}" \
+  --set gateway.image.tag="${IMAGE_TAG}" \
+  --set gateway.image.pullPolicy=IfNotPresent \
   --wait --timeout "${WAIT_TIMEOUT}"
 kctl wait --for=condition=Established crd/modeldeployments.baleen.dev --timeout=60s
 kctl -n "${OPERATOR_NAMESPACE}" rollout status deployment -l app.kubernetes.io/component=operator \
@@ -191,6 +197,11 @@ kctl -n "${MODEL_NAMESPACE}" scale "md/${TINY_NAME}" --replicas 2
 wait_ready "${TINY_NAME}" "${MODEL_NAMESPACE}" 2
 port_forward "${TINY_NAME}" "${MODEL_NAMESPACE}"
 check_api
+stop_port_forward
+
+log "OpenAI API through the gateway (service/${RELEASE}-gateway): it discovered ${TINY_NAME}'s two heads"
+port_forward "${RELEASE}-gateway" "${OPERATOR_NAMESPACE}" 80
+for _ in 1 2 3 4; do check_api; done
 stop_port_forward
 
 if [[ -f "${EP2_EXAMPLE}" ]]; then

@@ -4,6 +4,9 @@ and the real Kubernetes OpenAPI schemas (kubernetes-validate --strict).
 - `helm lint --strict` passes, with the defaults and with every optional part turned on;
 - the rendered objects carry what the operator needs (flags, downward-API identity, probes, security context,
   exactly the RBAC verbs it uses), for the defaults and for each variant;
+- and what the gateway needs (`serve --kubernetes` and its flags from the values, the API keys Secret, probes,
+  security context, read-only RBAC on ModelDeployments and EndpointSlices, the Service and the optional Ingress);
+  `gateway.enabled: false` renders none of it;
 - every rendered object of a built-in kind passes `kubernetes-validate --strict` against Kubernetes 1.33 (the
   oldest API the workspace builds against, k8s-openapi `v1_33`), and the example ModelDeployment passes the CRD's
   own schema;
@@ -35,6 +38,7 @@ CRD_NAME = "modeldeployments.baleen.dev"
 RELEASE = "baleen"
 NAMESPACE = "baleen-system"
 OPERATOR = "baleen-operator"  # `<release>-operator`; the release name already contains the chart name
+GATEWAY = "baleen-gateway"  # `<release>-gateway`
 KUBE_VERSION = "1.33.0"
 # API groups whose kinds kubernetes-validate knows; anything else is a custom resource it can only warn about.
 CUSTOM_GROUPS = {"baleen.dev", "monitoring.coreos.com"}
@@ -55,6 +59,23 @@ EXPECTED_WORKLOAD_RULES = {
 PODMONITOR_RULE = {("monitoring.coreos.com", "podmonitors"): set(ALL_VERBS_OWNED)}
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"}}
 CRD_READER_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"}}
+# What the gateway reads (discovery: lists and watches of both), and nothing more: it writes nothing.
+GATEWAY_RULES = {
+    ("baleen.dev", "modeldeployments"): {"get", "list", "watch"},
+    ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
+}
+GATEWAY_DEFAULT_ARGS = [
+    "serve",
+    "--kubernetes",
+    "--host=0.0.0.0",
+    "--port=8080",
+    "--admin-port=9090",
+    "--relist-interval=30",
+    "--scrape-interval=1",
+    "--retries=2",
+    "--max-request-bytes=10485760",
+    "--request-timeout=600",
+]
 
 # Values that turn every optional part of the chart on (for lint and schema validation of the whole chart).
 EVERYTHING_ON = {
@@ -84,6 +105,50 @@ EVERYTHING_ON = {
         "serviceAccount": {"annotations": {"example.com/role": "operator"}},
         "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}},
     },
+    "gateway": {
+        "replicas": 2,
+        "image": {"repository": "registry.example.com/baleen-gateway", "tag": "dev", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "logLevel": "info,baleen_gateway=debug",
+        "port": 8081,
+        "adminPort": 9091,
+        "relistIntervalSeconds": 10,
+        "scrapeIntervalSeconds": 0.5,
+        "retries": 3,
+        "maxRequestBytes": 104857600,
+        "requestTimeoutSeconds": 120,
+        "apiKeys": {"secretName": "gateway-keys"},
+        "service": {
+            "type": "LoadBalancer",
+            "port": 443,
+            "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+        },
+        "serviceAccount": {"annotations": {"example.com/role": "gateway"}},
+        "podAnnotations": {"example.com/a": "b"},
+        "podLabels": {"team": "ml"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        "affinity": {
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}},
+                        },
+                    }
+                ]
+            }
+        },
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "host": "llm.example.com",
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "600"},
+            "tls": [{"secretName": "gateway-tls", "hosts": ["llm.example.com"]}],
+        },
+    },
     "examples": {"tinyModel": {"enabled": True, "replicas": 2, "expertParallelism": 2}},
 }
 
@@ -92,6 +157,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-crds": {"crds": {"install": False}},
     "watch-namespace": {"operator": {"watchNamespace": "models"}},
     "watch-namespace-pod-monitor": {"operator": {"watchNamespace": "models", "podMonitor": True}},
+    "gateway-watch-namespace": {"gateway": {"watchNamespace": "models"}},
+    "gateway-ingress-no-host": {"gateway": {"ingress": {"enabled": True}}},
+    "no-gateway": {"gateway": {"enabled": False}},
     "everything-on": EVERYTHING_ON,
 }
 
@@ -153,6 +221,31 @@ def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["operator"]
     return containers[0]
+
+
+def gateway_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = only(objects, "Deployment", GATEWAY)
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["gateway"]
+    return containers[0]
+
+
+def of_component(objects: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    """The objects labelled `app.kubernetes.io/component: component`."""
+    return [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+
+
+def assert_hardened(pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """Non-root (a numeric user), read-only root filesystem, no capabilities, the runtime's seccomp profile."""
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["runAsGroup"] == 65532
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -261,20 +354,34 @@ def test_lint_catches_a_broken_value():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_default_render_has_the_operator_its_rbac_and_the_crd():
+def test_default_render_has_the_operator_the_gateway_their_rbac_and_the_crd():
     objects = render()
     assert kinds(objects) == sorted(
         [
+            # The operator.
             "ClusterRole",
             "ClusterRoleBinding",
-            "CustomResourceDefinition",
             "Deployment",
             "Role",
             "RoleBinding",
             "Service",
             "ServiceAccount",
+            # The gateway.
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "CustomResourceDefinition",
         ]
     )
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in of_component(objects, "gateway")) == [
+        ("ClusterRole", GATEWAY),
+        ("ClusterRoleBinding", GATEWAY),
+        ("Deployment", GATEWAY),
+        ("Service", GATEWAY),
+        ("ServiceAccount", GATEWAY),
+    ]
     for obj in objects:
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]
@@ -363,7 +470,7 @@ def test_operator_settings_reach_flags_and_environment():
     assert env["BALEEN_OPERATOR_ADMIN_ADDR"] == "0.0.0.0:9191"
     assert env["BALEEN_OPERATOR_LOG"] == "debug,kube=info"
     assert container["ports"][0]["containerPort"] == 9191
-    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = only(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
     assert "nodeAffinity" in pod["affinity"]
@@ -376,7 +483,7 @@ def test_operator_metrics_service_selects_the_operator_pods():
     service = only(objects, "Service", OPERATOR)
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
-    pod_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = only(objects, "Deployment", OPERATOR)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "operator"
 
@@ -418,7 +525,8 @@ def test_cluster_rbac_grants_exactly_what_the_operator_uses():
 
 def test_watch_namespace_uses_a_role_not_a_cluster_role():
     objects = render({"operator": {"watchNamespace": "models"}})
-    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    # No cluster-wide grant for the operator (the gateway's are its own: gateway.watchNamespace).
+    assert not [o for o in of_component(objects, "operator") if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     role = only(objects, "Role", OPERATOR)
     assert role["metadata"]["namespace"] == "models"
     assert rules_of(role) == EXPECTED_WORKLOAD_RULES
@@ -449,13 +557,24 @@ def test_pod_monitor_adds_the_flag_and_its_rbac():
 def test_pod_monitor_with_watch_namespace_grants_podmonitors_in_that_namespace():
     objects = render({"operator": {"watchNamespace": "models", "podMonitor": True}})
     assert rules_of(only(objects, "Role", OPERATOR)) == EXPECTED_WORKLOAD_RULES | PODMONITOR_RULE
-    assert [o["metadata"]["name"] for o in objects if o["kind"] == "ClusterRole"] == [f"{OPERATOR}-crd-reader"]
+    operator_objects = of_component(objects, "operator")
+    assert [o["metadata"]["name"] for o in operator_objects if o["kind"] == "ClusterRole"] == [f"{OPERATOR}-crd-reader"]
 
 
 def test_rbac_and_service_account_can_be_left_to_someone_else():
     objects = render({"operator": {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}}})
-    assert kinds(objects) == ["CustomResourceDefinition", "Deployment", "Service"]
-    assert only(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    assert kinds(of_component(objects, "operator")) == ["Deployment", "Service"]
+    assert only(objects, "Deployment", OPERATOR)["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    objects = render({"gateway": {"rbac": {"create": False}, "serviceAccount": {"create": False}}})
+    assert kinds(of_component(objects, "gateway")) == ["Deployment", "Service"]
+    assert only(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]["serviceAccountName"] == "default"
+    # A ServiceAccount of one's own name, created by the chart, is the one the gateway's binding names.
+    objects = render({"gateway": {"serviceAccount": {"name": "llm-gateway"}}})
+    assert only(objects, "ServiceAccount", "llm-gateway")["metadata"]["namespace"] == NAMESPACE
+    assert only(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]["serviceAccountName"] == "llm-gateway"
+    assert only(objects, "ClusterRoleBinding", GATEWAY)["subjects"] == [
+        {"kind": "ServiceAccount", "name": "llm-gateway", "namespace": NAMESPACE}
+    ]
 
 
 def test_service_monitor_is_optional():
@@ -501,6 +620,240 @@ def test_notes_say_how_to_apply_and_reach_a_model(values: dict[str, Any]):
     assert "port-forward service/tiny-moe 8000:8000" in notes
     assert "/v1/chat/completions" in notes and "/v1/models" in notes
     assert "scale md/tiny-moe" in notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gateway
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gateway_deployment_defaults():
+    objects = render()
+    deployment = only(objects, "Deployment", GATEWAY)
+    assert deployment["metadata"]["namespace"] == NAMESPACE
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    # Its selector must not pick up the operator's pods, nor the operator's the gateway's.
+    operator_selector = only(objects, "Deployment", OPERATOR)["spec"]["selector"]["matchLabels"]
+    assert not operator_selector.items() <= spec["template"]["metadata"]["labels"].items()
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == GATEWAY
+    assert pod["automountServiceAccountToken"] is True  # it lists and watches through the API server
+    # No service-link variables: BALEEN_GATEWAY_PORT=tcp://... (from the Service `baleen-gateway`) would be read
+    # as the gateway's own --port variable.
+    assert pod["enableServiceLinks"] is False
+    assert pod["terminationGracePeriodSeconds"] > 30  # the gateway drains answers in flight for up to 30 s
+    container = gateway_container(objects)
+    assert container["image"] == "ghcr.io/baleen-dev/baleen-gateway:0.1.0"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert "command" not in container  # the image's ENTRYPOINT is the binary
+    assert container["args"] == GATEWAY_DEFAULT_ARGS
+    assert env_of(container) == {"BALEEN_GATEWAY_LOG": "info"}
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "admin", "containerPort": 9090, "protocol": "TCP"},
+    ]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "admin"}
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+    assert_hardened(pod, container)
+    # No API keys: nothing mounted, no flag.
+    assert "volumeMounts" not in container and "volumes" not in pod
+    for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"):
+        assert key not in pod
+
+
+def test_gateway_settings_reach_its_flags_ports_and_pod():
+    objects = render(EVERYTHING_ON)
+    deployment = only(objects, "Deployment", GATEWAY)
+    assert deployment["spec"]["replicas"] == 2
+    container = gateway_container(objects)
+    assert container["image"] == "registry.example.com/baleen-gateway:dev"
+    assert container["imagePullPolicy"] == "Always"
+    assert container["args"] == [
+        "serve",
+        "--kubernetes",
+        "--host=0.0.0.0",
+        "--port=8081",
+        "--admin-port=9091",
+        "--relist-interval=10",
+        "--scrape-interval=0.5",
+        "--retries=3",
+        "--max-request-bytes=104857600",  # an integer, not 1.048576e+08
+        "--request-timeout=120",
+        "--api-keys=/etc/baleen-gateway/keys.yaml",
+    ]
+    assert env_of(container) == {"BALEEN_GATEWAY_LOG": "info,baleen_gateway=debug"}
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8081, "protocol": "TCP"},
+        {"name": "admin", "containerPort": 9091, "protocol": "TCP"},
+    ]
+    # The probes follow the ports by name.
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"
+    assert container["livenessProbe"]["httpGet"]["port"] == "admin"
+    # The API keys Secret, read-only, only its keys.yaml, where --api-keys points.
+    assert container["volumeMounts"] == [{"name": "api-keys", "mountPath": "/etc/baleen-gateway", "readOnly": True}]
+    template = deployment["spec"]["template"]
+    pod = template["spec"]
+    secret = {"secretName": "gateway-keys", "items": [{"key": "keys.yaml", "path": "keys.yaml"}]}
+    assert pod["volumes"] == [{"name": "api-keys", "secret": secret}]
+    assert_hardened(pod, container)
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    assert "podAntiAffinity" in pod["affinity"]
+    assert template["metadata"]["annotations"] == {"example.com/a": "b"}
+    assert template["metadata"]["labels"]["team"] == "ml"
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+    service = only(objects, "Service", GATEWAY)
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["metadata"]["annotations"] == {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 443, "targetPort": "http", "protocol": "TCP"},
+        {"name": "admin", "port": 9091, "targetPort": "admin", "protocol": "TCP"},
+    ]
+    account = only(objects, "ServiceAccount", GATEWAY)
+    assert account["metadata"]["annotations"] == {"example.com/role": "gateway"}
+
+
+def test_gateway_api_keys_alone_add_the_volume_mount_and_flag():
+    objects = render({"gateway": {"apiKeys": {"secretName": "keys"}}})
+    container = gateway_container(objects)
+    assert container["args"] == [*GATEWAY_DEFAULT_ARGS, "--api-keys=/etc/baleen-gateway/keys.yaml"]
+    mount = only([{**m, "kind": "m", "metadata": {"name": m["name"]}} for m in container["volumeMounts"]], "m")
+    assert mount["mountPath"] == "/etc/baleen-gateway" and mount["readOnly"] is True
+    pod = only(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    volume = only([{**v, "kind": "v", "metadata": {"name": v["name"]}} for v in pod["volumes"]], "v")
+    assert volume["name"] == mount["name"]
+    assert volume["secret"]["secretName"] == "keys"
+    assert {"key": "keys.yaml", "path": "keys.yaml"} in volume["secret"]["items"]
+
+
+def test_gateway_service_selects_the_gateway_pods():
+    objects = render()
+    service = only(objects, "Service", GATEWAY)
+    assert service["metadata"]["namespace"] == NAMESPACE
+    assert service["spec"]["type"] == "ClusterIP"
+    assert "annotations" not in service["metadata"]
+    # The API on port 80, and the admin port for scraping /metrics.
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+        {"name": "admin", "port": 9090, "targetPort": "admin", "protocol": "TCP"},
+    ]
+    selector = service["spec"]["selector"]
+    assert selector["app.kubernetes.io/component"] == "gateway"
+    assert selector.items() <= only(objects, "Deployment", GATEWAY)["spec"]["template"]["metadata"]["labels"].items()
+    operator_pod_labels = only(objects, "Deployment", OPERATOR)["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= operator_pod_labels.items()
+    # Every named target port is a port of the gateway container.
+    container_ports = {p["name"] for p in gateway_container(objects)["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+
+
+def test_gateway_rbac_is_read_only_and_cluster_wide_by_default():
+    objects = render()
+    cluster_role = only(objects, "ClusterRole", GATEWAY)
+    assert rules_of(cluster_role) == GATEWAY_RULES
+    binding = only(objects, "ClusterRoleBinding", GATEWAY)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": GATEWAY}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": GATEWAY, "namespace": NAMESPACE}]
+    # Nothing else is granted to the gateway's ServiceAccount.
+    gateway_roles = [o for o in of_component(objects, "gateway") if o["kind"] in ("Role", "ClusterRole")]
+    assert gateway_roles == [cluster_role]
+    # And nothing in the cluster binds the gateway's account to any other role.
+    bound = [
+        o["roleRef"]["name"]
+        for o in objects
+        if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        and any(s["name"] == GATEWAY for s in o["subjects"])
+    ]
+    assert bound == [GATEWAY]
+    assert only(objects, "ServiceAccount", GATEWAY)["metadata"]["namespace"] == NAMESPACE
+
+
+def test_gateway_watch_namespace_uses_a_role_and_the_namespace_flag():
+    objects = render({"gateway": {"watchNamespace": "models"}})
+    gateway_objects = of_component(objects, "gateway")
+    assert not [o for o in gateway_objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    role = only(objects, "Role", GATEWAY)
+    assert role["metadata"]["namespace"] == "models"
+    assert rules_of(role) == GATEWAY_RULES
+    binding = only(objects, "RoleBinding", GATEWAY)
+    assert binding["metadata"]["namespace"] == "models"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": GATEWAY}
+    # The ServiceAccount (and the Deployment) stay in the release namespace.
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": GATEWAY, "namespace": NAMESPACE}]
+    assert only(objects, "Deployment", GATEWAY)["metadata"]["namespace"] == NAMESPACE
+    args = gateway_container(objects)["args"]
+    assert args == ["serve", "--kubernetes", "--namespace=models", *GATEWAY_DEFAULT_ARGS[2:]]
+    # The operator's RBAC is its own business: still cluster-wide.
+    assert rules_of(only(objects, "ClusterRole", OPERATOR)) == EXPECTED_WORKLOAD_RULES
+
+
+def test_gateway_disabled_renders_no_gateway_objects():
+    for values in (
+        {"gateway": {"enabled": False}},
+        # Its options do nothing without it.
+        {"gateway": {"enabled": False, "watchNamespace": "models", "ingress": {"enabled": True}}},
+    ):
+        objects = render(values)
+        assert not of_component(objects, "gateway")
+        assert not [o for o in objects if o["metadata"]["name"] == GATEWAY or o["kind"] == "Ingress"]
+        for obj in objects:
+            if obj["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+                assert GATEWAY not in {s["name"] for s in obj["subjects"]}
+        # The operator and the CRD stay.
+        assert only(objects, "Deployment", OPERATOR)
+        assert only(objects, "CustomResourceDefinition", CRD_NAME)
+        notes = render_templates(values)["baleen/templates/NOTES.txt"]
+        assert GATEWAY not in notes
+
+
+def test_gateway_ingress_is_optional_and_points_at_the_api_port():
+    assert not [o for o in render() if o["kind"] == "Ingress"]
+    objects = render(EVERYTHING_ON)
+    ingress = only(objects, "Ingress", GATEWAY)
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["metadata"]["namespace"] == NAMESPACE
+    assert ingress["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+    assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/proxy-read-timeout": "600"}
+    spec = ingress["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"secretName": "gateway-tls", "hosts": ["llm.example.com"]}]
+    backend = {"service": {"name": GATEWAY, "port": {"name": "http"}}}
+    assert spec["rules"] == [
+        {"host": "llm.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]}}
+    ]
+    assert "http" in {p["name"] for p in only(objects, "Service", GATEWAY)["spec"]["ports"]}
+    # Without a host, class or TLS: one rule for every host, the cluster's default class.
+    bare = only(render({"gateway": {"ingress": {"enabled": True}}}), "Ingress", GATEWAY)
+    assert "annotations" not in bare["metadata"]
+    assert bare["spec"] == {"rules": [{"http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]}}]}
+
+
+@pytest.mark.parametrize("values", [{}, EVERYTHING_ON], ids=["defaults", "everything-on"])
+def test_notes_say_how_to_reach_the_gateway(values: dict[str, Any]):
+    notes = render_templates(values)["baleen/templates/NOTES.txt"]
+    port = values.get("gateway", {}).get("service", {}).get("port", 80)
+    assert f"kubectl -n {NAMESPACE} port-forward svc/{GATEWAY} 8080:{port}" in notes
+    assert "http://127.0.0.1:8080/v1" in notes
+    assert f"rollout status deployment/{GATEWAY}" in notes
+    if values:
+        assert "Authorization: Bearer" in notes
+        assert "https://llm.example.com/v1" in notes
+        assert f"service/{GATEWAY} port 9091 (/metrics)" in notes
+    else:
+        assert "Authorization: Bearer" not in notes and "Ingress" not in notes
+        assert f"service/{GATEWAY} port 9090 (/metrics)" in notes
+
+
+def test_notes_warn_when_the_gateway_does_not_watch_the_example_namespace():
+    notes = render_templates({"gateway": {"watchNamespace": "models"}})["baleen/templates/NOTES.txt"]
+    assert 'namespace "models"' in notes and f'does not see ModelDeployments in "{NAMESPACE}"' in notes
+    same = {"operator": {"watchNamespace": "models"}, "gateway": {"watchNamespace": "models"}}
+    assert "does not see" not in render_templates(same)["baleen/templates/NOTES.txt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,7 +952,23 @@ BAD_VALUES = {
     "replicas-as-string": ({"operator": {"replicas": "two"}}, "/operator/replicas"),
     "negative-replicas": ({"operator": {"replicas": -1}}, "/operator/replicas"),
     "unknown-operator-key": ({"operator": {"replicaCount": 2}}, "replicaCount"),
-    "unknown-top-level-key": ({"gateway": {"enabled": True}}, "gateway"),
+    "unknown-top-level-key": ({"router": {"enabled": True}}, "router"),
+    "unknown-gateway-key": ({"gateway": {"replicaCount": 2}}, "replicaCount"),
+    "unknown-gateway-ingress-key": ({"gateway": {"ingress": {"path": "/v1"}}}, "path"),
+    "bad-gateway-service-type": ({"gateway": {"service": {"type": "Ingress"}}}, "/gateway/service/type"),
+    "gateway-enabled-as-string": ({"gateway": {"enabled": "yes"}}, "/gateway/enabled"),
+    "gateway-port-out-of-range": ({"gateway": {"port": 0}}, "/gateway/port"),
+    "gateway-service-port-out-of-range": ({"gateway": {"service": {"port": 65536}}}, "/gateway/service/port"),
+    "gateway-zero-scrape-interval": ({"gateway": {"scrapeIntervalSeconds": 0}}, "/gateway/scrapeIntervalSeconds"),
+    "gateway-relist-interval-too-long": (
+        {"gateway": {"relistIntervalSeconds": 86401}},
+        "/gateway/relistIntervalSeconds",
+    ),
+    "gateway-negative-retries": ({"gateway": {"retries": -1}}, "/gateway/retries"),
+    "gateway-zero-max-request-bytes": ({"gateway": {"maxRequestBytes": 0}}, "/gateway/maxRequestBytes"),
+    "gateway-bad-watch-namespace": ({"gateway": {"watchNamespace": "Models"}}, "/gateway/watchNamespace"),
+    "gateway-bad-api-keys-secret": ({"gateway": {"apiKeys": {"secretName": "Keys!"}}}, "/gateway/apiKeys/secretName"),
+    "gateway-bad-ingress-host": ({"gateway": {"ingress": {"host": "https://llm"}}}, "/gateway/ingress/host"),
     "unknown-crds-key": ({"crds": {"enabled": True}}, "enabled"),
     "bad-pull-policy": ({"operator": {"image": {"pullPolicy": "Sometimes"}}}, "/operator/image/pullPolicy"),
     "crds-install-as-string": ({"crds": {"install": "yes"}}, "/crds/install"),
@@ -639,11 +1008,10 @@ def test_values_yaml_and_schema_describe_the_same_keys():
         for key, sub in props.items():
             if key == "global" and not path:
                 continue  # Helm's own
-            if path == "/operator/resources":
+            if path in ("/operator/resources", "/gateway/resources"):
                 continue  # a Kubernetes ResourceRequirements: the schema lists every field, values only some
             assert key in value, f"{path}/{key} is in values.schema.json but not in values.yaml"
             if sub.get("type") == "object" and isinstance(value[key], dict):
                 walk(sub, value[key], f"{path}/{key}")
 
     walk(schema, values, "")
-    assert "gateway" not in values  # arrives with the gateway

@@ -86,3 +86,52 @@ Default runtime image of ModelDeployments (`--runtime-image`).
 {{- define "baleen.runtimeImage" -}}
 {{- default (printf "ghcr.io/baleen-dev/baleen-runtime:%s" .Chart.AppVersion) .Values.operator.runtimeImage }}
 {{- end }}
+
+{{/*
+Name of the gateway's objects (Deployment, Service, ServiceAccount, RBAC, Ingress).
+*/}}
+{{- define "baleen.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "baleen.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels of the gateway's pods.
+*/}}
+{{- define "baleen.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "baleen.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{/*
+Labels of the gateway's objects.
+*/}}
+{{- define "baleen.gateway.labels" -}}
+{{ include "baleen.labels" . }}
+{{ include "baleen.gateway.selectorLabels" . }}
+{{- end }}
+
+{{/*
+ServiceAccount of the gateway.
+*/}}
+{{- define "baleen.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "baleen.gateway.fullname" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Gateway image reference.
+*/}}
+{{- define "baleen.gateway.image" -}}
+{{- printf "%s:%s" .Values.gateway.image.repository (default .Chart.AppVersion .Values.gateway.image.tag) }}
+{{- end }}
+
+{{/*
+Where the gateway's API keys file is mounted (`gateway.apiKeys.secretName`, key `keys.yaml`).
+*/}}
+{{- define "baleen.gateway.apiKeysDir" -}}
+/etc/baleen-gateway
+{{- end }}
