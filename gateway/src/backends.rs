@@ -49,6 +49,8 @@ pub struct Backend {
     sample: Mutex<Option<LoadSample>>,
     /// Keep-alive connections for requests.
     pub pool: pool::ConnPool,
+    /// The URL as a header value (`x-baleen-backend` of its answers).
+    pub header: Option<http::HeaderValue>,
     handles: OnceLock<BackendMetrics>,
 }
 
@@ -69,6 +71,7 @@ impl Backend {
         let authority = url.strip_prefix("http://").unwrap_or(&url).to_string();
         Self {
             pool: pool::ConnPool::new(authority),
+            header: http::HeaderValue::from_str(&url).ok(),
             handles: OnceLock::new(),
             url,
             id,

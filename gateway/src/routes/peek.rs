@@ -1,5 +1,6 @@
-//! What routing reads of a request body — `model`, the prompt's leading text, `user` — without taking the rest
-//! apart: every other field is skipped, and a field of an unexpected shape is left for the backend to judge.
+//! What routing reads of a request body — `model`, `user`, the token cap, and for `prefix-affinity` only the
+//! prompt's leading text (a second pass, [`prefix_key`]) — without taking the rest apart: every other field is
+//! skipped, and a field of an unexpected shape is left for the backend to judge.
 
 use std::borrow::Cow;
 
@@ -11,20 +12,26 @@ use serde::de::IgnoredAny;
 use crate::backends::stable_hash;
 use crate::policy::RouteKey;
 
+/// The fields every request is read for (unknown fields are skipped without being built).
 #[derive(Debug, Deserialize)]
-struct Peek<'a> {
+struct Head<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    messages: Option<Messages>,
-    #[serde(default)]
-    prompt: Option<Prompt>,
     #[serde(default)]
     user: Option<Lenient>,
     #[serde(default)]
     max_tokens: Option<Count>,
     #[serde(default)]
     max_completion_tokens: Option<Count>,
+}
+
+/// The prompt, read only for `prefix-affinity`.
+#[derive(Debug, Deserialize)]
+struct Prompted {
+    #[serde(default)]
+    messages: Option<Messages>,
+    #[serde(default)]
+    prompt: Option<Prompt>,
 }
 
 /// A count, or anything else (left for the backend to refuse).
@@ -116,7 +123,7 @@ fn push(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) {
     buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
-fn prefix_text(peek: &Peek<'_>, limit: usize) -> Vec<u8> {
+fn prefix_text(peek: &Prompted, limit: usize) -> Vec<u8> {
     let mut buf = Vec::with_capacity(limit.min(4096));
     if let Some(Messages::List(messages)) = &peek.messages {
         for message in messages {
@@ -164,26 +171,28 @@ fn push_ids(buf: &mut Vec<u8>, ids: &[i64], limit: usize) {
     }
 }
 
-/// Reads `body` for routing: the model, the hash of the first `prefix_bytes` of the prompt's text (the chat
-/// messages' roles and text, or the completion prompt), and the session (the `session_header` value, else
-/// `user`). A body that is not a JSON object, or a `model` that is not a string, is a 400.
-pub fn peek(
-    body: &[u8],
-    headers: &HeaderMap,
-    session_header: &http::HeaderName,
-    prefix_bytes: usize,
-) -> Result<Peeked, ApiError> {
-    let peek: Peek<'_> = parse_json(body)?;
-    let prefix = prefix_text(&peek, prefix_bytes);
+/// Reads `body` for routing: the model, the session (the `session_header` value, else `user`) and the token cap;
+/// `key.prefix` is left for [`prefix_key`]. A body that is not a JSON object, or a `model` that is not a string,
+/// is a 400.
+pub fn peek(body: &[u8], headers: &HeaderMap, session_header: &http::HeaderName) -> Result<Peeked, ApiError> {
+    let head: Head<'_> = parse_json(body)?;
     let session = match headers.get(session_header) {
         Some(value) => Some(stable_hash(value.as_bytes())),
-        None => peek.user.as_ref().and_then(Lenient::text).map(|user| stable_hash(user.as_bytes())),
+        None => head.user.as_ref().and_then(Lenient::text).map(|user| stable_hash(user.as_bytes())),
     };
     Ok(Peeked {
-        model: peek.model.map(Cow::into_owned),
-        key: RouteKey { prefix: (!prefix.is_empty()).then(|| stable_hash(&prefix)), session },
-        max_tokens: peek.max_completion_tokens.as_ref().or(peek.max_tokens.as_ref()).and_then(Count::get),
+        model: head.model.map(Cow::into_owned),
+        key: RouteKey { prefix: None, session },
+        max_tokens: head.max_completion_tokens.as_ref().or(head.max_tokens.as_ref()).and_then(Count::get),
     })
+}
+
+/// The hash of the first `prefix_bytes` of the prompt's text (the chat messages' roles and text, or the completion
+/// prompt); `None` without any (or for a body [`peek`] already found wanting).
+pub fn prefix_key(body: &[u8], prefix_bytes: usize) -> Option<u64> {
+    let prompted: Prompted = serde_json::from_slice(body).ok()?;
+    let prefix = prefix_text(&prompted, prefix_bytes);
+    (!prefix.is_empty()).then(|| stable_hash(&prefix))
 }
 
 #[cfg(test)]
@@ -197,7 +206,10 @@ mod tests {
 
     fn run(body: serde_json::Value, limit: usize) -> Peeked {
         let header = HeaderName::from_static("x-session-id");
-        peek(body.to_string().as_bytes(), &HeaderMap::new(), &header, limit).unwrap()
+        let text = body.to_string();
+        let mut peeked = peek(text.as_bytes(), &HeaderMap::new(), &header).unwrap();
+        peeked.key.prefix = prefix_key(text.as_bytes(), limit);
+        peeked
     }
 
     #[test]
@@ -234,10 +246,10 @@ mod tests {
     fn the_session_is_the_header_else_user() {
         let header = HeaderName::from_static("x-session-id");
         let body = json!({"model": "m", "prompt": "x", "user": "alice"}).to_string();
-        let by_user = peek(body.as_bytes(), &HeaderMap::new(), &header, 8).unwrap();
+        let by_user = peek(body.as_bytes(), &HeaderMap::new(), &header).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(header.clone(), HeaderValue::from_static("s1"));
-        let by_header = peek(body.as_bytes(), &headers, &header, 8).unwrap();
+        let by_header = peek(body.as_bytes(), &headers, &header).unwrap();
         assert!(by_user.key.session.is_some() && by_header.key.session.is_some());
         assert_ne!(by_user.key.session, by_header.key.session);
     }
@@ -246,7 +258,7 @@ mod tests {
     fn bodies_that_are_not_json_objects_are_400() {
         let header = HeaderName::from_static("x-session-id");
         for body in [&b"not json"[..], b"[1]", br#"{"model": 5}"#] {
-            let e = peek(body, &HeaderMap::new(), &header, 8).unwrap_err();
+            let e = peek(body, &HeaderMap::new(), &header).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{}", String::from_utf8_lossy(body));
         }
         assert_eq!(run(json!({"prompt": "x"}), 8).model, None);

@@ -15,10 +15,11 @@ use http_body::Body;
 use http_body_util::Full;
 
 use super::body::{InFlight, ResponseBody, Upstream};
-use super::peek::peek;
+use super::peek::{peek, prefix_key};
 use crate::App;
 use crate::auth::Key;
 use crate::backends::{Backend, Pool};
+use crate::config::PolicyKind;
 use crate::policy::Candidate;
 
 /// Headers of one hop only (RFC 9110 §7.6.1), plus `host` (set from the backend URL) and `expect` (the body is
@@ -125,7 +126,7 @@ where
         Ok(body) => body,
         Err(e) => return refuse(app, MODEL_UNKNOWN, e),
     };
-    let peeked = match peek(&body, &parts.headers, &app.settings.session_header, app.settings.prefix_bytes) {
+    let mut peeked = match peek(&body, &parts.headers, &app.settings.session_header) {
         Ok(peeked) => peeked,
         Err(e) => return refuse(app, MODEL_UNKNOWN, e),
     };
@@ -137,19 +138,26 @@ where
         }
         return refuse(app, MODEL_UNKNOWN, e);
     }
-    let names = app.registry.names();
-    let model = match peeked.model {
-        Some(model) => model,
-        None if names.len() == 1 => names[0].clone(),
-        None => {
-            let e = ApiError::invalid_param("model", "`model` is required: this gateway serves several models");
-            return refuse(app, MODEL_UNKNOWN, e);
+    let pool = match peeked.model.take() {
+        Some(model) => app.registry.get(&model).ok_or(model),
+        None => match app.registry.pools().as_slice() {
+            [only] => Ok(Arc::clone(only)),
+            _ => {
+                let e = ApiError::invalid_param("model", "`model` is required: this gateway serves several models");
+                return refuse(app, MODEL_UNKNOWN, e);
+            }
+        },
+    };
+    let pool = match pool {
+        Ok(pool) => pool,
+        Err(model) => {
+            let served = app.registry.names().iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            return refuse(app, MODEL_UNKNOWN, ApiError::model_not_found(&model, &served));
         }
     };
-    let Some(pool) = app.registry.get(&model) else {
-        let served = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-        return refuse(app, MODEL_UNKNOWN, ApiError::model_not_found(&model, &served));
-    };
+    if pool.policy.kind() == PolicyKind::PrefixAffinity {
+        peeked.key.prefix = prefix_key(&body, app.settings.prefix_bytes);
+    }
 
     let stale_after = app.settings.scrape_interval * 3;
     let mut tried: Vec<u64> = Vec::new();
@@ -220,8 +228,8 @@ where
         }
         let (mut head, incoming) = response.into_parts();
         strip_hop_by_hop(&mut head.headers);
-        if let Ok(value) = HeaderValue::from_str(&backend.url) {
-            head.headers.insert(HEADER_GATEWAY_BACKEND, value);
+        if let Some(value) = &backend.header {
+            head.headers.insert(HEADER_GATEWAY_BACKEND, value.clone());
         }
         let body =
             Upstream { inner: incoming, first_byte: Some((arrived, series.ttfb.clone())), _in_flight: in_flight };
