@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -26,31 +26,9 @@ fn baleen_bin() -> &'static str {
     env!("CARGO_BIN_EXE_baleen")
 }
 
-/// The runtime binary: `BALEEN_RUNTIME_BIN`, else next to `baleen`, built first when missing.
-fn runtime_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("BALEEN_RUNTIME_BIN") {
-            return PathBuf::from(path);
-        }
-        let dir = Path::new(baleen_bin()).parent().unwrap();
-        let bin = dir.join("baleen-runtime");
-        if !bin.exists() {
-            let profile = match dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => "dev",
-                Some(other) => other,
-            };
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "baleen-runtime", "--bin", "baleen-runtime", "--profile", profile])
-                .status()
-                .unwrap();
-            assert!(status.success(), "building baleen-runtime failed");
-        }
-        assert!(bin.exists(), "{} is missing", bin.display());
-        bin
-    })
-}
+#[path = "../../tests/support/runtime_bin.rs"]
+mod runtime_bin;
+use runtime_bin::runtime_bin;
 
 fn http() -> ureq::Agent {
     ureq::Agent::config_builder()

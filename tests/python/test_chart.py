@@ -77,13 +77,9 @@ GATEWAY_DEFAULT_ARGS = [
     "--request-timeout=600",
 ]
 
-# Values that turn every optional part of the chart on (for lint and schema validation of the whole chart).
-EVERYTHING_ON = {
-    "operator": {
-        "replicas": 2,
-        "podMonitor": True,
-        "downloaderImage": "python:3.12-slim",
-        "imagePullSecrets": [{"name": "regcred"}],
+def pod_placement(component: str) -> dict[str, Any]:
+    """Pod annotations, labels and scheduling values that spread `component`'s pods over nodes."""
+    return {
         "podAnnotations": {"example.com/a": "b"},
         "podLabels": {"team": "ml"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -95,12 +91,23 @@ EVERYTHING_ON = {
                         "weight": 100,
                         "podAffinityTerm": {
                             "topologyKey": "kubernetes.io/hostname",
-                            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}},
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": component}},
                         },
                     }
                 ]
             }
         },
+    }
+
+
+# Values that turn every optional part of the chart on (for lint and schema validation of the whole chart).
+EVERYTHING_ON = {
+    "operator": {
+        "replicas": 2,
+        "podMonitor": True,
+        "downloaderImage": "python:3.12-slim",
+        "imagePullSecrets": [{"name": "regcred"}],
+        **pod_placement("operator"),
         "priorityClassName": "system-cluster-critical",
         "serviceAccount": {"annotations": {"example.com/role": "operator"}},
         "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}},
@@ -124,23 +131,7 @@ EVERYTHING_ON = {
             "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
         },
         "serviceAccount": {"annotations": {"example.com/role": "gateway"}},
-        "podAnnotations": {"example.com/a": "b"},
-        "podLabels": {"team": "ml"},
-        "nodeSelector": {"kubernetes.io/os": "linux"},
-        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-        "affinity": {
-            "podAntiAffinity": {
-                "preferredDuringSchedulingIgnoredDuringExecution": [
-                    {
-                        "weight": 100,
-                        "podAffinityTerm": {
-                            "topologyKey": "kubernetes.io/hostname",
-                            "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}},
-                        },
-                    }
-                ]
-            }
-        },
+        **pod_placement("gateway"),
         "ingress": {
             "enabled": True,
             "className": "nginx",

@@ -7,9 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use baleen_api::names::{HEADER_GATEWAY_BACKEND, RUNTIME_LISTENING_PREFIX};
@@ -28,38 +26,9 @@ use tokio::task::JoinHandle;
 pub const READY_WAIT: Duration = Duration::from_secs(180);
 pub const MODEL: &str = "tiny-moe";
 
-/// The directory cargo puts this workspace's binaries in (`target/<profile>`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test>-<hash>
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
-
-/// The runtime binary: `BALEEN_RUNTIME_BIN`, else beside this test, built first when missing.
-pub fn runtime_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("BALEEN_RUNTIME_BIN") {
-            return PathBuf::from(path);
-        }
-        let dir = bin_dir();
-        let bin = dir.join("baleen-runtime");
-        if !bin.exists() {
-            let profile = match dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => "dev",
-                Some(other) => other,
-            };
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "baleen-runtime", "--bin", "baleen-runtime", "--profile", profile])
-                .status()
-                .unwrap();
-            assert!(status.success(), "building baleen-runtime failed");
-        }
-        assert!(bin.exists(), "{} is missing", bin.display());
-        bin
-    })
-}
+#[path = "../../../tests/support/runtime_bin.rs"]
+mod runtime_bin;
+pub use runtime_bin::runtime_bin;
 
 /// One `baleen-runtime serve` process; killed when dropped.
 #[derive(Debug)]
