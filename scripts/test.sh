@@ -51,8 +51,9 @@ if [[ "$(cat "$PY_STAMP" 2>/dev/null)" != "$py_hash" ]]; then
     || py_missing "pip install -r $PY_REQ failed"
   echo "$py_hash" > "$PY_STAMP"
 fi
-# Same feature resolution as `cargo test --workspace` above, so this reuses its build instead of rebuilding deps.
-cargo build --workspace --locked
+# `--all-targets` resolves features with the dev-dependencies, as `cargo test --workspace` above did, so this
+# reuses its build (seconds) instead of rebuilding tokio and everything above it without `test-util` (minutes).
+cargo build --workspace --all-targets --locked
 export BALEEN_RUNTIME_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-runtime"
 export BALEEN_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-operator"
 export BALEEN_GATEWAY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-gateway"
