@@ -315,8 +315,11 @@ pub struct SchedulingSpec {
 #[cfg_attr(feature = "kube", derive(kube::KubeSchema))]
 #[cfg_attr(
     feature = "kube",
-    x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
-        .message("minReplicas must not exceed maxReplicas"))
+    x_kube(
+        validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
+            .message("minReplicas must not exceed maxReplicas"),
+        validation = Rule::new("!has(self.target) || self.target > 0.0").message("target must be above 0")
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AutoscalingSpec {
@@ -327,10 +330,12 @@ pub struct AutoscalingSpec {
     /// Most replicas (required, at least 1).
     #[cfg_attr(feature = "kube", schemars(range(min = 1)))]
     pub max_replicas: u32,
-    /// What is measured (required).
+    /// What is measured. Default `QueueDepth` (waiting requests per ready replica).
+    #[serde(default)]
     pub metric: AutoscalingMetric,
-    /// Desired value of `metric` per ready replica (required, above 0): e.g. 4 waiting requests, or 0.7 KV-cache
-    /// use.
+    /// Desired value of `metric` per ready replica (above 0): e.g. 2 waiting requests, 8 running requests, or 0.7
+    /// KV-cache use. Default 2 (the default metric's target).
+    #[serde(default = "default_target")]
     pub target: f64,
     /// Seconds a higher recommendation must hold before scaling up. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -341,6 +346,13 @@ pub struct AutoscalingSpec {
     /// Seconds without any request before scaling from 1 to 0 when `minReplicas` is 0. Default 600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_to_zero_after_seconds: Option<u32>,
+}
+
+/// The default `spec.autoscaling.target`: 2 waiting requests per ready replica.
+pub const DEFAULT_AUTOSCALING_TARGET: f64 = 2.0;
+
+fn default_target() -> f64 {
+    DEFAULT_AUTOSCALING_TARGET
 }
 
 /// `spec.autoscaling.metric`.
@@ -362,11 +374,19 @@ pub struct AutoscalingMetric {
     pub query: Option<String>,
 }
 
+impl Default for AutoscalingMetric {
+    /// `QueueDepth`.
+    fn default() -> Self {
+        Self { kind: MetricKind::QueueDepth, query: None }
+    }
+}
+
 /// `spec.autoscaling.metric.type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 pub enum MetricKind {
-    /// Waiting requests per replica.
+    /// Waiting requests per replica (the default).
+    #[default]
     QueueDepth,
     /// KV-cache usage (0..1) per replica.
     #[serde(rename = "KVCacheUtilization")]

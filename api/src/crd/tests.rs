@@ -286,6 +286,19 @@ mod schema {
         assert!(cel(scaling(promql)).unwrap_err().contains("query is required"));
         let query = json!({"maxReplicas": 3, "metric": {"type": "PromQL", "query": "sum(x)"}, "target": 1.0});
         assert!(cel(scaling(query)).is_ok());
+        assert!(cel(scaling(json!({"minReplicas": 1, "maxReplicas": 6}))).is_ok(), "metric and target default");
+        let zero = json!({"maxReplicas": 3, "target": 0.0});
+        assert!(cel(scaling(zero)).unwrap_err().contains("target must be above 0"));
+    }
+
+    #[test]
+    fn autoscaling_bounds_alone_scale_on_queue_depth_with_the_documented_target() {
+        let text = manifest("  model: {source: builtin:tiny-moe}\n  autoscaling: {minReplicas: 1, maxReplicas: 6}\n");
+        let spec = ModelDeploymentManifest::from_yaml(&text).unwrap().spec;
+        let autoscaling = spec.autoscaling.unwrap();
+        assert_eq!(autoscaling.metric, crate::crd::AutoscalingMetric::default());
+        assert_eq!(autoscaling.metric.kind, crate::crd::MetricKind::QueueDepth);
+        assert_eq!(autoscaling.target, crate::crd::DEFAULT_AUTOSCALING_TARGET);
     }
 
     #[test]
