@@ -7,6 +7,7 @@
 //! `baleen up` in-process in front of its runtime processes.
 
 pub mod auth;
+pub mod autoscale;
 pub mod backends;
 pub mod config;
 pub mod error;
