@@ -404,6 +404,14 @@ pub const ENV_GATEWAY_KUBERNETES: &str = "BALEEN_GATEWAY_KUBERNETES";
 pub const ENV_GATEWAY_NAMESPACE: &str = "BALEEN_GATEWAY_NAMESPACE";
 /// Gateway: seconds between full relists of the cluster's ModelDeployments and EndpointSlices.
 pub const ENV_GATEWAY_RELIST_INTERVAL: &str = "BALEEN_GATEWAY_RELIST_INTERVAL";
+/// Gateway: seconds a request for a model with no ready replica waits for one (`--hold-timeout`).
+pub const ENV_GATEWAY_HOLD_TIMEOUT: &str = "BALEEN_GATEWAY_HOLD_TIMEOUT";
+/// Gateway: requests held per model while it has no ready replica (`--max-held-requests`).
+pub const ENV_GATEWAY_MAX_HELD_REQUESTS: &str = "BALEEN_GATEWAY_MAX_HELD_REQUESTS";
+/// Gateway: seconds of the autoscaler's stable window (`--autoscale-stable-window`).
+pub const ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_STABLE_WINDOW";
+/// Gateway: seconds of the autoscaler's panic window (`--autoscale-panic-window`).
+pub const ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_PANIC_WINDOW";
 /// Gateway: log filter (`tracing` env-filter syntax).
 pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
 /// Gateway: default OpenAI API port.
@@ -434,6 +442,12 @@ pub const METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL: &str = "baleen_gateway_scrape_erro
 pub const METRIC_GATEWAY_DESIRED_REPLICAS: &str = "baleen_gateway_desired_replicas";
 /// Gauge: ready replicas (backends) serving a model, by [`LABEL_MODEL`].
 pub const METRIC_GATEWAY_READY_REPLICAS: &str = "baleen_gateway_ready_replicas";
+/// Gauge: requests the gateway holds for want of a ready replica (scale from zero), by [`LABEL_MODEL`].
+pub const METRIC_GATEWAY_HELD_REQUESTS: &str = "baleen_gateway_held_requests";
+/// Counter: replica-count changes the autoscaler asked for, by [`LABEL_MODEL`] and [`LABEL_REASON`].
+pub const METRIC_GATEWAY_SCALINGS_TOTAL: &str = "baleen_gateway_scalings_total";
+/// Label: why the autoscaler changed a replica count (`Panic`, `ScaleUp`, `ScaleDown`, `ToZero`, `FromZero`, ...).
+pub const LABEL_REASON: &str = "reason";
 /// Counter: requests refused by an API key's rate limit, by [`LABEL_KEY`] and [`LABEL_LIMIT`].
 pub const METRIC_GATEWAY_RATE_LIMITED_TOTAL: &str = "baleen_gateway_rate_limited_total";
 /// Counter: failed lists of the cluster's ModelDeployments and EndpointSlices (discovery keeps its last state).

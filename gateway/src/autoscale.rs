@@ -1,6 +1,215 @@
-//! Autoscaling: each autoscaled model's load, sampled every scrape interval, turned into a replica count by the
-//! pure [`decide`] and handed to an [`Actuator`] (`baleen up` starts and stops runtime groups).
+//! Autoscaling: every scrape interval (and at once when a request is held at zero), each autoscaled model's
+//! load is sampled from what the probe loop scraped — the same samples routing reads — plus the requests the
+//! gateway holds for it, turned into a replica count by the pure [`decide`], and handed to the model's
+//! [`Actuator`] when it changes (`baleen up` starts and stops runtime groups).
+//!
+//! Load per metric type: `QueueDepth` sums `vllm:num_requests_waiting` over the ready heads, `RunningRequests`
+//! `vllm:num_requests_running`, both plus the held requests; `KVCacheUtilization` sums `vllm:kv_cache_usage_perc`.
+//! A ready head without a fresh sample makes the sample missing (the decision then holds).
 
 pub mod decide;
+pub mod hold;
 
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use baleen_api::crd::{AutoscalingSpec, MetricKind};
 pub use decide::{Decision, Reason, ScalePolicy, Windows, decide};
+use tokio::sync::Notify;
+
+use crate::App;
+use crate::backends::Pool;
+use crate::error::{Error, Result};
+
+/// The future an [`Actuator`] returns.
+pub type ActuatorFuture<'a> = Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send + 'a>>;
+
+/// What carries out a decision: `baleen up` starts or stops runtime groups; in a cluster, a patch of the
+/// ModelDeployment's `scale` subresource.
+pub trait Actuator: Send + Sync + fmt::Debug {
+    /// Asks for `decision.desired` replicas of `model` (now `from`); an error is logged and the decision retried
+    /// at the next tick.
+    fn scale<'a>(&'a self, model: &'a str, from: u32, decision: &'a Decision) -> ActuatorFuture<'a>;
+}
+
+/// One autoscaled model's rules and history.
+#[derive(Debug)]
+struct Scaler {
+    policy: ScalePolicy,
+    kind: MetricKind,
+    /// API heads per replica (data-parallel attention: every rank is one); ready replicas = ready heads / this.
+    heads_per_replica: u32,
+    actuator: Arc<dyn Actuator>,
+    /// Replicas asked for.
+    current: u32,
+    samples: VecDeque<decide::Sample>,
+    recommendations: VecDeque<(Instant, u32)>,
+    /// The last time a request arrived or was in flight (the registration time before any).
+    last_active: Instant,
+    /// A scale request is being carried out (the next tick waits for it).
+    busy: bool,
+}
+
+/// Every autoscaled model, and the wake-up of held requests.
+#[derive(Debug, Default)]
+pub struct Autoscaler {
+    scalers: Mutex<BTreeMap<String, Scaler>>,
+    /// Notified when a request is held: the loop decides at once rather than at its next tick.
+    pub wake: Notify,
+}
+
+impl Autoscaler {
+    /// Autoscales `model` (now at `current` replicas) by `spec` through `actuator`; replaces an earlier
+    /// registration, keeping its history when the metric stays the same.
+    pub fn register(
+        &self,
+        model: &str,
+        spec: &AutoscalingSpec,
+        windows: Windows,
+        current: u32,
+        heads_per_replica: u32,
+        actuator: Arc<dyn Actuator>,
+    ) -> Result<()> {
+        if spec.metric.kind == MetricKind::PromQl {
+            return Err(Error::Invalid {
+                field: format!("spec.autoscaling.metric of `{model}`"),
+                reason: "type PromQL needs a Prometheus server; this gateway scrapes the runtimes directly, so use \
+                         QueueDepth, RunningRequests or KVCacheUtilization"
+                    .into(),
+            });
+        }
+        let policy = ScalePolicy::from_spec(spec, windows);
+        let mut scalers = self.scalers.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept = scalers.remove(model).filter(|old| old.kind == spec.metric.kind);
+        let (samples, recommendations, last_active) = match kept {
+            Some(old) => (old.samples, old.recommendations, old.last_active),
+            None => (VecDeque::new(), VecDeque::new(), Instant::now()),
+        };
+        let scaler = Scaler {
+            policy,
+            kind: spec.metric.kind,
+            heads_per_replica: heads_per_replica.max(1),
+            actuator,
+            current,
+            samples,
+            recommendations,
+            last_active,
+            busy: false,
+        };
+        scalers.insert(model.to_string(), scaler);
+        Ok(())
+    }
+
+    /// Stops autoscaling `model`.
+    pub fn unregister(&self, model: &str) {
+        self.scalers.lock().unwrap_or_else(PoisonError::into_inner).remove(model);
+    }
+
+    /// The replicas asked for `model`, when it is autoscaled.
+    pub fn current(&self, model: &str) -> Option<u32> {
+        self.scalers.lock().unwrap_or_else(PoisonError::into_inner).get(model).map(|s| s.current)
+    }
+}
+
+/// The load of `pool` now by `kind`, plus its held requests; `None` when a ready head has no fresh sample.
+fn sample(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::Duration) -> (Option<f64>, usize) {
+    let ready = pool.routable(now);
+    let held = pool.hold.held();
+    let mut load = match kind {
+        MetricKind::QueueDepth | MetricKind::RunningRequests => held as f64,
+        MetricKind::KvCacheUtilization | MetricKind::PromQl => 0.0,
+    };
+    for backend in &ready {
+        let Some(s) = backend.sample().filter(|s| now.saturating_duration_since(s.at) <= stale_after) else {
+            return (None, ready.len());
+        };
+        load += match kind {
+            MetricKind::QueueDepth => s.waiting,
+            MetricKind::RunningRequests => s.running,
+            MetricKind::KvCacheUtilization => s.kv_usage,
+            MetricKind::PromQl => 0.0,
+        };
+    }
+    (Some(load), ready.len())
+}
+
+/// One look at every autoscaled model: sample, decide, and carry out changes.
+pub async fn tick(app: &App) {
+    let now = Instant::now();
+    let mut actions = Vec::new();
+    {
+        let mut scalers = app.autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
+        for (model, scaler) in scalers.iter_mut() {
+            let Some(pool) = app.registry.get(model) else { continue };
+            pool.hold.set_enabled(true);
+            let (load, ready_heads) = sample(&pool, scaler.kind, now, scaler.policy.stale_after);
+            let in_flight: usize = pool.backends().iter().map(|b| b.in_flight()).sum();
+            if in_flight > 0 || pool.hold.held() > 0 {
+                scaler.last_active = now;
+            } else if let Some(arrival) = pool.hold.last_arrival() {
+                scaler.last_active = scaler.last_active.max(arrival);
+            }
+            scaler.samples.push_back(decide::Sample { at: now, load });
+            let keep_from = now.checked_sub(scaler.policy.history());
+            while scaler.samples.front().is_some_and(|s| keep_from.is_some_and(|from| s.at < from)) {
+                scaler.samples.pop_front();
+            }
+            while scaler.recommendations.front().is_some_and(|(at, _)| keep_from.is_some_and(|from| *at < from)) {
+                scaler.recommendations.pop_front();
+            }
+            let ready = u32::try_from(ready_heads).unwrap_or(u32::MAX) / scaler.heads_per_replica;
+            let observed = decide::Observed {
+                samples: scaler.samples.make_contiguous(),
+                recommendations: scaler.recommendations.make_contiguous(),
+                current: scaler.current,
+                ready,
+                held: pool.hold.held(),
+                last_active: scaler.last_active,
+            };
+            let decision = decide(&observed, &scaler.policy, now);
+            if let Some(r) = decision.recommendation {
+                scaler.recommendations.push_back((now, r));
+            }
+            app.metrics.set_desired_replicas(model, decision.desired);
+            app.metrics.set_held_requests(model, pool.hold.held());
+            if decision.desired != scaler.current && !scaler.busy {
+                scaler.busy = true;
+                actions.push((model.clone(), scaler.current, decision, Arc::clone(&scaler.actuator)));
+            }
+        }
+    }
+    for (model, from, decision, actuator) in actions {
+        let result = actuator.scale(&model, from, &decision).await;
+        let mut scalers = app.autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(scaler) = scalers.get_mut(&model) else { continue };
+        scaler.busy = false;
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    model = %model, from, to = decision.desired, reason = %decision.reason, load = ?decision.load,
+                    "scaled"
+                );
+                app.metrics.scaled(&model, decision.reason.as_str());
+                scaler.current = decision.desired;
+            }
+            Err(e) => tracing::warn!(model = %model, to = decision.desired, "scaling failed: {e}"),
+        }
+    }
+}
+
+/// Looks every scrape interval, and at once when a request is held, until the task is dropped.
+pub async fn run(app: Arc<App>) {
+    let mut ticker = tokio::time::interval(app.settings.scrape_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = app.autoscaler.wake.notified() => {}
+        }
+        tick(&app).await;
+    }
+}

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::autoscale::hold::Hold;
 use crate::config::PolicyKind;
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::policy::{self, Policy};
@@ -137,11 +138,13 @@ pub struct Pool {
     pub name: String,
     pub policy: Box<dyn Policy>,
     backends: RwLock<Vec<Arc<Backend>>>,
+    /// Requests waiting for a ready backend (autoscaled models), and the time of the last request.
+    pub hold: Arc<Hold>,
 }
 
 impl Pool {
-    fn new(name: String, kind: PolicyKind, backends: Vec<Arc<Backend>>) -> Self {
-        Self { name, policy: policy::new(kind), backends: RwLock::new(backends) }
+    fn new(name: String, kind: PolicyKind, backends: Vec<Arc<Backend>>, hold: Arc<Hold>) -> Self {
+        Self { name, policy: policy::new(kind), backends: RwLock::new(backends), hold }
     }
 
     /// Every backend, routable or not.
@@ -180,8 +183,8 @@ impl Registry {
         let pool = match models.get(name).cloned() {
             Some(pool) if pool.policy.kind() == kind => pool,
             existing => {
-                let backends = existing.map(|old| old.backends()).unwrap_or_default();
-                let pool = Arc::new(Pool::new(name.to_string(), kind, backends));
+                let (backends, hold) = existing.map(|old| (old.backends(), Arc::clone(&old.hold))).unwrap_or_default();
+                let pool = Arc::new(Pool::new(name.to_string(), kind, backends, hold));
                 models.insert(name.to_string(), pool.clone());
                 pool
             }

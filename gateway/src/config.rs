@@ -22,15 +22,27 @@ use baleen_api::names::{
     ENV_GATEWAY_PREFIX_BYTES, ENV_GATEWAY_RELIST_INTERVAL, ENV_GATEWAY_REQUEST_TIMEOUT, ENV_GATEWAY_RETRIES,
     ENV_GATEWAY_SCRAPE_INTERVAL, ENV_GATEWAY_SESSION_HEADER, GATEWAY_PORT, GATEWAY_SESSION_HEADER,
 };
+use baleen_api::names::{
+    ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW, ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW, ENV_GATEWAY_HOLD_TIMEOUT,
+    ENV_GATEWAY_MAX_HELD_REQUESTS,
+};
 use clap::{Args, Parser, Subcommand};
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Keys;
+use crate::autoscale::{Windows, decide};
 use crate::error::{Error, Result};
 
 /// Default cap on a request body (10 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+/// Default `--hold-timeout`: long enough for a large model's first replica to load.
+pub const DEFAULT_HOLD_TIMEOUT: f64 = 300.0;
+/// Default `--max-held-requests`.
+pub const DEFAULT_MAX_HELD_REQUESTS: usize = 1024;
+/// A load sample older than this many scrape intervals is stale (routing counts the backend saturated, the
+/// autoscaler holds).
+pub const STALE_INTERVALS: u32 = 3;
 
 /// `baleen-gateway`: the OpenAI front door of Baleen's model replicas.
 #[derive(Debug, Parser)]
@@ -102,6 +114,20 @@ pub struct RoutingArgs {
     /// API keys file (names, SHA-256 hashes, per-key rate limits); without it no key is asked for.
     #[arg(long, env = ENV_GATEWAY_API_KEYS, value_name = "FILE")]
     pub api_keys: Option<PathBuf>,
+    /// Seconds a request for an autoscaled model with no ready replica (at zero, or all starting) waits for one
+    /// before a 503; a model's first replica must load within it.
+    #[arg(long, env = ENV_GATEWAY_HOLD_TIMEOUT, default_value_t = DEFAULT_HOLD_TIMEOUT)]
+    pub hold_timeout: f64,
+    /// Requests held per model while it has no ready replica; more are refused at once with a 503.
+    #[arg(long, env = ENV_GATEWAY_MAX_HELD_REQUESTS, default_value_t = DEFAULT_MAX_HELD_REQUESTS)]
+    pub max_held_requests: usize,
+    /// Seconds of load the autoscaler averages (its stable window).
+    #[arg(long, env = ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW, default_value_t = decide::STABLE_WINDOW.as_secs_f64())]
+    pub autoscale_stable_window: f64,
+    /// Seconds of its panic window: when the load over it is twice what the ready replicas are sized for, it
+    /// scales up at once.
+    #[arg(long, env = ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW, default_value_t = decide::PANIC_WINDOW.as_secs_f64())]
+    pub autoscale_panic_window: f64,
 }
 
 impl Default for RoutingArgs {
@@ -114,6 +140,10 @@ impl Default for RoutingArgs {
             prefix_bytes: 256,
             session_header: GATEWAY_SESSION_HEADER.to_string(),
             api_keys: None,
+            hold_timeout: DEFAULT_HOLD_TIMEOUT,
+            max_held_requests: DEFAULT_MAX_HELD_REQUESTS,
+            autoscale_stable_window: decide::STABLE_WINDOW.as_secs_f64(),
+            autoscale_panic_window: decide::PANIC_WINDOW.as_secs_f64(),
         }
     }
 }
@@ -129,6 +159,10 @@ pub struct Settings {
     pub session_header: HeaderName,
     /// API keys, when `--api-keys` is given.
     pub api_keys: Option<Arc<Keys>>,
+    pub hold_timeout: Duration,
+    pub max_held_requests: usize,
+    /// The autoscaler's windows.
+    pub windows: Windows,
 }
 
 pub(crate) fn seconds(field: &str, value: f64) -> Result<Duration> {
@@ -151,14 +185,29 @@ impl RoutingArgs {
         let session_header = HeaderName::try_from(self.session_header.to_ascii_lowercase()).map_err(|e| {
             Error::Invalid { field: "--session-header".into(), reason: format!("`{}`: {e}", self.session_header) }
         })?;
+        let scrape_interval = seconds("--scrape-interval", self.scrape_interval)?;
+        let windows = Windows {
+            stable: seconds("--autoscale-stable-window", self.autoscale_stable_window)?,
+            panic: seconds("--autoscale-panic-window", self.autoscale_panic_window)?,
+            stale_after: scrape_interval * STALE_INTERVALS,
+        };
+        if windows.panic > windows.stable {
+            return Err(Error::Invalid {
+                field: "--autoscale-panic-window".into(),
+                reason: format!("{:?} is longer than the stable window ({:?})", windows.panic, windows.stable),
+            });
+        }
         Ok(Settings {
             max_request_bytes: self.max_request_bytes,
-            scrape_interval: seconds("--scrape-interval", self.scrape_interval)?,
+            scrape_interval,
             request_timeout: seconds("--request-timeout", self.request_timeout)?,
             retries: self.retries,
             prefix_bytes: self.prefix_bytes,
             session_header,
             api_keys: self.api_keys.as_deref().map(Keys::load).transpose()?.map(Arc::new),
+            hold_timeout: seconds("--hold-timeout", self.hold_timeout)?,
+            max_held_requests: self.max_held_requests,
+            windows,
         })
     }
 }

@@ -35,6 +35,8 @@ pub struct App {
     pub registry: Arc<backends::Registry>,
     pub client: Client,
     pub metrics: Arc<metrics::Metrics>,
+    /// The autoscaled models.
+    pub autoscaler: autoscale::Autoscaler,
     /// Unix seconds at start (the `created` of `/v1/models`).
     pub created: u64,
 }

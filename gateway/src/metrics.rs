@@ -7,6 +7,9 @@ use baleen_api::names::{
     METRIC_GATEWAY_REQUESTS_TOTAL, METRIC_GATEWAY_RETRIES_TOTAL, METRIC_GATEWAY_SCRAPE_ERRORS_TOTAL,
     METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS,
 };
+use baleen_api::names::{
+    LABEL_REASON, METRIC_GATEWAY_DESIRED_REPLICAS, METRIC_GATEWAY_HELD_REQUESTS, METRIC_GATEWAY_SCALINGS_TOTAL,
+};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::error::Result;
@@ -44,6 +47,9 @@ pub struct Metrics {
     ready_replicas: IntGaugeVec,
     rate_limited: IntCounterVec,
     discovery_errors: prometheus::IntCounter,
+    desired_replicas: IntGaugeVec,
+    held_requests: IntGaugeVec,
+    scalings: IntCounterVec,
 }
 
 impl Metrics {
@@ -99,6 +105,21 @@ impl Metrics {
             METRIC_GATEWAY_DISCOVERY_ERRORS_TOTAL,
             "Failed lists of the cluster's ModelDeployments and EndpointSlices.",
         )?;
+        let desired_replicas = IntGaugeVec::new(
+            Opts::new(METRIC_GATEWAY_DESIRED_REPLICAS, "Replicas the autoscaler asks for, per autoscaled model."),
+            &[LABEL_MODEL],
+        )?;
+        let held_requests = IntGaugeVec::new(
+            Opts::new(METRIC_GATEWAY_HELD_REQUESTS, "Requests held for want of a ready replica (scale from zero)."),
+            &[LABEL_MODEL],
+        )?;
+        let scalings = IntCounterVec::new(
+            Opts::new(METRIC_GATEWAY_SCALINGS_TOTAL, "Replica-count changes the autoscaler carried out, by reason."),
+            &[LABEL_MODEL, LABEL_REASON],
+        )?;
+        registry.register(Box::new(desired_replicas.clone()))?;
+        registry.register(Box::new(held_requests.clone()))?;
+        registry.register(Box::new(scalings.clone()))?;
         registry.register(Box::new(discovery_errors.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -123,6 +144,9 @@ impl Metrics {
             ready_replicas,
             rate_limited,
             discovery_errors,
+            desired_replicas,
+            held_requests,
+            scalings,
         })
     }
 
@@ -170,6 +194,18 @@ impl Metrics {
 
     pub fn set_ready_replicas(&self, model: &str, ready: usize) {
         self.ready_replicas.with_label_values(&[model]).set(i64::try_from(ready).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_desired_replicas(&self, model: &str, desired: u32) {
+        self.desired_replicas.with_label_values(&[model]).set(i64::from(desired));
+    }
+
+    pub fn set_held_requests(&self, model: &str, held: usize) {
+        self.held_requests.with_label_values(&[model]).set(i64::try_from(held).unwrap_or(i64::MAX));
+    }
+
+    pub fn scaled(&self, model: &str, reason: &str) {
+        self.scalings.with_label_values(&[model, reason]).inc();
     }
 
     /// Drops the per-backend series of a backend that left a model.

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use baleen_api::crd::AutoscalingSpec;
 use baleen_api::names::GATEWAY_LISTENING_PREFIX;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::autoscale::{self, Actuator, Autoscaler};
 use crate::backends::{Registry, kubernetes, scrape};
 use crate::config::{PolicyKind, ServeArgs, Settings, StaticConfig, backend_base};
 use crate::error::{Error, Result};
@@ -54,6 +56,7 @@ impl Gateway {
             registry: Arc::new(Registry::default()),
             client: client(),
             metrics: Arc::new(Metrics::new()?),
+            autoscaler: Autoscaler::default(),
             created,
         };
         Ok(Self { app: Arc::new(app) })
@@ -75,6 +78,32 @@ impl Gateway {
             self.app.metrics.forget_backend(name, &gone.url);
         }
         Ok(())
+    }
+
+    /// Autoscales `model` by `spec` (at `current` replicas now, each with `heads_per_replica` API heads): its
+    /// requests are held while it has no ready replica, and `actuator` carries out each change.
+    pub fn autoscale(
+        &self,
+        model: &str,
+        spec: &AutoscalingSpec,
+        current: u32,
+        heads_per_replica: u32,
+        actuator: Arc<dyn Actuator>,
+    ) -> Result<()> {
+        let windows = self.app.settings.windows;
+        self.app.autoscaler.register(model, spec, windows, current, heads_per_replica, actuator)?;
+        if let Some(pool) = self.app.registry.get(model) {
+            pool.hold.set_enabled(true);
+        }
+        Ok(())
+    }
+
+    /// Stops autoscaling `model` (its requests are no longer held).
+    pub fn stop_autoscaling(&self, model: &str) {
+        self.app.autoscaler.unregister(model);
+        if let Some(pool) = self.app.registry.get(model) {
+            pool.hold.set_enabled(false);
+        }
     }
 
     /// Stops serving a model (discovery found its deployment gone).
@@ -113,6 +142,7 @@ impl Gateway {
             app.settings.scrape_interval,
             Arc::clone(&app.metrics),
         ));
+        let autoscaler = tokio::spawn(autoscale::run(Arc::clone(&app)));
         let (stop_tx, stop) = watch::channel(false);
         let api_task = tokio::spawn(accept(api, Arc::clone(&app), false, stop.clone()));
         let admin_task = tokio::spawn(accept(admin, Arc::clone(&app), true, stop));
@@ -124,6 +154,7 @@ impl Gateway {
             }
         }
         probes.abort();
+        autoscaler.abort();
     }
 }
 

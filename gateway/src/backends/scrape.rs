@@ -124,7 +124,11 @@ pub async fn probe_all(client: &Client, registry: &Registry, timeout: Duration, 
         metrics.set_healthy(&pool.name, &backend.url, ok);
     }
     for pool in registry.pools() {
-        metrics.set_ready_replicas(&pool.name, pool.routable(Instant::now()).len());
+        let routable = pool.routable(Instant::now()).len();
+        metrics.set_ready_replicas(&pool.name, routable);
+        if routable > 0 && pool.hold.held() > 0 {
+            pool.hold.notify_ready();
+        }
     }
 }
 

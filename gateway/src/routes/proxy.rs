@@ -158,8 +158,23 @@ where
     if pool.policy.kind() == PolicyKind::PrefixAffinity {
         peeked.key.prefix = prefix_key(&body, app.settings.prefix_bytes);
     }
+    // Time spent waiting for a replica, which is not the gateway's own cost (`added_latency`).
+    let mut held_for = std::time::Duration::ZERO;
+    if pool.hold.enabled() {
+        // An autoscaled model: with no ready replica (at zero, or all starting), wait for one.
+        pool.hold.arrived();
+        if pool.routable(Instant::now()).is_empty() {
+            let started = Instant::now();
+            let ready = || !pool.routable(Instant::now()).is_empty();
+            let (timeout, max) = (app.settings.hold_timeout, app.settings.max_held_requests);
+            if let Err(e) = pool.hold.wait(&pool.name, ready, timeout, max, &app.autoscaler.wake).await {
+                return refuse(app, &pool.name, e);
+            }
+            held_for = started.elapsed();
+        }
+    }
 
-    let stale_after = app.settings.scrape_interval * 3;
+    let stale_after = app.settings.windows.stale_after;
     let mut tried: Vec<u64> = Vec::new();
     // A retryable answer kept to return if no other backend answers better: (backend URL, answer).
     let mut held: Option<(String, Response<ResponseBody>)> = None;
@@ -189,7 +204,7 @@ where
         let series = backend.metrics(&pool.name, &app.metrics);
         let in_flight = InFlight::new(Arc::clone(&backend), series.in_flight.clone());
         if attempt == 0 {
-            app.metrics.added_latency(arrived.elapsed().as_secs_f64());
+            app.metrics.added_latency(arrived.elapsed().saturating_sub(held_for).as_secs_f64());
         }
         let response = match tokio::time::timeout(app.settings.request_timeout, backend.pool.send(upstream)).await {
             Ok(Ok(response)) => response,
