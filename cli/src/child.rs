@@ -21,16 +21,16 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::error::Error;
-use crate::launch::Launch;
+use crate::launch::ReplicaLaunch;
 
 /// The name of one process in logs and messages: `runtime` for the head of the only replica, `rank K` for its
-/// other ranks; with several replicas `rR` and `rR.K` (R counted from 1).
-pub fn process_name(replicas: usize, replica: usize, rank: usize) -> String {
-    match (replicas, rank) {
-        (1, 0) => "runtime".to_string(),
-        (1, k) => format!("rank {k}"),
-        (_, 0) => format!("r{}", replica + 1),
-        (_, k) => format!("r{}.{k}", replica + 1),
+/// other ranks; when replicas are `numbered` (several, or autoscaled) `rR` and `rR.K` (R counted from 1).
+pub fn process_name(numbered: bool, replica: usize, rank: usize) -> String {
+    match (numbered, rank) {
+        (false, 0) => "runtime".to_string(),
+        (false, k) => format!("rank {k}"),
+        (true, 0) => format!("r{}", replica + 1),
+        (true, k) => format!("r{}.{k}", replica + 1),
     }
 }
 /// How long the log forwarders may take to drain the pipes after the child exited.
@@ -118,36 +118,40 @@ impl Runtime {
     }
 }
 
-/// Every process of a launch — each replica's head and its other ranks — started and stopped together.
+/// Every process of one replica — its head and its other ranks — started and stopped together.
 #[derive(Debug)]
 pub struct Group {
-    /// (name, process); each replica's other ranks, then its head.
+    /// (name, process); the other ranks, then the head.
     processes: Vec<(String, Runtime)>,
 }
 
 impl Group {
-    /// Starts each replica's other ranks, then its head. Returns the listening addresses of the processes that
-    /// serve the API — each replica's head, and with data-parallel attention its other ranks — with their names.
-    pub fn spawn(bin: &Path, launch: &Launch) -> Result<(Self, Vec<(String, Listening)>), Error> {
-        let mut processes = Vec::with_capacity(launch.processes());
+    /// Starts replica number `index` (its other ranks, then its head). Returns the listening addresses of the
+    /// processes that serve the API — the head, and with data-parallel attention the other ranks — with their
+    /// names.
+    pub fn spawn(
+        bin: &Path,
+        replica: &ReplicaLaunch,
+        env: &[(String, String)],
+        index: usize,
+        numbered: bool,
+    ) -> Result<(Self, Vec<(String, Listening)>), Error> {
+        let mut processes = Vec::with_capacity(1 + replica.ranks.len());
         let mut listening = Vec::new();
-        let replicas = launch.replicas.len();
-        for (r, replica) in launch.replicas.iter().enumerate() {
-            let mut rank_listening = Vec::new();
-            for (k, args) in replica.ranks.iter().enumerate() {
-                let name = process_name(replicas, r, k + 1);
-                let (runtime, found) = Runtime::spawn(bin, args, &launch.env, &name)?;
-                if replica.ranks_serve_api {
-                    rank_listening.push((name.clone(), found));
-                }
-                processes.push((name, runtime));
+        let mut rank_listening = Vec::new();
+        for (k, args) in replica.ranks.iter().enumerate() {
+            let name = process_name(numbered, index, k + 1);
+            let (runtime, found) = Runtime::spawn(bin, args, env, &name)?;
+            if replica.ranks_serve_api {
+                rank_listening.push((name.clone(), found));
             }
-            let name = process_name(replicas, r, 0);
-            let (head, found) = Runtime::spawn(bin, &replica.head, &launch.env, &name)?;
-            listening.push((name.clone(), found));
-            listening.append(&mut rank_listening);
-            processes.push((name, head));
+            processes.push((name, runtime));
         }
+        let name = process_name(numbered, index, 0);
+        let (head, found) = Runtime::spawn(bin, &replica.head, env, &name)?;
+        listening.push((name.clone(), found));
+        listening.append(&mut rank_listening);
+        processes.push((name, head));
         Ok((Self { processes }, listening))
     }
 

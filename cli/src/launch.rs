@@ -6,20 +6,22 @@
 //! 127.0.0.1 (a free port) behind the in-process gateway, which owns the user's `--host`/`--port`. Anything else
 //! is refused with the field that asks for it and what to do instead.
 
-use baleen_api::crd::{Launcher, ManifestError, ModelDeploymentSpec, ModelSource, Peers, RoutingPolicy};
+use baleen_api::crd::{
+    AutoscalingSpec, Launcher, ManifestError, ModelDeploymentSpec, ModelSource, Peers, RoutingPolicy,
+};
 use baleen_api::names::BUILTIN_TINY_MOE;
 
 use crate::error::Error;
 
 /// The runtime's `serve` arguments and environment for one spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
     /// The parsed model source.
     pub source: ModelSource,
     /// The name the runtime will serve the model as (its rule: `servedName`, else `NAME` of `builtin:NAME`, else
     /// the `--model` string); `GET /v1/models` is the authority, this is the fallback.
     pub served_name: String,
-    /// The processes of each replica.
+    /// The processes of each replica started first (`spec.replicas`).
     pub replicas: Vec<ReplicaLaunch>,
     /// How the gateway spreads requests over the heads (`spec.routing.policy`).
     pub policy: RoutingPolicy,
@@ -27,6 +29,11 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Things in the spec that `baleen up` ignores, one sentence each, to print.
     pub notes: Vec<String>,
+    /// `spec.autoscaling`: replicas are started and stopped between its bounds by the gateway's autoscaler.
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// The spec and `--model` value further replicas are planned from ([`Launch::replica`]).
+    spec: ModelDeploymentSpec,
+    model: String,
 }
 
 /// One replica's processes.
@@ -44,6 +51,51 @@ impl Launch {
     /// How many processes the launch starts.
     pub fn processes(&self) -> usize {
         self.replicas.iter().map(|r| 1 + r.ranks.len()).sum()
+    }
+
+    /// Ranks per replica (`parallelism.expert`).
+    pub fn world(&self) -> usize {
+        self.spec.expert_parallelism() as usize
+    }
+
+    /// API heads per replica: 1, or every rank with data-parallel attention.
+    pub fn heads_per_replica(&self) -> usize {
+        if self.world() > 1 && self.spec.data_parallel_attention() { self.world() } else { 1 }
+    }
+
+    /// One more replica whose ranks exchange rows on `127.0.0.1:grpc_ports[rank]` (`world()` free ports; none
+    /// for one rank).
+    pub fn replica(&self, grpc_ports: &[u16]) -> Result<ReplicaLaunch, Error> {
+        let world = self.world();
+        if grpc_ports.len() != if world > 1 { world } else { 0 } {
+            return Err(Error::Setting {
+                name: "grpc ports",
+                reason: format!("{} ports for a replica of {world} ranks", grpc_ports.len()),
+            });
+        }
+        // Every rank has the same command line but its rank; with expert parallelism the ranks exchange rows
+        // over gRPC on loopback ports, and with data-parallel attention every rank is also a head.
+        let args = |rank: usize| -> Result<Vec<String>, Error> {
+            let peers = (world > 1).then(|| Peers::List {
+                addrs: grpc_ports.iter().map(|p| format!("{HEAD_HOST}:{p}")).collect(),
+                rank: rank as u32,
+            });
+            let launcher = Launcher {
+                model: self.model.clone(),
+                host: HEAD_HOST.into(),
+                port: 0,
+                device: None,
+                drain_timeout: None,
+                peers,
+            };
+            self.spec.serve_args(&launcher).map_err(|e| match e {
+                ManifestError::Invalid { field, reason } => Error::Unsupported { field, reason },
+                other => Error::Unsupported { field: "spec", reason: other.to_string() },
+            })
+        };
+        let head = args(0)?;
+        let ranks = (1..world).map(args).collect::<Result<Vec<_>, _>>()?;
+        Ok(ReplicaLaunch { head, ranks, ranks_serve_api: self.heads_per_replica() > 1 })
     }
 
     /// True for the random-weight demo model, whose replies are noise.
@@ -77,10 +129,12 @@ pub fn plan(spec: &ModelDeploymentSpec, grpc_ports: &[u16]) -> Result<Launch, Er
     };
     let world = spec.expert_parallelism() as usize;
     let replicas = spec.replicas() as usize;
-    if replicas == 0 {
+    if replicas == 0 && spec.autoscaling.as_ref().is_none_or(|a| a.min_replicas() > 0) {
         return Err(Error::Unsupported {
             field: "spec.replicas",
-            reason: "0 replicas runs nothing; `baleen up` serves at least one replica (replicas: 1)".to_string(),
+            reason: "0 replicas runs nothing; `baleen up` serves at least one replica (replicas: 1), or starts \
+                     at zero with `autoscaling: {minReplicas: 0, ...}`"
+                .to_string(),
         });
     }
     let ports_needed = if world > 1 { replicas * world } else { 0 };
@@ -116,45 +170,28 @@ pub fn plan(spec: &ModelDeploymentSpec, grpc_ports: &[u16]) -> Result<Launch, Er
             ));
         }
     }
-    // Every rank of a replica has the same command line but its rank; with expert parallelism the ranks exchange
-    // rows over gRPC on loopback ports, and with data-parallel attention every rank is also a head.
-    let args = |replica: usize, rank: usize| -> Result<Vec<String>, Error> {
-        let peers = (world > 1).then(|| Peers::List {
-            addrs: grpc_ports[replica * world..(replica + 1) * world]
-                .iter()
-                .map(|p| format!("{HEAD_HOST}:{p}"))
-                .collect(),
-            rank: rank as u32,
-        });
-        let launcher = Launcher {
-            model: model.clone(),
-            host: HEAD_HOST.into(),
-            port: 0,
-            device: None,
-            drain_timeout: None,
-            peers,
-        };
-        spec.serve_args(&launcher).map_err(|e| match e {
-            ManifestError::Invalid { field, reason } => Error::Unsupported { field, reason },
-            other => Error::Unsupported { field: "spec", reason: other.to_string() },
-        })
-    };
-    let mut launches = Vec::with_capacity(replicas);
-    for replica in 0..replicas {
-        let head = args(replica, 0)?;
-        let ranks = (1..world).map(|rank| args(replica, rank)).collect::<Result<Vec<_>, _>>()?;
-        launches.push(ReplicaLaunch { head, ranks, ranks_serve_api: world > 1 && spec.data_parallel_attention() });
-    }
-    for (field, set) in [
-        ("spec.scheduling", spec.scheduling.is_some()),
-        ("spec.autoscaling", spec.autoscaling.is_some()),
-        ("spec.rollout", spec.rollout.is_some()),
-    ] {
+    for (field, set) in [("spec.scheduling", spec.scheduling.is_some()), ("spec.rollout", spec.rollout.is_some())] {
         if set {
             notes.push(format!("{field} is ignored: it applies to a cluster; `baleen up` runs `replicas` here"));
         }
     }
-    Ok(Launch { source, served_name, replicas: launches, policy: spec.routing_policy(), env, notes })
+    let mut launch = Launch {
+        source,
+        served_name,
+        replicas: Vec::with_capacity(replicas),
+        policy: spec.routing_policy(),
+        env,
+        notes,
+        autoscaling: spec.autoscaling.clone(),
+        spec: spec.clone(),
+        model,
+    };
+    let step = if world > 1 { world } else { 0 };
+    for replica in 0..replicas {
+        let first = launch.replica(&grpc_ports[replica * step..(replica + 1) * step])?;
+        launch.replicas.push(first);
+    }
+    Ok(launch)
 }
 
 #[cfg(test)]

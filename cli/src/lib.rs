@@ -14,6 +14,7 @@ pub mod banner;
 pub mod child;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod launch;
 pub mod locate;
 pub mod probe;

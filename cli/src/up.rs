@@ -11,29 +11,32 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitCode, ExitStatus};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baleen_api::crd::{ModelDeploymentManifest, ModelDeploymentSpec, RoutingPolicy};
 use baleen_api::names::BUILTIN_TINY_MOE;
 use baleen_api::openai::ModelList;
 use baleen_gateway::Gateway;
+use baleen_gateway::autoscale::{Actuator, ActuatorFuture, Decision};
 use baleen_gateway::config::Settings;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::banner;
-use crate::child::{self, Group, connect_addr};
+use crate::child::{self, connect_addr};
 use crate::config::UpArgs;
 use crate::error::Error;
+use crate::fleet::{Event, Fleet};
 use crate::launch;
 use crate::locate::{SearchPlaces, find_runtime};
 use crate::probe;
 
 /// The runtime's readiness endpoint (200 once the model is loaded).
-const READY_PATH: &str = "/ready";
+pub(crate) const READY_PATH: &str = "/ready";
 /// The runtime's model list.
 const MODELS_PATH: &str = "/v1/models";
 /// Pause between two `/ready` polls.
@@ -65,7 +68,7 @@ impl Outcome {
 
 /// Progress for the person at the terminal, on stdout (the runtime's logs go to stderr). A closed stdout
 /// (`baleen up | head`) must not stop the server, so write errors are ignored.
-fn say(line: impl AsRef<str>) {
+pub(crate) fn say(line: impl AsRef<str>) {
     let _ = writeln!(std::io::stdout().lock(), "{}", line.as_ref());
 }
 
@@ -91,7 +94,7 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     };
     let world = spec.expert_parallelism() as usize;
     let grpc_ports = if world > 1 { child::free_ports(world * spec.replicas() as usize)? } else { Vec::new() };
-    let launch = launch::plan(&spec, &grpc_ports)?;
+    let launch = Arc::new(launch::plan(&spec, &grpc_ports)?);
     let bin = find_runtime(&SearchPlaces::of_this_process(args.runtime_bin.clone()))?;
     // The gateway's ports first: one in use fails before any model loads.
     let api = bind(&args.host, args.port).await?;
@@ -100,65 +103,75 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     for note in &launch.notes {
         say(format!("note: {note}"));
     }
+    let mut fleet = Fleet::new(bin, Arc::clone(&launch), args.ready_timeout(), args.stop_timeout());
+    let mut pids = Vec::new();
+    for replica in &launch.replicas {
+        let (_, started) = fleet.start(Some(replica.clone()))?;
+        pids.extend(started.into_iter().filter_map(|(name, pid)| pid.map(|pid| format!("{name} {pid}"))));
+    }
     let replicas = launch.replicas.len();
-    for (r, replica) in launch.replicas.iter().enumerate() {
-        for (k, rank_args) in replica.ranks.iter().enumerate() {
-            let name = child::process_name(replicas, r, k + 1);
-            say(format!("starting {name}: {} serve {}", bin.display(), rank_args.join(" ")));
+    if replicas == 0 {
+        say(format!("model {}: 0 replicas until the first request (minReplicas: 0)", launch.source));
+    } else {
+        say(format!(
+            "loading model {} ({} replica{}, {} process{}: pid {})…",
+            launch.source,
+            replicas,
+            if replicas == 1 { "" } else { "s" },
+            pids.len(),
+            if pids.len() == 1 { "" } else { "es" },
+            pids.join(", ")
+        ));
+    }
+
+    // Every first replica ready before the gateway opens.
+    let mut starting = replicas;
+    while starting > 0 {
+        tokio::select! {
+            event = fleet.next_event() => match event {
+                Event::Ready { .. } => starting -= 1,
+                Event::Failed { error, .. } => {
+                    stop(fleet, None, signals, "a replica failed to start").await?;
+                    return Err(error);
+                }
+                Event::Exited { status, .. } | Event::Stopped { status, .. } => {
+                    let status = status?;
+                    stop(fleet, None, signals, "a replica failed to start").await?;
+                    return Err(Error::RuntimeFailed { status });
+                }
+            },
+            signal = signals.recv() => return stop(fleet, None, signals, signal).await,
         }
-        let name = child::process_name(replicas, r, 0);
-        say(format!("starting {name}: {} serve {}", bin.display(), replica.head.join(" ")));
     }
-    let (mut runtime, listening) = Group::spawn(&bin, &launch)?;
-    let pids =
-        runtime.pids().iter().filter_map(|(name, pid)| pid.map(|pid| format!("{name} {pid}"))).collect::<Vec<_>>();
-    say(format!(
-        "loading model {} ({} replica{}, {} process{}: pid {})…",
-        launch.source,
-        replicas,
-        if replicas == 1 { "" } else { "s" },
-        launch.processes(),
-        if launch.processes() == 1 { "" } else { "es" },
-        pids.join(", ")
-    ));
-    let deadline = Instant::now() + args.ready_timeout();
-
-    let (names, receivers): (Vec<String>, Vec<_>) = listening.into_iter().unzip();
-    let bound = tokio::select! {
-        found = futures_util::future::try_join_all(receivers) => match found {
-            Ok(addrs) => addrs,
-            // A stdout closed without the line: that process is exiting.
-            Err(_) => return Err(Error::RuntimeFailed { status: finish(&mut runtime).await? }),
-        },
-        (_, status) = runtime.wait() => return Err(Error::RuntimeFailed { status: ended(&mut runtime, status).await? }),
-        signal = signals.recv() => return stop(runtime, None, signals, args.stop_timeout(), signal).await,
-        () = tokio::time::sleep_until(deadline) => return ready_timeout(runtime, signals, args).await,
-    };
-    let addrs: Vec<SocketAddr> = bound.iter().copied().map(connect_addr).collect();
-    for (name, addr) in names.iter().zip(&bound) {
-        say(format!("{name} listening on http://{addr}"));
-    }
-    say(format!("waiting for {READY_PATH}…"));
-    tokio::select! {
-        _ = futures_util::future::join_all(addrs.iter().map(|addr| wait_ready(*addr))) => {}
-        (_, status) = runtime.wait() => return Err(Error::RuntimeFailed { status: ended(&mut runtime, status).await? }),
-        signal = signals.recv() => return stop(runtime, None, signals, args.stop_timeout(), signal).await,
-        () = tokio::time::sleep_until(deadline) => return ready_timeout(runtime, signals, args).await,
-    }
-
-    let model = match served_model(addrs[0]).await {
-        Ok(name) => name,
-        Err(e) => {
+    let heads = fleet.serving_heads();
+    let model = match heads.first() {
+        Some(head) => served_model(*head).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "GET {MODELS_PATH} failed; showing the expected model name");
             launch.served_name.clone()
-        }
+        }),
+        None => launch.served_name.clone(),
     };
-    let front = Front::start(settings, &model, launch.policy, &addrs, api, admin).await?;
+    let front = Front::start(settings, &model, launch.policy, &heads, api, admin).await?;
+    let (decisions, mut desired) = mpsc::unbounded_channel();
+    if let Some(autoscaling) = &launch.autoscaling {
+        let actuator = Arc::new(LocalActuator { decisions });
+        let per_replica = u32::try_from(launch.heads_per_replica()).unwrap_or(1);
+        front.gateway.autoscale(&model, autoscaling, replicas as u32, per_replica, actuator)?;
+    }
+    let scaling = launch.autoscaling.as_ref().map_or_else(String::new, |a| {
+        format!(
+            ", autoscaled {}..={} on {:?} (target {} per replica)",
+            a.min_replicas(),
+            a.max_replicas,
+            a.metric.kind,
+            a.target
+        )
+    });
     let details = [
         format!(
-            "  replicas:        {} ({} behind the gateway, {} routing)",
+            "  replicas:        {} ({} behind the gateway, {} routing{scaling})",
             replicas,
-            plural(addrs.len(), "head"),
+            plural(heads.len(), "head"),
             launch.policy.as_str()
         ),
         format!("  gateway metrics: http://{}/metrics", front.admin),
@@ -167,14 +180,82 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
         say(line);
     }
 
-    tokio::select! {
-        (name, status) = runtime.wait() => {
-            let status = ended(&mut runtime, status).await?;
-            complain(format!("{name} exited on its own ({status}); its log above says why"));
-            front.close().await;
-            Ok(Outcome::Exited(status))
+    loop {
+        tokio::select! {
+            Some((from, decision)) = desired.recv() => {
+                say(format!(
+                    "scaling {model} from {from} to {} replica{} ({}; load {})",
+                    decision.desired,
+                    if decision.desired == 1 { "" } else { "s" },
+                    decision.reason,
+                    decision.load.map_or_else(|| "unknown".to_string(), |l| format!("{l:.2}")),
+                ));
+                scale(&mut fleet, &front, decision.desired as usize)?;
+            }
+            event = fleet.next_event() => match event {
+                Event::Ready { id, took, .. } => {
+                    say(format!("{} ready in {:.1}s", fleet.name(id), took.as_secs_f64()));
+                    front.set_backends(&fleet.serving_heads()).await?;
+                }
+                Event::Failed { id, error } => {
+                    complain(format!("{} failed to start: {error}", fleet.name(id)));
+                    front.close().await;
+                    stop(fleet, None, signals, "a replica failed to start").await?;
+                    return Err(error);
+                }
+                Event::Exited { id, name, status } => {
+                    let status = status?;
+                    complain(format!("{name} exited on its own ({status}); its log above says why"));
+                    front.close().await;
+                    tracing::debug!(replica = id, "stopping the other replicas");
+                    stop(fleet, None, signals, "a runtime exited").await?;
+                    return Ok(Outcome::Exited(status));
+                }
+                Event::Stopped { id, status, killed } => {
+                    let how = match (&status, killed) {
+                        (_, true) => "killed after --stop-timeout".to_string(),
+                        (Ok(status), false) if status.success() => "drained".to_string(),
+                        (Ok(status), false) => status.to_string(),
+                        (Err(e), false) => e.to_string(),
+                    };
+                    say(format!("{} stopped ({how})", fleet.name(id)));
+                }
+            },
+            signal = signals.recv() => return stop(fleet, Some(front), signals, signal).await,
         }
-        signal = signals.recv() => stop(runtime, Some(front), signals, args.stop_timeout(), signal).await,
+    }
+}
+
+/// Starts or stops replicas until `desired` are running or starting; replicas to stop leave the gateway first,
+/// so no new request reaches them while they drain the ones in flight.
+fn scale(fleet: &mut Fleet, front: &Front, desired: usize) -> Result<(), Error> {
+    let active = fleet.active();
+    if desired > active {
+        for _ in active..desired {
+            let (id, _) = fleet.start(None)?;
+            say(format!("{} starting", fleet.name(id)));
+        }
+    } else if desired < active {
+        let ids = fleet.pick_to_stop(active - desired);
+        front.set_backends_now(&fleet.serving_heads())?;
+        for id in ids {
+            say(format!("{} stopping (draining its requests)", fleet.name(id)));
+            fleet.stop(id);
+        }
+    }
+    Ok(())
+}
+
+/// The autoscaler's actuator in `baleen up`: hands each decision to the run loop, which starts or stops replicas.
+#[derive(Debug)]
+struct LocalActuator {
+    decisions: mpsc::UnboundedSender<(u32, Decision)>,
+}
+
+impl Actuator for LocalActuator {
+    fn scale<'a>(&'a self, _model: &'a str, from: u32, decision: &'a Decision) -> ActuatorFuture<'a> {
+        let sent = self.decisions.send((from, *decision)).map_err(|_| "baleen up is stopping".to_string());
+        Box::pin(std::future::ready(sent))
     }
 }
 
@@ -191,6 +272,9 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener, Error> {
 struct Front {
     api: SocketAddr,
     admin: SocketAddr,
+    gateway: Gateway,
+    model: String,
+    policy: RoutingPolicy,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -206,17 +290,31 @@ impl Front {
         admin: TcpListener,
     ) -> Result<Self, Error> {
         let local = |l: &TcpListener| {
-            l.local_addr().map(connect_addr).map_err(|source| Error::Bind { addr: "the gateway's port".into(), source })
+            l.local_addr().map(connect_addr).map_err(|source| Error::Bind { addr: "a gateway port".into(), source })
         };
         let (api_addr, admin_addr) = (local(&api)?, local(&admin)?);
         let gateway = Gateway::new(settings)?;
         let urls = addrs.iter().map(|addr| format!("http://{addr}")).collect::<Vec<_>>();
         gateway.set_model(model, policy, &urls)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.serve(api, admin, async {
+        let task = tokio::spawn(gateway.clone().serve(api, admin, async {
             let _ = stopped.await;
         }));
-        Ok(Self { api: api_addr, admin: admin_addr, stop, task })
+        Ok(Self { api: api_addr, admin: admin_addr, gateway, model: model.to_string(), policy, stop, task })
+    }
+
+    /// Routes over exactly these heads from now on.
+    fn set_backends_now(&self, heads: &[SocketAddr]) -> Result<(), Error> {
+        let urls = heads.iter().map(|addr| format!("http://{addr}")).collect::<Vec<_>>();
+        Ok(self.gateway.set_model(&self.model, self.policy, &urls)?)
+    }
+
+    /// Routes over these heads and probes them at once (a new one is routable without waiting for the next
+    /// scrape, and held requests go to it).
+    async fn set_backends(&self, heads: &[SocketAddr]) -> Result<(), Error> {
+        self.set_backends_now(heads)?;
+        self.gateway.probe_now().await;
+        Ok(())
     }
 
     /// Stops accepting and lets the answers in flight finish.
@@ -229,7 +327,7 @@ impl Front {
 }
 
 /// Polls `/ready` until it answers 200.
-async fn wait_ready(addr: SocketAddr) {
+pub(crate) async fn wait_ready(addr: SocketAddr) {
     loop {
         match probe::get(addr, READY_PATH, PROBE_TIMEOUT).await {
             Ok(response) if response.status == 200 => return,
@@ -250,65 +348,51 @@ async fn served_model(addr: SocketAddr) -> Result<String, String> {
     list.data.into_iter().next().map(|m| m.id).ok_or_else(|| "no models listed".to_string())
 }
 
-/// Asks the gateway and the runtimes to drain and exit (at once: requests in flight finish through the gateway
-/// while both refuse new ones); forwards a second signal; kills the runtimes after `timeout`.
-async fn stop(
-    mut runtime: Group,
-    front: Option<Front>,
-    mut signals: Signals,
-    timeout: Duration,
-    signal: &str,
-) -> Result<Outcome, Error> {
-    say(format!("{signal}: stopping the runtime (finishing in-flight requests, up to {}s)…", timeout.as_secs()));
+/// Asks the gateway and every replica to drain and exit (at once: requests in flight finish through the gateway
+/// while both refuse new ones); forwards a second signal; each replica is killed after `--stop-timeout`.
+async fn stop(mut fleet: Fleet, front: Option<Front>, mut signals: Signals, signal: &str) -> Result<Outcome, Error> {
+    say(format!("{signal}: stopping the runtime (finishing in-flight requests)…"));
     let front = front.map(|front| tokio::spawn(front.close()));
-    runtime.terminate()?;
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    loop {
+    fleet.stop_all();
+    let mut status: Option<ExitStatus> = None;
+    let mut killed = false;
+    while !fleet.is_empty() {
         tokio::select! {
-            status = runtime.wait_all() => {
-                let status = ended(&mut runtime, status).await?;
-                if let Some(front) = front {
-                    let _ = front.await;
+            event = fleet.next_event() => {
+                let this = match event {
+                    Event::Stopped { status, killed: k, .. } => {
+                        killed |= k;
+                        status?
+                    }
+                    Event::Exited { status, .. } => status?,
+                    Event::Failed { error: Error::RuntimeFailed { status }, .. } => status,
+                    Event::Failed { .. } | Event::Ready { .. } => continue,
+                };
+                if status.is_none_or(|s| s.success() && !this.success()) {
+                    status = Some(this);
                 }
-                if status.success() {
-                    say("stopped.");
-                } else {
-                    complain(format!("the runtime exited with {status} while stopping; its log above says why"));
-                }
-                return Ok(Outcome::Stopped(status));
             }
             again = signals.recv() => {
                 say(format!("{again} again: asking the runtime to abort in-flight requests…"));
-                runtime.terminate()?;
-            }
-            () = &mut deadline => {
-                complain(format!("the runtime did not exit within {}s; killing it", timeout.as_secs()));
-                runtime.kill().await?;
-                runtime.flush_logs().await;
-                say("stopped (killed).");
-                return Ok(Outcome::Killed);
+                fleet.stop_all();
             }
         }
     }
-}
-
-/// Stops a runtime that missed `--ready-timeout`, then reports the timeout.
-async fn ready_timeout(runtime: Group, signals: Signals, args: &UpArgs) -> Result<Outcome, Error> {
-    stop(runtime, None, signals, args.stop_timeout(), "not ready in time").await?;
-    Err(Error::ReadyTimeout { timeout: args.ready_timeout() })
-}
-
-/// The status of a runtime that exited (`wait` already returned), after its last log lines are printed.
-async fn ended(runtime: &mut Group, status: Result<ExitStatus, Error>) -> Result<ExitStatus, Error> {
-    runtime.flush_logs().await;
-    status
-}
-
-/// Waits for a runtime process that is exiting, then flushes the logs.
-async fn finish(runtime: &mut Group) -> Result<ExitStatus, Error> {
-    let (_, status) = runtime.wait().await;
-    ended(runtime, status).await
+    if let Some(front) = front {
+        let _ = front.await;
+    }
+    if killed {
+        complain("a runtime did not exit within --stop-timeout; it was killed");
+        say("stopped (killed).");
+        return Ok(Outcome::Killed);
+    }
+    let status = status.unwrap_or_else(|| std::process::ExitStatus::from_raw(0));
+    if status.success() {
+        say("stopped.");
+    } else {
+        complain(format!("the runtime exited with {status} while stopping; its log above says why"));
+    }
+    Ok(Outcome::Stopped(status))
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, both handled from before the runtime starts.

@@ -521,3 +521,86 @@ fn a_missing_runtime_binary_says_how_to_build_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/baleen-runtime") && stderr.contains("cargo build --release"), "{stderr}");
 }
+
+/// The value of the gateway metric series starting with `prefix` (e.g. `name{model="m"}`), 0 when absent.
+fn gauge(metrics_url: &str, prefix: &str) -> f64 {
+    let (_, text) = get(metrics_url);
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+#[test]
+fn autoscaling_starts_from_zero_on_a_request_scales_up_under_load_and_back_to_zero_without_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        dir.path(),
+        "  model: {source: builtin:tiny-moe}\n  replicas: 0\n  autoscaling:\n    minReplicas: 0\n    maxReplicas: 2\n    \
+         metric: {type: RunningRequests}\n    target: 1\n    scaleDownStabilizationSeconds: 2\n    \
+         scaleToZeroAfterSeconds: 6\n  runtime: {args: [\"--threads\", \"1\"]}\n",
+    );
+    let windows = ["--scrape-interval", "0.2", "--autoscale-stable-window", "1", "--autoscale-panic-window", "0.4"];
+    let mut up = Up::start(&[&[manifest.to_str().unwrap()][..], &windows[..]].concat());
+    let base = up.base_url();
+    let metrics = up.gateway_metrics();
+    assert!(up.stdout.iter().any(|l| l.contains("0 replicas until the first request")), "{:#?}", up.stdout);
+    assert!(up.stdout.iter().any(|l| l.contains("autoscaled 0..=2 on RunningRequests")), "{:#?}", up.stdout);
+    // At zero the model is listed, nothing runs, and the autoscaler wants nothing.
+    let (status, models) = get(&format!("{base}/models"));
+    assert_eq!(status, 200);
+    assert!(models.contains("\"tiny-moe\""), "{models}");
+    assert_eq!(gauge(&metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 0.0);
+    assert_eq!(gauge(&metrics, "baleen_gateway_ready_replicas{model=\"tiny-moe\"}"), 0.0);
+
+    // One request at zero is held, starts a replica, and is served.
+    let cold = Instant::now();
+    let (status, body) = chat(&base, "tiny-moe", 4);
+    let cold_start = cold.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+    assert!(up.line_with("r1 ready in", Duration::from_secs(5)).starts_with("r1 ready"));
+    assert!(up.stdout.iter().any(|l| l.contains("from 0 to 1 replica (FromZero")), "{:#?}", up.stdout);
+    eprintln!("cold start from zero (tiny-moe, request to answer): {cold_start:?}");
+
+    // Concurrent long requests: the running count swamps one replica, the second starts.
+    let wave = |n: usize, max_tokens: u32| -> Vec<std::thread::JoinHandle<(u16, Value)>> {
+        (0..n)
+            .map(|_| {
+                let base = base.clone();
+                std::thread::spawn(move || chat(&base, "tiny-moe", max_tokens))
+            })
+            .collect()
+    };
+    let first = wave(4, 600);
+    up.line_with("r2 ready in", Duration::from_secs(60));
+    // Panic or stable-window scale-up, depending on where the scrapes fall.
+    let up_line = up.line_with("from 1 to 2 replicas (", Duration::from_secs(1));
+    assert!(up_line.contains("(Panic;") || up_line.contains("(ScaleUp;"), "{up_line}");
+    let second = wave(4, 64);
+    let mut answers = 0;
+    for request in first.into_iter().chain(second) {
+        let (status, body) = request.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        answers += 1;
+    }
+
+    // Idle: down to one after the scale-down window, to zero after the idle time; each drains and stops.
+    up.line_with("from 2 to 1 replica", Duration::from_secs(30));
+    up.line_with("from 1 to 0 replicas (ToZero", Duration::from_secs(30));
+    up.line_with("r1 stopped (drained)", Duration::from_secs(30));
+    up.line_with("r2 stopped (drained)", Duration::from_secs(30));
+    assert_eq!(gauge(&metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 0.0);
+
+    // And from zero again.
+    let (status, body) = chat(&base, "tiny-moe", 2);
+    assert_eq!(status, 200, "{body}");
+    up.line_with("r3 ready in", Duration::from_secs(5));
+    answers += 2;
+
+    // Not one request failed: every answer the gateway gave was a 200.
+    let (_, text) = get(&metrics);
+    let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("baleen_gateway_requests_total{")).collect();
+    assert!(counted.iter().all(|l| l.contains("code=\"200\"")), "{counted:#?}");
+    let ok: f64 = counted.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+    assert_eq!(ok, f64::from(answers), "{counted:#?}");
+    up.signal(Signal::SIGINT);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+}

@@ -137,6 +137,14 @@ fn sample(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::D
     (Some(load), ready.len())
 }
 
+/// Drops entries older than `from` but the newest of them: it shows the history covers the whole window (a
+/// scale-down needs that).
+fn prune<T>(entries: &mut VecDeque<T>, from: Instant, at: impl Fn(&T) -> Instant) {
+    while entries.get(1).is_some_and(|next| at(next) <= from) {
+        entries.pop_front();
+    }
+}
+
 /// One look at every autoscaled model: sample, decide, and carry out changes.
 pub async fn tick(app: &App) {
     let now = Instant::now();
@@ -154,12 +162,9 @@ pub async fn tick(app: &App) {
                 scaler.last_active = scaler.last_active.max(arrival);
             }
             scaler.samples.push_back(decide::Sample { at: now, load });
-            let keep_from = now.checked_sub(scaler.policy.history());
-            while scaler.samples.front().is_some_and(|s| keep_from.is_some_and(|from| s.at < from)) {
-                scaler.samples.pop_front();
-            }
-            while scaler.recommendations.front().is_some_and(|(at, _)| keep_from.is_some_and(|from| *at < from)) {
-                scaler.recommendations.pop_front();
+            if let Some(from) = now.checked_sub(scaler.policy.history()) {
+                prune(&mut scaler.samples, from, |s| s.at);
+                prune(&mut scaler.recommendations, from, |r| r.0);
             }
             let ready = u32::try_from(ready_heads).unwrap_or(u32::MAX) / scaler.heads_per_replica;
             let observed = decide::Observed {
@@ -171,6 +176,10 @@ pub async fn tick(app: &App) {
                 last_active: scaler.last_active,
             };
             let decision = decide(&observed, &scaler.policy, now);
+            tracing::debug!(
+                model = %model, current = scaler.current, ready, held = observed.held, load = ?decision.load,
+                desired = decision.desired, reason = %decision.reason, "autoscaler"
+            );
             if let Some(r) = decision.recommendation {
                 scaler.recommendations.push_back((now, r));
             }
@@ -211,5 +220,26 @@ pub async fn run(app: Arc<App>) {
             () = app.autoscaler.wake.notified() => {}
         }
         tick(&app).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn pruning_keeps_the_newest_entry_before_the_window_as_evidence_of_coverage() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut entries: VecDeque<Instant> = (0..10).map(at).collect();
+        prune(&mut entries, at(5) + Duration::from_millis(500), |t| *t);
+        assert_eq!(entries.front(), Some(&at(5)), "the entry at 5 s shows the window from 5.5 s is covered");
+        assert_eq!(entries.len(), 5);
+        prune(&mut entries, at(100), |t| *t);
+        assert_eq!(entries.len(), 1, "the newest entry always stays");
     }
 }

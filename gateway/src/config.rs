@@ -56,7 +56,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the OpenAI API on `--port`, routing each request to a backend of its model.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the SHA-256 of the API key read from stdin (one line), as the `--api-keys` file stores it.
     HashKey,
 }

@@ -3,7 +3,7 @@
 //! | route (API port) | answer |
 //! |---|---|
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | proxied to a backend of the request's model ([`proxy`]) |
-//! | `GET /v1/models` | the models with at least one ready backend |
+//! | `GET /v1/models` | the models with at least one ready backend, and the autoscaled ones |
 //! | `GET /health` | 200 while the process is alive |
 //! | `GET /ready` | 200 once discovery has loaded |
 //!
@@ -96,14 +96,15 @@ pub fn admin<B>(app: &App, request: &Request<B>) -> Response<ResponseBody> {
     }
 }
 
-/// `GET /v1/models`: every model with a backend that can take requests now.
+/// `GET /v1/models`: every model with a backend that can take requests now, and every autoscaled one (at zero,
+/// a request starts a replica).
 fn models(app: &App) -> Response<ResponseBody> {
     let now = Instant::now();
     let data = app
         .registry
         .pools()
         .iter()
-        .filter(|pool| !pool.routable(now).is_empty())
+        .filter(|pool| pool.hold.enabled() || !pool.routable(now).is_empty())
         .map(|pool| Model::new(pool.name.clone(), app.created, None))
         .collect();
     json(StatusCode::OK, &ModelList::new(data))
