@@ -1,4 +1,4 @@
-//! Shared types and names of Baleen. No I/O lives here.
+//! Shared types and names of Baleen. No I/O lives here, but for the opt-in `lease` feature.
 //!
 //! - [`names`]: every environment variable, model-source scheme, metric and label name (and later field manager)
 //!   that more than one component reads. Names are constants in one place so they never drift.
@@ -10,6 +10,8 @@
 //!
 //! - `http` (feature `http`): the OpenAI HTTP edge shared by the runtime and the gateway — `ApiError` rendered
 //!   as OpenAI JSON, body limits, JSON parsing, SSE framing.
+//! - `lease` (feature `lease`): leader election through a Lease (the operator's controller, the gateway's
+//!   autoscaler writes) — the one module here that does I/O, against the Kubernetes API.
 //! - [`topology`]: replica-group topology — which rank holds which routed experts, redundant replicas.
 //!
 
@@ -17,6 +19,8 @@
 pub mod crd;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "lease")]
+pub mod lease;
 pub mod names;
 pub mod openai;
 pub mod topology;

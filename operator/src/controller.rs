@@ -33,7 +33,7 @@ use baleen_api::crd::{ModelDeployment, ModelDeploymentStatus, validate_name};
 use baleen_api::names::{
     CONDITION_DEGRADED, CONDITION_PROGRESSING, CRD_API_VERSION, CRD_KIND, ENV_HOSTNAME, EVENT_GROUP_CREATED,
     EVENT_GROUP_DELETED, EVENT_ROLLOUT_COMPLETE, LABEL_MODEL_DEPLOYMENT, OPERATOR_CONTROLLER_NAME,
-    OPERATOR_FIELD_MANAGER, REASON_ROLLING_OUT,
+    OPERATOR_FIELD_MANAGER, OPERATOR_LEASE_NAME, REASON_ROLLING_OUT,
 };
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -468,7 +468,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         .or_else(|| std::env::var(ENV_HOSTNAME).ok().filter(|h| !h.is_empty()))
         .unwrap_or_else(|| format!("{OPERATOR_FIELD_MANAGER}-{}", std::process::id()));
     let lease_namespace = settings.lease_namespace.unwrap_or_else(|| client.default_namespace().to_string());
-    let elector = LeaderElector::new(client.clone(), &lease_namespace, identity.clone());
+    let elector = LeaderElector::new(client.clone(), &lease_namespace, OPERATOR_LEASE_NAME, identity.clone());
     let shutdown = shutdown_signal()?;
 
     tracing::info!(%identity, lease_namespace, "waiting to become the leader");
@@ -484,7 +484,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     tracing::info!(namespace = if namespace.is_empty() { "<all>" } else { namespace.as_str() }, "controller starting");
     let result = tokio::select! {
         () = run_controller(ctx, &namespace, wait_for_shutdown(shutdown)) => Ok(()),
-        lost = elector.hold() => Err(lost),
+        lost = elector.hold() => Err(Error::Runtime(lost.to_string())),
         finished = &mut admin => Err(admin_stopped(finished)),
     };
     metrics.set_leader(false);

@@ -1,6 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::time::Duration;
+
+use baleen_api::names::OPERATOR_LEASE_NAME;
 use http::{Method, StatusCode};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use super::*;
@@ -56,7 +62,7 @@ fn a_released_or_empty_lease_is_acquired() {
 
 fn elector() -> (LeaderElector, mock::ApiServer) {
     let (client, server) = mock::pair();
-    (LeaderElector::new(client, "baleen-system", "pod-a"), server)
+    (LeaderElector::new(client, "baleen-system", OPERATOR_LEASE_NAME, "pod-a"), server)
 }
 
 #[tokio::test]
