@@ -463,6 +463,12 @@ impl ModelDeploymentSpec {
         self.parallelism.as_ref().and_then(|p| p.data_parallel_attention).unwrap_or(false)
     }
 
+    /// API heads per replica group: every rank with data-parallel attention, else the group's head alone. The
+    /// gateway counts ready replicas as ready heads / this.
+    pub fn heads_per_group(&self) -> u32 {
+        if self.expert_parallelism() > 1 && self.data_parallel_attention() { self.expert_parallelism() } else { 1 }
+    }
+
     /// `parallelism.redundantExperts`, or none.
     pub fn redundant_experts(&self) -> &[RedundantExpert] {
         self.parallelism.as_ref().map_or(&[], |p| p.redundant_experts.as_slice())

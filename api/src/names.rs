@@ -414,6 +414,10 @@ pub const ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_
 pub const ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_PANIC_WINDOW";
 /// Gateway: log filter (`tracing` env-filter syntax).
 pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
+/// Gateway: the field manager of the autoscaler's writes (`modeldeployments/scale` patches).
+pub const GATEWAY_AUTOSCALER_FIELD_MANAGER: &str = "baleen-gateway-autoscaler";
+/// Gateway: the `coordination.k8s.io` Lease its replicas elect the one that writes scale changes through.
+pub const GATEWAY_AUTOSCALER_LEASE_NAME: &str = "baleen-gateway-autoscaler";
 /// Gateway: default OpenAI API port.
 pub const GATEWAY_PORT: u16 = 8080;
 /// Gateway: default header of `session-affinity` (its value names the session; the body's `user` otherwise).

@@ -60,7 +60,7 @@ impl Launch {
 
     /// API heads per replica: 1, or every rank with data-parallel attention.
     pub fn heads_per_replica(&self) -> usize {
-        if self.world() > 1 && self.spec.data_parallel_attention() { self.world() } else { 1 }
+        self.spec.heads_per_group() as usize
     }
 
     /// One more replica whose ranks exchange rows on `127.0.0.1:grpc_ports[rank]` (`world()` free ports; none

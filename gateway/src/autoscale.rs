@@ -9,6 +9,7 @@
 
 pub mod decide;
 pub mod hold;
+pub mod kubernetes;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -34,6 +35,12 @@ pub trait Actuator: Send + Sync + fmt::Debug {
     /// Asks for `decision.desired` replicas of `model` (now `from`); an error is logged and the decision retried
     /// at the next tick.
     fn scale<'a>(&'a self, model: &'a str, from: u32, decision: &'a Decision) -> ActuatorFuture<'a>;
+
+    /// Whether this gateway replica may act now (in a cluster: it holds the autoscaler Lease). The others still
+    /// decide — their desired-replicas gauge agrees — but never write.
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 /// One autoscaled model's rules and history.
@@ -185,7 +192,7 @@ pub async fn tick(app: &App) {
             }
             app.metrics.set_desired_replicas(model, decision.desired);
             app.metrics.set_held_requests(model, pool.hold.held());
-            if decision.desired != scaler.current && !scaler.busy {
+            if decision.desired != scaler.current && !scaler.busy && scaler.actuator.active() {
                 scaler.busy = true;
                 actions.push((model.clone(), scaler.current, decision, Arc::clone(&scaler.actuator)));
             }

@@ -7,16 +7,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::AtomicBool;
+
 use baleen_gateway::Gateway;
+use baleen_gateway::autoscale;
 use baleen_gateway::backends::kubernetes;
 use baleen_gateway::config::{PolicyKind, RoutingArgs};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use serde_json::{Value, json};
+
+mod common;
 use tokio::sync::{mpsc, oneshot};
 
 const MDS: &str = "/apis/baleen.dev/v1alpha1/namespaces/models/modeldeployments";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/models/endpointslices";
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/models/leases";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/models/leases/baleen-gateway-autoscaler";
+const SCALE: &str = "/apis/baleen.dev/v1alpha1/namespaces/models/modeldeployments/tiny/scale";
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Reply = tower_test::mock::SendResponse<Response<Body>>;
@@ -40,10 +48,30 @@ fn slice(service: &str, ready: &[bool]) -> Value {
            "addressType": "IPv4", "ports": [{"name": "http", "port": 1, "protocol": "TCP"}], "endpoints": endpoints})
 }
 
+/// An autoscaled ModelDeployment at zero replicas.
+fn md_at_zero(name: &str) -> Value {
+    json!({"apiVersion": "baleen.dev/v1alpha1", "kind": "ModelDeployment",
+           "metadata": {"name": name, "namespace": "models", "resourceVersion": "1"},
+           "spec": {"model": {"source": "builtin:tiny-moe"}, "replicas": 0,
+                    "autoscaling": {"minReplicas": 0, "maxReplicas": 2}}})
+}
+
+/// A Lease held by `holder`, renewed now.
+fn lease(holder: &str) -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+           "metadata": {"name": "baleen-gateway-autoscaler", "namespace": "models", "resourceVersion": "7"},
+           "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": now, "acquireTime": now}})
+}
+
 #[derive(Default)]
 struct State {
     mds: Vec<Value>,
     slices: Vec<Value>,
+    /// The autoscaler Lease, as last written.
+    lease: Option<Value>,
+    /// Requests that write anything but the Lease: (method, path, query, content type, body).
+    writes: Vec<(String, String, String, String, Value)>,
 }
 
 fn respond(reply: Reply, body: Value) {
@@ -81,6 +109,46 @@ async fn api_server(mut handle: Handle, state: Arc<Mutex<State>>, mut events: mp
                     }
                     continue;
                 }
+                let method = request.method().to_string();
+                if path.starts_with(LEASES) || path == SCALE {
+                    let query = request.uri().query().unwrap_or("").to_string();
+                    let content_type = request
+                        .headers()
+                        .get("content-type")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    let bytes = request.into_body().collect_bytes().await.unwrap();
+                    let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+                    let mut state = state.lock().unwrap();
+                    match (method.as_str(), path.as_str()) {
+                        ("GET", LEASE) => match state.lease.clone() {
+                            Some(lease) => respond(reply, lease),
+                            None => {
+                                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                    "reason": "NotFound", "code": 404, "message": "not found"});
+                                let bytes = serde_json::to_vec(&status).unwrap();
+                                reply.send_response(
+                                    Response::builder().status(StatusCode::NOT_FOUND).body(Body::from(bytes)).unwrap(),
+                                );
+                            }
+                        },
+                        ("POST", LEASES) | ("PUT", LEASE) => {
+                            state.lease = Some(body.clone());
+                            respond(reply, body);
+                        }
+                        _ => {
+                            // The API server applies a scale patch to the ModelDeployment's spec.replicas.
+                            if let (Some(replicas), Some(md)) = (body["spec"]["replicas"].as_u64(), state.mds.first_mut()) {
+                                md["spec"]["replicas"] = json!(replicas);
+                            }
+                            state.writes.push((method, path, query, content_type, body));
+                            respond(reply, json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                                                  "metadata": {"name": "tiny", "namespace": "models"},
+                                                  "spec": {"replicas": 1}, "status": {"replicas": 0}}));
+                        }
+                    }
+                    continue;
+                }
                 let state = state.lock().unwrap();
                 let (kind, api_version, items) = match path.as_str() {
                     MDS => ("ModelDeploymentList", "baleen.dev/v1alpha1", state.mds.clone()),
@@ -109,14 +177,26 @@ struct Harness {
 }
 
 fn start(relist: Duration, state: State) -> Harness {
+    start_with(relist, state, RoutingArgs::default(), false)
+}
+
+/// The gateway discovering from the mock API; with `elect` it also runs for the autoscaler Lease as `gw-a`.
+fn start_with(relist: Duration, state: State, routing: RoutingArgs, elect: bool) -> Harness {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "models");
     let state = Arc::new(Mutex::new(state));
     let (events, events_rx) = mpsc::channel(4);
     tokio::spawn(api_server(handle, Arc::clone(&state), events_rx));
-    let gateway = Gateway::new(RoutingArgs::default().settings().unwrap()).unwrap();
+    let gateway = Gateway::new(routing.settings().unwrap()).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let discovery = kubernetes::run(gateway.clone(), client, Some("models".into()), relist);
+    let leader = if elect {
+        let (leader, election) = autoscale::kubernetes::elect(client.clone(), "models", "gw-a".into());
+        std::mem::forget(election);
+        leader
+    } else {
+        Arc::new(AtomicBool::new(false))
+    };
+    let discovery = kubernetes::run(gateway.clone(), client, Some("models".into()), relist, leader);
     tokio::spawn(async move {
         tokio::select! {
             () = discovery => {}
@@ -148,7 +228,11 @@ async fn watch_events_add_and_remove_backends() {
     // Relists are an hour apart: whatever changes within the test, a watch event announced.
     let h = start(
         Duration::from_secs(3600),
-        State { mds: vec![md("tiny", "prefix-affinity")], slices: vec![slice("tiny", &[true, false])] },
+        State {
+            mds: vec![md("tiny", "prefix-affinity")],
+            slices: vec![slice("tiny", &[true, false])],
+            ..State::default()
+        },
     );
     let one = vec!["http://127.0.0.1:1".to_string()];
     assert!(until(Duration::from_secs(5), || served(&h.gateway, "tiny-moe").is_some()).await, "never discovered");
@@ -191,7 +275,7 @@ async fn watch_events_add_and_remove_backends() {
 async fn a_relist_repairs_a_missed_delete() {
     let h = start(
         Duration::from_millis(300),
-        State { mds: vec![md("tiny", "least-load")], slices: vec![slice("tiny", &[true])] },
+        State { mds: vec![md("tiny", "least-load")], slices: vec![slice("tiny", &[true])], ..State::default() },
     );
     assert!(until(Duration::from_secs(5), || served(&h.gateway, "tiny-moe").is_some()).await, "never discovered");
     // The ModelDeployment is deleted while no watch tells the gateway: the next relist removes the model.
@@ -200,4 +284,77 @@ async fn a_relist_repairs_a_missed_delete() {
         until(Duration::from_secs(5), || served(&h.gateway, "tiny-moe").is_none()).await,
         "the deleted model is still served"
     );
+}
+
+/// Serves `gateway` on free ports; its API base URL.
+async fn serve(gateway: &Gateway) -> String {
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", api.local_addr().unwrap());
+    tokio::spawn(gateway.clone().serve(api, admin, std::future::pending()));
+    url
+}
+
+/// Fast ticks and a short hold, so a request held at zero comes back within the test.
+fn quick() -> RoutingArgs {
+    RoutingArgs { scrape_interval: 0.1, hold_timeout: 1.5, ..RoutingArgs::default() }
+}
+
+#[tokio::test]
+async fn the_lease_holder_patches_the_scale_subresource_for_a_request_held_at_zero() {
+    let h = start_with(
+        Duration::from_secs(3600),
+        State { mds: vec![md_at_zero("tiny")], ..State::default() },
+        quick(),
+        true,
+    );
+    let holder = || h.state.lock().unwrap().lease.as_ref().map(|l| l["spec"]["holderIdentity"].clone());
+    assert!(until(Duration::from_secs(5), || holder() == Some(json!("gw-a"))).await, "never took the Lease");
+    assert!(until(Duration::from_secs(5), || served(&h.gateway, "tiny-moe").is_some()).await, "never discovered");
+    let url = serve(&h.gateway).await;
+    let (status, models) = common::get(&format!("{url}/v1/models")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(models.contains("tiny-moe"), "an autoscaled model at zero is listed: {models}");
+
+    // A request at zero: held, the autoscaler decides 0 → 1 at once, the leader patches the scale subresource.
+    let held =
+        tokio::spawn(async move { common::post(&format!("{url}/v1/chat/completions"), &common::chat("hi", 2)).await });
+    assert!(until(Duration::from_secs(5), || !h.state.lock().unwrap().writes.is_empty()).await, "no scale patch");
+    let (method, path, query, content_type, body) = h.state.lock().unwrap().writes[0].clone();
+    assert_eq!((method.as_str(), path.as_str()), ("PATCH", SCALE));
+    assert_eq!(query.trim_start_matches('&'), "fieldManager=baleen-gateway-autoscaler", "{query}");
+    assert_eq!(content_type, "application/merge-patch+json");
+    assert_eq!(body, json!({"spec": {"replicas": 1}}));
+    // No replica comes up in this test: the held request gets the 503 that says the model is starting.
+    let answer = held.await.unwrap();
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.error()["message"].as_str().unwrap().contains("is starting"), "{:?}", answer.body);
+    assert_eq!(answer.headers.get("retry-after").unwrap(), "5");
+    // Only the Lease and that one patch were written (the decision is not repeated while the count holds).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = h.state.lock().unwrap().writes.clone();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_hold_the_lease_decides_but_never_writes() {
+    let state = State { mds: vec![md_at_zero("tiny")], lease: Some(lease("gw-b")), ..State::default() };
+    let h = start_with(Duration::from_secs(3600), state, quick(), true);
+    assert!(until(Duration::from_secs(5), || served(&h.gateway, "tiny-moe").is_some()).await, "never discovered");
+    let url = serve(&h.gateway).await;
+    let held =
+        tokio::spawn(async move { common::post(&format!("{url}/v1/chat/completions"), &common::chat("hi", 2)).await });
+    // While the request is held it decides 0 → 1 all the same (its gauge agrees with the leader's)...
+    let gateway = h.gateway.clone();
+    let desired_one =
+        || gateway.app().metrics.render().contains("baleen_gateway_desired_replicas{model=\"tiny-moe\"} 1");
+    assert!(until(Duration::from_secs(2), desired_one).await, "{}", h.gateway.app().metrics.render());
+    // ...but writes nothing, and keeps the replica count it read.
+    let answer = held.await.unwrap();
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    let state = h.state.lock().unwrap();
+    assert!(state.writes.is_empty(), "a follower wrote: {:?}", state.writes);
+    assert_eq!(state.lease.as_ref().unwrap()["spec"]["holderIdentity"], "gw-b", "the live Lease was not taken");
+    drop(state);
+    assert_eq!(h.gateway.app().autoscaler.current("tiny-moe"), Some(0));
 }

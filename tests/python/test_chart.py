@@ -59,11 +59,16 @@ EXPECTED_WORKLOAD_RULES = {
 PODMONITOR_RULE = {("monitoring.coreos.com", "podmonitors"): set(ALL_VERBS_OWNED)}
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"}}
 CRD_READER_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list"}}
-# What the gateway reads (discovery: lists and watches of both), and nothing more: it writes nothing.
+# What the gateway reads (discovery: lists and watches of both) and writes (its autoscaler: a merge patch of the
+# scale subresource), and nothing more.
 GATEWAY_RULES = {
     ("baleen.dev", "modeldeployments"): {"get", "list", "watch"},
+    ("baleen.dev", "modeldeployments/scale"): {"patch"},
     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
 }
+# The autoscaler's Lease, in the gateway's namespace: read, create, replace (renew or take over).
+GATEWAY_LEASE = f"{GATEWAY}-autoscaler-lease"
+GATEWAY_LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 GATEWAY_DEFAULT_ARGS = [
     "serve",
     "--kubernetes",
@@ -361,6 +366,8 @@ def test_default_render_has_the_operator_the_gateway_their_rbac_and_the_crd():
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "Role",
+            "RoleBinding",
             "Service",
             "ServiceAccount",
             "CustomResourceDefinition",
@@ -370,6 +377,8 @@ def test_default_render_has_the_operator_the_gateway_their_rbac_and_the_crd():
         ("ClusterRole", GATEWAY),
         ("ClusterRoleBinding", GATEWAY),
         ("Deployment", GATEWAY),
+        ("Role", GATEWAY_LEASE),
+        ("RoleBinding", GATEWAY_LEASE),
         ("Service", GATEWAY),
         ("ServiceAccount", GATEWAY),
     ]
@@ -743,16 +752,24 @@ def test_gateway_service_selects_the_gateway_pods():
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
 
 
-def test_gateway_rbac_is_read_only_and_cluster_wide_by_default():
+def test_gateway_rbac_reads_patches_scale_and_holds_its_lease_cluster_wide_by_default():
     objects = render()
     cluster_role = only(objects, "ClusterRole", GATEWAY)
     assert rules_of(cluster_role) == GATEWAY_RULES
     binding = only(objects, "ClusterRoleBinding", GATEWAY)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": GATEWAY}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": GATEWAY, "namespace": NAMESPACE}]
+    # The Lease role, in the release namespace, bound to it.
+    lease_role = only(objects, "Role", GATEWAY_LEASE)
+    assert lease_role["metadata"]["namespace"] == NAMESPACE
+    assert rules_of(lease_role) == GATEWAY_LEASE_RULES
+    lease_binding = only(objects, "RoleBinding", GATEWAY_LEASE)
+    assert lease_binding["metadata"]["namespace"] == NAMESPACE
+    assert lease_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": GATEWAY_LEASE}
+    assert lease_binding["subjects"] == [{"kind": "ServiceAccount", "name": GATEWAY, "namespace": NAMESPACE}]
     # Nothing else is granted to the gateway's ServiceAccount.
     gateway_roles = [o for o in of_component(objects, "gateway") if o["kind"] in ("Role", "ClusterRole")]
-    assert gateway_roles == [cluster_role]
+    assert gateway_roles == [cluster_role, lease_role]
     # And nothing in the cluster binds the gateway's account to any other role.
     bound = [
         o["roleRef"]["name"]
@@ -760,7 +777,7 @@ def test_gateway_rbac_is_read_only_and_cluster_wide_by_default():
         if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
         and any(s["name"] == GATEWAY for s in o["subjects"])
     ]
-    assert bound == [GATEWAY]
+    assert sorted(bound) == [GATEWAY, GATEWAY_LEASE]
     assert only(objects, "ServiceAccount", GATEWAY)["metadata"]["namespace"] == NAMESPACE
 
 

@@ -9,7 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use baleen_api::crd::ModelDeployment;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use baleen_api::crd::{AutoscalingSpec, ModelDeployment};
 use baleen_api::names::{PORT_NAME_HTTP, RUNTIME_HTTP_PORT};
 use futures_util::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,6 +21,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
+use crate::autoscale::kubernetes::ScaleSubresource;
 use crate::config::PolicyKind;
 use crate::server::Gateway;
 
@@ -29,12 +33,27 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(2);
 
 /// One model as discovered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Discovered {
     pub name: String,
     pub policy: PolicyKind,
     /// `http://ip:port`, sorted.
     pub backends: Vec<String>,
+    /// Its `spec.autoscaling`, when set.
+    pub scaling: Option<Scaling>,
+}
+
+/// What the autoscaler needs of an autoscaled ModelDeployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scaling {
+    pub namespace: String,
+    /// The ModelDeployment's name (its `scale` subresource is patched).
+    pub deployment: String,
+    pub spec: AutoscalingSpec,
+    /// `spec.replicas` now.
+    pub replicas: u32,
+    /// API heads per group.
+    pub heads_per_group: u32,
 }
 
 /// The ready `http` endpoints of a Service's slices.
@@ -87,6 +106,13 @@ pub fn models(deployments: &[ModelDeployment], slices: &[EndpointSlice]) -> Vec<
             name,
             policy: md.spec.routing_policy(),
             backends: Vec::new(),
+            scaling: md.spec.autoscaling.clone().map(|spec| Scaling {
+                namespace: key.0.clone(),
+                deployment: key.1.clone(),
+                spec,
+                replicas: md.spec.replicas(),
+                heads_per_group: md.spec.heads_per_group(),
+            }),
         });
         entry.backends.extend(heads);
         entry.backends.sort();
@@ -107,17 +133,36 @@ pub async fn sync(client: &Client, namespace: Option<&str>) -> Result<Vec<Discov
 }
 
 /// Makes the gateway serve exactly `discovered`: adds and updates those models, removes the ones in `known` that
-/// are gone; `known` becomes the new set.
-pub fn apply(gateway: &Gateway, discovered: &[Discovered], known: &mut BTreeSet<String>) {
+/// are gone; `known` becomes the new set. Autoscaled models are scaled through their `scale` subresource with
+/// `client` while `leader` is set.
+pub fn apply(
+    gateway: &Gateway,
+    discovered: &[Discovered],
+    known: &mut BTreeSet<String>,
+    client: &Client,
+    leader: &Arc<AtomicBool>,
+) {
     let mut now = BTreeSet::new();
     for model in discovered {
         if let Err(e) = gateway.set_model(&model.name, model.policy, &model.backends) {
             tracing::warn!(model = %model.name, "skipping a discovered model: {e}");
             continue;
         }
+        match &model.scaling {
+            Some(s) => {
+                let actuator = ScaleSubresource::new(client.clone(), &s.namespace, &s.deployment, Arc::clone(leader));
+                let per_group = s.heads_per_group;
+                if let Err(e) = gateway.autoscale(&model.name, &s.spec, s.replicas, per_group, Arc::new(actuator)) {
+                    tracing::warn!(model = %model.name, "not autoscaling: {e}");
+                    gateway.stop_autoscaling(&model.name);
+                }
+            }
+            None => gateway.stop_autoscaling(&model.name),
+        }
         now.insert(model.name.clone());
     }
     for gone in known.difference(&now) {
+        gateway.stop_autoscaling(gone);
         gateway.remove_model(gone);
         tracing::info!(model = %gone, "model removed: its ModelDeployment is gone");
     }
@@ -145,7 +190,13 @@ where
 
 /// Discovers until the task is dropped: a relist at start, after every burst of watch events, and every
 /// `relist` at the latest.
-pub async fn run(gateway: Gateway, client: Client, namespace: Option<String>, relist: Duration) {
+pub async fn run(
+    gateway: Gateway,
+    client: Client,
+    namespace: Option<String>,
+    relist: Duration,
+    leader: Arc<AtomicBool>,
+) {
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let (deployments, slices): (Api<ModelDeployment>, Api<EndpointSlice>) = match &namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
@@ -160,7 +211,7 @@ pub async fn run(gateway: Gateway, client: Client, namespace: Option<String>, re
     loop {
         match sync(&client, namespace.as_deref()).await {
             Ok(discovered) => {
-                apply(&gateway, &discovered, &mut known);
+                apply(&gateway, &discovered, &mut known, &client, &leader);
                 gateway.probe_now().await;
             }
             Err(e) => {
@@ -262,11 +313,13 @@ mod tests {
                         "http://10.0.0.2:8000".into(),
                         "http://[fd00::5]:8000".into()
                     ],
+                    scaling: None,
                 },
                 Discovered {
                     name: "whale".into(),
                     policy: PolicyKind::LeastLoad,
-                    backends: vec!["http://10.1.0.1:9000".into()]
+                    backends: vec!["http://10.1.0.1:9000".into()],
+                    scaling: None,
                 },
             ]
         );
