@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use crate::names::ENV_HOSTNAME;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -89,6 +90,14 @@ pub fn decide(lease: Option<&Lease>, me: &str, now: Timestamp) -> Decision {
     }
     let left = now.duration_until(expires);
     Decision::Follow { holder, expires_in: Duration::try_from(left).unwrap_or(Duration::ZERO) }
+}
+
+/// This replica's identity in a Lease: the pod name (`HOSTNAME`), else `PREFIX-PID` outside a pod.
+pub fn default_identity(prefix: &str) -> String {
+    std::env::var(ENV_HOSTNAME)
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("{prefix}-{}", std::process::id()))
 }
 
 /// Holds or waits for the Lease on behalf of one replica.

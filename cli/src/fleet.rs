@@ -34,16 +34,6 @@ pub enum Event {
     Stopped { id: usize, status: Result<ExitStatus, Error>, killed: bool },
 }
 
-impl Event {
-    pub fn id(&self) -> usize {
-        match self {
-            Self::Ready { id, .. } | Self::Failed { id, .. } | Self::Exited { id, .. } | Self::Stopped { id, .. } => {
-                *id
-            }
-        }
-    }
-}
-
 /// What the fleet tells a replica task.
 #[derive(Debug, Clone, Copy)]
 enum Command {
@@ -54,8 +44,6 @@ enum Command {
 /// The fleet's view of one replica.
 #[derive(Debug)]
 struct Replica {
-    /// Its name in messages (`runtime`, or `rN`).
-    name: String,
     control: mpsc::UnboundedSender<Command>,
     /// Its API heads, once ready.
     heads: Option<Vec<SocketAddr>>,
@@ -116,8 +104,7 @@ impl Fleet {
             let name = child::process_name(self.numbered, id, k + 1);
             say(format!("starting {name}: {} serve {}", self.bin.display(), args.join(" ")));
         }
-        let name = self.name(id);
-        say(format!("starting {name}: {} serve {}", self.bin.display(), replica.head.join(" ")));
+        say(format!("starting {}: {} serve {}", self.name(id), self.bin.display(), replica.head.join(" ")));
         let (group, listening) = Group::spawn(&self.bin, &replica, &self.launch.env, id, self.numbered)?;
         let pids = group.pids().into_iter().map(|(name, pid)| (name.to_string(), pid)).collect();
         let (control, commands) = mpsc::unbounded_channel();
@@ -130,7 +117,7 @@ impl Fleet {
             stop_timeout: self.stop_timeout,
         };
         tokio::spawn(task.run(listening));
-        self.replicas.insert(id, Replica { name, control, heads: None, stopping: false });
+        self.replicas.insert(id, Replica { control, heads: None, stopping: false });
         Ok((id, pids))
     }
 
@@ -156,11 +143,7 @@ impl Fleet {
         self.replicas.values().filter(|r| !r.stopping).count()
     }
 
-    /// Replicas still running (stopping ones included).
-    pub fn len(&self) -> usize {
-        self.replicas.len()
-    }
-
+    /// No replica is running (stopping ones count as running).
     pub fn is_empty(&self) -> bool {
         self.replicas.is_empty()
     }
@@ -200,11 +183,6 @@ impl Fleet {
         for id in ids {
             self.stop(id);
         }
-    }
-
-    /// The name a replica was started under (for messages about ended ones).
-    pub fn replica_name(&self, id: usize) -> Option<&str> {
-        self.replicas.get(&id).map(|r| r.name.as_str())
     }
 }
 

@@ -118,8 +118,8 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
             launch.source,
             replicas,
             if replicas == 1 { "" } else { "s" },
-            pids.len(),
-            if pids.len() == 1 { "" } else { "es" },
+            launch.processes(),
+            if launch.processes() == 1 { "" } else { "es" },
             pids.join(", ")
         ));
     }

@@ -57,8 +57,6 @@ struct Scaler {
     recommendations: VecDeque<(Instant, u32)>,
     /// The last time a request arrived or was in flight (the registration time before any).
     last_active: Instant,
-    /// A scale request is being carried out (the next tick waits for it).
-    busy: bool,
 }
 
 /// Every autoscaled model, and the wake-up of held requests.
@@ -105,7 +103,6 @@ impl Autoscaler {
             samples,
             recommendations,
             last_active,
-            busy: false,
         };
         scalers.insert(model.to_string(), scaler);
         Ok(())
@@ -160,7 +157,6 @@ pub async fn tick(app: &App) {
         let mut scalers = app.autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
         for (model, scaler) in scalers.iter_mut() {
             let Some(pool) = app.registry.get(model) else { continue };
-            pool.hold.set_enabled(true);
             let (load, ready_heads) = sample(&pool, scaler.kind, now, scaler.policy.stale_after);
             let in_flight: usize = pool.backends().iter().map(|b| b.in_flight()).sum();
             if in_flight > 0 || pool.hold.held() > 0 {
@@ -192,8 +188,7 @@ pub async fn tick(app: &App) {
             }
             app.metrics.set_desired_replicas(model, decision.desired);
             app.metrics.set_held_requests(model, pool.hold.held());
-            if decision.desired != scaler.current && !scaler.busy && scaler.actuator.active() {
-                scaler.busy = true;
+            if decision.desired != scaler.current && scaler.actuator.active() {
                 actions.push((model.clone(), scaler.current, decision, Arc::clone(&scaler.actuator)));
             }
         }
@@ -202,7 +197,6 @@ pub async fn tick(app: &App) {
         let result = actuator.scale(&model, from, &decision).await;
         let mut scalers = app.autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(scaler) = scalers.get_mut(&model) else { continue };
-        scaler.busy = false;
         match result {
             Ok(()) => {
                 tracing::info!(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baleen_api::crd::AutoscalingSpec;
-use baleen_api::names::{ENV_HOSTNAME, GATEWAY_AUTOSCALER_FIELD_MANAGER, GATEWAY_LISTENING_PREFIX};
+use baleen_api::names::{GATEWAY_AUTOSCALER_FIELD_MANAGER, GATEWAY_LISTENING_PREFIX};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::autoscale::{self, Actuator, Autoscaler};
-use crate::backends::{Registry, kubernetes, scrape};
+use crate::backends::kubernetes::{self, AbortOnDrop};
+use crate::backends::{Registry, scrape};
 use crate::config::{PolicyKind, ServeArgs, Settings, StaticConfig, backend_base};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -209,15 +210,6 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener> {
     TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -264,15 +256,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let relist = crate::config::seconds("--relist-interval", args.relist_interval)?;
             tracing::info!(namespace = ?args.namespace, "discovering ModelDeployments in the cluster");
             // The autoscaler's Lease lives in the gateway's own namespace; the pod name is its identity.
-            let identity = std::env::var(ENV_HOSTNAME)
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| format!("{GATEWAY_AUTOSCALER_FIELD_MANAGER}-{}", std::process::id()));
+            let identity = baleen_api::lease::default_identity(GATEWAY_AUTOSCALER_FIELD_MANAGER);
             let lease_namespace = client.default_namespace().to_string();
             let (leader, election) = autoscale::kubernetes::elect(client.clone(), &lease_namespace, identity);
             let (namespace, discovering) = (args.namespace.clone(), gateway.clone());
             Some(tokio::spawn(async move {
-                let _election = AbortOnDrop(election);
+                let _election = AbortOnDrop(vec![election]);
                 kubernetes::run(discovering, client, namespace, relist, leader).await;
             }))
         }

@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use baleen_api::crd::{ModelDeployment, ModelDeploymentStatus, validate_name};
 use baleen_api::names::{
-    CONDITION_DEGRADED, CONDITION_PROGRESSING, CRD_API_VERSION, CRD_KIND, ENV_HOSTNAME, EVENT_GROUP_CREATED,
-    EVENT_GROUP_DELETED, EVENT_ROLLOUT_COMPLETE, LABEL_MODEL_DEPLOYMENT, OPERATOR_CONTROLLER_NAME,
-    OPERATOR_FIELD_MANAGER, OPERATOR_LEASE_NAME, REASON_ROLLING_OUT,
+    CONDITION_DEGRADED, CONDITION_PROGRESSING, CRD_API_VERSION, CRD_KIND, EVENT_GROUP_CREATED, EVENT_GROUP_DELETED,
+    EVENT_ROLLOUT_COMPLETE, LABEL_MODEL_DEPLOYMENT, OPERATOR_CONTROLLER_NAME, OPERATOR_FIELD_MANAGER,
+    OPERATOR_LEASE_NAME, REASON_ROLLING_OUT,
 };
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -465,8 +465,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let identity = settings
         .identity
         .filter(|i| !i.is_empty())
-        .or_else(|| std::env::var(ENV_HOSTNAME).ok().filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| format!("{OPERATOR_FIELD_MANAGER}-{}", std::process::id()));
+        .unwrap_or_else(|| baleen_api::lease::default_identity(OPERATOR_FIELD_MANAGER));
     let lease_namespace = settings.lease_namespace.unwrap_or_else(|| client.default_namespace().to_string());
     let elector = LeaderElector::new(client.clone(), &lease_namespace, OPERATOR_LEASE_NAME, identity.clone());
     let shutdown = shutdown_signal()?;

@@ -206,7 +206,7 @@ pub async fn run(
         tokio::spawn(watch(deployments, watcher::Config::default(), changed_tx.clone())),
         tokio::spawn(watch(slices, watcher::Config::default().labels(LABEL_SERVICE_NAME), changed_tx)),
     ];
-    let _abort_on_drop = AbortOnDrop(watches);
+    let _abort_on_drop = AbortOnDrop(watches.into());
     let mut known = BTreeSet::new();
     loop {
         match sync(&client, namespace.as_deref()).await {
@@ -229,8 +229,8 @@ pub async fn run(
     }
 }
 
-/// Aborts the watch tasks when discovery stops.
-struct AbortOnDrop([tokio::task::JoinHandle<()>; 2]);
+/// Aborts its tasks when dropped (the watches when discovery stops, the election with discovery).
+pub(crate) struct AbortOnDrop(pub(crate) Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
