@@ -369,7 +369,8 @@ pub struct AutoscalingMetric {
     /// `RunningRequests` (`vllm:num_requests_running`), each averaged over ready replicas, or `PromQL`.
     #[serde(rename = "type")]
     pub kind: MetricKind,
-    /// With `PromQL`: an expression whose value is the per-replica load (required then, refused otherwise).
+    /// With `PromQL`: an expression whose value (one number) is the per-replica load; `$model` in it stands for
+    /// the served model name. Required then, refused otherwise; needs the gateway's `--prometheus-url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
 }
@@ -396,6 +397,18 @@ pub enum MetricKind {
     /// A PromQL expression (`query`).
     #[serde(rename = "PromQL")]
     PromQl,
+}
+
+impl MetricKind {
+    /// The name as the manifest spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueDepth => "QueueDepth",
+            Self::KvCacheUtilization => "KVCacheUtilization",
+            Self::RunningRequests => "RunningRequests",
+            Self::PromQl => "PromQL",
+        }
+    }
 }
 
 /// `spec.rollout`.

@@ -147,6 +147,19 @@ pub const METRIC_RUNTIME_HTTP_REQUESTS_TOTAL: &str = "baleen_runtime_http_reques
 /// Histogram: seconds until the response head was ready (a stream's first byte), by [`LABEL_ROUTE`].
 pub const METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS: &str = "baleen_runtime_http_request_duration_seconds";
 
+/// The Prometheus HTTP API's instant query (the gateway's autoscaler with `--prometheus-url`).
+pub const PATH_PROMETHEUS_QUERY: &str = "/api/v1/query";
+/// In the autoscaler's PromQL (ours and a ModelDeployment's `spec.autoscaling.metric.query`): replaced by the
+/// served model name, quoted for a PromQL string.
+pub const PROMQL_MODEL: &str = "$model";
+/// PromQL of metric type `QueueDepth`: waiting requests averaged over the model's heads that Prometheus
+/// scrapes (the gateway multiplies by the ready heads it routes to).
+pub const PROMQL_QUEUE_DEPTH: &str = "avg(vllm:num_requests_waiting{model_name=\"$model\"})";
+/// PromQL of metric type `RunningRequests`, averaged like [`PROMQL_QUEUE_DEPTH`].
+pub const PROMQL_RUNNING_REQUESTS: &str = "avg(vllm:num_requests_running{model_name=\"$model\"})";
+/// PromQL of metric type `KVCacheUtilization`, averaged like [`PROMQL_QUEUE_DEPTH`].
+pub const PROMQL_KV_CACHE_UTILIZATION: &str = "avg(vllm:kv_cache_usage_perc{model_name=\"$model\"})";
+
 /// Label on every `vllm:*` metric: the served model name.
 pub const LABEL_MODEL_NAME: &str = "model_name";
 /// Label of [`METRIC_REQUEST_SUCCESS_TOTAL`]: `stop`, `length` or `abort`.
@@ -414,6 +427,10 @@ pub const ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_
 pub const ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_PANIC_WINDOW";
 /// Gateway: log filter (`tracing` env-filter syntax).
 pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
+/// `--prometheus-url`: the autoscaler reads its metrics from this Prometheus server's HTTP API.
+pub const ENV_GATEWAY_PROMETHEUS_URL: &str = "BALEEN_GATEWAY_PROMETHEUS_URL";
+/// The gateway's admin-port path listing its backends as Prometheus HTTP service discovery (`http_sd_configs`).
+pub const PATH_GATEWAY_TARGETS: &str = "/targets";
 /// Gateway: the field manager of the autoscaler's writes (`modeldeployments/scale` patches).
 pub const GATEWAY_AUTOSCALER_FIELD_MANAGER: &str = "baleen-gateway-autoscaler";
 /// Gateway: the `coordination.k8s.io` Lease its replicas elect the one that writes scale changes through.

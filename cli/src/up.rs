@@ -160,10 +160,10 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     }
     let scaling = launch.autoscaling.as_ref().map_or_else(String::new, |a| {
         format!(
-            ", autoscaled {}..={} on {:?} (target {} per replica)",
+            ", autoscaled {}..={} on {} (target {} per replica)",
             a.min_replicas(),
             a.max_replicas,
-            a.metric.kind,
+            a.metric.kind.as_str(),
             a.target
         )
     });

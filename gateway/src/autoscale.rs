@@ -6,10 +6,15 @@
 //! Load per metric type: `QueueDepth` sums `vllm:num_requests_waiting` over the ready heads, `RunningRequests`
 //! `vllm:num_requests_running`, both plus the held requests; `KVCacheUtilization` sums `vllm:kv_cache_usage_perc`.
 //! A ready head without a fresh sample makes the sample missing (the decision then holds).
+//!
+//! With a Prometheus server ([`prometheus`], `--prometheus-url`) the metrics come from it instead: the query's
+//! per-head average times the ready heads (plus the held requests, for the two request counts), or for type
+//! `PromQL` the expression's per-replica value times the ready replicas. A failed query makes the sample missing.
 
 pub mod decide;
 pub mod hold;
 pub mod kubernetes;
+pub mod prometheus;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -20,6 +25,7 @@ use std::time::Instant;
 
 use baleen_api::crd::{AutoscalingSpec, MetricKind};
 pub use decide::{Decision, Reason, ScalePolicy, Windows, decide};
+use prometheus::Prometheus;
 use tokio::sync::Notify;
 
 use crate::App;
@@ -48,6 +54,10 @@ pub trait Actuator: Send + Sync + fmt::Debug {
 struct Scaler {
     policy: ScalePolicy,
     kind: MetricKind,
+    /// The PromQL of the load, when the metrics come from Prometheus.
+    query: Option<String>,
+    /// The last failure of its query (logged once, until it succeeds again).
+    query_error: Option<String>,
     /// API heads per replica (data-parallel attention: every rank is one); ready replicas = ready heads / this.
     heads_per_replica: u32,
     actuator: Arc<dyn Actuator>,
@@ -63,11 +73,18 @@ struct Scaler {
 #[derive(Debug, Default)]
 pub struct Autoscaler {
     scalers: Mutex<BTreeMap<String, Scaler>>,
+    /// Where the metrics come from: a Prometheus server, or (`None`) the probe loop's scrapes of the heads.
+    prometheus: Option<Prometheus>,
     /// Notified when a request is held: the loop decides at once rather than at its next tick.
     pub wake: Notify,
 }
 
 impl Autoscaler {
+    /// An autoscaler reading its metrics from `prometheus`, or from the heads' scrapes without one.
+    pub fn new(prometheus: Option<Prometheus>) -> Self {
+        Self { prometheus, ..Self::default() }
+    }
+
     /// Autoscales `model` (now at `current` replicas) by `spec` through `actuator`; replaces an earlier
     /// registration, keeping its history when the metric stays the same.
     pub fn register(
@@ -79,24 +96,36 @@ impl Autoscaler {
         heads_per_replica: u32,
         actuator: Arc<dyn Actuator>,
     ) -> Result<()> {
-        if spec.metric.kind == MetricKind::PromQl {
-            return Err(Error::Invalid {
-                field: format!("spec.autoscaling.metric of `{model}`"),
-                reason: "type PromQL needs a Prometheus server; this gateway scrapes the runtimes directly, so use \
-                         QueueDepth, RunningRequests or KVCacheUtilization"
-                    .into(),
-            });
-        }
+        let kind = spec.metric.kind;
+        let query = match &self.prometheus {
+            Some(_) => Some(prometheus::query_for(kind, spec.metric.query.as_deref(), model).ok_or_else(|| {
+                Error::Invalid {
+                    field: format!("spec.autoscaling.metric.query of `{model}`"),
+                    reason: "is required with type PromQL".into(),
+                }
+            })?),
+            None if kind == MetricKind::PromQl => {
+                return Err(Error::Invalid {
+                    field: format!("spec.autoscaling.metric of `{model}`"),
+                    reason: "type PromQL needs a Prometheus server (the gateway's --prometheus-url); without one it \
+                             scrapes the runtimes directly, so use QueueDepth, RunningRequests or KVCacheUtilization"
+                        .into(),
+                });
+            }
+            None => None,
+        };
         let policy = ScalePolicy::from_spec(spec, windows);
         let mut scalers = self.scalers.lock().unwrap_or_else(PoisonError::into_inner);
-        let kept = scalers.remove(model).filter(|old| old.kind == spec.metric.kind);
+        let kept = scalers.remove(model).filter(|old| old.kind == kind && old.query == query);
         let (samples, recommendations, last_active) = match kept {
             Some(old) => (old.samples, old.recommendations, old.last_active),
             None => (VecDeque::new(), VecDeque::new(), Instant::now()),
         };
         let scaler = Scaler {
             policy,
-            kind: spec.metric.kind,
+            kind,
+            query,
+            query_error: None,
             heads_per_replica: heads_per_replica.max(1),
             actuator,
             current,
@@ -119,18 +148,20 @@ impl Autoscaler {
     }
 }
 
-/// The load of `pool` now by `kind`, plus its held requests; `None` when a ready head has no fresh sample.
-fn sample(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::Duration) -> (Option<f64>, usize) {
-    let ready = pool.routable(now);
-    let held = pool.hold.held();
-    let mut load = match kind {
+/// The held requests as load: they count for the request-count metrics only.
+fn held_load(kind: MetricKind, held: usize) -> f64 {
+    match kind {
         MetricKind::QueueDepth | MetricKind::RunningRequests => held as f64,
         MetricKind::KvCacheUtilization | MetricKind::PromQl => 0.0,
-    };
-    for backend in &ready {
-        let Some(s) = backend.sample().filter(|s| now.saturating_duration_since(s.at) <= stale_after) else {
-            return (None, ready.len());
-        };
+    }
+}
+
+/// The load of `pool` now by `kind` from the probe loop's scrapes, plus its held requests; `None` when a ready
+/// head has no fresh sample.
+fn scraped(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::Duration) -> Option<f64> {
+    let mut load = held_load(kind, pool.hold.held());
+    for backend in pool.routable(now) {
+        let s = backend.sample().filter(|s| now.saturating_duration_since(s.at) <= stale_after)?;
         load += match kind {
             MetricKind::QueueDepth => s.waiting,
             MetricKind::RunningRequests => s.running,
@@ -138,7 +169,30 @@ fn sample(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::D
             MetricKind::PromQl => 0.0,
         };
     }
-    (Some(load), ready.len())
+    Some(load)
+}
+
+/// The load from a Prometheus answer (`value`: the query's number, `None` for no series) with `heads` ready
+/// heads making `replicas` ready replicas; `None` when the model runs but Prometheus has no series of it.
+fn from_prometheus(value: Option<f64>, kind: MetricKind, heads: usize, replicas: u32, held: usize) -> Option<f64> {
+    match (value, kind) {
+        // Nothing serves, so nothing can be measured: only the held requests count.
+        (None, _) if heads == 0 => Some(held_load(kind, held)),
+        (None, _) => None,
+        (Some(per_replica), MetricKind::PromQl) => Some(per_replica * f64::from(replicas)),
+        (Some(per_head), _) => Some(per_head * heads as f64 + held_load(kind, held)),
+    }
+}
+
+/// Every Prometheus-sourced model's query answer, asked concurrently.
+async fn query_prometheus(autoscaler: &Autoscaler) -> BTreeMap<String, Result<Option<f64>>> {
+    let Some(prometheus) = &autoscaler.prometheus else { return BTreeMap::new() };
+    let queries: Vec<(String, String)> = {
+        let scalers = autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
+        scalers.iter().filter_map(|(model, s)| Some((model.clone(), s.query.clone()?))).collect()
+    };
+    let answers = futures_util::future::join_all(queries.iter().map(|(_, query)| prometheus.query(query))).await;
+    queries.into_iter().map(|(model, _)| model).zip(answers).collect()
 }
 
 /// Drops entries older than `from` but the newest of them: it shows the history covers the whole window (a
@@ -151,13 +205,35 @@ fn prune<T>(entries: &mut VecDeque<T>, from: Instant, at: impl Fn(&T) -> Instant
 
 /// One look at every autoscaled model: sample, decide, and carry out changes.
 pub async fn tick(app: &App) {
+    let mut answers = query_prometheus(&app.autoscaler).await;
     let now = Instant::now();
     let mut actions = Vec::new();
     {
         let mut scalers = app.autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
         for (model, scaler) in scalers.iter_mut() {
             let Some(pool) = app.registry.get(model) else { continue };
-            let (load, ready_heads) = sample(&pool, scaler.kind, now, scaler.policy.stale_after);
+            let ready_heads = pool.routable(now).len();
+            let ready = u32::try_from(ready_heads).unwrap_or(u32::MAX) / scaler.heads_per_replica;
+            let load = match (&scaler.query, answers.remove(model)) {
+                (None, _) => scraped(&pool, scaler.kind, now, scaler.policy.stale_after),
+                (Some(_), Some(Ok(value))) => {
+                    if scaler.query_error.take().is_some() {
+                        tracing::info!(model = %model, "the Prometheus query answers again");
+                    }
+                    from_prometheus(value, scaler.kind, ready_heads, ready, pool.hold.held())
+                }
+                (Some(_), Some(Err(e))) => {
+                    let e = e.to_string();
+                    if scaler.query_error.as_ref() != Some(&e) {
+                        tracing::warn!(model = %model, "autoscaling metrics missing: {e}");
+                    }
+                    app.metrics.scrape_error(model, app.autoscaler.prometheus.as_ref().map_or("", Prometheus::url));
+                    scaler.query_error = Some(e);
+                    None
+                }
+                // Registered after the queries went out: the next look has it.
+                (Some(_), None) => None,
+            };
             let in_flight: usize = pool.backends().iter().map(|b| b.in_flight()).sum();
             if in_flight > 0 || pool.hold.held() > 0 {
                 scaler.last_active = now;
@@ -169,7 +245,6 @@ pub async fn tick(app: &App) {
                 prune(&mut scaler.samples, from, |s| s.at);
                 prune(&mut scaler.recommendations, from, |r| r.0);
             }
-            let ready = u32::try_from(ready_heads).unwrap_or(u32::MAX) / scaler.heads_per_replica;
             let observed = decide::Observed {
                 samples: scaler.samples.make_contiguous(),
                 recommendations: scaler.recommendations.make_contiguous(),
@@ -199,9 +274,10 @@ pub async fn tick(app: &App) {
         let Some(scaler) = scalers.get_mut(&model) else { continue };
         match result {
             Ok(()) => {
+                let source = if scaler.query.is_some() { "prometheus" } else { "scrape" };
                 tracing::info!(
                     model = %model, from, to = decision.desired, reason = %decision.reason, load = ?decision.load,
-                    "scaled"
+                    source, "scaled"
                 );
                 app.metrics.scaled(&model, decision.reason.as_str());
                 scaler.current = decision.desired;
@@ -231,6 +307,21 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn prometheus_averages_scale_by_what_the_gateway_sees_ready() {
+        use MetricKind::{KvCacheUtilization, PromQl, QueueDepth, RunningRequests};
+        // Per-head averages times the ready heads, plus the held requests for the request counts.
+        assert_eq!(from_prometheus(Some(1.5), QueueDepth, 4, 2, 3), Some(9.0));
+        assert_eq!(from_prometheus(Some(2.0), RunningRequests, 2, 2, 0), Some(4.0));
+        assert_eq!(from_prometheus(Some(0.5), KvCacheUtilization, 2, 2, 7), Some(1.0));
+        // A custom query is per replica.
+        assert_eq!(from_prometheus(Some(3.0), PromQl, 4, 2, 5), Some(6.0));
+        // No series: nothing to measure at zero ready (the held requests are the load); missing otherwise.
+        assert_eq!(from_prometheus(None, QueueDepth, 0, 0, 2), Some(2.0));
+        assert_eq!(from_prometheus(None, PromQl, 0, 0, 2), Some(0.0));
+        assert_eq!(from_prometheus(None, QueueDepth, 1, 1, 0), None);
+    }
 
     #[test]
     fn pruning_keeps_the_newest_entry_before_the_window_as_evidence_of_coverage() {

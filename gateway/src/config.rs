@@ -24,14 +24,14 @@ use baleen_api::names::{
 };
 use baleen_api::names::{
     ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW, ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW, ENV_GATEWAY_HOLD_TIMEOUT,
-    ENV_GATEWAY_MAX_HELD_REQUESTS,
+    ENV_GATEWAY_MAX_HELD_REQUESTS, ENV_GATEWAY_PROMETHEUS_URL,
 };
 use clap::{Args, Parser, Subcommand};
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Keys;
-use crate::autoscale::{Windows, decide};
+use crate::autoscale::{Windows, decide, prometheus};
 use crate::error::{Error, Result};
 
 /// Default cap on a request body (10 MiB).
@@ -128,6 +128,10 @@ pub struct RoutingArgs {
     /// scales up at once.
     #[arg(long, env = ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW, default_value_t = decide::PANIC_WINDOW.as_secs_f64())]
     pub autoscale_panic_window: f64,
+    /// A Prometheus server (http://host:port[/prefix]) the autoscaler queries for its metrics, and the only
+    /// source of metric type PromQL; without it the autoscaler reads the heads' scrapes.
+    #[arg(long, env = ENV_GATEWAY_PROMETHEUS_URL, value_name = "URL")]
+    pub prometheus_url: Option<String>,
 }
 
 impl Default for RoutingArgs {
@@ -144,6 +148,7 @@ impl Default for RoutingArgs {
             max_held_requests: DEFAULT_MAX_HELD_REQUESTS,
             autoscale_stable_window: decide::STABLE_WINDOW.as_secs_f64(),
             autoscale_panic_window: decide::PANIC_WINDOW.as_secs_f64(),
+            prometheus_url: None,
         }
     }
 }
@@ -163,6 +168,8 @@ pub struct Settings {
     pub max_held_requests: usize,
     /// The autoscaler's windows.
     pub windows: Windows,
+    /// The Prometheus server the autoscaler queries (`--prometheus-url`, validated).
+    pub prometheus_url: Option<String>,
 }
 
 pub(crate) fn seconds(field: &str, value: f64) -> Result<Duration> {
@@ -208,6 +215,12 @@ impl RoutingArgs {
             hold_timeout: seconds("--hold-timeout", self.hold_timeout)?,
             max_held_requests: self.max_held_requests,
             windows,
+            prometheus_url: self
+                .prometheus_url
+                .as_deref()
+                .map(prometheus::base_url)
+                .transpose()
+                .map_err(|reason| Error::Invalid { field: "--prometheus-url".into(), reason })?,
         })
     }
 }

@@ -23,6 +23,9 @@ pub enum Error {
     /// The Kubernetes client could not be configured (no in-cluster config or kubeconfig).
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    /// A Prometheus query failed or answered something other than one number.
+    #[error("prometheus query `{query}`: {reason}")]
+    Prometheus { query: String, reason: String },
     /// Registering a metric failed (a programming error: a duplicate name).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),

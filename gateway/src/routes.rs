@@ -7,7 +7,9 @@
 //! | `GET /health` | 200 while the process is alive |
 //! | `GET /ready` | 200 once discovery has loaded |
 //!
-//! The admin port serves `GET /metrics` and `GET /health`. Anything else is an OpenAI-shaped 404 or 405.
+//! The admin port serves `GET /metrics`, `GET /health` and `GET /targets` (every backend as Prometheus HTTP
+//! service discovery, so a Prometheus beside `baleen up` or a static file scrapes what the gateway routes to).
+//! Anything else is an OpenAI-shaped 404 or 405.
 
 pub mod body;
 pub mod peek;
@@ -18,7 +20,8 @@ use std::time::Instant;
 
 use baleen_api::http::{ApiError, json_response};
 use baleen_api::names::{
-    MODEL_UNKNOWN, PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY,
+    MODEL_UNKNOWN, PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_GATEWAY_TARGETS, PATH_HEALTH, PATH_METRICS,
+    PATH_MODELS, PATH_READY,
 };
 use baleen_api::openai::{Model, ModelList};
 use bytes::Bytes;
@@ -92,8 +95,23 @@ pub fn admin<B>(app: &App, request: &Request<B>) -> Response<ResponseBody> {
             response
         }
         (&Method::GET, PATH_HEALTH) => status_ok(),
-        (method, path) => not_routed(method, path, &[PATH_METRICS, PATH_HEALTH]),
+        (&Method::GET, PATH_GATEWAY_TARGETS) => targets(app),
+        (method, path) => not_routed(method, path, &[PATH_METRICS, PATH_HEALTH, PATH_GATEWAY_TARGETS]),
     }
+}
+
+/// `GET /targets` (admin port): one Prometheus `http_sd_configs` target group per model, listing the
+/// `host:port` of each of its backends (ready or not; Prometheus records which are up).
+fn targets(app: &App) -> Response<ResponseBody> {
+    let groups: Vec<serde_json::Value> = app
+        .registry
+        .pools()
+        .iter()
+        .map(|pool| pool.backends().iter().map(|b| b.url.trim_start_matches("http://").to_string()).collect())
+        .filter(|targets: &Vec<String>| !targets.is_empty())
+        .map(|targets| serde_json::json!({ "targets": targets, "labels": {} }))
+        .collect();
+    json(StatusCode::OK, &groups)
 }
 
 /// `GET /v1/models`: every model with a backend that can take requests now, and every autoscaled one (at zero,

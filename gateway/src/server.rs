@@ -15,6 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::autoscale::prometheus::Prometheus;
 use crate::autoscale::{self, Actuator, Autoscaler};
 use crate::backends::kubernetes::{self, AbortOnDrop};
 use crate::backends::{Registry, scrape};
@@ -52,12 +53,15 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(settings: Settings) -> Result<Self> {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let client = client();
+        let timeout = scrape::probe_timeout(settings.scrape_interval);
+        let prometheus = settings.prometheus_url.clone().map(|url| Prometheus::new(url, client.clone(), timeout));
         let app = App {
             settings,
             registry: Arc::new(Registry::default()),
-            client: client(),
+            client,
             metrics: Arc::new(Metrics::new()?),
-            autoscaler: Autoscaler::default(),
+            autoscaler: Autoscaler::new(prometheus),
             created,
         };
         Ok(Self { app: Arc::new(app) })

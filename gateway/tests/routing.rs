@@ -12,7 +12,7 @@ use baleen_api::names::{
     METRIC_GATEWAY_BACKEND_HEALTHY, METRIC_GATEWAY_EJECTIONS_TOTAL, METRIC_GATEWAY_IN_FLIGHT,
     METRIC_GATEWAY_REQUESTS_TOTAL, METRIC_GATEWAY_RETRIES_TOTAL, METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS,
     METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING, METRIC_PREFIX_CACHE_HITS_TOTAL,
-    METRIC_REQUEST_SUCCESS_TOTAL,
+    METRIC_REQUEST_SUCCESS_TOTAL, PATH_GATEWAY_TARGETS,
 };
 use baleen_gateway::config::{PolicyKind, RoutingArgs};
 use common::*;
@@ -50,6 +50,11 @@ async fn least_load_spreads_concurrent_requests_over_the_replicas() {
     }
     assert_eq!(gw.metric(METRIC_GATEWAY_IN_FLIGHT, "").await, 0.0);
     assert_eq!(gw.metric(&format!("{METRIC_GATEWAY_TIME_TO_FIRST_BYTE_SECONDS}_count"), "").await, 8.0);
+    // The admin port lists the backends as Prometheus HTTP service discovery: one target group per model.
+    let (status, targets) = get(&format!("{}{PATH_GATEWAY_TARGETS}", gw.admin)).await;
+    assert_eq!(status, StatusCode::OK);
+    let hosts: Vec<String> = [&a, &b].iter().map(|r| r.url.trim_start_matches("http://").to_string()).collect();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&targets).unwrap(), json!([{"targets": hosts, "labels": {}}]));
     gw.stop().await;
 }
 

@@ -129,6 +129,7 @@ EVERYTHING_ON = {
         "retries": 3,
         "maxRequestBytes": 104857600,
         "requestTimeoutSeconds": 120,
+        "prometheusUrl": "http://prometheus-operated.monitoring:9090",
         "apiKeys": {"secretName": "gateway-keys"},
         "service": {
             "type": "LoadBalancer",
@@ -683,6 +684,7 @@ def test_gateway_settings_reach_its_flags_ports_and_pod():
         "--retries=3",
         "--max-request-bytes=104857600",  # an integer, not 1.048576e+08
         "--request-timeout=120",
+        "--prometheus-url=http://prometheus-operated.monitoring:9090",
         "--api-keys=/etc/baleen-gateway/keys.yaml",
     ]
     assert env_of(container) == {"BALEEN_GATEWAY_LOG": "info,baleen_gateway=debug"}
@@ -976,6 +978,10 @@ BAD_VALUES = {
     "gateway-zero-max-request-bytes": ({"gateway": {"maxRequestBytes": 0}}, "/gateway/maxRequestBytes"),
     "gateway-bad-watch-namespace": ({"gateway": {"watchNamespace": "Models"}}, "/gateway/watchNamespace"),
     "gateway-bad-api-keys-secret": ({"gateway": {"apiKeys": {"secretName": "Keys!"}}}, "/gateway/apiKeys/secretName"),
+    "gateway-https-prometheus-url": (
+        {"gateway": {"prometheusUrl": "https://prometheus:9090"}},
+        "/gateway/prometheusUrl",
+    ),
     "gateway-bad-ingress-host": ({"gateway": {"ingress": {"host": "https://llm"}}}, "/gateway/ingress/host"),
     "unknown-crds-key": ({"crds": {"enabled": True}}, "enabled"),
     "bad-pull-policy": ({"operator": {"image": {"pullPolicy": "Sometimes"}}}, "/operator/image/pullPolicy"),

@@ -322,3 +322,11 @@ mod schema {
         }
     }
 }
+
+#[test]
+fn metric_kind_names_are_the_manifest_spelling() {
+    use MetricKind::{KvCacheUtilization, PromQl, QueueDepth, RunningRequests};
+    for kind in [QueueDepth, KvCacheUtilization, RunningRequests, PromQl] {
+        assert_eq!(serde_json::to_value(kind).unwrap(), serde_json::json!(kind.as_str()));
+    }
+}
