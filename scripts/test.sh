@@ -16,6 +16,16 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The autoscaling end-to-end test (cli/tests/up.rs) runs the real Prometheus server (Debian `prometheus`).
+if ! command -v prometheus >/dev/null && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  echo "installing prometheus with apt-get"
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+    || echo "warning: apt-get install prometheus failed" >&2
+fi
+if ! command -v prometheus >/dev/null && [[ "${CI:-}" == "true" ]]; then
+  echo "error: prometheus is not installed (apt-get install prometheus); CI=true: a missing test tool is a failure" >&2
+  exit 1
+fi
 echo "== cargo test"
 cargo test --workspace --locked
 

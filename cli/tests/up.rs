@@ -569,10 +569,16 @@ fn autoscaling_starts_from_zero_on_a_request_scales_up_under_load_and_back_to_ze
             })
             .collect()
     };
+    let burst = Instant::now();
     let first = wave(4, 600);
-    up.line_with("r2 ready in", Duration::from_secs(60));
     // Panic or stable-window scale-up, depending on where the scrapes fall.
-    let up_line = up.line_with("from 1 to 2 replicas (", Duration::from_secs(1));
+    let up_line = up.line_with("from 1 to 2 replicas (", Duration::from_secs(60));
+    let reaction = burst.elapsed();
+    up.line_with("r2 ready in", Duration::from_secs(60));
+    eprintln!(
+        "burst reaction (direct scrapes): decided after {reaction:?}, second replica ready after {:?}",
+        burst.elapsed()
+    );
     assert!(up_line.contains("(Panic;") || up_line.contains("(ScaleUp;"), "{up_line}");
     let second = wave(4, 64);
     let mut answers = 0;
@@ -596,6 +602,173 @@ fn autoscaling_starts_from_zero_on_a_request_scales_up_under_load_and_back_to_ze
     answers += 2;
 
     // Not one request failed: every answer the gateway gave was a 200.
+    let (_, text) = get(&metrics);
+    let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("baleen_gateway_requests_total{")).collect();
+    assert!(counted.iter().all(|l| l.contains("code=\"200\"")), "{counted:#?}");
+    let ok: f64 = counted.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+    assert_eq!(ok, f64::from(answers), "{counted:#?}");
+    up.signal(Signal::SIGINT);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+}
+
+/// The Debian `prometheus` binary (`scripts/test.sh` installs it); `None` (a loud skip) only outside CI.
+fn prometheus_bin() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("prometheus"))
+        .find(|path| path.is_file());
+    if found.is_none() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "prometheus is not installed (CI=true: a failure)");
+        eprintln!("SKIPPING: prometheus is not installed (apt-get install prometheus; scripts/test.sh does)");
+    }
+    found
+}
+
+/// A real Prometheus server on 127.0.0.1, killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts `bin` on `port`, scraping every second the targets the gateway lists at `targets_url`.
+    fn start(bin: &Path, port: u16, targets_url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: baleen\n    \
+                 http_sd_configs: [{{url: \"{targets_url}\", refresh_interval: 1s}}]\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http().get(&format!("{url}/-/ready")).call().map(|r| r.status().as_u16()).ok() != Some(200) {
+            assert!(Instant::now() < deadline, "prometheus did not get ready on {url}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Self { child, url, _dir: dir }
+    }
+
+    /// The one number `query` evaluates to now (0 when it selects nothing).
+    fn number(&self, query: &str) -> f64 {
+        let mut response = http().get(&format!("{}/api/v1/query", self.url)).query("query", query).call().unwrap();
+        let answer: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        assert_eq!(answer["status"], "success", "{answer}");
+        answer["data"]["result"][0]["value"][1].as_str().map_or(0.0, |v| v.parse().unwrap())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn autoscaling_on_a_real_prometheus_server_rises_under_load_falls_to_zero_and_serves_from_zero() {
+    let Some(prometheus_bin) = prometheus_bin() else { return };
+    let prometheus_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    // Type PromQL: only a Prometheus server answers it (the gateway's own scrapes refuse it), so every decision
+    // below came through Prometheus. Per replica: its running requests.
+    let manifest = write_manifest(
+        dir.path(),
+        "  model: {source: builtin:tiny-moe}\n  replicas: 0\n  autoscaling:\n    minReplicas: 0\n    maxReplicas: 2\n    \
+         metric:\n      type: PromQL\n      query: 'avg(vllm:num_requests_running{model_name=\"$model\"})'\n    \
+         target: 1\n    scaleDownStabilizationSeconds: 2\n    scaleToZeroAfterSeconds: 6\n  \
+         runtime: {args: [\"--threads\", \"1\"]}\n",
+    );
+    let prometheus_url = format!("http://127.0.0.1:{prometheus_port}");
+    let flags = ["--scrape-interval", "0.5", "--autoscale-stable-window", "2", "--autoscale-panic-window", "1"];
+    let mut up = Up::start(&[&[manifest.to_str().unwrap(), "--prometheus-url", &prometheus_url][..], &flags].concat());
+    let base = up.base_url();
+    let metrics = up.gateway_metrics();
+    let targets = metrics.replace("/metrics", "/targets");
+    let prometheus = Prometheus::start(&prometheus_bin, prometheus_port, &targets);
+    assert!(up.stdout.iter().any(|l| l.contains("autoscaled 0..=2 on PromQL")), "{:#?}", up.stdout);
+    assert_eq!(gauge(&metrics, "baleen_gateway_ready_replicas{model=\"tiny-moe\"}"), 0.0);
+
+    // A request at zero is held, starts a replica, and is served.
+    let (status, body) = chat(&base, "tiny-moe", 4);
+    assert_eq!(status, 200, "{body}");
+    up.line_with("r1 ready in", Duration::from_secs(5));
+    assert!(up.stdout.iter().any(|l| l.contains("from 0 to 1 replica (FromZero")), "{:#?}", up.stdout);
+
+    // Prometheus applies newly discovered targets at most every 5 s: the burst starts once it scrapes r1.
+    let query = "count(vllm:num_requests_running{model_name=\"tiny-moe\"})";
+    let scraped = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while prometheus.number(query) < n {
+            assert!(Instant::now() < deadline, "prometheus never scraped {n} replicas");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    scraped(1.0);
+
+    // Sustained load: 4 clients, each sending one request after another. Prometheus scrapes the replica (found
+    // through the gateway's /targets), the gateway's query sees 4 running on 1 replica, the second one starts.
+    let burst = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (base, stop) = (base.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut answered = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, body) = chat(&base, "tiny-moe", 300);
+                    assert_eq!(status, 200, "{body}");
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    let decided = up.line_with("from 1 to 2 replicas (", Duration::from_secs(60));
+    let reaction = burst.elapsed();
+    up.line_with("r2 ready in", Duration::from_secs(60));
+    let second_ready = burst.elapsed();
+    assert!(decided.contains("(Panic;") || decided.contains("(ScaleUp;"), "{decided}");
+    assert_eq!(gauge(&metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 2.0);
+    eprintln!(
+        "burst reaction through Prometheus: decided after {reaction:?}, second replica ready after {second_ready:?}"
+    );
+    // The load goes on until Prometheus scrapes the second replica too.
+    scraped(2.0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = 1;
+    for client in clients {
+        answers += client.join().unwrap();
+    }
+
+    // Idle: down to one, then to zero; each drains.
+    up.line_with("from 2 to 1 replica", Duration::from_secs(60));
+    up.line_with("from 1 to 0 replicas (ToZero", Duration::from_secs(60));
+    up.line_with("r1 stopped (drained)", Duration::from_secs(30));
+    up.line_with("r2 stopped (drained)", Duration::from_secs(30));
+    assert_eq!(gauge(&metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 0.0);
+
+    // From zero again.
+    let (status, body) = chat(&base, "tiny-moe", 2);
+    assert_eq!(status, 200, "{body}");
+    up.line_with("r3 ready in", Duration::from_secs(5));
+    answers += 1;
+
+    // Not one request failed.
     let (_, text) = get(&metrics);
     let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("baleen_gateway_requests_total{")).collect();
     assert!(counted.iter().all(|l| l.contains("code=\"200\"")), "{counted:#?}");
