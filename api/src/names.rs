@@ -384,6 +384,11 @@ pub const EVENT_GROUP_CREATED: &str = "GroupCreated";
 pub const EVENT_GROUP_DELETED: &str = "GroupDeleted";
 /// Event reason (`Normal`): no group of an older revision is left.
 pub const EVENT_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+/// Event reason (`Normal`) on a ModelDeployment: the gateway's autoscaler changed its replica count (the note
+/// says from, to, why and the load).
+pub const EVENT_AUTOSCALED: &str = "Autoscaled";
+/// Event action of [`EVENT_AUTOSCALED`].
+pub const EVENT_ACTION_SCALE: &str = "Scale";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Gateway (`baleen-gateway`): its flags' environment variables, metrics and labels.

@@ -183,13 +183,7 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     loop {
         tokio::select! {
             Some((from, decision)) = desired.recv() => {
-                say(format!(
-                    "scaling {model} from {from} to {} replica{} ({}; load {})",
-                    decision.desired,
-                    if decision.desired == 1 { "" } else { "s" },
-                    decision.reason,
-                    decision.load.map_or_else(|| "unknown".to_string(), |l| format!("{l:.2}")),
-                ));
+                say(format!("scaling {model} {}", decision.describe(from)));
                 scale(&mut fleet, &front, decision.desired as usize)?;
             }
             event = fleet.next_event() => match event {

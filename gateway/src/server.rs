@@ -262,11 +262,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             // The autoscaler's Lease lives in the gateway's own namespace; the pod name is its identity.
             let identity = baleen_api::lease::default_identity(GATEWAY_AUTOSCALER_FIELD_MANAGER);
             let lease_namespace = client.default_namespace().to_string();
-            let (leader, election) = autoscale::kubernetes::elect(client.clone(), &lease_namespace, identity);
+            let (writer, election) = autoscale::kubernetes::elect(client.clone(), &lease_namespace, identity);
             let (namespace, discovering) = (args.namespace.clone(), gateway.clone());
             Some(tokio::spawn(async move {
                 let _election = AbortOnDrop(vec![election]);
-                kubernetes::run(discovering, client, namespace, relist, leader).await;
+                kubernetes::run(discovering, client, namespace, relist, writer).await;
             }))
         }
     };

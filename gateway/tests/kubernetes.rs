@@ -25,6 +25,8 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/models/endpointslices
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/models/leases";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/models/leases/baleen-gateway-autoscaler";
 const SCALE: &str = "/apis/baleen.dev/v1alpha1/namespaces/models/modeldeployments/tiny/scale";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
+const UID: &str = "5d7c8a52-0b8e-4f4e-9a51-5b1f0c2a7e11";
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Reply = tower_test::mock::SendResponse<Response<Body>>;
@@ -51,7 +53,7 @@ fn slice(service: &str, ready: &[bool]) -> Value {
 /// An autoscaled ModelDeployment at zero replicas.
 fn md_at_zero(name: &str) -> Value {
     json!({"apiVersion": "baleen.dev/v1alpha1", "kind": "ModelDeployment",
-           "metadata": {"name": name, "namespace": "models", "resourceVersion": "1"},
+           "metadata": {"name": name, "namespace": "models", "resourceVersion": "1", "uid": UID},
            "spec": {"model": {"source": "builtin:tiny-moe"}, "replicas": 0,
                     "autoscaling": {"minReplicas": 0, "maxReplicas": 2}}})
 }
@@ -70,8 +72,10 @@ struct State {
     slices: Vec<Value>,
     /// The autoscaler Lease, as last written.
     lease: Option<Value>,
-    /// Requests that write anything but the Lease: (method, path, query, content type, body).
+    /// Requests that write anything but the Lease and Events: (method, path, query, content type, body).
     writes: Vec<(String, String, String, String, Value)>,
+    /// Events posted.
+    posted: Vec<Value>,
 }
 
 fn respond(reply: Reply, body: Value) {
@@ -110,7 +114,7 @@ async fn api_server(mut handle: Handle, state: Arc<Mutex<State>>, mut events: mp
                     continue;
                 }
                 let method = request.method().to_string();
-                if path.starts_with(LEASES) || path == SCALE {
+                if path.starts_with(LEASES) || path == SCALE || path == EVENTS {
                     let query = request.uri().query().unwrap_or("").to_string();
                     let content_type = request
                         .headers()
@@ -134,6 +138,10 @@ async fn api_server(mut handle: Handle, state: Arc<Mutex<State>>, mut events: mp
                         },
                         ("POST", LEASES) | ("PUT", LEASE) => {
                             state.lease = Some(body.clone());
+                            respond(reply, body);
+                        }
+                        ("POST", EVENTS) => {
+                            state.posted.push(body.clone());
                             respond(reply, body);
                         }
                         _ => {
@@ -189,14 +197,14 @@ fn start_with(relist: Duration, state: State, routing: RoutingArgs, elect: bool)
     tokio::spawn(api_server(handle, Arc::clone(&state), events_rx));
     let gateway = Gateway::new(routing.settings().unwrap()).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let leader = if elect {
-        let (leader, election) = autoscale::kubernetes::elect(client.clone(), "models", "gw-a".into());
+    let writer = if elect {
+        let (writer, election) = autoscale::kubernetes::elect(client.clone(), "models", "gw-a".into());
         std::mem::forget(election);
-        leader
+        writer
     } else {
-        Arc::new(AtomicBool::new(false))
+        autoscale::kubernetes::Writer::new("gw-a".into(), Arc::new(AtomicBool::new(false)))
     };
-    let discovery = kubernetes::run(gateway.clone(), client, Some("models".into()), relist, leader);
+    let discovery = kubernetes::run(gateway.clone(), client, Some("models".into()), relist, writer);
     tokio::spawn(async move {
         tokio::select! {
             () = discovery => {}
@@ -330,10 +338,26 @@ async fn the_lease_holder_patches_the_scale_subresource_for_a_request_held_at_ze
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(answer.error()["message"].as_str().unwrap().contains("is starting"), "{:?}", answer.body);
     assert_eq!(answer.headers.get("retry-after").unwrap(), "5");
-    // Only the Lease and that one patch were written (the decision is not repeated while the count holds).
+    // Only the Lease and that one patch were written (the decision is not repeated while the count holds)...
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = h.state.lock().unwrap().writes.clone();
     assert_eq!(writes.len(), 1, "{writes:?}");
+    // ...and one Event on the ModelDeployment says what changed and why, from this replica.
+    let posted = h.state.lock().unwrap().posted.clone();
+    assert_eq!(posted.len(), 1, "{posted:#?}");
+    let event = &posted[0];
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["reason"], "Autoscaled");
+    assert_eq!(event["action"], "Scale");
+    assert_eq!(event["note"], "scaled tiny-moe from 0 to 1 replica (FromZero; load unknown)");
+    assert_eq!(event["reportingController"], "baleen-gateway-autoscaler");
+    assert_eq!(event["reportingInstance"], "gw-a");
+    let regarding = &event["regarding"];
+    assert_eq!(
+        (&regarding["apiVersion"], &regarding["kind"], &regarding["namespace"], &regarding["name"], &regarding["uid"]),
+        (&json!("baleen.dev/v1alpha1"), &json!("ModelDeployment"), &json!("models"), &json!("tiny"), &json!(UID)),
+        "{event:#}"
+    );
 }
 
 #[tokio::test]
@@ -354,6 +378,7 @@ async fn a_replica_that_does_not_hold_the_lease_decides_but_never_writes() {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     let state = h.state.lock().unwrap();
     assert!(state.writes.is_empty(), "a follower wrote: {:?}", state.writes);
+    assert!(state.posted.is_empty(), "a follower posted Events: {:?}", state.posted);
     assert_eq!(state.lease.as_ref().unwrap()["spec"]["holderIdentity"], "gw-b", "the live Lease was not taken");
     drop(state);
     assert_eq!(h.gateway.app().autoscaler.current("tiny-moe"), Some(0));

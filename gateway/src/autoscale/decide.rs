@@ -174,6 +174,15 @@ pub struct Decision {
     pub load: Option<f64>,
 }
 
+impl Decision {
+    /// `from 1 to 2 replicas (Panic; load 4.00)`, for progress lines and Events.
+    pub fn describe(&self, from: u32) -> String {
+        let plural = if self.desired == 1 { "" } else { "s" };
+        let load = self.load.map_or_else(|| "unknown".to_string(), |l| format!("{l:.2}"));
+        format!("from {from} to {} replica{plural} ({}; load {load})", self.desired, self.reason)
+    }
+}
+
 fn average(samples: &[Sample], from: Instant) -> (Option<f64>, bool) {
     let mut sum = 0.0;
     let mut n = 0u32;

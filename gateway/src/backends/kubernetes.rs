@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use baleen_api::crd::{AutoscalingSpec, ModelDeployment};
 use baleen_api::names::{PORT_NAME_HTTP, RUNTIME_HTTP_PORT};
@@ -21,7 +20,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
-use crate::autoscale::kubernetes::ScaleSubresource;
+use crate::autoscale::kubernetes::{ScaleSubresource, Writer};
 use crate::config::PolicyKind;
 use crate::server::Gateway;
 
@@ -49,6 +48,8 @@ pub struct Scaling {
     pub namespace: String,
     /// The ModelDeployment's name (its `scale` subresource is patched).
     pub deployment: String,
+    /// Its uid (the Events' reference).
+    pub uid: Option<String>,
     pub spec: AutoscalingSpec,
     /// `spec.replicas` now.
     pub replicas: u32,
@@ -109,6 +110,7 @@ pub fn models(deployments: &[ModelDeployment], slices: &[EndpointSlice]) -> Vec<
             scaling: md.spec.autoscaling.clone().map(|spec| Scaling {
                 namespace: key.0.clone(),
                 deployment: key.1.clone(),
+                uid: md.metadata.uid.clone(),
                 spec,
                 replicas: md.spec.replicas(),
                 heads_per_group: md.spec.heads_per_group(),
@@ -134,13 +136,13 @@ pub async fn sync(client: &Client, namespace: Option<&str>) -> Result<Vec<Discov
 
 /// Makes the gateway serve exactly `discovered`: adds and updates those models, removes the ones in `known` that
 /// are gone; `known` becomes the new set. Autoscaled models are scaled through their `scale` subresource with
-/// `client` while `leader` is set.
+/// `client` while `writer` holds the Lease.
 pub fn apply(
     gateway: &Gateway,
     discovered: &[Discovered],
     known: &mut BTreeSet<String>,
     client: &Client,
-    leader: &Arc<AtomicBool>,
+    writer: &Writer,
 ) {
     let mut now = BTreeSet::new();
     for model in discovered {
@@ -150,7 +152,8 @@ pub fn apply(
         }
         match &model.scaling {
             Some(s) => {
-                let actuator = ScaleSubresource::new(client.clone(), &s.namespace, &s.deployment, Arc::clone(leader));
+                let (namespace, name, uid) = (&s.namespace, &s.deployment, s.uid.clone());
+                let actuator = ScaleSubresource::new(client.clone(), namespace, name, uid, writer.clone());
                 let per_group = s.heads_per_group;
                 if let Err(e) = gateway.autoscale(&model.name, &s.spec, s.replicas, per_group, Arc::new(actuator)) {
                     tracing::warn!(model = %model.name, "not autoscaling: {e}");
@@ -190,13 +193,7 @@ where
 
 /// Discovers until the task is dropped: a relist at start, after every burst of watch events, and every
 /// `relist` at the latest.
-pub async fn run(
-    gateway: Gateway,
-    client: Client,
-    namespace: Option<String>,
-    relist: Duration,
-    leader: Arc<AtomicBool>,
-) {
+pub async fn run(gateway: Gateway, client: Client, namespace: Option<String>, relist: Duration, writer: Writer) {
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     let (deployments, slices): (Api<ModelDeployment>, Api<EndpointSlice>) = match &namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
@@ -211,7 +208,7 @@ pub async fn run(
     loop {
         match sync(&client, namespace.as_deref()).await {
             Ok(discovered) => {
-                apply(&gateway, &discovered, &mut known, &client, &leader);
+                apply(&gateway, &discovered, &mut known, &client, &writer);
                 gateway.probe_now().await;
             }
             Err(e) => {
