@@ -528,6 +528,29 @@ fn gauge(metrics_url: &str, prefix: &str) -> f64 {
     text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
 }
 
+/// The end of an autoscaling run at 2 replicas: idle, down to one after the scale-down window and to zero after
+/// the idle time, each replica drained; one request served from zero again; every answer the gateway gave (the
+/// `answers` before this, and that one) a 200; a clean stop.
+fn idle_to_zero_and_back_without_failures(mut up: Up, base: &str, metrics: &str, answers: u32) {
+    up.line_with("from 2 to 1 replica", Duration::from_secs(60));
+    up.line_with("from 1 to 0 replicas (ToZero", Duration::from_secs(60));
+    up.line_with("r1 stopped (drained)", Duration::from_secs(30));
+    up.line_with("r2 stopped (drained)", Duration::from_secs(30));
+    assert_eq!(gauge(metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 0.0);
+
+    let (status, body) = chat(base, "tiny-moe", 2);
+    assert_eq!(status, 200, "{body}");
+    up.line_with("r3 ready in", Duration::from_secs(5));
+
+    let (_, text) = get(metrics);
+    let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("baleen_gateway_requests_total{")).collect();
+    assert!(counted.iter().all(|l| l.contains("code=\"200\"")), "{counted:#?}");
+    let ok: f64 = counted.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+    assert_eq!(ok, f64::from(answers + 1), "{counted:#?}");
+    up.signal(Signal::SIGINT);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+}
+
 #[test]
 fn autoscaling_starts_from_zero_on_a_request_scales_up_under_load_and_back_to_zero_without_failures() {
     let dir = tempfile::tempdir().unwrap();
@@ -588,27 +611,8 @@ fn autoscaling_starts_from_zero_on_a_request_scales_up_under_load_and_back_to_ze
         answers += 1;
     }
 
-    // Idle: down to one after the scale-down window, to zero after the idle time; each drains and stops.
-    up.line_with("from 2 to 1 replica", Duration::from_secs(30));
-    up.line_with("from 1 to 0 replicas (ToZero", Duration::from_secs(30));
-    up.line_with("r1 stopped (drained)", Duration::from_secs(30));
-    up.line_with("r2 stopped (drained)", Duration::from_secs(30));
-    assert_eq!(gauge(&metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 0.0);
-
-    // And from zero again.
-    let (status, body) = chat(&base, "tiny-moe", 2);
-    assert_eq!(status, 200, "{body}");
-    up.line_with("r3 ready in", Duration::from_secs(5));
-    answers += 2;
-
-    // Not one request failed: every answer the gateway gave was a 200.
-    let (_, text) = get(&metrics);
-    let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("baleen_gateway_requests_total{")).collect();
-    assert!(counted.iter().all(|l| l.contains("code=\"200\"")), "{counted:#?}");
-    let ok: f64 = counted.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
-    assert_eq!(ok, f64::from(answers), "{counted:#?}");
-    up.signal(Signal::SIGINT);
-    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+    answers += 1; // the request served from zero
+    idle_to_zero_and_back_without_failures(up, &base, &metrics, answers);
 }
 
 /// The Debian `prometheus` binary (`scripts/test.sh` installs it); `None` (a loud skip) only outside CI.
@@ -755,25 +759,5 @@ fn autoscaling_on_a_real_prometheus_server_rises_under_load_falls_to_zero_and_se
         answers += client.join().unwrap();
     }
 
-    // Idle: down to one, then to zero; each drains.
-    up.line_with("from 2 to 1 replica", Duration::from_secs(60));
-    up.line_with("from 1 to 0 replicas (ToZero", Duration::from_secs(60));
-    up.line_with("r1 stopped (drained)", Duration::from_secs(30));
-    up.line_with("r2 stopped (drained)", Duration::from_secs(30));
-    assert_eq!(gauge(&metrics, "baleen_gateway_desired_replicas{model=\"tiny-moe\"}"), 0.0);
-
-    // From zero again.
-    let (status, body) = chat(&base, "tiny-moe", 2);
-    assert_eq!(status, 200, "{body}");
-    up.line_with("r3 ready in", Duration::from_secs(5));
-    answers += 1;
-
-    // Not one request failed.
-    let (_, text) = get(&metrics);
-    let counted: Vec<&str> = text.lines().filter(|l| l.starts_with("baleen_gateway_requests_total{")).collect();
-    assert!(counted.iter().all(|l| l.contains("code=\"200\"")), "{counted:#?}");
-    let ok: f64 = counted.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
-    assert_eq!(ok, f64::from(answers), "{counted:#?}");
-    up.signal(Signal::SIGINT);
-    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+    idle_to_zero_and_back_without_failures(up, &base, &metrics, answers);
 }
