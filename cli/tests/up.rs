@@ -694,7 +694,7 @@ fn autoscaling_on_a_real_prometheus_server_rises_under_load_falls_to_zero_and_se
         dir.path(),
         "  model: {source: builtin:tiny-moe}\n  replicas: 0\n  autoscaling:\n    minReplicas: 0\n    maxReplicas: 2\n    \
          metric:\n      type: PromQL\n      query: 'avg(vllm:num_requests_running{model_name=\"$model\"})'\n    \
-         target: 1\n    scaleDownStabilizationSeconds: 2\n    scaleToZeroAfterSeconds: 6\n  \
+         target: 1\n    scaleDownStabilizationSeconds: 2\n    scaleToZeroAfterSeconds: 15\n  \
          runtime: {args: [\"--threads\", \"1\"]}\n",
     );
     let prometheus_url = format!("http://127.0.0.1:{prometheus_port}");

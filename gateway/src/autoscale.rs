@@ -117,15 +117,15 @@ impl Autoscaler {
         let policy = ScalePolicy::from_spec(spec, windows);
         let mut scalers = self.scalers.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = scalers.remove(model).filter(|old| old.kind == kind && old.query == query);
-        let (samples, recommendations, last_active) = match kept {
-            Some(old) => (old.samples, old.recommendations, old.last_active),
-            None => (VecDeque::new(), VecDeque::new(), Instant::now()),
+        let (samples, recommendations, last_active, query_error) = match kept {
+            Some(old) => (old.samples, old.recommendations, old.last_active, old.query_error),
+            None => (VecDeque::new(), VecDeque::new(), Instant::now(), None),
         };
         let scaler = Scaler {
             policy,
             kind,
             query,
-            query_error: None,
+            query_error,
             heads_per_replica: heads_per_replica.max(1),
             actuator,
             current,
@@ -173,26 +173,33 @@ fn scraped(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::
 }
 
 /// The load from a Prometheus answer (`value`: the query's number, `None` for no series) with `heads` ready
-/// heads making `replicas` ready replicas; `None` when the model runs but Prometheus has no series of it.
-fn from_prometheus(value: Option<f64>, kind: MetricKind, heads: usize, replicas: u32, held: usize) -> Option<f64> {
+/// heads of `per_replica` each; `None` when the model runs but Prometheus has no series of it.
+fn from_prometheus(value: Option<f64>, kind: MetricKind, heads: usize, per_replica: u32, held: usize) -> Option<f64> {
     match (value, kind) {
         // Nothing serves, so nothing can be measured: only the held requests count.
         (None, _) if heads == 0 => Some(held_load(kind, held)),
         (None, _) => None,
-        (Some(per_replica), MetricKind::PromQl) => Some(per_replica * f64::from(replicas)),
+        // Replicas counted by their ready heads, a partly ready one in part.
+        (Some(v), MetricKind::PromQl) => Some(v * heads as f64 / f64::from(per_replica.max(1))),
         (Some(per_head), _) => Some(per_head * heads as f64 + held_load(kind, held)),
     }
 }
 
-/// Every Prometheus-sourced model's query answer, asked concurrently.
-async fn query_prometheus(autoscaler: &Autoscaler) -> BTreeMap<String, Result<Option<f64>>> {
+/// What Prometheus answered for each model, with the query it answered (a model re-registered with another
+/// query meanwhile must not read it).
+type Answers = BTreeMap<String, (String, Result<Option<f64>>)>;
+
+/// Every Prometheus-sourced model's query answer, asked concurrently. Models at zero are not asked: nothing
+/// runs to measure, and a held request's decision must not wait on Prometheus.
+async fn query_prometheus(autoscaler: &Autoscaler) -> Answers {
     let Some(prometheus) = &autoscaler.prometheus else { return BTreeMap::new() };
     let queries: Vec<(String, String)> = {
         let scalers = autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
-        scalers.iter().filter_map(|(model, s)| Some((model.clone(), s.query.clone()?))).collect()
+        let asked = scalers.iter().filter(|(_, s)| s.current > 0);
+        asked.filter_map(|(model, s)| Some((model.clone(), s.query.clone()?))).collect()
     };
     let answers = futures_util::future::join_all(queries.iter().map(|(_, query)| prometheus.query(query))).await;
-    queries.into_iter().map(|(model, _)| model).zip(answers).collect()
+    queries.into_iter().zip(answers).map(|((model, query), answer)| (model, (query, answer))).collect()
 }
 
 /// Drops entries older than `from` but the newest of them: it shows the history covers the whole window (a
@@ -214,13 +221,14 @@ pub async fn tick(app: &App) {
             let Some(pool) = app.registry.get(model) else { continue };
             let ready_heads = pool.routable(now).len();
             let ready = u32::try_from(ready_heads).unwrap_or(u32::MAX) / scaler.heads_per_replica;
-            let load = match (&scaler.query, answers.remove(model)) {
+            let answer = answers.remove(model).filter(|(asked, _)| scaler.query.as_ref() == Some(asked));
+            let load = match (&scaler.query, answer.map(|(_, answer)| answer)) {
                 (None, _) => scraped(&pool, scaler.kind, now, scaler.policy.stale_after),
                 (Some(_), Some(Ok(value))) => {
                     if scaler.query_error.take().is_some() {
                         tracing::info!(model = %model, "the Prometheus query answers again");
                     }
-                    from_prometheus(value, scaler.kind, ready_heads, ready, pool.hold.held())
+                    from_prometheus(value, scaler.kind, ready_heads, scaler.heads_per_replica, pool.hold.held())
                 }
                 (Some(_), Some(Err(e))) => {
                     let e = e.to_string();
@@ -231,7 +239,7 @@ pub async fn tick(app: &App) {
                     scaler.query_error = Some(e);
                     None
                 }
-                // Registered after the queries went out: the next look has it.
+                // At zero (not asked), or (re-)registered after the queries went out: the next look has it.
                 (Some(_), None) => None,
             };
             let in_flight: usize = pool.backends().iter().map(|b| b.in_flight()).sum();
@@ -313,13 +321,14 @@ mod tests {
         use MetricKind::{KvCacheUtilization, PromQl, QueueDepth, RunningRequests};
         // Per-head averages times the ready heads, plus the held requests for the request counts.
         assert_eq!(from_prometheus(Some(1.5), QueueDepth, 4, 2, 3), Some(9.0));
-        assert_eq!(from_prometheus(Some(2.0), RunningRequests, 2, 2, 0), Some(4.0));
-        assert_eq!(from_prometheus(Some(0.5), KvCacheUtilization, 2, 2, 7), Some(1.0));
-        // A custom query is per replica.
+        assert_eq!(from_prometheus(Some(2.0), RunningRequests, 2, 1, 0), Some(4.0));
+        assert_eq!(from_prometheus(Some(0.5), KvCacheUtilization, 2, 1, 7), Some(1.0));
+        // A custom query is per replica: 4 heads of 2 per replica are 2 replicas, 3 are 1.5.
         assert_eq!(from_prometheus(Some(3.0), PromQl, 4, 2, 5), Some(6.0));
+        assert_eq!(from_prometheus(Some(2.0), PromQl, 3, 2, 0), Some(3.0));
         // No series: nothing to measure at zero ready (the held requests are the load); missing otherwise.
-        assert_eq!(from_prometheus(None, QueueDepth, 0, 0, 2), Some(2.0));
-        assert_eq!(from_prometheus(None, PromQl, 0, 0, 2), Some(0.0));
+        assert_eq!(from_prometheus(None, QueueDepth, 0, 1, 2), Some(2.0));
+        assert_eq!(from_prometheus(None, PromQl, 0, 1, 2), Some(0.0));
         assert_eq!(from_prometheus(None, QueueDepth, 1, 1, 0), None);
     }
 

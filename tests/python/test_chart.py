@@ -65,8 +65,8 @@ GATEWAY_RULES = {
     ("baleen.dev", "modeldeployments"): {"get", "list", "watch"},
     ("baleen.dev", "modeldeployments/scale"): {"patch"},
     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"},
-    # One Event per autoscaling change on its ModelDeployment (kube's Recorder creates, and patches a series).
-    ("events.k8s.io", "events"): {"create", "patch"},
+    # One Event per autoscaling change on its ModelDeployment (a fresh Recorder each: created, never patched).
+    ("events.k8s.io", "events"): {"create"},
 }
 # The autoscaler's Lease, in the gateway's namespace: read, create, replace (renew or take over).
 GATEWAY_LEASE = f"{GATEWAY}-autoscaler-lease"

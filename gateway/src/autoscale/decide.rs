@@ -13,7 +13,7 @@
 //!   (in flight or arriving) and with no load; until then it keeps one replica. At zero a held request scales it
 //!   up at once.
 //! - **Missing or stale metrics hold** the current count (bounds still apply); a failed scrape in the stable
-//!   window blocks a scale-down.
+//!   window blocks a scale-down, to zero included.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -248,7 +248,8 @@ pub fn decide(o: &Observed<'_>, p: &ScalePolicy, now: Instant) -> Decision {
     let mut raw = replicas_for(stable, p.target);
     if raw == 0 {
         let idle_for = now.saturating_duration_since(o.last_active);
-        if p.min == 0 && idle_for >= p.scale_to_zero_after {
+        // Not on a window with a failed scrape: zero is a scale-down too.
+        if p.min == 0 && idle_for >= p.scale_to_zero_after && !failed_in_window {
             // Idleness held for its own (longer) window: no scale-down stabilization on top.
             return Decision { desired: 0, reason: Reason::ToZero, recommendation: Some(0), load };
         }
@@ -536,6 +537,24 @@ mod tests {
         // minReplicas > 0 brings a deployment at zero up with no request.
         let d = World::new().look(zero, &policy(), w.now());
         assert_eq!((d.desired, d.reason), (1, Reason::Bounds));
+    }
+
+    #[test]
+    fn a_failed_scrape_in_the_window_keeps_an_idle_replica_from_going_to_zero() {
+        let p = ScalePolicy { min: 0, ..policy() };
+        let mut w = World::new();
+        let idle = Observe { last_active: Some(0), ..Observe::at(1) };
+        for _ in 0..99 {
+            w.step(Some(0.0), idle, &p);
+        }
+        assert_eq!(w.step(None, idle, &p).reason, Reason::ScrapeFailed);
+        // Idle long enough, but the stable window (20 s) holds the failure: the replica stays until it has passed.
+        for _ in 0..20 {
+            let d = w.step(Some(0.0), idle, &p);
+            assert_eq!(d.desired, 1, "{d:?} at {:?}", w.now() - w.start);
+        }
+        let d = w.step(Some(0.0), idle, &p);
+        assert_eq!((d.desired, d.reason), (0, Reason::ToZero));
     }
 
     #[test]

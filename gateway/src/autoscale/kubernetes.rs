@@ -20,6 +20,9 @@ use kube::{Api, Client};
 
 use super::{Actuator, ActuatorFuture, Decision};
 
+/// How long the autoscaler waits for its Event to be accepted.
+const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// This gateway replica as the autoscaler's writer: whether it holds the Lease now, and the name its Events carry.
 #[derive(Debug, Clone)]
 pub struct Writer {
@@ -94,8 +97,11 @@ impl Actuator for ScaleSubresource {
                 secondary: None,
             };
             let recorder = Recorder::new(self.client.clone(), self.writer.reporter.clone());
-            if let Err(e) = recorder.publish(&event, &self.reference).await {
-                tracing::warn!(md = %self.name, "publishing the autoscaling Event failed: {e}");
+            // Bounded: the autoscaler waits for this before it scales other models.
+            match tokio::time::timeout(EVENT_TIMEOUT, recorder.publish(&event, &self.reference)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(md = %self.name, "publishing the autoscaling Event failed: {e}"),
+                Err(_) => tracing::warn!(md = %self.name, "publishing the autoscaling Event timed out"),
             }
             Ok(())
         })
