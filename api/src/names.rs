@@ -96,6 +96,9 @@ pub const PATH_CHAT_COMPLETIONS: &str = "/v1/chat/completions";
 pub const PATH_COMPLETIONS: &str = "/v1/completions";
 /// OpenAI model list.
 pub const PATH_MODELS: &str = "/v1/models";
+/// OpenAI model retrieval, `GET /v1/models/{id}` (an id may hold `/`): the route template (also the `route`
+/// label).
+pub const PATH_MODEL: &str = "/v1/models/{*model}";
 /// Liveness: 200 while the process is alive.
 pub const PATH_HEALTH: &str = "/health";
 /// Readiness: 200 while the model is loaded and the engine admits requests; 503 while draining.

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | proxied to a backend of the request's model ([`proxy`]) |
 //! | `GET /v1/models` | the models with at least one ready backend, and the autoscaled ones |
+//! | `GET /v1/models/{id}` | one of those, or a 404 |
 //! | `GET /health` | 200 while the process is alive |
 //! | `GET /ready` | 200 once discovery has loaded |
 //!
@@ -58,23 +59,24 @@ where
 {
     let arrived = Instant::now();
     let path = request.uri().path();
-    let key = match (&app.settings.api_keys, path) {
-        (Some(keys), PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS | PATH_MODELS) => {
-            match keys.authenticate(request.headers()) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    app.metrics.request(MODEL_UNKNOWN, "", e.status.as_u16());
-                    let mut response: Response<ResponseBody> = e.into_http();
-                    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                    return response;
-                }
+    let model_id = path.strip_prefix(PATH_MODELS).and_then(|rest| rest.strip_prefix('/')).filter(|id| !id.is_empty());
+    let guarded = model_id.is_some() || matches!(path, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS | PATH_MODELS);
+    let key = match &app.settings.api_keys {
+        Some(keys) if guarded => match keys.authenticate(request.headers()) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                app.metrics.request(MODEL_UNKNOWN, "", e.status.as_u16());
+                let mut response: Response<ResponseBody> = e.into_http();
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
             }
-        }
+        },
         _ => None,
     };
     match (request.method(), path) {
         (&Method::POST, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS) => proxy::forward(app, request, arrived, key).await,
         (&Method::GET, PATH_MODELS) => models(app),
+        (&Method::GET, _) if let Some(id) = model_id => model(app, id),
         (&Method::GET, PATH_HEALTH) => status_ok(),
         (&Method::GET, PATH_READY) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
         (method, path) => {
@@ -117,13 +119,28 @@ fn targets(app: &App) -> Response<ResponseBody> {
 /// `GET /v1/models`: every model with a backend that can take requests now, and every autoscaled one (at zero,
 /// a request starts a replica).
 fn models(app: &App) -> Response<ResponseBody> {
+    json(StatusCode::OK, &ModelList::new(listed(app)))
+}
+
+/// The models `/v1/models` lists.
+fn listed(app: &App) -> Vec<Model> {
     let now = Instant::now();
-    let data = app
-        .registry
+    app.registry
         .pools()
         .iter()
         .filter(|pool| pool.hold.enabled() || !pool.routable(now).is_empty())
         .map(|pool| Model::new(pool.name.clone(), app.created, None))
-        .collect();
-    json(StatusCode::OK, &ModelList::new(data))
+        .collect()
+}
+
+/// `GET /v1/models/{id}`: a model `/v1/models` lists, or a 404 naming the ones it does.
+fn model(app: &App, id: &str) -> Response<ResponseBody> {
+    let listed = listed(app);
+    if let Some(model) = listed.iter().find(|m| m.id == id) {
+        return json(StatusCode::OK, model);
+    }
+    let served = listed.iter().map(|m| format!("`{}`", m.id)).collect::<Vec<_>>().join(", ");
+    let response: Response<ResponseBody> = ApiError::model_not_found(id, &served).into_http();
+    app.metrics.request(MODEL_UNKNOWN, "", response.status().as_u16());
+    response
 }

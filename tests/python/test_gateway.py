@@ -122,6 +122,15 @@ def test_models_lists_the_model_of_the_ready_backends(gateway: Gateway):
     assert models.data[0].object == "model"
 
 
+def test_models_retrieve_through_the_gateway(gateway: Gateway):
+    model = gateway.client().models.retrieve(MODEL)
+    assert (model.id, model.object) == (MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as caught:
+        gateway.client().models.retrieve("org/other-model")
+    assert caught.value.body["code"] == "model_not_found"
+    assert f"`{MODEL}`" in caught.value.body["message"], caught.value.body
+
+
 def test_chat_through_the_gateway_matches_a_replica_answering_directly(gateway: Gateway, replicas: list[Server]):
     messages = [{"role": "user", "content": "Say something about whales."}]
     direct = replicas[0].client().chat.completions.create(model=MODEL, messages=messages, max_tokens=16, **GREEDY)

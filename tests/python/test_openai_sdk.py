@@ -42,6 +42,15 @@ def test_models_list(client: OpenAI):
     assert models.data[0].object == "model"
 
 
+def test_models_retrieve_the_served_model_and_404_for_another(client: OpenAI):
+    model = client.models.retrieve(MODEL)
+    assert (model.id, model.object) == (MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("deepseek-ai/not-served")
+    assert caught.value.body["code"] == "model_not_found"
+    assert "deepseek-ai/not-served" in caught.value.body["message"]
+
+
 def test_probes_and_metrics(server: Server):
     assert server.get("/health")[0] == 200
     assert server.get("/ready")[0] == 200

@@ -16,14 +16,15 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use baleen_api::http;
 use baleen_api::names::{
-    PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODELS, PATH_READY, ROUTE_UNMATCHED,
+    PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODEL, PATH_MODELS, PATH_READY,
+    ROUTE_UNMATCHED,
 };
 use baleen_api::openai::{Model, ModelList};
 use tokio::net::TcpListener;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route(PATH_CHAT_COMPLETIONS, post(chat::handle))
         .route(PATH_COMPLETIONS, post(completions::handle))
         .route(PATH_MODELS, get(models))
+        .route(PATH_MODEL, get(model))
         .route(PATH_HEALTH, get(health))
         .route(PATH_READY, get(ready))
         .route(PATH_METRICS, get(metrics))
@@ -79,6 +81,16 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
 async fn models(State(state): State<AppState>) -> Json<ModelList> {
     let info = state.engine.info();
     Json(ModelList::new(vec![Model::new(&info.served_model_name, state.created, Some(info.max_model_len))]))
+}
+
+/// `GET /v1/models/{id}`: the served model, or a 404 naming it.
+async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let info = state.engine.info();
+    if id == info.served_model_name {
+        Json(Model::new(&info.served_model_name, state.created, Some(info.max_model_len))).into_response()
+    } else {
+        ApiError::model_not_found(&id, &format!("`{}`", info.served_model_name)).into_response()
+    }
 }
 
 async fn health() -> StatusCode {
