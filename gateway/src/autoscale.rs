@@ -21,7 +21,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baleen_api::crd::{AutoscalingSpec, MetricKind};
 pub use decide::{Decision, Reason, ScalePolicy, Windows, decide};
@@ -29,7 +29,7 @@ use prometheus::Prometheus;
 use tokio::sync::Notify;
 
 use crate::App;
-use crate::backends::Pool;
+use crate::backends::{Backend, Pool};
 use crate::error::{Error, Result};
 
 /// The future an [`Actuator`] returns.
@@ -158,10 +158,10 @@ fn held_load(kind: MetricKind, held: usize) -> f64 {
 
 /// The load of `pool` now by `kind` from the probe loop's scrapes, plus its held requests; `None` when a ready
 /// head has no fresh sample.
-fn scraped(pool: &Pool, kind: MetricKind, now: Instant, stale_after: std::time::Duration) -> Option<f64> {
+fn scraped(pool: &Pool, ready: &[Arc<Backend>], kind: MetricKind, now: Instant, stale: Duration) -> Option<f64> {
     let mut load = held_load(kind, pool.hold.held());
-    for backend in pool.routable(now) {
-        let s = backend.sample().filter(|s| now.saturating_duration_since(s.at) <= stale_after)?;
+    for backend in ready {
+        let s = backend.sample().filter(|s| now.saturating_duration_since(s.at) <= stale)?;
         load += match kind {
             MetricKind::QueueDepth => s.waiting,
             MetricKind::RunningRequests => s.running,
@@ -219,11 +219,12 @@ pub async fn tick(app: &App) {
         let mut scalers = app.autoscaler.scalers.lock().unwrap_or_else(PoisonError::into_inner);
         for (model, scaler) in scalers.iter_mut() {
             let Some(pool) = app.registry.get(model) else { continue };
-            let ready_heads = pool.routable(now).len();
+            let routable = pool.routable(now);
+            let ready_heads = routable.len();
             let ready = u32::try_from(ready_heads).unwrap_or(u32::MAX) / scaler.heads_per_replica;
             let answer = answers.remove(model).filter(|(asked, _)| scaler.query.as_ref() == Some(asked));
             let load = match (&scaler.query, answer.map(|(_, answer)| answer)) {
-                (None, _) => scraped(&pool, scaler.kind, now, scaler.policy.stale_after),
+                (None, _) => scraped(&pool, &routable, scaler.kind, now, scaler.policy.stale_after),
                 (Some(_), Some(Ok(value))) => {
                     if scaler.query_error.take().is_some() {
                         tracing::info!(model = %model, "the Prometheus query answers again");

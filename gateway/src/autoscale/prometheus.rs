@@ -13,12 +13,10 @@ use baleen_api::crd::MetricKind;
 use baleen_api::names::{
     PATH_PROMETHEUS_QUERY, PROMQL_KV_CACHE_UTILIZATION, PROMQL_MODEL, PROMQL_QUEUE_DEPTH, PROMQL_RUNNING_REQUESTS,
 };
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 
 use crate::Client;
+use crate::backends::scrape;
 use crate::error::{Error, Result};
 
 /// The largest query answer read (one number, or a short vector that is refused anyway).
@@ -125,24 +123,17 @@ impl Prometheus {
         let failed = |reason: String| Error::Prometheus { query: query.to_string(), reason };
         let encoded: String = form_urlencoded::Serializer::new(String::new()).append_pair("query", query).finish();
         let url = format!("{}{PATH_PROMETHEUS_QUERY}?{encoded}", self.base);
-        let request = Request::get(url).body(Full::new(Bytes::new())).map_err(|e| failed(e.to_string()))?;
-        let answer = async {
-            let response = self.client.request(request).await.map_err(|e| failed(format!("{}: {e}", self.base)))?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| failed(format!("reading the answer: {e}")))?
-                .to_bytes();
-            // Prometheus answers 400/422/503 with a JSON error; anything else unparsable names the status.
-            parse(&body).map_err(|reason| match status.is_success() {
-                true => failed(reason),
-                false => failed(format!("HTTP {status}: {reason}")),
-            })
-        };
-        tokio::time::timeout(self.timeout, answer)
+        let answer = scrape::get(&self.client, url, self.timeout, MAX_ANSWER_BYTES);
+        // One bound on the whole query (the head and the body each have it too).
+        let (status, body) = tokio::time::timeout(self.timeout, answer)
             .await
             .map_err(|_| failed(format!("no answer from {} within {:?}", self.base, self.timeout)))?
+            .map_err(failed)?;
+        // Prometheus answers 400/422/503 with a JSON error; anything else unparsable names the status.
+        parse(&body).map_err(|reason| match status.is_success() {
+            true => failed(reason),
+            false => failed(format!("HTTP {status}: {reason}")),
+        })
     }
 }
 

@@ -69,34 +69,44 @@ fn split_sample(line: &str) -> Option<(&str, f64)> {
     Some((name, value.parse().ok()?))
 }
 
-async fn get(client: &Client, url: String, timeout: Duration) -> Option<(StatusCode, Bytes)> {
-    let request = Request::get(url).body(Full::new(Bytes::new())).ok()?;
-    let response = tokio::time::timeout(timeout, client.request(request)).await.ok()?.ok()?;
-    let status = response.status();
-    let body = tokio::time::timeout(timeout, Limited::new(response.into_body(), MAX_METRICS_BYTES).collect())
+/// `GET url`: its status and body (at most `limit` bytes); the head and the body may each take `timeout`. The
+/// error says what failed.
+pub(crate) async fn get(
+    client: &Client,
+    url: String,
+    timeout: Duration,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), String> {
+    let request = Request::get(&url).body(Full::new(Bytes::new())).map_err(|e| format!("{url}: {e}"))?;
+    let response = tokio::time::timeout(timeout, client.request(request))
         .await
-        .ok()?
-        .ok()?
+        .map_err(|_| format!("no answer from {url} within {timeout:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    let body = tokio::time::timeout(timeout, Limited::new(response.into_body(), limit).collect())
+        .await
+        .map_err(|_| format!("reading the answer of {url}: not done within {timeout:?}"))?
+        .map_err(|e| format!("reading the answer of {url}: {e}"))?
         .to_bytes();
-    Some((status, body))
+    Ok((status, body))
 }
 
 /// Probes one backend and records what it found; returns whether it is routable afterwards.
 pub async fn probe(client: &Client, model: &str, backend: &Backend, timeout: Duration, metrics: &Metrics) -> bool {
     let (ready, page) = tokio::join!(
-        get(client, format!("{}{PATH_READY}", backend.url), timeout),
-        get(client, format!("{}{PATH_METRICS}", backend.url), timeout)
+        get(client, format!("{}{PATH_READY}", backend.url), timeout, MAX_METRICS_BYTES),
+        get(client, format!("{}{PATH_METRICS}", backend.url), timeout, MAX_METRICS_BYTES)
     );
     let now = Instant::now();
     let ready = match ready {
-        Some((status, _)) => status == StatusCode::OK,
-        None => {
+        Ok((status, _)) => status == StatusCode::OK,
+        Err(_) => {
             metrics.scrape_error(model, &backend.url);
             false
         }
     };
     let sample = match page {
-        Some((StatusCode::OK, body)) => std::str::from_utf8(&body).ok().and_then(parse_load),
+        Ok((StatusCode::OK, body)) => std::str::from_utf8(&body).ok().and_then(parse_load),
         _ => None,
     };
     if sample.is_none() {

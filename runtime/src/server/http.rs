@@ -78,18 +78,23 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
     http::read_body(body, limit).await
 }
 
-async fn models(State(state): State<AppState>) -> Json<ModelList> {
+/// The one model this server serves.
+fn served(state: &AppState) -> Model {
     let info = state.engine.info();
-    Json(ModelList::new(vec![Model::new(&info.served_model_name, state.created, Some(info.max_model_len))]))
+    Model::new(&info.served_model_name, state.created, Some(info.max_model_len))
+}
+
+async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList::new(vec![served(&state)]))
 }
 
 /// `GET /v1/models/{id}`: the served model, or a 404 naming it.
 async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let info = state.engine.info();
-    if id == info.served_model_name {
-        Json(Model::new(&info.served_model_name, state.created, Some(info.max_model_len))).into_response()
+    let model = served(&state);
+    if id == model.id {
+        Json(model).into_response()
     } else {
-        ApiError::model_not_found(&id, &format!("`{}`", info.served_model_name)).into_response()
+        ApiError::model_not_found(&id, &format!("`{}`", model.id)).into_response()
     }
 }
 
