@@ -11,6 +11,8 @@ use http::{Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::openai::ErrorResponse;
 
@@ -91,6 +93,21 @@ impl ApiError {
         )
     }
 
+    /// 408: the client did not send the whole request body in time.
+    pub fn request_timeout(seconds: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_timeout"),
+            format!("the request body did not arrive within {seconds} s"),
+        )
+    }
+
+    /// 400 naming a field the server does not implement (rather than ignoring it and answering something else).
+    pub fn unsupported_param(param: &str, message: impl Into<String>) -> Self {
+        Self { code: Some("unsupported_parameter"), ..Self::invalid_param(param, message) }
+    }
+
     /// 429 with `Retry-After: 1`: a queue or a rate limit is full.
     pub fn queue_full(message: impl Into<String>) -> Self {
         Self {
@@ -162,6 +179,17 @@ pub fn json_response<B: From<Bytes>>(status: StatusCode, body: Bytes) -> Respons
     response
 }
 
+/// The key of an `Authorization: Bearer KEY` header; a 401 (OpenAI's shape) when there is none.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("an API key is required: send `Authorization: Bearer KEY`"))
+}
+
 /// 413 before any byte is read when the declared `Content-Length` is over `limit`.
 pub fn check_content_length(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
     let declared =
@@ -189,6 +217,47 @@ where
 /// `T` may borrow from `body`.
 pub fn parse_json<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+/// Objects with more top-level fields than this are not searched for the field at fault when they do not parse
+/// (each probe parses the object again).
+const MAX_PROBED_FIELDS: usize = 64;
+
+/// Parses a JSON request object into `T`; a body that is not JSON is a 400 quoting the syntax error, and a
+/// field of the wrong type is a 400 whose `param` names the field (`max_tokens`, `messages[0].content`) and
+/// whose message says what was expected.
+pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let Value::Object(fields) = &value else {
+        return Err(ApiError::invalid("the request body must be a JSON object"));
+    };
+    let error = match serde_path_to_error::deserialize::<_, T>(&value) {
+        Ok(request) => return Ok(request),
+        Err(e) => e,
+    };
+    let message = error.inner().to_string();
+    let path = error.path().to_string();
+    // Fields of flattened structs lose their path (serde buffers them): find the top-level field whose removal
+    // changes the error.
+    let param = if path != "." && !path.contains('?') {
+        Some(path)
+    } else if fields.len() <= MAX_PROBED_FIELDS {
+        fields
+            .keys()
+            .find(|key| {
+                let mut without = fields.clone();
+                without.remove(key.as_str());
+                T::deserialize(&Value::Object(without)).map_err(|e| e.to_string()).err().as_deref() != Some(&message)
+            })
+            .cloned()
+    } else {
+        None
+    };
+    Err(match param {
+        Some(param) => ApiError::invalid_param(&param, format!("invalid `{param}`: {message}")),
+        None => ApiError::invalid(format!("invalid request: {message}")),
+    })
 }
 
 /// The SSE frame of one `data:` payload.

@@ -85,6 +85,20 @@ pub const ENV_RUNTIME_NO_PREFIX_CACHING: &str = "BALEEN_RUNTIME_NO_PREFIX_CACHIN
 pub const ENV_RUNTIME_MAX_REQUEST_BYTES: &str = "BALEEN_RUNTIME_MAX_REQUEST_BYTES";
 /// Runtime: seconds to wait for in-flight requests after SIGTERM before aborting them (`--drain-timeout`).
 pub const ENV_RUNTIME_DRAIN_TIMEOUT: &str = "BALEEN_RUNTIME_DRAIN_TIMEOUT";
+/// Runtime: seconds a client may take to send a request's headers, and an idle keep-alive connection may wait
+/// for its next request (`--header-read-timeout`).
+pub const ENV_RUNTIME_HEADER_READ_TIMEOUT: &str = "BALEEN_RUNTIME_HEADER_READ_TIMEOUT";
+/// Runtime: seconds a client may take to send a request's body before HTTP 408 (`--body-read-timeout`).
+pub const ENV_RUNTIME_BODY_READ_TIMEOUT: &str = "BALEEN_RUNTIME_BODY_READ_TIMEOUT";
+/// Runtime: open client connections at most; beyond it only the probes and `/metrics` are served
+/// (`--max-connections`).
+pub const ENV_RUNTIME_MAX_CONNECTIONS: &str = "BALEEN_RUNTIME_MAX_CONNECTIONS";
+/// Runtime: API keys (comma-separated) that `/v1/*` requests must send as `Authorization: Bearer KEY`
+/// (`--api-key`).
+pub const ENV_RUNTIME_API_KEY: &str = "BALEEN_RUNTIME_API_KEY";
+/// Runtime: browser origins (comma-separated, or `*`) allowed to call the API through CORS
+/// (`--allowed-origins`).
+pub const ENV_RUNTIME_ALLOWED_ORIGINS: &str = "BALEEN_RUNTIME_ALLOWED_ORIGINS";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Runtime HTTP contract: paths on the serving port (API, probes and metrics share it, as in vLLM).

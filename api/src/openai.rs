@@ -1,8 +1,9 @@
 //! OpenAI API wire types, as the runtime serves them and the gateway forwards them.
 //!
 //! Requests accept the fields of the OpenAI API plus the vLLM extensions clients of vLLM send (`top_k`,
-//! `stop_token_ids`, `repetition_penalty`, `ignore_eos`); unknown fields are ignored, as OpenAI clients send
-//! extras. Range checks belong to the server (it knows the model's limits); these types only describe shapes.
+//! `stop_token_ids`, `repetition_penalty`, `ignore_eos`); other top-level fields are kept in the request's
+//! `extra`, where the server refuses those that would change the answer. Range checks belong to the server (it
+//! knows the model's limits); these types only describe shapes.
 //!
 //! - [`chat`]: `POST /v1/chat/completions` — [`ChatCompletionRequest`], [`ChatCompletion`],
 //!   [`ChatCompletionChunk`].
@@ -46,11 +47,13 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// The server cut the request short (shutdown after its drain timeout, or a second signal); vLLM's name.
+    Abort,
 }
 
 /// `stop`: one string or a list of strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum StopSequences {
     One(String),
     Many(Vec<String>),
@@ -103,6 +106,9 @@ pub struct GenerationOptions {
     /// vLLM extension: keep generating past EOS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_eos: Option<bool>,
+    /// Token id (as a decimal string) → a bias in [-100, 100] added to its logit before sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 /// `stream_options`.

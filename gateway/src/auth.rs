@@ -16,9 +16,8 @@ use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
-use baleen_api::http::ApiError;
+use baleen_api::http::{ApiError, bearer_token};
 use http::HeaderMap;
-use http::header::AUTHORIZATION;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -240,15 +239,7 @@ impl Keys {
     /// The key of the request's `Authorization: Bearer` header: its hash is compared with every stored hash in
     /// constant time. A 401 (OpenAI's shape) when it is missing or unknown.
     pub fn authenticate(&self, headers: &HeaderMap) -> std::result::Result<&Key, ApiError> {
-        let presented = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                ApiError::unauthorized("an API key is required: send `Authorization: Bearer KEY`".to_string())
-            })?;
+        let presented = bearer_token(headers)?;
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         for key in &self.keys {
@@ -267,6 +258,7 @@ mod tests {
     use std::time::Duration;
 
     use http::HeaderValue;
+    use http::header::AUTHORIZATION;
 
     use super::*;
 

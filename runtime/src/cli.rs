@@ -391,6 +391,7 @@ fn generate(args: &GenerateArgs) -> Result<Value> {
         frequency_penalty: args.frequency_penalty,
         presence_penalty: args.presence_penalty,
         stop_token_ids,
+        logit_bias: Vec::new(),
     };
     let mut sampler = Sampler::new(params)?;
     let model = &loaded.model;

@@ -5,12 +5,16 @@
 //! - `chat` / `completions`: the two generation endpoints; `params` turns their bodies into a
 //!   [`GenerateRequest`](crate::engine::GenerateRequest); `generate` submits it and collects or streams (SSE)
 //!   the engine's events, cancelling the request when the client goes away.
+//! - [`edge`]: what every request meets before its route — the connection cap, API keys, CORS.
+//! - [`access`]: the access log, one line per request (never prompt text).
 //! - [`error`]: [`ApiError`], every failure rendered once as OpenAI JSON.
 //! - [`cmd`]: the `serve` subcommand.
 
+pub mod access;
 mod chat;
 pub mod cmd;
 mod completions;
+pub mod edge;
 pub mod error;
 mod expert_rank;
 mod generate;
@@ -18,7 +22,9 @@ pub mod http;
 mod params;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+pub use edge::Edge;
 pub use error::ApiError;
 pub use http::{router, serve};
 
@@ -36,11 +42,45 @@ pub struct AppState {
     pub created: u64,
     /// The other ranks of this head's expert-parallel group; `/ready` waits for all of them.
     pub peers: Option<Arc<crate::expert::ExpertPeers>>,
+    /// Connection timeouts and cap.
+    pub limits: HttpLimits,
+    /// API keys and CORS origins.
+    pub edge: Arc<Edge>,
+}
+
+/// The HTTP server's connection hygiene: how long a client may take, how many connections it may hold open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request's headers must arrive within this; an idle keep-alive connection is closed after it.
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive within this (else 408).
+    pub body_read_timeout: Duration,
+    /// Open connections at most; a connection beyond it is served only the probes and `/metrics` (others get
+    /// 503) and is closed after one answer.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
+    }
 }
 
 impl AppState {
     pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
-        Self { engine, metrics, max_request_bytes, created: unix_now(), peers: None }
+        Self {
+            engine,
+            metrics,
+            max_request_bytes,
+            created: unix_now(),
+            peers: None,
+            limits: HttpLimits::default(),
+            edge: Arc::new(Edge::default()),
+        }
     }
 
     /// The model name clients must send in `model`.

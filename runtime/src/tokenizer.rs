@@ -48,7 +48,8 @@ impl Tokenizer {
     }
 
     /// The byte-level tokenizer of `builtin:tiny-moe`: ids 0..=255 are the bytes; specials 256 `<|bos|>`,
-    /// 257 `<|eos|>`, 258 `<|system|>`, 259 `<|user|>`, 260 `<|assistant|>`; vocab size 264 (261..=263 reserved).
+    /// 257 `<|eos|>`, 258 `<|system|>`, 259 `<|user|>`, 260 `<|assistant|>`, 261 `<|tool|>`; vocab size 264
+    /// (262..=263 reserved).
     /// Its chat template writes `<|bos|>`, then per turn the role marker, the content and `<|eos|>`, and
     /// `<|assistant|>` as the generation prompt. Invalid UTF-8 decodes with replacement characters.
     pub fn byte_level() -> Self {

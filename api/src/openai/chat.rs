@@ -1,10 +1,13 @@
 //! `POST /v1/chat/completions`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{FinishReason, GenerationOptions, OBJECT_CHAT_COMPLETION, OBJECT_CHAT_COMPLETION_CHUNK, Usage};
 
-/// A chat completion request. Unknown fields are ignored.
+/// A chat completion request. Fields this type does not name are kept in `extra`, for the server to refuse (or
+/// to ignore, when they cannot change the answer).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletionRequest {
     /// The served model name; absent means the one model this server runs.
@@ -27,6 +30,9 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Every other top-level field, as sent.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// One message of the conversation.
@@ -43,7 +49,7 @@ pub struct ChatMessage {
 
 /// `content`: a string or a list of parts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of content parts")]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),

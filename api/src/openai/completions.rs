@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{FinishReason, GenerationOptions, OBJECT_TEXT_COMPLETION, Usage};
 
-/// A completion request. Unknown fields are ignored.
+/// A completion request. Fields this type does not name are kept in `extra`, for the server to refuse (or to
+/// ignore, when they cannot change the answer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionRequest {
     /// The served model name; absent means the one model this server runs.
@@ -28,11 +29,14 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Every other top-level field, as sent.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// `prompt`: text, token ids, or a batch of either.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string, a list of token ids, or a list of one of those")]
 pub enum Prompt {
     Text(String),
     Texts(Vec<String>),

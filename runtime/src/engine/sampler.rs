@@ -4,6 +4,7 @@
 //! 1. repetition penalty over the distinct ids of prompt and generated text (HF/vLLM: `logit > 0 ? logit / p :
 //!    logit * p`);
 //! 2. frequency and presence penalties over the generated ids (OpenAI: `logit -= f * count + p * (count > 0)`);
+//!    then `logit_bias` (OpenAI: the bias is added to the token's logit; -100 bans it, 100 all but forces it);
 //! 3. temperature 0 → greedy argmax (lowest index wins ties; the RNG is not touched);
 //! 4. otherwise `logit / temperature`, keep the `top_k` largest, keep the smallest prefix of the descending
 //!    softmax whose mass reaches `top_p` (at least one token), and draw from the renormalized distribution.
@@ -32,6 +33,8 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Extra ids that end generation (besides the tokenizer's EOS ids, which the engine checks itself).
     pub stop_token_ids: Vec<u32>,
+    /// (token id, bias) pairs added to the logits before sampling; each bias in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -45,6 +48,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             stop_token_ids: Vec::new(),
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -74,6 +78,9 @@ impl SamplingParams {
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
             return invalid("presence_penalty", "in [-2, 2]", self.presence_penalty);
+        }
+        if let Some(&(_, bias)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return invalid("logit_bias", "a map of token ids to biases in [-100, 100]", bias);
         }
         Ok(())
     }
@@ -192,6 +199,11 @@ impl Sampler {
             }
             for (i, count) in counts {
                 logits[i] -= p.frequency_penalty * count as f32 + p.presence_penalty;
+            }
+        }
+        for &(id, bias) in &p.logit_bias {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit += bias;
             }
         }
     }
@@ -408,6 +420,20 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_is_added_after_the_penalties_and_can_ban_or_force_a_token() {
+        let s = sampler(SamplingParams {
+            presence_penalty: 1.0,
+            logit_bias: vec![(0, -100.0), (2, 5.0), (99, 100.0)],
+            ..SamplingParams::greedy()
+        });
+        let mut logits = vec![3.0, 1.0, 1.0];
+        s.apply_penalties(&mut logits, &[], &[2]);
+        assert_eq!(logits, vec![-97.0, 1.0, 5.0], "ids outside the vocabulary are skipped");
+        let mut s = sampler(SamplingParams { logit_bias: vec![(1, 100.0)], ..sampling(1.0, 4) });
+        assert!((0..50).all(|_| s.sample(&[2.0, 0.0, 1.0], &[], &[]).unwrap() == 1));
+    }
+
+    #[test]
     fn invalid_params_are_rejected_naming_the_parameter() {
         let cases = [
             (SamplingParams { temperature: -0.1, ..Default::default() }, "temperature"),
@@ -418,6 +444,8 @@ mod tests {
             (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
             (SamplingParams { frequency_penalty: 2.5, ..Default::default() }, "frequency_penalty"),
             (SamplingParams { presence_penalty: -2.01, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { logit_bias: vec![(1, 100.5)], ..Default::default() }, "logit_bias"),
+            (SamplingParams { logit_bias: vec![(1, f32::NAN)], ..Default::default() }, "logit_bias"),
         ];
         for (params, name) in cases {
             let err = Sampler::new(params).unwrap_err();

@@ -1,32 +1,47 @@
 //! `POST /v1/chat/completions`.
 
+use std::sync::Arc;
+
+use axum::Extension;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use baleen_api::http::parse_json;
+use baleen_api::http::parse_request;
 use baleen_api::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
     ChatResponseMessage, ChatTokenLogprob, FinishReason as WireFinishReason, TopLogprob,
 };
 
+use super::access::Access;
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
 use super::http::read_body;
-use super::params::{CommonParams, check_model, new_request_id};
+use super::params::{CommonParams, ModelLimits, check_model, new_request_id};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
 use crate::tokenizer::ChatMessage;
 
 const ROLE_ASSISTANT: &str = "assistant";
+/// OpenAI's `developer` role (instructions that outrank the user's): rendered as a system turn, since model
+/// chat templates know `system` and would skip an unknown role.
+const ROLE_DEVELOPER: &str = "developer";
+const ROLE_SYSTEM: &str = "system";
+/// The roles a conversation may hold.
+const ROLES: [&str; 5] = [ROLE_SYSTEM, ROLE_DEVELOPER, "user", ROLE_ASSISTANT, "tool"];
 
-pub(crate) async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    run(state, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+pub(crate) async fn handle(
+    State(state): State<AppState>,
+    Extension(access): Extension<Arc<Access>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run(state, access, headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn run(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(&headers, body, state.max_request_bytes).await?;
-    let req: ChatCompletionRequest = parse_json(&body)?;
+async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(&state, &headers, body).await?;
+    let req: ChatCompletionRequest = parse_request(&body)?;
     let served = state.served_model_name().to_string();
     check_model(req.model.as_deref(), &served)?;
     let params = CommonParams::from_chat(&req)?;
@@ -35,9 +50,9 @@ async fn run(state: AppState, headers: HeaderMap, body: Body) -> Result<Response
     let text = tokenizer.apply_chat_template(&messages, true)?;
     let prompt = tokenizer.encode(&text, false)?;
     let id = new_request_id("chatcmpl");
-    let request = params.into_request(id.clone(), prompt, state.engine.info().max_model_len)?;
+    let request = params.into_request(id.clone(), prompt, "messages", ModelLimits::from(state.engine.info()))?;
     let with_logprobs = request.logprobs.is_some();
-    let submitted = submit(&state.engine, request)?;
+    let submitted = submit(&state.engine, request, access)?;
     let created = unix_now();
 
     if req.options.stream.unwrap_or(false) {
@@ -58,19 +73,31 @@ async fn run(state: AppState, headers: HeaderMap, body: Body) -> Result<Response
     Ok(Json(ChatCompletion::new(id, created, served, vec![choice], usage)).into_response())
 }
 
-/// The conversation as the chat template takes it; content parts other than text are refused.
+/// The conversation as the chat template takes it: roles are OpenAI's (`developer` becomes `system`), content
+/// parts other than text are refused.
 fn messages(req: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
     req.messages
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                ROLE_DEVELOPER => ROLE_SYSTEM,
+                role if ROLES.contains(&role) => role,
+                other => {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].role"),
+                        format!("unknown role `{other}`; a message's role is one of {}", ROLES.join(", ")),
+                    ));
+                }
+            };
             let content = match &m.content {
-                Some(c) => c.to_text().map_err(|e| ApiError::invalid_param("messages", e))?,
+                Some(c) => c.to_text().map_err(|e| ApiError::invalid_param(&format!("messages[{i}].content"), e))?,
                 None => String::new(),
             };
-            Ok(ChatMessage::new(m.role.clone(), content))
+            Ok(ChatMessage::new(role.to_string(), content))
         })
         .collect()
 }

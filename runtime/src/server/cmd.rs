@@ -1,6 +1,7 @@
 //! `baleen-runtime serve`: load the model, start the engine thread, serve HTTP until SIGTERM or Ctrl-C, then
 //! drain (new requests get 503, `/ready` turns 503, in-flight requests finish or `--drain-timeout` passes), stop
-//! the engine and the HTTP server, and exit 0.
+//! the engine and the HTTP server, and exit: 0 when every in-flight request finished, 1 when the drain timeout or
+//! a second signal cut some short (their streams end with `finish_reason: "abort"`).
 //!
 //! Once bound, it prints exactly one line on stdout, `baleen-runtime listening on http://HOST:PORT`, with the
 //! port actually bound (`--port 0` picks a free one); tests and `baleen up` parse it.
@@ -16,10 +17,14 @@ use baleen_api::names::{
     ENV_RUNTIME_MAX_REQUEST_BYTES, ENV_RUNTIME_MAX_WAITING, ENV_RUNTIME_NO_PREFIX_CACHING, ENV_RUNTIME_PORT,
     ENV_RUNTIME_SERVED_MODEL_NAME, RUNTIME_LISTENING_PREFIX,
 };
+use baleen_api::names::{
+    ENV_RUNTIME_ALLOWED_ORIGINS, ENV_RUNTIME_API_KEY, ENV_RUNTIME_BODY_READ_TIMEOUT, ENV_RUNTIME_HEADER_READ_TIMEOUT,
+    ENV_RUNTIME_MAX_CONNECTIONS,
+};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use super::{AppState, serve};
+use super::{AppState, Edge, HttpLimits, serve};
 use crate::cli::ModelArgs;
 use crate::device::{parse_device, parse_dtype};
 use crate::engine::{EngineConfig, EngineHandle, KvCacheMemory};
@@ -32,13 +37,15 @@ const HTTP_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const ENGINE_WATCH: Duration = Duration::from_millis(500);
 /// How often the drain checks for requests still in flight.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// File descriptors kept for everything but client connections (model files, the expert transport, logs).
+const RESERVED_FDS: u64 = 256;
 
 /// The flags of `baleen-runtime serve`; each can also come from its `BALEEN_RUNTIME_*` variable.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Address to bind.
+    /// Address to bind: 0.0.0.0 (every interface) suits a pod; use 127.0.0.1 to serve this machine only.
     #[arg(long, default_value = "0.0.0.0", env = ENV_RUNTIME_HOST)]
     pub host: String,
     /// Port to bind; 0 picks a free one (the listening line says which).
@@ -74,6 +81,23 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGTERM before aborting them.
     #[arg(long, default_value_t = 30, env = ENV_RUNTIME_DRAIN_TIMEOUT)]
     pub drain_timeout: u64,
+    /// Seconds a client may take to send a request's headers; idle keep-alive connections close after it too.
+    #[arg(long, default_value_t = 60, env = ENV_RUNTIME_HEADER_READ_TIMEOUT)]
+    pub header_read_timeout: u64,
+    /// Seconds a client may take to send a request's body (else 408).
+    #[arg(long, default_value_t = 60, env = ENV_RUNTIME_BODY_READ_TIMEOUT)]
+    pub body_read_timeout: u64,
+    /// Open client connections at most; beyond it a connection is served only /health, /ready and /metrics
+    /// (others get 503) and closed after one answer.
+    #[arg(long, default_value_t = 4096, env = ENV_RUNTIME_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// API keys, comma-separated: /v1/* then needs `Authorization: Bearer KEY` (the probes and /metrics stay
+    /// open). Prefer the variable to the flag, which other users of the machine can read.
+    #[arg(long, env = ENV_RUNTIME_API_KEY, value_delimiter = ',', hide_env_values = true)]
+    pub api_key: Vec<String>,
+    /// Browser origins allowed to call the API (CORS), comma-separated, or `*`; none by default.
+    #[arg(long, env = ENV_RUNTIME_ALLOWED_ORIGINS, value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 impl ServeArgs {
@@ -87,6 +111,7 @@ impl ServeArgs {
             }
         };
         positive("max-request-bytes", self.max_request_bytes)?;
+        self.http_limits()?;
         if let Some(len) = self.max_model_len {
             positive("max-model-len", len)?;
         }
@@ -98,6 +123,25 @@ impl ServeArgs {
             block_size: positive("block-size", self.block_size)?,
             max_waiting: positive("max-waiting", self.max_waiting)?,
             enable_prefix_caching: !self.no_prefix_caching,
+        })
+    }
+
+    /// The connection timeouts and cap; zero is refused with the flag's name.
+    pub fn http_limits(&self) -> Result<HttpLimits> {
+        let seconds = |name: &str, v: u64| {
+            if v == 0 {
+                Err(Error::Setting { name: name.to_string(), reason: "must be at least 1 second".to_string() })
+            } else {
+                Ok(Duration::from_secs(v))
+            }
+        };
+        if self.max_connections == 0 {
+            return Err(Error::Setting { name: "max-connections".into(), reason: "must be at least 1".into() });
+        }
+        Ok(HttpLimits {
+            header_read_timeout: seconds("header-read-timeout", self.header_read_timeout)?,
+            body_read_timeout: seconds("body-read-timeout", self.body_read_timeout)?,
+            max_connections: self.max_connections,
         })
     }
 
@@ -166,6 +210,9 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
     }
     let drained = served_result?;
     tracing::info!(model = %served, drained, "stopped");
+    if !drained {
+        return Err(Error::Server("stopped before every in-flight request finished (they were aborted)".into()));
+    }
     Ok(Value::Null)
 }
 
@@ -184,6 +231,9 @@ async fn serve_until_signal(
     announce(addr)?;
     let mut state = AppState::new(engine.clone(), metrics, args.max_request_bytes);
     state.peers = peers;
+    state.limits = args.http_limits()?;
+    state.edge = Arc::new(Edge::new(&args.api_key, &args.allowed_origins));
+    raise_open_file_limit(state.limits.max_connections);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(serve(listener, state, async {
         let _ = http_stopped.await;
@@ -221,6 +271,20 @@ async fn serve_until_signal(
         }
     }
     Ok(drained)
+}
+
+/// Raises the soft open-file limit to the hard one, so the connection cap (not the file limit) is what refuses
+/// clients; warns when even the hard limit is below the cap plus the descriptors kept for the rest.
+fn raise_open_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + RESERVED_FDS => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below --max-connections plus {RESERVED_FDS}: lower --max-connections"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// Completes if the engine thread stops while nobody asked it to (it failed).

@@ -1,30 +1,38 @@
 //! `POST /v1/completions`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use baleen_api::http::parse_json;
+use baleen_api::http::parse_request;
 use baleen_api::openai::{
     Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason as WireFinishReason, SinglePrompt,
 };
 
+use super::access::Access;
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
 use super::http::read_body;
-use super::params::{CommonParams, check_model, new_request_id};
+use super::params::{CommonParams, ModelLimits, check_model, new_request_id};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
 
-pub(crate) async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    run(state, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+pub(crate) async fn handle(
+    State(state): State<AppState>,
+    Extension(access): Extension<Arc<Access>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run(state, access, headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn run(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(&headers, body, state.max_request_bytes).await?;
-    let req: CompletionRequest = parse_json(&body)?;
+async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(&state, &headers, body).await?;
+    let req: CompletionRequest = parse_request(&body)?;
     let served = state.served_model_name().to_string();
     check_model(req.model.as_deref(), &served)?;
     let params = CommonParams::from_completion(&req)?;
@@ -33,9 +41,9 @@ async fn run(state: AppState, headers: HeaderMap, body: Body) -> Result<Response
         SinglePrompt::Tokens(ids) => ids,
     };
     let id = new_request_id("cmpl");
-    let request = params.into_request(id.clone(), prompt, state.engine.info().max_model_len)?;
+    let request = params.into_request(id.clone(), prompt, "prompt", ModelLimits::from(state.engine.info()))?;
     let with_logprobs = request.logprobs.is_some();
-    let submitted = submit(&state.engine, request)?;
+    let submitted = submit(&state.engine, request, access)?;
     let created = unix_now();
 
     if req.options.stream.unwrap_or(false) {

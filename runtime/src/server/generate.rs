@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +14,7 @@ use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
+use super::access::Access;
 use crate::engine::{EngineHandle, Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage};
 
 /// Cancels the request's token when dropped: on a normal end (harmless: the engine is done with it) and when
@@ -26,20 +28,34 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// A submitted request: its events and the guard that cancels it.
+/// A submitted request: its events, the guard that cancels it, and its access-log record (kept until the
+/// request ends, so a stream's line is written when the stream ends).
 #[derive(Debug)]
 pub(crate) struct Submitted {
     pub events: EventStream,
-    pub guard: CancelOnDrop,
+    pub _guard: CancelOnDrop,
     pub prompt_tokens: usize,
+    pub access: Arc<Access>,
+}
+
+impl Submitted {
+    /// Records the end of the request for the access log.
+    fn record(&self, reason: FinishReason, usage: &Usage) {
+        self.access.finished(*usage, finish_name(reason));
+    }
 }
 
 /// Submits `request`; the guard exists before the engine sees the request.
-pub(crate) fn submit(engine: &EngineHandle, request: GenerateRequest) -> Result<Submitted, ApiError> {
+pub(crate) fn submit(
+    engine: &EngineHandle,
+    request: GenerateRequest,
+    access: Arc<Access>,
+) -> Result<Submitted, ApiError> {
     let guard = CancelOnDrop(request.cancel.clone());
     let prompt_tokens = request.prompt.len();
+    access.set_request_id(&request.request_id);
     let events = engine.submit(request)?;
-    Ok(Submitted { events, guard, prompt_tokens })
+    Ok(Submitted { events, _guard: guard, prompt_tokens, access })
 }
 
 /// Everything a finished request produced.
@@ -57,16 +73,25 @@ pub(crate) fn wire_usage(usage: &Usage, submitted_prompt_tokens: usize) -> WireU
     WireUsage::new(prompt, usage.completion_tokens, usage.cached_tokens)
 }
 
-/// The OpenAI finish reason of an engine finish; `Abort` (shutdown aborted the request) is an error.
-pub(crate) fn wire_finish(reason: FinishReason) -> Result<WireFinishReason, ApiError> {
+/// The OpenAI finish reason of an engine finish (`abort`: shutdown cut the request short, vLLM's name).
+pub(crate) fn wire_finish(reason: FinishReason) -> WireFinishReason {
     match reason {
-        FinishReason::Stop => Ok(WireFinishReason::Stop),
-        FinishReason::Length => Ok(WireFinishReason::Length),
-        FinishReason::Abort => Err(ApiError::unavailable("the request was aborted: the server is shutting down")),
+        FinishReason::Stop => WireFinishReason::Stop,
+        FinishReason::Length => WireFinishReason::Length,
+        FinishReason::Abort => WireFinishReason::Abort,
     }
 }
 
-/// Waits for the request to finish and gathers its text, logprobs and usage.
+fn finish_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
+}
+
+/// Waits for the request to finish and gathers its text, logprobs and usage. A request that shutdown aborted is
+/// a 503 (retryable elsewhere; a stream instead ends with `finish_reason: "abort"`).
 pub(crate) async fn collect(mut submitted: Submitted) -> Result<Collected, ApiError> {
     let mut out = Collected::default();
     while let Some(event) = submitted.events.recv().await {
@@ -76,8 +101,12 @@ pub(crate) async fn collect(mut submitted: Submitted) -> Result<Collected, ApiEr
                 out.logprobs.extend(logprob);
             }
             Event::Finished { reason, usage, text } => {
+                submitted.record(reason, &usage);
+                if reason == FinishReason::Abort {
+                    return Err(ApiError::unavailable("the request was aborted: the server is shutting down"));
+                }
                 out.text.push_str(&text);
-                out.finish_reason = Some(wire_finish(reason)?);
+                out.finish_reason = Some(wire_finish(reason));
                 out.usage = usage;
                 return Ok(out);
             }
@@ -98,21 +127,21 @@ pub(crate) trait StreamFormat: Send + 'static {
 }
 
 struct StreamState<F> {
-    events: EventStream,
-    _guard: CancelOnDrop,
+    submitted: Submitted,
     format: F,
     pending: VecDeque<Bytes>,
     done: bool,
 }
 
-/// The stream of SSE frames for a submitted request: `format`'s payloads, then `data: [DONE]`. An engine error
-/// becomes an error payload followed by `[DONE]`. Dropping the stream cancels the request.
+/// The stream of SSE frames for a submitted request: `format`'s payloads, then `data: [DONE]`. A request that
+/// shutdown aborted ends like any other, with `finish_reason: "abort"` (and usage when asked for). An engine
+/// error becomes an error payload followed by `[DONE]`. Dropping the stream cancels the request.
 pub(crate) fn sse_stream<F: StreamFormat>(
     submitted: Submitted,
     mut format: F,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let pending: VecDeque<Bytes> = format.start().iter().map(|p| sse_frame(p)).collect();
-    let state = StreamState { events: submitted.events, _guard: submitted.guard, format, pending, done: false };
+    let state = StreamState { submitted, format, pending, done: false };
     futures_util::stream::unfold(state, |mut s| async move {
         loop {
             if let Some(frame) = s.pending.pop_front() {
@@ -121,14 +150,12 @@ pub(crate) fn sse_stream<F: StreamFormat>(
             if s.done {
                 return None;
             }
-            let payloads = match s.events.recv().await {
+            let payloads = match s.submitted.events.recv().await {
                 Some(Event::Token { text, logprob, .. }) => s.format.token(&text, logprob.as_ref()),
                 Some(Event::Finished { reason, usage, text }) => {
                     s.done = true;
-                    match wire_finish(reason) {
-                        Ok(reason) => s.format.finish(reason, &usage, &text),
-                        Err(e) => vec![e.json()],
-                    }
+                    s.submitted.record(reason, &usage);
+                    s.format.finish(wire_finish(reason), &usage, &text)
                 }
                 Some(Event::Error(message)) => {
                     s.done = true;
@@ -184,7 +211,8 @@ mod tests {
     fn submitted() -> (tokio::sync::mpsc::UnboundedSender<Event>, Submitted, CancellationToken) {
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let token = CancellationToken::new();
-        (tx, Submitted { events, guard: CancelOnDrop(token.clone()), prompt_tokens: 1 }, token)
+        let access = Access::new("POST", "/v1/completions");
+        (tx, Submitted { events, _guard: CancelOnDrop(token.clone()), prompt_tokens: 1, access }, token)
     }
 
     fn token(text: &str) -> Event {
@@ -205,6 +233,16 @@ mod tests {
         let got = frames(sse_stream(sub, Echo)).await;
         assert_eq!(got, vec!["data: start\n\n", "data: t:a\n\n", "data: f:b:Length:2\n\n", "data: [DONE]\n\n"]);
         assert!(cancel.is_cancelled(), "the guard cancels once the stream is gone");
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_by_shutdown_ends_with_finish_reason_abort_and_done() {
+        let (tx, sub, _) = submitted();
+        tx.send(token("a")).unwrap();
+        let usage = Usage { prompt_tokens: 1, completion_tokens: 1, cached_tokens: 0 };
+        tx.send(Event::Finished { reason: FinishReason::Abort, usage, text: String::new() }).unwrap();
+        let got = frames(sse_stream(sub, Echo)).await;
+        assert_eq!(got, vec!["data: start\n\n", "data: t:a\n\n", "data: f::Abort:1\n\n", "data: [DONE]\n\n"]);
     }
 
     #[tokio::test]

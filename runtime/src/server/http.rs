@@ -1,5 +1,6 @@
-//! The router: routes, the request-size limit, per-route HTTP metrics, OpenAI-shaped 404/405 answers, the probes
-//! and `/metrics`, and [`serve`].
+//! The router: routes, the request-size limit, per-route HTTP metrics and the access log, OpenAI-shaped 404/405
+//! answers, the probes and `/metrics`, and [`serve`]: hyper's HTTP/1.1 server with connection hygiene (a
+//! header-read timeout that also closes idle keep-alive connections, a body-read timeout, a connection cap).
 //!
 //! | route | answer |
 //! |---|---|
@@ -9,8 +10,10 @@
 //! | `GET /ready` | 200 while the engine admits requests, 503 while draining |
 //! | `GET /metrics` | Prometheus text format |
 
+use std::convert::Infallible;
 use std::future::Future;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -27,12 +30,28 @@ use baleen_api::names::{
     ROUTE_UNMATCHED,
 };
 use baleen_api::openai::{Model, ModelList};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
+use super::access::Access;
+use super::edge::{OverCapacity, edge};
 use super::{ApiError, AppState, chat, completions};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-/// The application: every route (the paths are in `baleen_api::names`, also the `route` metric label), bodies over `state.max_request_bytes` are refused (413) by the handlers before parsing ([`read_body`]).
+/// A connection over the cap must send its request's headers within this (or the configured timeout, if
+/// shorter): it holds a file descriptor the server may need for a probe.
+const OVER_CAPACITY_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long accepting pauses after a failed accept (out of file descriptors and the like).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The application: every route (the paths are in `baleen_api::names`, also the `route` metric label) behind
+/// the edge (connection cap, API keys, CORS) and the metrics and access log; bodies over
+/// `state.max_request_bytes` are refused (413) by the handlers before parsing ([`read_body`]).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(PATH_CHAT_COMPLETIONS, post(chat::handle))
@@ -44,38 +63,99 @@ pub fn router(state: AppState) -> Router {
         .route(PATH_METRICS, get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` completes, then stops accepting and waits for the
-/// connections in flight to finish.
+/// connections in flight to finish (idle keep-alive connections are closed at once).
+///
+/// Each connection gets `state.limits.header_read_timeout` to send a request's headers (hyper's timer also runs
+/// while a keep-alive connection waits for its next request, so idle connections close after it). Beyond
+/// `state.limits.max_connections` open connections a new one is still accepted — so a probe always gets in —
+/// but it is served only `/health`, `/ready` and `/metrics` (others get 503), with a short header timeout and
+/// no keep-alive.
 pub async fn serve<F>(listener: TcpListener, state: AppState, shutdown: F) -> Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::Server(format!("serving HTTP failed: {e}")))
+    let limits = state.limits;
+    let app = router(state);
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let permit = Arc::clone(&open).try_acquire_owned().ok();
+        let over_capacity = permit.is_none();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+        if over_capacity {
+            builder.keep_alive(false).header_read_timeout(limits.header_read_timeout.min(OVER_CAPACITY_HEADER_TIMEOUT));
+        }
+        let app = app.clone();
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+            if over_capacity {
+                request.extensions_mut().insert(OverCapacity);
+            }
+            let app = app.clone();
+            async move {
+                let response: Result<Response, Infallible> = app.oneshot(request.map(Body::new)).await;
+                response
+            }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
-/// Counts every answer by route template and status; the duration runs to the response head.
-async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Counts every answer by route template and status (the duration runs to the response head) and opens the
+/// request's access-log record, which handlers fill in and which is written once nobody holds it.
+async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let route = match request.extensions().get::<MatchedPath>() {
         Some(path) => path.as_str().to_string(),
         None => ROUTE_UNMATCHED.to_string(),
     };
+    let access = Access::new(request.method().as_str(), request.uri().path());
+    request.extensions_mut().insert(Arc::clone(&access));
     let start = Instant::now();
     let response = next.run(request).await;
-    state.metrics.observe_http(&route, response.status().as_u16(), start.elapsed().as_secs_f64());
+    let status = response.status().as_u16();
+    access.set_status(status);
+    state.metrics.observe_http(&route, status, start.elapsed().as_secs_f64());
     response
 }
 
-/// The request body, capped at `limit` before parsing (413 on a declared or actual size over it).
-pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The request body, capped at `state.max_request_bytes` (413 on a declared size over it, before any byte is
+/// read and without a `100 Continue`; 413 on an actual size over it) and read within
+/// `state.limits.body_read_timeout` (else 408).
+pub(crate) async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.max_request_bytes;
     http::check_content_length(headers, limit)?;
-    http::read_body(body, limit).await
+    let timeout = state.limits.body_read_timeout;
+    tokio::time::timeout(timeout, http::read_body(body, limit))
+        .await
+        .unwrap_or_else(|_| Err(ApiError::request_timeout(timeout.as_secs())))
 }
 
 /// The one model this server serves.

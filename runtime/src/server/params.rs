@@ -1,9 +1,12 @@
 //! From an OpenAI request body to an engine [`GenerateRequest`]: the checks both generation endpoints share
-//! (served model, `n`, sampling ranges, context length) and the mapping of their parameters.
+//! (served model, `n`, sampling ranges, context length, the limits that bound a request's cost), the refusal of
+//! every field the server does not implement, and the mapping of the parameters.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use baleen_api::openai::{ChatCompletionRequest, CompletionRequest, GenerationOptions};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
@@ -12,6 +15,48 @@ use crate::engine::sampler::SamplingParams;
 
 /// Most alternatives per token a request may ask for (`top_logprobs`, completions' `logprobs`), as in vLLM.
 pub(crate) const MAX_LOGPROBS: u32 = 20;
+/// Most `stop` strings a request may send (each is matched against the text after every token).
+pub(crate) const MAX_STOP_STRINGS: usize = 16;
+/// Longest `stop` string, in bytes.
+pub(crate) const MAX_STOP_STRING_BYTES: usize = 256;
+/// Most `stop_token_ids` a request may send.
+pub(crate) const MAX_STOP_TOKEN_IDS: usize = 64;
+/// Most `logit_bias` entries a request may send (OpenAI allows 300 too).
+pub(crate) const MAX_LOGIT_BIAS: usize = 300;
+
+/// Top-level fields accepted and ignored because they cannot change the answer: metadata and routing hints of
+/// the OpenAI API.
+const IGNORED_FIELDS: [&str; 6] =
+    ["metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"];
+
+/// Refuses every field the server would otherwise ignore: a field either works or is a 400 naming it. A `null`
+/// value counts as absent; a value that asks for the default behaviour (`response_format: {"type": "text"}`,
+/// `tools: []`, `tool_choice: "none"`, `suffix: ""`) is accepted.
+pub(crate) fn check_unsupported(extra: &BTreeMap<String, Value>) -> Result<(), ApiError> {
+    for (name, value) in extra {
+        if value.is_null() || IGNORED_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        let message = match name.as_str() {
+            "response_format" => match value.get("type").and_then(Value::as_str) {
+                Some("text") => continue,
+                Some(kind) => format!(
+                    "`response_format` of type `{kind}` (structured output) is not supported by this server yet"
+                ),
+                None => "`response_format` must be an object with a `type`".to_string(),
+            },
+            "tools" | "functions" if value.as_array().is_some_and(Vec::is_empty) => continue,
+            "tool_choice" | "function_call" if value.as_str() == Some("none") => continue,
+            "tools" | "tool_choice" | "functions" | "function_call" => {
+                format!("tool calling (`{name}`) is not supported by this server yet")
+            }
+            "suffix" if value.as_str() == Some("") => continue,
+            _ => format!("`{name}` is not supported by this server: it would be ignored, so it is refused"),
+        };
+        return Err(ApiError::unsupported_param(name, message));
+    }
+    Ok(())
+}
 
 /// The generation parameters both endpoints share.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +70,7 @@ pub(crate) struct CommonParams {
 impl CommonParams {
     /// The chat request's parameters; `logprobs: true` with `top_logprobs: k` asks for `k` alternatives.
     pub fn from_chat(r: &ChatCompletionRequest) -> Result<Self, ApiError> {
+        check_unsupported(&r.extra)?;
         let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
             (false, Some(k)) if k > 0 => {
                 return Err(ApiError::invalid_param("top_logprobs", "`top_logprobs` requires `logprobs: true`"));
@@ -37,6 +83,7 @@ impl CommonParams {
 
     /// The completion request's parameters; `echo: true` and `best_of > 1` are refused.
     pub fn from_completion(r: &CompletionRequest) -> Result<Self, ApiError> {
+        check_unsupported(&r.extra)?;
         if r.echo.unwrap_or(false) {
             return Err(ApiError::invalid_param("echo", "echo: only false is supported"));
         }
@@ -50,8 +97,9 @@ impl CommonParams {
         })
     }
 
-    /// Sampling parameters with OpenAI's defaults (temperature 1, top_p 1), range-checked by the sampler.
-    pub fn sampling(&self) -> Result<SamplingParams, ApiError> {
+    /// Sampling parameters with OpenAI's defaults (temperature 1, top_p 1), range-checked by the sampler;
+    /// token ids (`stop_token_ids`, `logit_bias`) must be below `vocab_size`.
+    pub fn sampling(&self, vocab_size: usize) -> Result<SamplingParams, ApiError> {
         // vLLM's convention: -1 and 0 turn top-k off; any other negative value is an error, never a silent default.
         let top_k = match self.options.top_k {
             None | Some(-1) => 0,
@@ -70,7 +118,8 @@ impl CommonParams {
             repetition_penalty: self.options.repetition_penalty.unwrap_or(1.0),
             frequency_penalty: self.options.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.options.presence_penalty.unwrap_or(0.0),
-            stop_token_ids: self.options.stop_token_ids.clone().unwrap_or_default(),
+            stop_token_ids: self.stop_token_ids(vocab_size)?,
+            logit_bias: self.logit_bias(vocab_size)?,
         };
         if let Err(e) = params.validate() {
             let message = match e {
@@ -85,25 +134,88 @@ impl CommonParams {
         Ok(params)
     }
 
-    /// The engine request for `prompt`. Without `max_tokens` the completion may fill the rest of the context.
+    fn stop_token_ids(&self, vocab_size: usize) -> Result<Vec<u32>, ApiError> {
+        let ids = self.options.stop_token_ids.clone().unwrap_or_default();
+        if ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::invalid_param(
+                "stop_token_ids",
+                format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {}", ids.len()),
+            ));
+        }
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(ApiError::invalid_param(
+                "stop_token_ids",
+                format!("stop_token_ids: {id} is not a token id of this model (vocabulary of {vocab_size})"),
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// `logit_bias` as (id, bias) pairs: keys are decimal token ids below `vocab_size`, at most
+    /// [`MAX_LOGIT_BIAS`] of them (the biases' range is the sampler's check).
+    fn logit_bias(&self, vocab_size: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(bias) = &self.options.logit_bias else { return Ok(Vec::new()) };
+        let invalid = |message: String| ApiError::invalid_param("logit_bias", message);
+        if bias.len() > MAX_LOGIT_BIAS {
+            return Err(invalid(format!(
+                "at most {MAX_LOGIT_BIAS} logit_bias entries are allowed, got {}",
+                bias.len()
+            )));
+        }
+        bias.iter()
+            .map(|(key, &value)| match key.parse::<u32>() {
+                Ok(id) if (id as usize) < vocab_size => Ok((id, value)),
+                _ => Err(invalid(format!(
+                    "logit_bias: the key `{key}` is not a token id of this model (an integer below {vocab_size})"
+                ))),
+            })
+            .collect()
+    }
+
+    /// The `stop` strings, within [`MAX_STOP_STRINGS`] and [`MAX_STOP_STRING_BYTES`].
+    fn stop_strings(&self) -> Result<Vec<String>, ApiError> {
+        let stop = self.options.stop.as_ref().map(|s| s.to_vec()).unwrap_or_default();
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", stop.len()),
+            ));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("stop strings may be at most {MAX_STOP_STRING_BYTES} bytes long, got one of {}", long.len()),
+            ));
+        }
+        Ok(stop)
+    }
+
+    /// The engine request for `prompt` (sent as `prompt_param`: `messages` or `prompt`). Without `max_tokens`
+    /// the completion may fill the rest of the context.
     pub fn into_request(
         self,
         request_id: String,
         prompt: Vec<u32>,
-        max_model_len: usize,
+        prompt_param: &str,
+        limits: ModelLimits,
     ) -> Result<GenerateRequest, ApiError> {
+        let max_model_len = limits.max_model_len;
         if self.options.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid_param("n", "n: only 1 is supported"));
         }
-        let sampling = self.sampling()?;
+        let sampling = self.sampling(limits.vocab_size)?;
+        let stop = self.stop_strings()?;
         if prompt.is_empty() {
-            return Err(ApiError::invalid("the prompt is empty"));
+            return Err(ApiError::invalid_param(prompt_param, "the prompt is empty"));
         }
         if prompt.len() >= max_model_len {
-            return Err(ApiError::invalid(format!(
-                "this model's maximum context length is {max_model_len} tokens, but the prompt has {} tokens",
-                prompt.len()
-            )));
+            return Err(ApiError::invalid_param(
+                prompt_param,
+                format!(
+                    "this model's maximum context length is {max_model_len} tokens, but the prompt has {} tokens",
+                    prompt.len()
+                ),
+            ));
         }
         let max_tokens = match self.max_tokens {
             Some(0) => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
@@ -115,12 +227,25 @@ impl CommonParams {
             prompt,
             sampling,
             max_tokens,
-            stop: self.options.stop.map(|s| s.to_vec()).unwrap_or_default(),
+            stop,
             ignore_eos: self.options.ignore_eos.unwrap_or(false),
             logprobs: self.logprobs,
             cancel: CancellationToken::new(),
             stream: self.options.stream.unwrap_or(false),
         })
+    }
+}
+
+/// The model's sizes a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModelLimits {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+}
+
+impl From<&crate::engine::EngineInfo> for ModelLimits {
+    fn from(info: &crate::engine::EngineInfo) -> Self {
+        Self { max_model_len: info.max_model_len, vocab_size: info.vocab_size }
     }
 }
 
@@ -171,6 +296,10 @@ mod tests {
         CommonParams::from_chat(&serde_json::from_value(body).unwrap())
     }
 
+    fn lim(max_model_len: usize) -> ModelLimits {
+        ModelLimits { max_model_len, vocab_size: 100 }
+    }
+
     fn base() -> serde_json::Value {
         json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     }
@@ -185,7 +314,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_openai_and_fill_the_context() {
-        let req = chat(base()).unwrap().into_request("id".into(), vec![1, 2, 3], 10).unwrap();
+        let req = chat(base()).unwrap().into_request("id".into(), vec![1, 2, 3], "messages", lim(10)).unwrap();
         assert_eq!(req.sampling.temperature, 1.0);
         assert_eq!(req.sampling.top_p, 1.0);
         assert_eq!(req.max_tokens, 7);
@@ -200,7 +329,7 @@ mod tests {
             "stop": ["\n", ""], "stop_token_ids": [7], "logprobs": true, "top_logprobs": 2, "ignore_eos": true
         })))
         .unwrap();
-        let req = p.into_request("id".into(), vec![1], 100).unwrap();
+        let req = p.into_request("id".into(), vec![1], "messages", lim(100)).unwrap();
         assert_eq!(req.max_tokens, 5);
         assert_eq!(req.sampling.temperature, 0.0);
         assert_eq!(req.sampling.top_k, 0);
@@ -223,7 +352,8 @@ mod tests {
             (json!({"max_tokens": 0}), "max_tokens"),
             (json!({"top_k": -5}), "top_k"),
         ] {
-            let e = chat(with(body.clone())).unwrap().into_request("id".into(), vec![1], 100).unwrap_err();
+            let e =
+                chat(with(body.clone())).unwrap().into_request("id".into(), vec![1], "messages", lim(100)).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e}");
         }
@@ -232,10 +362,60 @@ mod tests {
     }
 
     #[test]
+    fn fields_that_would_be_ignored_are_refused_naming_them() {
+        for (extra, param) in [
+            (json!({"response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}), "response_format"),
+            (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"suffix": "end"}), "suffix"),
+            (json!({"min_p": 0.1}), "min_p"),
+        ] {
+            let e = chat(with(extra.clone())).unwrap_err();
+            assert_eq!(
+                (e.status, e.param.as_deref(), e.code),
+                (StatusCode::BAD_REQUEST, Some(param), Some("unsupported_parameter")),
+                "{extra}"
+            );
+        }
+        for extra in [
+            json!({"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "suffix": ""}),
+            json!({"metadata": {"a": "b"}, "store": false, "user": "u", "tools": null, "parallel_tool_calls": true}),
+        ] {
+            assert!(chat(with(extra.clone())).is_ok(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn limits_bound_stop_strings_stop_ids_and_logit_bias() {
+        let request = |extra: serde_json::Value| {
+            chat(with(extra)).unwrap().into_request("id".into(), vec![1], "messages", lim(50))
+        };
+        let many: Vec<String> = (0..=MAX_STOP_STRINGS).map(|i| format!("s{i}")).collect();
+        assert_eq!(request(json!({"stop": many})).unwrap_err().param.as_deref(), Some("stop"));
+        assert_eq!(
+            request(json!({"stop": "x".repeat(MAX_STOP_STRING_BYTES + 1)})).unwrap_err().param.as_deref(),
+            Some("stop")
+        );
+        assert_eq!(request(json!({"stop_token_ids": [100]})).unwrap_err().param.as_deref(), Some("stop_token_ids"));
+        let ids: Vec<u32> = vec![1; MAX_STOP_TOKEN_IDS + 1];
+        assert_eq!(request(json!({"stop_token_ids": ids})).unwrap_err().param.as_deref(), Some("stop_token_ids"));
+        for bias in [json!({"abc": 1}), json!({"100": 1}), json!({"5": 101}), json!({"-1": 1})] {
+            let e = request(json!({"logit_bias": bias})).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logit_bias"), "{bias}: {e}");
+        }
+        let req = request(json!({"logit_bias": {"5": -100, "7": 2.5}, "stop": ["a", "b"]})).unwrap();
+        assert_eq!(req.sampling.logit_bias, vec![(5, -100.0), (7, 2.5)]);
+        assert_eq!(req.stop, vec!["a", "b"]);
+    }
+
+    #[test]
     fn prompts_that_fill_the_context_are_400() {
-        let e = chat(base()).unwrap().into_request("id".into(), vec![1; 10], 10).unwrap_err();
+        let e = chat(base()).unwrap().into_request("id".into(), vec![1; 10], "messages", lim(10)).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.message.contains("maximum context length"), "{e}");
+        assert_eq!(e.param.as_deref(), Some("messages"));
     }
 
     #[test]

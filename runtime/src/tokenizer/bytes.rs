@@ -1,5 +1,5 @@
-//! The byte-level tokenizer of the `builtin:tiny-moe` demo model: ids 0..=255 are the bytes, then five special
-//! tokens; 261..=263 are reserved (never produced by encoding, decoded as nothing).
+//! The byte-level tokenizer of the `builtin:tiny-moe` demo model: ids 0..=255 are the bytes, then six special
+//! tokens; 262..=263 are reserved (never produced by encoding, decoded as nothing).
 
 use std::collections::BTreeMap;
 
@@ -19,18 +19,22 @@ pub const SYSTEM_ID: u32 = 258;
 pub const USER_ID: u32 = 259;
 /// `<|assistant|>`
 pub const ASSISTANT_ID: u32 = 260;
-/// Vocabulary size, including the reserved ids 261..=263.
+/// `<|tool|>` (a tool result's turn)
+pub const TOOL_ID: u32 = 261;
+/// Vocabulary size, including the reserved ids 262..=263.
 pub const VOCAB_SIZE: usize = 264;
 
 /// The special tokens in id order from [`BOS_ID`].
-const SPECIALS: [&str; 5] = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"];
+const SPECIALS: [&str; 6] = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"];
 
-/// Role markers, content, `<|eos|>` after each turn; `<|assistant|>` opens the generation prompt.
+/// Role markers, content, `<|eos|>` after each turn; `<|assistant|>` opens the generation prompt. OpenAI's
+/// `developer` role is a system turn.
 pub const CHAT_TEMPLATE: &str = "{{ bos_token }}\
 {%- for message in messages %}\
-{%- if message['role'] == 'system' %}<|system|>\
+{%- if message['role'] == 'system' or message['role'] == 'developer' %}<|system|>\
 {%- elif message['role'] == 'user' %}<|user|>\
 {%- elif message['role'] == 'assistant' %}<|assistant|>\
+{%- elif message['role'] == 'tool' %}<|tool|>\
 {%- else %}{{ raise_exception('Unsupported chat role: ' + message['role']) }}\
 {%- endif %}{{ message['content'] }}{{ eos_token }}\
 {%- endfor %}\
@@ -102,7 +106,7 @@ impl ByteTokenizer {
         for &id in ids {
             match id {
                 0..=255 => bytes.push(id as u8),
-                BOS_ID..=ASSISTANT_ID => {
+                BOS_ID..=TOOL_ID => {
                     if !skip_special_tokens {
                         bytes.extend_from_slice(SPECIALS[(id - BOS_ID) as usize].as_bytes());
                     }
@@ -160,6 +164,13 @@ mod tests {
         ];
         let text = t.apply_chat_template(&msgs, true).unwrap();
         assert_eq!(text, "<|bos|><|system|>Be brief.<|eos|><|user|>Hi<|eos|><|assistant|>");
+        let msgs = [
+            ChatMessage { role: "developer".into(), content: "D".into() },
+            ChatMessage { role: "tool".into(), content: "42".into() },
+        ];
+        let roles = t.apply_chat_template(&msgs, false).unwrap();
+        assert_eq!(roles, "<|bos|><|system|>D<|eos|><|tool|>42<|eos|>");
+        assert_eq!(t.encode("<|tool|>", false), vec![TOOL_ID]);
         let ids = t.encode(&text, false);
         assert_eq!(ids[..2], [BOS_ID, SYSTEM_ID]);
         assert_eq!(*ids.last().unwrap(), ASSISTANT_ID);
