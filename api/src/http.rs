@@ -238,19 +238,12 @@ pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     };
     let message = error.inner().to_string();
     let path = error.path().to_string();
-    // Fields of flattened structs lose their path (serde buffers them): find the top-level field whose removal
-    // changes the error.
+    // Fields of flattened structs lose their path (serde buffers them): find the top-level field at fault by
+    // removing one at a time.
     let param = if path != "." && !path.contains('?') {
         Some(path)
     } else if fields.len() <= MAX_PROBED_FIELDS {
-        fields
-            .keys()
-            .find(|key| {
-                let mut without = fields.clone();
-                without.remove(key.as_str());
-                T::deserialize(&Value::Object(without)).map_err(|e| e.to_string()).err().as_deref() != Some(&message)
-            })
-            .cloned()
+        faulty_field::<T>(fields, &message)
     } else {
         None
     };
@@ -258,6 +251,33 @@ pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         Some(param) => ApiError::invalid_param(&param, format!("invalid `{param}`: {message}")),
         None => ApiError::invalid(format!("invalid request: {message}")),
     })
+}
+
+/// The top-level field that causes `message`: the one whose removal makes the body valid, else one whose removal
+/// changes the error to something other than its own absence, else (a required field of the wrong type) one
+/// whose removal changes the error at all.
+fn faulty_field<T: DeserializeOwned>(fields: &serde_json::Map<String, Value>, message: &str) -> Option<String> {
+    let outcomes: Vec<(&String, Option<String>)> = fields
+        .keys()
+        .filter_map(|key| {
+            let mut without = fields.clone();
+            without.remove(key.as_str());
+            match T::deserialize(&Value::Object(without)) {
+                Ok(_) => Some((key, None)),
+                Err(e) => {
+                    let other = e.to_string();
+                    (other != message).then_some((key, Some(other)))
+                }
+            }
+        })
+        .collect();
+    let missing = |key: &str, error: &str| error.contains(&format!("missing field `{key}`"));
+    outcomes
+        .iter()
+        .find(|(_, error)| error.is_none())
+        .or_else(|| outcomes.iter().find(|(key, error)| error.as_deref().is_some_and(|e| !missing(key, e))))
+        .or_else(|| outcomes.first())
+        .map(|(key, _)| (*key).clone())
 }
 
 /// The SSE frame of one `data:` payload.
@@ -326,5 +346,26 @@ mod tests {
         assert_eq!(&sse_frame("x")[..], b"data: x\n\n");
         let frame = sse_error_frame(&ApiError::internal("boom"));
         assert!(frame.starts_with(b"data: {\"error\":") && frame.ends_with(b"\n\n"));
+    }
+
+    #[test]
+    fn type_errors_name_the_field_even_inside_flattened_options() {
+        use crate::openai::ChatCompletionRequest;
+        let param = |body: serde_json::Value| {
+            let e = parse_request::<ChatCompletionRequest>(body.to_string().as_bytes()).unwrap_err();
+            if let Some(param) = &e.param {
+                assert!(e.message.starts_with(&format!("invalid `{param}`")), "{e:?}");
+            }
+            e.param
+        };
+        let user = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let with = |k: &str, v: serde_json::Value| serde_json::json!({"messages": user, k: v});
+        assert_eq!(param(with("max_tokens", "abc".into())).as_deref(), Some("max_tokens"));
+        assert_eq!(param(with("temperature", "hot".into())).as_deref(), Some("temperature"));
+        assert_eq!(param(with("stop", 5.into())).as_deref(), Some("stop"));
+        assert_eq!(param(with("logit_bias", serde_json::json!({"1": "x"}))).as_deref(), Some("logit_bias"));
+        let bad_content = serde_json::json!({"messages": [{"role": "user", "content": 5}], "max_tokens": 3});
+        assert_eq!(param(bad_content).as_deref(), Some("messages[0].content"));
+        assert_eq!(param(serde_json::json!({"model": "m"})), None);
     }
 }

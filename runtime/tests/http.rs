@@ -3,8 +3,10 @@
 //! port (`builtin:tiny-moe`), talks plain HTTP/1.1 to it, and kills it when done.
 
 #[path = "http/client.rs"]
+#[allow(dead_code)]
 mod client;
 #[path = "http/server.rs"]
+#[allow(dead_code)]
 mod server;
 
 use std::time::{Duration, Instant};

@@ -46,9 +46,9 @@ class Server:
         """An SDK client with strict response validation (`strict=False` only where the SDK's types are wrong)."""
         kwargs.setdefault("timeout", 60.0)
         kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("api_key", "unused")
         return OpenAI(
             base_url=f"{self.url}/v1",
-            api_key="unused",
             _strict_response_validation=strict,
             **kwargs,
         )

@@ -370,6 +370,83 @@ def test_bad_sampling_params_are_400(client: OpenAI):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
 
 
+def test_fields_the_server_would_ignore_are_400_naming_them(client: OpenAI):
+    schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True}}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    for kwargs, param in [
+        ({"response_format": schema}, "response_format"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [tool]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, **kwargs)
+        assert e.value.param == param, e.value.body
+        assert e.value.code == "unsupported_parameter", e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, suffix="the end")
+    assert e.value.param == "suffix"
+    # Metadata and values asking for the default behaviour are accepted.
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=2, response_format={"type": "text"}, metadata={"team": "krill"},
+        store=False, user="u-1",
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_type_errors_and_limits_name_the_parameter(client: OpenAI):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body={"temperature": "hot"})
+    assert e.value.param == "temperature" and "temperature" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, stop=[str(i) for i in range(17)])
+    assert e.value.param == "stop" and "16" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
+    assert e.value.param == "messages[0].role"
+
+
+def test_developer_and_tool_roles_are_accepted(client: OpenAI):
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "tool", "content": "{\"sky\": \"clear\"}", "tool_call_id": "call_1"},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, extra_body=FIXED_LEN)
+    assert r.usage.completion_tokens == 3
+
+
+def test_logit_bias_forces_a_token(client: OpenAI):
+    # The byte-level tokenizer: token 65 is "A"; +100 makes it certain even at temperature 1.
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=5, temperature=1.0, seed=1, logit_bias={"65": 100}, extra_body=FIXED_LEN
+    )
+    assert r.choices[0].text == "AAAAA"
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, logit_bias={"66": 100}, extra_body=FIXED_LEN
+    )
+    assert r.choices[0].message.content == "BBBB"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logit_bias={"65": 200})
+    assert e.value.param == "logit_bias"
+
+
+def test_api_key_is_required_when_set(tmp_path):
+    s = start_server(tmp_path, "--api-key", "sk-baleen-test")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client().models.list()
+        with pytest.raises(openai.AuthenticationError):
+            s.client(api_key="sk-wrong").completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        good = s.client(api_key="sk-baleen-test")
+        assert [m.id for m in good.models.list()] == [MODEL]
+        assert good.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens <= 2
+        assert s.get("/health")[0] == 200 and s.get("/metrics")[0] == 200
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_negative_top_k_other_than_minus_one_is_400(client: OpenAI):
     # vLLM: "top_k must be -1 (disable), or at least 1" (0 also disables); -1 and 0 are accepted.
     for ok in (-1, 0):

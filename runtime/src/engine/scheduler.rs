@@ -261,8 +261,10 @@ impl Engine {
             self.step();
             self.publish();
         }
-        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
-            let _ = seq.events.send(Event::Error("the engine shut down".into()));
+        // Requests still here were cut short by shutdown: they end like any other, with `abort` and their usage.
+        let cut: Vec<Sequence> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        for seq in cut {
+            self.finish(seq, FinishReason::Abort);
         }
         self.publish();
     }

@@ -255,8 +255,10 @@ async fn serve_until_signal(
     let drained = tokio::select! {
         drained = drain(&engine, Duration::from_secs(args.drain_timeout)) => drained,
         signal = signals.recv() => {
-            tracing::warn!(signal, in_flight = engine.in_flight(), "second signal: aborting in-flight requests");
-            false
+            let in_flight = engine.in_flight();
+            tracing::warn!(signal, in_flight, "second signal: aborting in-flight requests");
+            // Nothing left to abort (the last request finished as the signal came): the drain did complete.
+            in_flight == 0
         }
     };
     engine.shutdown();

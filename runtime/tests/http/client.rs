@@ -36,12 +36,16 @@ fn send(
     addr: SocketAddr,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> std::io::Result<(Head, BufReader<TcpStream>)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(body) = body {
         request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
@@ -128,7 +132,18 @@ pub fn send_only(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Tcp
 
 /// One request, the whole response.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<Response> {
-    let (head, mut reader) = send(addr, method, path, body)?;
+    request_with(addr, method, path, &[], body)
+}
+
+/// One request with extra headers, the whole response.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
+    let (head, mut reader) = send(addr, method, path, headers, body)?;
     let mut body = Vec::new();
     if head.is_chunked() {
         while let Some(chunk) = read_chunk(&mut reader)? {
@@ -166,7 +181,7 @@ pub struct EventStream {
 
 impl EventStream {
     pub fn open(addr: SocketAddr, path: &str, body: &Value) -> EventStream {
-        let (head, reader) = send(addr, "POST", path, Some(body.to_string().as_bytes()))
+        let (head, reader) = send(addr, "POST", path, &[], Some(body.to_string().as_bytes()))
             .unwrap_or_else(|e| panic!("POST {path} (stream): {e}"));
         assert!(head.is_chunked(), "a stream is sent chunked (status {})", head.status);
         EventStream { status: head.status, headers: head.headers, reader, buffer: Vec::new(), ended: false }

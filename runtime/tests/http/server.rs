@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use baleen_api::names::RUNTIME_LISTENING_PREFIX;
@@ -15,22 +15,38 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Lines printed on stdout after the listening line (the final JSON object).
     stdout_rest: mpsc::Receiver<String>,
+    /// Every line written on stderr so far (also copied to the test's stderr).
+    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
     /// `serve --model builtin:tiny-moe` with a small KV cache, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_logging(extra, "warn")
+    }
+
+    /// [`Server::start`] with `BALEEN_RUNTIME_LOG` set to `filter`.
+    pub fn start_logging(extra: &[&str], filter: &str) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_baleen-runtime"))
             .args(["serve", "--model", "builtin:tiny-moe", "--host", "127.0.0.1", "--port", "0"])
             .args(["--kv-cache-memory", "64MiB"])
             .args(extra)
-            .env("BALEEN_RUNTIME_LOG", "warn")
+            .env("BALEEN_RUNTIME_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawning baleen-runtime serve");
         let stdout = child.stdout.take().expect("piped stdout");
+        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                kept.lock().unwrap().push(line);
+            }
+        });
         let (first_tx, first_rx) = mpsc::channel();
         let (rest_tx, rest_rx) = mpsc::channel();
         // Keep reading stdout until the process exits, so its last line never meets a closed pipe.
@@ -53,7 +69,7 @@ impl Server {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap_or_else(|e| panic!("bad address in {line:?}: {e}"));
-        Server { child, addr, stdout_rest: rest_rx }
+        Server { child, addr, stdout_rest: rest_rx, stderr }
     }
 
     pub fn pid(&self) -> u32 {
@@ -76,6 +92,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// The lines written on stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// The lines printed on stdout after the listening line (complete once the process has exited).
