@@ -8,6 +8,10 @@
 //! SIGTERM: the gateway stops accepting and every runtime gets one SIGTERM (each drains its in-flight requests
 //! and exits 0); wait up to `--stop-timeout`, kill what is still there, and report. A second Ctrl-C while
 //! stopping is forwarded (the runtimes then abort what is in flight).
+//!
+//! While serving, a replica whose process exits on its own (or a replacement that fails to start) leaves the
+//! gateway and is started again after a back-off, as the kubelet restarts a crashed container: 1 s, doubling
+//! for each failure within [`RESTART_RESET`] of the previous one, at most [`RESTART_MAX_BACKOFF`].
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -43,6 +47,12 @@ const MODELS_PATH: &str = "/v1/models";
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Time limit of one request to the runtime.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first restart's delay.
+const RESTART_MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest delay between restarts (the kubelet's crash-loop back-off caps at 5 min; a laptop wants less).
+const RESTART_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A failure this long after the previous one starts the back-off over.
+const RESTART_RESET: Duration = Duration::from_secs(300);
 
 /// How a run ended, when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +61,6 @@ pub enum Outcome {
     Stopped(ExitStatus),
     /// Stopped on request, but the runtime outlived `--stop-timeout` and was killed.
     Killed,
-    /// The runtime exited on its own while serving.
-    Exited(ExitStatus),
 }
 
 impl Outcome {
@@ -60,7 +68,7 @@ impl Outcome {
     pub fn exit_code(self) -> ExitCode {
         match self {
             Self::Stopped(status) if status.success() => ExitCode::SUCCESS,
-            Self::Stopped(status) | Self::Exited(status) => ExitCode::from(child::exit_code(status)),
+            Self::Stopped(status) => ExitCode::from(child::exit_code(status)),
             Self::Killed => ExitCode::FAILURE,
         }
     }
@@ -180,11 +188,23 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
         say(line);
     }
 
+    // Replicas the run keeps: `spec.replicas`, then the autoscaler's decisions.
+    let mut target = replicas;
+    let mut restarts = Restarts::default();
     loop {
         tokio::select! {
             Some((from, decision)) = desired.recv() => {
                 say(format!("scaling {model} {}", decision.describe(from)));
-                scale(&mut fleet, &front, decision.desired as usize)?;
+                target = decision.desired as usize;
+                scale(&mut fleet, &front, target)?;
+            }
+            () = until(restarts.due) => {
+                restarts.due = None;
+                for _ in fleet.active()..target {
+                    let (id, pids) = fleet.start(None)?;
+                    let pids: Vec<String> = pids.iter().filter_map(|(n, p)| p.map(|p| format!("{n} {p}"))).collect();
+                    say(format!("{} restarting (restart {}): pid {}", fleet.name(id), restarts.count, pids.join(", ")));
+                }
             }
             event = fleet.next_event() => match event {
                 Event::Ready { id, took, .. } => {
@@ -192,18 +212,26 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
                     front.set_backends(&fleet.serving_heads()).await?;
                 }
                 Event::Failed { id, error } => {
-                    complain(format!("{} failed to start: {error}", fleet.name(id)));
-                    front.close().await;
-                    stop(fleet, None, signals, "a replica failed to start").await?;
-                    return Err(error);
+                    let delay = restarts.failed();
+                    complain(format!(
+                        "{} failed to start: {error}; retrying in {} s",
+                        fleet.name(id),
+                        delay.as_secs()
+                    ));
                 }
                 Event::Exited { id, name, status } => {
-                    let status = status?;
-                    complain(format!("{name} exited on its own ({status}); its log above says why"));
-                    front.close().await;
-                    tracing::debug!(replica = id, "stopping the other replicas");
-                    stop(fleet, None, signals, "a runtime exited").await?;
-                    return Ok(Outcome::Exited(status));
+                    // The exited replica is out of the fleet: out of the gateway too, before its restart.
+                    front.set_backends_now(&fleet.serving_heads())?;
+                    let delay = restarts.failed();
+                    let status = match status {
+                        Ok(status) => status.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    complain(format!(
+                        "{name} exited on its own ({status}; its log above says why); restarting {} in {} s",
+                        fleet.name(id),
+                        delay.as_secs()
+                    ));
                 }
                 Event::Stopped { id, status, killed } => {
                     let how = match (&status, killed) {
@@ -217,6 +245,46 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
             },
             signal = signals.recv() => return stop(fleet, Some(front), signals, signal).await,
         }
+    }
+}
+
+/// When to start replicas again after failures, with the kubelet's kind of back-off.
+#[derive(Debug, Default)]
+struct Restarts {
+    /// The delay of the last restart.
+    backoff: Option<Duration>,
+    /// When the last failure happened.
+    last_failure: Option<tokio::time::Instant>,
+    /// When the next restart is due (one for every replica missing then).
+    due: Option<tokio::time::Instant>,
+    /// Failures so far.
+    count: u32,
+}
+
+impl Restarts {
+    /// Records a failure; returns the delay before the restart.
+    fn failed(&mut self) -> Duration {
+        let now = tokio::time::Instant::now();
+        let backoff = match (self.backoff, self.last_failure) {
+            (Some(backoff), Some(last)) if now.duration_since(last) < RESTART_RESET => {
+                (backoff * 2).min(RESTART_MAX_BACKOFF)
+            }
+            _ => RESTART_MIN_BACKOFF,
+        };
+        self.backoff = Some(backoff);
+        self.last_failure = Some(now);
+        self.count += 1;
+        let due = now + backoff;
+        self.due = Some(self.due.map_or(due, |d| d.max(due)));
+        backoff
+    }
+}
+
+/// Completes at `due`; never without one.
+async fn until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }
 

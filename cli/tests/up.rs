@@ -432,14 +432,34 @@ fn replicas_of_data_parallel_groups_are_served_through_the_gateway() {
 }
 
 #[test]
-fn a_runtime_that_dies_while_serving_makes_up_exit_non_zero() {
+fn a_runtime_that_dies_while_serving_is_restarted_with_back_off() {
     let mut up = Up::start(&[]);
-    up.base_url();
-    let pid = up.runtime_pid.unwrap();
-    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-    let status = up.wait(EXIT_WAIT);
-    assert_eq!(status.code(), Some(128 + 9), "{status}");
-    assert!(up.stderr().contains("exited on its own"), "{}", up.stderr());
+    let base = up.base_url();
+    let mut pid = up.runtime_pid.unwrap();
+    for (restart, delay) in [(1, 1), (2, 2)] {
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        let line = up.line_with(&format!("runtime restarting (restart {restart}): pid runtime "), READY_WAIT);
+        pid = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let stderr = up.stderr();
+        assert!(stderr.contains("exited on its own"), "{stderr}");
+        assert!(stderr.contains(&format!("restarting runtime in {delay} s")), "the back-off doubles: {stderr}");
+        // Ready again behind the same URL.
+        let deadline = Instant::now() + READY_WAIT;
+        loop {
+            let body = json!({"model": "tiny-moe", "prompt": "hi", "max_tokens": 2});
+            let (status, answer) = post_json(&format!("{base}/completions"), &body);
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "{answer}");
+            assert!(Instant::now() < deadline, "not serving again after restart {restart}: {answer}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(up.stdout.iter().any(|l| l.contains("runtime ready in")), "{:#?}", up.stdout);
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(EXIT_WAIT).success(), "{}", up.stderr());
+    assert!(!process_exists(pid), "the restarted runtime {pid} outlived `baleen up`");
 }
 
 #[test]
