@@ -18,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod expert;
+pub mod grammar;
 pub mod kernels;
 pub mod loader;
 pub mod metrics;

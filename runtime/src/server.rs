@@ -29,7 +29,9 @@ pub use error::ApiError;
 pub use http::{router, serve};
 
 use crate::engine::EngineHandle;
+use crate::grammar::{Constraint, Grammars, OutputFormat};
 use crate::metrics::Metrics;
+use params::RESPONSE_FORMAT;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -46,6 +48,9 @@ pub struct AppState {
     pub limits: HttpLimits,
     /// API keys and CORS origins.
     pub edge: Arc<Edge>,
+    /// The structured-output grammar engine of the model's tokenizer, built at the first request that needs it
+    /// (`Err`: this tokenizer cannot be used, and why).
+    grammars: Arc<tokio::sync::OnceCell<Result<Arc<Grammars>, String>>>,
 }
 
 /// The HTTP server's connection hygiene: how long a client may take, how many connections it may hold open.
@@ -80,7 +85,37 @@ impl AppState {
             peers: None,
             limits: HttpLimits::default(),
             edge: Arc::new(Edge::default()),
+            grammars: Arc::default(),
         }
+    }
+
+    /// The grammar constraint of `format` (none without one). Building the engine and compiling the schema are
+    /// CPU work, done off the async threads; a schema the engine refuses is a 400 naming `response_format`.
+    pub(crate) async fn constraint(&self, format: Option<OutputFormat>) -> Result<Option<Constraint>, ApiError> {
+        let Some(format) = format else { return Ok(None) };
+        let grammars = self
+            .grammars
+            .get_or_init(|| {
+                let tokenizer = Arc::clone(self.engine.tokenizer());
+                let vocab = self.engine.info().vocab_size;
+                async move {
+                    let built = tokio::task::spawn_blocking(move || Grammars::new(tokenizer, vocab));
+                    match built.await {
+                        Ok(Ok(grammars)) => Ok(Arc::new(grammars)),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(format!("building the grammar engine failed: {e}")),
+                    }
+                }
+            })
+            .await
+            .clone()
+            .map_err(|e| ApiError::unsupported_param(RESPONSE_FORMAT, e))?;
+        let compiled = tokio::task::spawn_blocking(move || grammars.compile(&format))
+            .await
+            .map_err(|e| ApiError::internal(format!("compiling the schema failed: {e}")))?;
+        compiled
+            .map(Some)
+            .map_err(|e| ApiError::invalid_param(RESPONSE_FORMAT, format!("invalid `response_format` schema: {e}")))
     }
 
     /// The model name clients must send in `model`.

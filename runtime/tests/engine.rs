@@ -33,6 +33,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         logprobs: None,
         cancel: CancellationToken::new(),
         stream: true,
+        constraint: None,
     }
 }
 

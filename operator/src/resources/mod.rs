@@ -70,12 +70,27 @@ pub fn revision(md: &ModelDeployment, config: &OperatorConfig) -> Result<String>
             object.remove(field);
         }
     }
-    // serde_json's maps are sorted (no `preserve_order`), so this text is canonical.
+    // Keys sorted at every level: the text is canonical whether or not serde_json's `preserve_order` is on (a
+    // dependency of the runtime turns it on in workspace builds).
+    let shape = sorted_keys(shape);
     let text = format!(
         "{shape}\n{}\n{}\n{}\n{}",
         config.runtime_image, config.downloader_image, config.huggingface_hub_version, config.drain_timeout_seconds
     );
     Ok(format!("{:0width$x}", fnv1a(text.as_bytes()) & 0xffff_ffff, width = REVISION_LEN))
+}
+
+/// `value` with every object's keys in sorted order.
+fn sorted_keys(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let sorted: BTreeMap<String, serde_json::Value> =
+                map.into_iter().map(|(k, v)| (k, sorted_keys(v))).collect();
+            serde_json::Value::Object(sorted.into_iter().collect())
+        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(sorted_keys).collect()),
+        other => other,
+    }
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -143,6 +158,18 @@ mod tests {
         assert_ne!(revision(&changed, &config).unwrap(), rev);
         let other_image = OperatorConfig { runtime_image: "example.com/runtime:2".into(), ..config };
         assert_ne!(revision(&base, &other_image).unwrap(), rev);
+    }
+
+    #[test]
+    fn the_canonical_text_sorts_keys_at_every_level() {
+        let mut inner = serde_json::Map::new();
+        inner.insert("z".into(), serde_json::json!(1));
+        inner.insert("a".into(), serde_json::json!([{"y": 1, "b": 2}]));
+        let mut outer = serde_json::Map::new();
+        outer.insert("m".into(), serde_json::Value::Object(inner));
+        outer.insert("c".into(), serde_json::json!(null));
+        let text = sorted_keys(serde_json::Value::Object(outer)).to_string();
+        assert_eq!(text, r#"{"c":null,"m":{"a":[{"b":2,"y":1}],"z":1}}"#);
     }
 
     #[test]

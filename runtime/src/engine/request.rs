@@ -27,6 +27,8 @@ pub struct GenerateRequest {
     /// with the finish: a non-streamed response needs them only then, and the engine saves waking the
     /// receiving task once per token.
     pub stream: bool,
+    /// Structured output: the grammar every sampled token must follow; its completion ends the sequence.
+    pub constraint: Option<crate::grammar::Constraint>,
 }
 
 /// Why a sequence finished (OpenAI `finish_reason`).

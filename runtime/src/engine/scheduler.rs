@@ -485,7 +485,22 @@ impl Engine {
         let eos = self.tokenizer.eos_token_ids().to_vec();
         let seq = &mut self.running[i];
         let (prompt, generated) = seq.tokens.split_at(seq.prompt_len);
-        let id = match seq.sampler.sample(logits, prompt, generated) {
+        let masked;
+        let allowed = match seq.req.constraint.as_mut() {
+            Some(constraint) => {
+                let mut row = logits.to_vec();
+                let result = constraint.mask(&mut row);
+                masked = row;
+                result.map(|()| &masked[..])
+            }
+            None => Ok(logits),
+        };
+        let sampled = allowed.and_then(|row| seq.sampler.sample(row, prompt, generated));
+        let consumed = sampled.and_then(|id| match seq.req.constraint.as_mut() {
+            Some(constraint) => constraint.consume(id).map(|()| id),
+            None => Ok(id),
+        });
+        let id = match consumed {
             Ok(id) => id,
             Err(e) => {
                 let _ = seq.events.send(Event::Error(e.to_string()));
@@ -511,7 +526,8 @@ impl Engine {
         });
         seq.token(Event::Token { id, text: step.text, logprob });
         let generated = seq.tokens.len() - seq.prompt_len;
-        if step.stopped || seq.sampler.is_stop_token(id) || (!seq.req.ignore_eos && eos.contains(&id)) {
+        let grammar_done = seq.req.constraint.as_ref().is_some_and(crate::grammar::Constraint::is_finished);
+        if step.stopped || grammar_done || seq.sampler.is_stop_token(id) || (!seq.req.ignore_eos && eos.contains(&id)) {
             Some(FinishReason::Stop)
         } else if generated >= seq.req.max_tokens || seq.tokens.len() >= self.max_len {
             Some(FinishReason::Length)

@@ -50,7 +50,9 @@ async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Bod
     let text = tokenizer.apply_chat_template(&messages, true)?;
     let prompt = tokenizer.encode(&text, false)?;
     let id = new_request_id("chatcmpl");
-    let request = params.into_request(id.clone(), prompt, "messages", ModelLimits::from(state.engine.info()))?;
+    let format = params.format.clone();
+    let mut request = params.into_request(id.clone(), prompt, "messages", ModelLimits::from(state.engine.info()))?;
+    request.constraint = state.constraint(format).await?;
     let with_logprobs = request.logprobs.is_some();
     let submitted = submit(&state.engine, request, access)?;
     let created = unix_now();

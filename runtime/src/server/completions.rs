@@ -41,7 +41,9 @@ async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Bod
         SinglePrompt::Tokens(ids) => ids,
     };
     let id = new_request_id("cmpl");
-    let request = params.into_request(id.clone(), prompt, "prompt", ModelLimits::from(state.engine.info()))?;
+    let format = params.format.clone();
+    let mut request = params.into_request(id.clone(), prompt, "prompt", ModelLimits::from(state.engine.info()))?;
+    request.constraint = state.constraint(format).await?;
     let with_logprobs = request.logprobs.is_some();
     let submitted = submit(&state.engine, request, access)?;
     let created = unix_now();

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::ApiError;
 use crate::engine::GenerateRequest;
 use crate::engine::sampler::SamplingParams;
+use crate::grammar::{MAX_SCHEMA_BYTES, OutputFormat};
 
 /// Most alternatives per token a request may ask for (`top_logprobs`, completions' `logprobs`), as in vLLM.
 pub(crate) const MAX_LOGPROBS: u32 = 20;
@@ -24,27 +25,29 @@ pub(crate) const MAX_STOP_TOKEN_IDS: usize = 64;
 /// Most `logit_bias` entries a request may send (OpenAI allows 300 too).
 pub(crate) const MAX_LOGIT_BIAS: usize = 300;
 
+/// The structured-output field.
+pub(crate) const RESPONSE_FORMAT: &str = "response_format";
+
 /// Top-level fields accepted and ignored because they cannot change the answer: metadata and routing hints of
 /// the OpenAI API.
 const IGNORED_FIELDS: [&str; 6] =
     ["metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"];
 
-/// Refuses every field the server would otherwise ignore: a field either works or is a 400 naming it. A `null`
-/// value counts as absent; a value that asks for the default behaviour (`response_format: {"type": "text"}`,
+/// The fields the typed request leaves in `extra` that the server implements — `response_format` (structured
+/// outputs) — and a refusal of every other one: a field either works or is a 400 naming it. A `null` value
+/// counts as absent; a value that asks for the default behaviour (`response_format: {"type": "text"}`,
 /// `tools: []`, `tool_choice: "none"`, `suffix: ""`) is accepted.
-pub(crate) fn check_unsupported(extra: &BTreeMap<String, Value>) -> Result<(), ApiError> {
+pub(crate) fn check_extra(extra: &BTreeMap<String, Value>) -> Result<Option<OutputFormat>, ApiError> {
+    let mut format = None;
     for (name, value) in extra {
         if value.is_null() || IGNORED_FIELDS.contains(&name.as_str()) {
             continue;
         }
         let message = match name.as_str() {
-            "response_format" => match value.get("type").and_then(Value::as_str) {
-                Some("text") => continue,
-                Some(kind) => format!(
-                    "`response_format` of type `{kind}` (structured output) is not supported by this server yet"
-                ),
-                None => "`response_format` must be an object with a `type`".to_string(),
-            },
+            RESPONSE_FORMAT => {
+                format = output_format(value)?;
+                continue;
+            }
             "tools" | "functions" if value.as_array().is_some_and(Vec::is_empty) => continue,
             "tool_choice" | "function_call" if value.as_str() == Some("none") => continue,
             "tools" | "tool_choice" | "functions" | "function_call" => {
@@ -55,7 +58,37 @@ pub(crate) fn check_unsupported(extra: &BTreeMap<String, Value>) -> Result<(), A
         };
         return Err(ApiError::unsupported_param(name, message));
     }
-    Ok(())
+    Ok(format)
+}
+
+/// `response_format`: `text` (no constraint), `json_object`, or `json_schema` with its `schema` (at most
+/// [`MAX_SCHEMA_BYTES`] as JSON).
+fn output_format(value: &Value) -> Result<Option<OutputFormat>, ApiError> {
+    let invalid = |message: String| ApiError::invalid_param(RESPONSE_FORMAT, message);
+    match value.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputFormat::JsonObject)),
+        Some("json_schema") => {
+            let schema = value.get("json_schema").and_then(|s| s.get("schema")).filter(|s| s.is_object());
+            let Some(schema) = schema else {
+                return Err(invalid(
+                    "`response_format` of type `json_schema` needs `json_schema.schema`, a JSON Schema object".into(),
+                ));
+            };
+            let size = serde_json::to_vec(schema).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > MAX_SCHEMA_BYTES {
+                return Err(invalid(format!(
+                    "the `response_format` schema may be at most {MAX_SCHEMA_BYTES} bytes of JSON, got {size}"
+                )));
+            }
+            Ok(Some(OutputFormat::JsonSchema(schema.clone())))
+        }
+        Some(kind) => Err(ApiError::unsupported_param(
+            RESPONSE_FORMAT,
+            format!("`response_format` of type `{kind}` is not supported (use text, json_object or json_schema)"),
+        )),
+        None => Err(invalid("`response_format` must be an object with a `type`".into())),
+    }
 }
 
 /// The generation parameters both endpoints share.
@@ -65,12 +98,14 @@ pub(crate) struct CommonParams {
     pub options: GenerationOptions,
     /// `Some(k)`: return logprobs with `k` alternatives per token.
     pub logprobs: Option<usize>,
+    /// `response_format`: the grammar the output must follow.
+    pub format: Option<OutputFormat>,
 }
 
 impl CommonParams {
     /// The chat request's parameters; `logprobs: true` with `top_logprobs: k` asks for `k` alternatives.
     pub fn from_chat(r: &ChatCompletionRequest) -> Result<Self, ApiError> {
-        check_unsupported(&r.extra)?;
+        let format = check_extra(&r.extra)?;
         let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
             (false, Some(k)) if k > 0 => {
                 return Err(ApiError::invalid_param("top_logprobs", "`top_logprobs` requires `logprobs: true`"));
@@ -78,12 +113,12 @@ impl CommonParams {
             (false, _) => None,
             (true, k) => Some(check_logprobs("top_logprobs", k.unwrap_or(0))?),
         };
-        Ok(Self { max_tokens: r.max_completion_tokens.or(r.max_tokens), options: r.options.clone(), logprobs })
+        Ok(Self { max_tokens: r.max_completion_tokens.or(r.max_tokens), options: r.options.clone(), logprobs, format })
     }
 
     /// The completion request's parameters; `echo: true` and `best_of > 1` are refused.
     pub fn from_completion(r: &CompletionRequest) -> Result<Self, ApiError> {
-        check_unsupported(&r.extra)?;
+        let format = check_extra(&r.extra)?;
         if r.echo.unwrap_or(false) {
             return Err(ApiError::invalid_param("echo", "echo: only false is supported"));
         }
@@ -94,6 +129,7 @@ impl CommonParams {
             max_tokens: r.max_tokens,
             options: r.options.clone(),
             logprobs: r.logprobs.map(|k| check_logprobs("logprobs", k)).transpose()?,
+            format,
         })
     }
 
@@ -232,6 +268,7 @@ impl CommonParams {
             logprobs: self.logprobs,
             cancel: CancellationToken::new(),
             stream: self.options.stream.unwrap_or(false),
+            constraint: None,
         })
     }
 }
@@ -364,8 +401,7 @@ mod tests {
     #[test]
     fn fields_that_would_be_ignored_are_refused_naming_them() {
         for (extra, param) in [
-            (json!({"response_format": {"type": "json_object"}}), "response_format"),
-            (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}), "response_format"),
+            (json!({"response_format": {"type": "grammar", "grammar": "x"}}), "response_format"),
             (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
             (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
@@ -384,6 +420,24 @@ mod tests {
             json!({"metadata": {"a": "b"}, "store": false, "user": "u", "tools": null, "parallel_tool_calls": true}),
         ] {
             assert!(chat(with(extra.clone())).is_ok(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn response_formats_become_output_formats() {
+        let format = |f: serde_json::Value| chat(with(json!({"response_format": f})));
+        assert_eq!(format(json!({"type": "text"})).unwrap().format, None);
+        assert_eq!(format(json!({"type": "json_object"})).unwrap().format, Some(OutputFormat::JsonObject));
+        let schema = json!({"type": "object"});
+        let with_schema = format(json!({"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}));
+        assert_eq!(with_schema.unwrap().format, Some(OutputFormat::JsonSchema(schema)));
+        for bad in [
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            json!({"type": "json_schema", "json_schema": {"schema": {"enum": ["x".repeat(MAX_SCHEMA_BYTES)]}}}),
+            json!({"json_schema": {}}),
+        ] {
+            let e = format(bad.clone()).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some("response_format")), "{bad}");
         }
     }
 

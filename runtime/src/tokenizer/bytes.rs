@@ -124,6 +124,11 @@ impl ByteTokenizer {
         &self.eos_ids
     }
 
+    /// The text of special token `id` (`<|bos|>` …), `None` for a byte or a reserved id.
+    pub fn special_name(&self, id: usize) -> Option<&'static str> {
+        id.checked_sub(BOS_ID as usize).and_then(|k| SPECIALS.get(k)).copied()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         if let Some(k) = SPECIALS.iter().position(|s| *s == token) {
             return Some(BOS_ID + k as u32);

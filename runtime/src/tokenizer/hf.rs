@@ -184,6 +184,11 @@ impl HfTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The tokenizer as `tokenizer.json` would hold it (the grammar engine reads its vocabulary from it).
+    pub fn to_json(&self) -> std::result::Result<Json, serde_json::Error> {
+        serde_json::to_value(&self.inner)
+    }
+
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         match &self.template {
             None => Err(Error::Template(
