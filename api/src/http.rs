@@ -222,6 +222,8 @@ pub fn parse_json<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, ApiErr
 /// Objects with more top-level fields than this are not searched for the field at fault when they do not parse
 /// (each probe parses the object again).
 const MAX_PROBED_FIELDS: usize = 64;
+/// Bodies larger than this are not probed (each probe re-reads the body); their type errors name no field.
+const MAX_PROBED_BYTES: usize = 64 * 1024;
 
 /// Parses a JSON request object into `T`; a body that is not JSON is a 400 quoting the syntax error, and a
 /// field of the wrong type is a 400 whose `param` names the field (`max_tokens`, `messages[0].content`) and
@@ -242,7 +244,7 @@ pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // removing one at a time.
     let param = if path != "." && !path.contains('?') {
         Some(path)
-    } else if fields.len() <= MAX_PROBED_FIELDS {
+    } else if fields.len() <= MAX_PROBED_FIELDS && body.len() <= MAX_PROBED_BYTES {
         faulty_field::<T>(fields, &message)
     } else {
         None

@@ -201,9 +201,23 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
             () = until(restarts.due) => {
                 restarts.due = None;
                 for _ in fleet.active()..target {
-                    let (id, pids) = fleet.start(None)?;
-                    let pids: Vec<String> = pids.iter().filter_map(|(n, p)| p.map(|p| format!("{n} {p}"))).collect();
-                    say(format!("{} restarting (restart {}): pid {}", fleet.name(id), restarts.count, pids.join(", ")));
+                    match fleet.start(None) {
+                        Ok((id, pids)) => {
+                            let pids: Vec<String> =
+                                pids.iter().filter_map(|(n, p)| p.map(|p| format!("{n} {p}"))).collect();
+                            say(format!(
+                                "{} restarting (restart {}): pid {}",
+                                fleet.name(id),
+                                restarts.count,
+                                pids.join(", ")
+                            ));
+                        }
+                        Err(e) => {
+                            let delay = restarts.failed();
+                            complain(format!("starting a replica failed: {e}; retrying in {} s", delay.as_secs()));
+                            break;
+                        }
+                    }
                 }
             }
             event = fleet.next_event() => match event {

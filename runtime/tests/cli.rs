@@ -110,8 +110,10 @@ fn deepseek_v3_kv_cache_is_70272_bytes_per_token() {
 
 #[test]
 fn bad_input_fails_with_a_message_naming_the_problem() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["generate", "--model", "/nonexistent/model", "--ids", "1"], "config.json"),
+        (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--api-key", " , "], "api-key"),
+        (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--max-connections", "0"], "max-connections"),
         (&["generate", "--model", "builtin:tiny-moe", "--ids", "1,x"], "`x`"),
         (&["generate", "--model", "builtin:tiny-moe", "--ids", "999"], "outside the vocabulary"),
         (&["logits", "--model", "builtin:tiny-moe", "--ids", "1", "--dtype", "f64"], "dtype"),

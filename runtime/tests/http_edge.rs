@@ -205,6 +205,8 @@ fn type_errors_and_cost_limits_name_the_parameter() {
         (COMPLETIONS, completion(json!({"logit_bias": {"65": "x"}})), "logit_bias"),
         (COMPLETIONS, completion(json!({"logit_bias": {"65": 101}})), "logit_bias"),
         (COMPLETIONS, completion(json!({"logit_bias": {"1000000": 1}})), "logit_bias"),
+        (COMPLETIONS, completion(json!({"logit_bias": {"5": 100, "05": 100}})), "logit_bias"),
+        (COMPLETIONS, completion(json!({"prompt": [65, 4_000_000_000_u32]})), "prompt"),
     ];
     for (path, body, param) in cases {
         let error = error_of(&post(server.addr, path, &body), 400);
@@ -264,13 +266,14 @@ fn cors_answers_preflights_and_echoes_only_allowed_origins() {
     let preflight = [
         ("Origin", "https://app.example"),
         ("Access-Control-Request-Method", "POST"),
-        ("Access-Control-Request-Headers", "authorization, content-type"),
+        ("Access-Control-Request-Headers", "authorization, content-type, x-stainless-os"),
     ];
     let r = request_with(server.addr, "OPTIONS", CHAT, &preflight, None).unwrap();
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
     assert!(r.header("access-control-allow-methods").unwrap().contains("POST"));
-    assert!(r.header("access-control-allow-headers").unwrap().contains("authorization"));
+    assert_eq!(r.header("access-control-allow-headers"), Some("authorization, content-type, x-stainless-os"));
+    assert!(r.header("access-control-expose-headers").unwrap().contains("retry-after"));
 
     // A browser can read the error of an allowed origin; another origin gets no CORS headers.
     let allowed = request_with(server.addr, "GET", "/v1/models", &[("Origin", "https://app.example")], None).unwrap();

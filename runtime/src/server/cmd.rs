@@ -112,6 +112,12 @@ impl ServeArgs {
         };
         positive("max-request-bytes", self.max_request_bytes)?;
         self.http_limits()?;
+        if !self.api_key.is_empty() && self.api_key.iter().all(|k| k.trim().is_empty()) {
+            return Err(Error::Setting {
+                name: "api-key".into(),
+                reason: "is set but holds no key (refusing to serve without the authentication it asks for)".into(),
+            });
+        }
         if let Some(len) = self.max_model_len {
             positive("max-model-len", len)?;
         }

@@ -19,6 +19,8 @@ const API_PREFIX: &str = "/v1/";
 /// Methods and headers a browser may use across origins.
 const CORS_METHODS: &str = "GET, POST, OPTIONS";
 const CORS_HEADERS: &str = "authorization, content-type";
+/// Response headers a browser script may read.
+const CORS_EXPOSED: &str = "retry-after, x-request-id";
 /// Seconds a browser may cache a preflight answer.
 const CORS_MAX_AGE: &str = "600";
 
@@ -48,7 +50,12 @@ impl Edge {
     /// `api_keys`: the keys clients must send (none: no check). `allowed_origins`: `*` or exact origins such as
     /// `https://app.example.com`; empty entries are skipped.
     pub fn new(api_keys: &[String], allowed_origins: &[String]) -> Self {
-        let api_keys = api_keys.iter().filter(|k| !k.is_empty()).map(|k| Sha256::digest(k.as_bytes()).into()).collect();
+        let api_keys = api_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .map(|k| Sha256::digest(k.as_bytes()).into())
+            .collect();
         let list: Vec<String> = allowed_origins
             .iter()
             .map(|o| o.trim().trim_end_matches('/').to_string())
@@ -122,7 +129,7 @@ fn check(state: &AppState, request: &Request, origin_allowed: bool) -> Result<Op
         && request.method() == Method::OPTIONS
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     {
-        return Ok(Some(preflight()));
+        return Ok(Some(preflight(headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS))));
     }
     if path.starts_with(API_PREFIX) {
         state.edge.authenticate(headers)?;
@@ -130,13 +137,17 @@ fn check(state: &AppState, request: &Request, origin_allowed: bool) -> Result<Op
     Ok(None)
 }
 
-/// 204 with the methods, headers and cache time a browser may use.
-fn preflight() -> Response {
+/// 204 with the methods, headers and cache time a browser may use. The headers asked for are allowed as asked
+/// (SDKs send their own, such as the openai SDK's `x-stainless-*`), else [`CORS_HEADERS`].
+fn preflight(requested: Option<&HeaderValue>) -> Response {
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(CORS_METHODS));
-    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(CORS_HEADERS));
+    let allowed = requested.cloned().unwrap_or_else(|| HeaderValue::from_static(CORS_HEADERS));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
+    headers.append(header::VARY, HeaderValue::from_static("Access-Control-Request-Headers"));
+    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(CORS_EXPOSED));
     headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(CORS_MAX_AGE));
     response
 }
@@ -155,7 +166,7 @@ mod tests {
     fn api_keys_are_checked_only_when_set() {
         let open = Edge::new(&[], &[]);
         assert!(open.authenticate(&HeaderMap::new()).is_ok());
-        let edge = Edge::new(&["k1".into(), "k2".into()], &[]);
+        let edge = Edge::new(&["k1".into(), " k2".into()], &[]);
         assert!(edge.authenticate(&headers(&[(header::AUTHORIZATION, "Bearer k2")])).is_ok());
         for bad in [
             headers(&[(header::AUTHORIZATION, "Bearer k3")]),

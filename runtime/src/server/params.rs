@@ -198,9 +198,13 @@ impl CommonParams {
                 bias.len()
             )));
         }
+        let mut seen = std::collections::BTreeSet::new();
         bias.iter()
             .map(|(key, &value)| match key.parse::<u32>() {
-                Ok(id) if (id as usize) < vocab_size => Ok((id, value)),
+                Ok(id) if (id as usize) < vocab_size && seen.insert(id) => Ok((id, value)),
+                Ok(id) if (id as usize) < vocab_size => {
+                    Err(invalid(format!("logit_bias: token id {id} appears twice (as `{key}` and another key)")))
+                }
                 _ => Err(invalid(format!(
                     "logit_bias: the key `{key}` is not a token id of this model (an integer below {vocab_size})"
                 ))),
@@ -243,6 +247,12 @@ impl CommonParams {
         let stop = self.stop_strings()?;
         if prompt.is_empty() {
             return Err(ApiError::invalid_param(prompt_param, "the prompt is empty"));
+        }
+        if let Some(id) = prompt.iter().find(|&&id| id as usize >= limits.vocab_size) {
+            return Err(ApiError::invalid_param(
+                prompt_param,
+                format!("token id {id} is not a token id of this model (vocabulary of {})", limits.vocab_size),
+            ));
         }
         if prompt.len() >= max_model_len {
             return Err(ApiError::invalid_param(
