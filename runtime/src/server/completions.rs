@@ -17,7 +17,7 @@ use baleen_api::openai::{
 use super::access::Access;
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
 use super::http::read_body;
-use super::params::{CommonParams, ModelLimits, check_model, new_request_id};
+use super::params::{CommonParams, check_model, new_request_id};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
 
@@ -41,9 +41,7 @@ async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Bod
         SinglePrompt::Tokens(ids) => ids,
     };
     let id = new_request_id("cmpl");
-    let format = params.format.clone();
-    let mut request = params.into_request(id.clone(), prompt, "prompt", ModelLimits::from(state.engine.info()))?;
-    request.constraint = state.constraint(format).await?;
+    let request = params.into_engine_request(&state, id.clone(), prompt, "prompt").await?;
     let with_logprobs = request.logprobs.is_some();
     let submitted = submit(&state.engine, request, access)?;
     let created = unix_now();

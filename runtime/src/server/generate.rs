@@ -41,7 +41,7 @@ pub(crate) struct Submitted {
 impl Submitted {
     /// Records the end of the request for the access log.
     fn record(&self, reason: FinishReason, usage: &Usage) {
-        self.access.finished(*usage, finish_name(reason));
+        self.access.finished(*usage, reason.as_str());
     }
 }
 
@@ -79,14 +79,6 @@ pub(crate) fn wire_finish(reason: FinishReason) -> WireFinishReason {
         FinishReason::Stop => WireFinishReason::Stop,
         FinishReason::Length => WireFinishReason::Length,
         FinishReason::Abort => WireFinishReason::Abort,
-    }
-}
-
-fn finish_name(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Abort => "abort",
     }
 }
 

@@ -9,7 +9,7 @@ use baleen_api::openai::{ChatCompletionRequest, CompletionRequest, GenerationOpt
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::ApiError;
+use super::{ApiError, AppState};
 use crate::engine::GenerateRequest;
 use crate::engine::sampler::SamplingParams;
 use crate::grammar::{MAX_SCHEMA_BYTES, OutputFormat};
@@ -178,12 +178,7 @@ impl CommonParams {
                 format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {}", ids.len()),
             ));
         }
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(ApiError::invalid_param(
-                "stop_token_ids",
-                format!("stop_token_ids: {id} is not a token id of this model (vocabulary of {vocab_size})"),
-            ));
-        }
+        check_in_vocab("stop_token_ids", &ids, vocab_size)?;
         Ok(ids)
     }
 
@@ -232,6 +227,22 @@ impl CommonParams {
 
     /// The engine request for `prompt` (sent as `prompt_param`: `messages` or `prompt`). Without `max_tokens`
     /// the completion may fill the rest of the context.
+    /// [`CommonParams::into_request`] with the model's limits, and the grammar of `response_format` compiled
+    /// into the request's constraint: what both generation endpoints submit.
+    pub async fn into_engine_request(
+        mut self,
+        state: &AppState,
+        request_id: String,
+        prompt: Vec<u32>,
+        prompt_param: &str,
+    ) -> Result<GenerateRequest, ApiError> {
+        let format = self.format.take();
+        let mut request =
+            self.into_request(request_id, prompt, prompt_param, ModelLimits::from(state.engine.info()))?;
+        request.constraint = state.constraint(format).await?;
+        Ok(request)
+    }
+
     pub fn into_request(
         self,
         request_id: String,
@@ -248,12 +259,7 @@ impl CommonParams {
         if prompt.is_empty() {
             return Err(ApiError::invalid_param(prompt_param, "the prompt is empty"));
         }
-        if let Some(id) = prompt.iter().find(|&&id| id as usize >= limits.vocab_size) {
-            return Err(ApiError::invalid_param(
-                prompt_param,
-                format!("token id {id} is not a token id of this model (vocabulary of {})", limits.vocab_size),
-            ));
-        }
+        check_in_vocab(prompt_param, &prompt, limits.vocab_size)?;
         if prompt.len() >= max_model_len {
             return Err(ApiError::invalid_param(
                 prompt_param,
@@ -311,6 +317,17 @@ fn backticked(message: &str) -> Option<&str> {
 }
 
 /// `model` must be absent or the served name.
+/// A 400 naming `param` when one of `ids` is not a token id of the model.
+fn check_in_vocab(param: &str, ids: &[u32], vocab_size: usize) -> Result<(), ApiError> {
+    match ids.iter().find(|&&id| id as usize >= vocab_size) {
+        Some(id) => Err(ApiError::invalid_param(
+            param,
+            format!("{param}: {id} is not a token id of this model (vocabulary of {vocab_size})"),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
     match model {
         Some(m) if m != served => Err(ApiError::model_not_found(m, &format!("`{served}`"))),
