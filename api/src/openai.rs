@@ -16,7 +16,9 @@ pub mod completions;
 
 pub use chat::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
-    ChatMessage, ChatResponseMessage, ChatTokenLogprob, ContentPart, MessageContent, TopLogprob,
+    ChatMessage, ChatResponseMessage, ChatTokenLogprob, ContentPart, FunctionCall, FunctionCallDelta,
+    FunctionDefinition, FunctionName, MessageContent, NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice,
+    TopLogprob,
 };
 pub use completions::{
     Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, Prompt, SinglePrompt,
@@ -47,6 +49,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// The answer is tool calls (a natural stop after them).
+    ToolCalls,
     /// The server cut the request short (shutdown after its drain timeout, or a second signal); vLLM's name.
     Abort,
 }

@@ -20,6 +20,7 @@ mod expert_rank;
 mod generate;
 pub mod http;
 mod params;
+mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;

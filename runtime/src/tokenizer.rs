@@ -16,16 +16,22 @@ pub use hf::HfTokenizer;
 
 use crate::Result;
 
-/// One chat turn (`role`: `system`, `user`, `assistant`, ... as the template understands them).
+/// One chat turn (`role`: `system`, `user`, `assistant`, ... as the template understands them), in the shape
+/// transformers hands templates: `content` is `none` for an assistant turn that only calls tools (DeepSeek's
+/// template tests `content is none`), `tool_calls` are OpenAI's objects (`function.arguments` a JSON text).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: Some(content.into()), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -113,9 +119,20 @@ impl Tokenizer {
     /// token's text, so encode it with `add_special_tokens = false`. A model without a template, a template that
     /// does not compile and `raise_exception(msg)` in the template are [`crate::Error::Template`].
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with `tools` (OpenAI's `tools` objects) passed to the template as
+    /// transformers passes them: the template decides how the model sees them.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         match self {
-            Self::Hf(t) => t.apply_chat_template(messages, add_generation_prompt),
-            Self::Bytes(t) => t.apply_chat_template(messages, add_generation_prompt),
+            Self::Hf(t) => t.apply_chat_template(messages, tools, add_generation_prompt),
+            Self::Bytes(t) => t.apply_chat_template(messages, tools, add_generation_prompt),
         }
     }
 }

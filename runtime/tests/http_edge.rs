@@ -161,9 +161,9 @@ fn fields_that_would_be_ignored_are_refused_naming_them() {
     let server = Server::start(&[]);
     let refused = [
         (CHAT, chat(json!({"response_format": {"type": "grammar", "grammar": "x"}})), "response_format"),
-        (CHAT, chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})), "tools"),
-        (CHAT, chat(json!({"tool_choice": "required"})), "tool_choice"),
         (CHAT, chat(json!({"functions": [{"name": "f"}]})), "functions"),
+        (CHAT, chat(json!({"function_call": "auto"})), "function_call"),
+        (COMPLETIONS, completion(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})), "tools"),
         (CHAT, chat(json!({"min_p": 0.1})), "min_p"),
         (COMPLETIONS, completion(json!({"suffix": "end"})), "suffix"),
         (COMPLETIONS, completion(json!({"guided_json": {"type": "object"}})), "guided_json"),
@@ -176,7 +176,8 @@ fn fields_that_would_be_ignored_are_refused_naming_them() {
     }
     // Values that ask for the default behaviour, metadata and nulls are fine.
     let accepted = [
-        chat(json!({"response_format": {"type": "text"}, "tools": [], "tool_choice": "none"})),
+        chat(json!({"response_format": {"type": "text"}, "functions": [], "function_call": "none"})),
+        chat(json!({"tools": [], "tool_choice": "none", "parallel_tool_calls": true})),
         chat(json!({"metadata": {"team": "whales"}, "store": false, "user": "u1", "min_p": null})),
     ];
     for body in accepted {

@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Structured outputs end to end against the real `baleen-runtime serve` (`builtin:tiny-moe`, random weights):
-//! `response_format` `json_schema` and `json_object` constrain every sampled token, so even a model that writes
-//! noise answers JSON that parses and follows the schema; bad schemas are 400s naming `response_format`.
+//! Structured outputs and tool calls end to end against the real `baleen-runtime serve` (`builtin:tiny-moe`,
+//! random weights): `response_format` `json_schema` and `json_object` constrain every sampled token, so even a
+//! model that writes noise answers JSON that parses and follows the schema; bad schemas are 400s naming
+//! `response_format`. Forced tool calls (`tool_choice: required` or a named function) carry arguments valid
+//! against the function's schema, the same streamed as not.
 
 #[path = "http/client.rs"]
 #[allow(dead_code)]
@@ -107,4 +109,133 @@ fn bad_response_formats_are_400_naming_response_format() {
     // text is the default and constrains nothing.
     let r = post(server.addr, CHAT, &chat(json!({"type": "text"})));
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Two tools: one whose arguments are a whale, one without parameters (an empty argument list).
+fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "record_whale", "description": "Log a sighting",
+                                          "parameters": whale_schema(), "strict": true}},
+        {"type": "function", "function": {"name": "get_time"}}
+    ])
+}
+
+/// The calls of a streamed answer, put together from their deltas: (name, arguments) per call, and the finish.
+fn streamed_calls(server: &Server, body: &Value) -> (Vec<(String, String)>, Value) {
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let data = EventStream::open(server.addr, CHAT, &streamed).collect_data();
+    let mut calls: Vec<(String, String)> = Vec::new();
+    let mut finish = Value::Null;
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        let choice = &chunk["choices"][0];
+        assert!(choice["delta"]["content"].as_str().is_none_or(str::is_empty), "no content with a forced call: {d}");
+        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let index = call["index"].as_u64().unwrap() as usize;
+            if let Some(name) = call["function"]["name"].as_str() {
+                assert_eq!(index, calls.len(), "{d}");
+                assert!(call["id"].as_str().is_some_and(|id| !id.is_empty()) && call["type"] == "function", "{d}");
+                calls.push((name.to_string(), String::new()));
+            }
+            calls[index].1.push_str(call["function"]["arguments"].as_str().unwrap_or_default());
+        }
+        if !choice["finish_reason"].is_null() {
+            finish = choice["finish_reason"].clone();
+        }
+    }
+    (calls, finish)
+}
+
+/// The calls of an answer: (name, arguments) per call.
+fn answer_calls(v: &Value) -> Vec<(String, String)> {
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["content"], Value::Null, "a forced call has no content: {v}");
+    message["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tool_calls: {v}"))
+        .iter()
+        .map(|c| {
+            assert!(c["id"].as_str().is_some_and(|id| id.starts_with("call")) && c["type"] == "function", "{c}");
+            (c["function"]["name"].as_str().unwrap().to_string(), c["function"]["arguments"].as_str().unwrap().into())
+        })
+        .collect()
+}
+
+fn assert_call(name: &str, arguments: &str) {
+    match name {
+        "record_whale" => assert_whale(arguments),
+        "get_time" => assert_eq!(arguments, "{}", "no parameters: an empty argument list"),
+        other => panic!("unknown function {other}"),
+    }
+}
+
+#[test]
+fn forced_tool_calls_carry_valid_arguments_streamed_and_not() {
+    let server = Server::start(&[]);
+    let named = json!({"type": "function", "function": {"name": "record_whale"}});
+    for (choice, parallel) in [(named, true), (json!("required"), true), (json!("required"), false)] {
+        let mut calls_seen = 0;
+        for seed in 0..6 {
+            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Saw a whale."}],
+                              "max_tokens": 300, "temperature": 1.0, "seed": seed, "tools": tools(),
+                              "tool_choice": choice, "parallel_tool_calls": parallel});
+            let v = post(server.addr, CHAT, &body).json();
+            assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{choice}: {v}");
+            let calls = answer_calls(&v);
+            assert!(!calls.is_empty(), "{v}");
+            if choice.is_object() {
+                assert_eq!(calls.len(), 1, "{v}");
+                assert_eq!(calls[0].0, "record_whale");
+            }
+            if !parallel {
+                assert_eq!(calls.len(), 1, "parallel_tool_calls: false allows one call: {v}");
+            }
+            calls.iter().for_each(|(name, arguments)| assert_call(name, arguments));
+            calls_seen += calls.len();
+            let (streamed, finish) = streamed_calls(&server, &body);
+            assert_eq!(streamed, calls, "streamed = non-streamed for the same seed ({choice})");
+            assert_eq!(finish, "tool_calls");
+        }
+        assert!(calls_seen >= 6, "{choice}");
+    }
+}
+
+#[test]
+fn tools_reach_the_template_and_conversations_carry_calls_and_results() {
+    let server = Server::start(&[]);
+    let user = json!({"role": "user", "content": "Saw a whale."});
+    let prompt_tokens = |body: Value| {
+        let v = post(server.addr, CHAT, &body).json();
+        assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = prompt_tokens(json!({"messages": [user], "max_tokens": 2}));
+    let auto = prompt_tokens(json!({"messages": [user], "max_tokens": 2, "tools": tools()}));
+    let none = prompt_tokens(json!({"messages": [user], "max_tokens": 2, "tools": tools(), "tool_choice": "none"}));
+    assert!(auto > plain + 100, "the tools are described to the model: {auto} vs {plain}");
+    assert_eq!(none, plain, "tool_choice none keeps the tools from the model");
+    let call = json!({"id": "call_1", "type": "function",
+                      "function": {"name": "get_time", "arguments": "{}"}});
+    let conversation = json!({"max_tokens": 2, "tools": tools(), "messages": [
+        user, {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]});
+    let with_turns = prompt_tokens(conversation);
+    assert!(with_turns > auto + 20, "{with_turns} vs {auto}");
+
+    for (body, param) in [
+        (json!({"messages": [user], "tool_choice": "required"}), "tool_choice"),
+        (json!({"messages": [user], "tools": tools(), "response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"messages": [user], "tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            "tools[0].function.name",
+        ),
+        (json!({"messages": [user], "functions": [{"name": "f"}]}), "functions"),
+        (json!({"messages": [{"role": "user", "content": "x", "tool_calls": [call]}]}), "messages[0].tool_calls"),
+        (json!({"messages": [user], "tools": "x"}), "tools"),
+    ] {
+        let r = post(server.addr, CHAT, &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text());
+    }
 }

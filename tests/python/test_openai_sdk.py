@@ -13,10 +13,12 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Annotated, Literal
 
 import jsonschema
 import openai
 import pytest
+import pydantic
 from openai import OpenAI
 from openai.types import Completion
 
@@ -437,10 +439,8 @@ def test_bad_schemas_are_400_naming_response_format(client: OpenAI):
 
 
 def test_fields_the_server_would_ignore_are_400_naming_them(client: OpenAI):
-    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
     for kwargs, param in [
-        ({"tools": [tool]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"extra_body": {"functions": [{"name": "lookup"}]}}, "functions"),
         ({"extra_body": {"min_p": 0.1}}, "min_p"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
@@ -629,3 +629,84 @@ def test_sigterm_when_idle_exits_zero(tmp_path):
     client = s.client()
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).usage.completion_tokens <= 2
     assert s.stop() == 0, s.log()
+
+
+# ---------------------------------------------------------------- tool calls
+
+
+class Whale(pydantic.BaseModel):
+    """The whale schema as a pydantic model: the SDK turns it into a strict function tool and parses the
+    arguments back into it (a ValidationError fails the test)."""
+
+    name: str = pydantic.Field(max_length=12)
+    length_m: int = pydantic.Field(ge=1, le=40)
+    species: Literal["blue", "humpback", "minke"]
+    krill: bool
+    tags: list[Annotated[str, pydantic.Field(max_length=5)]] = pydantic.Field(max_length=3)
+
+
+WHALE_TOOL = openai.pydantic_function_tool(Whale, name="record_whale", description="Log a whale sighting.")
+NAMED = {"type": "function", "function": {"name": "record_whale"}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", ["named", "required"])
+def test_sdk_parses_forced_tool_calls_strictly(client: OpenAI, stream: bool, tool_choice: str):
+    # The SDK's parse() and stream() validate each call's arguments against the pydantic model (strict tools).
+    def one(seed: int):
+        kwargs = dict(
+            model=MODEL, messages=[{"role": "user", "content": "I saw a whale."}], max_tokens=300,
+            temperature=1.0, seed=seed, tools=[WHALE_TOOL], tool_choice=NAMED if tool_choice == "named" else "required",
+        )
+        if not stream:
+            return client.chat.completions.parse(**kwargs)
+        with client.chat.completions.stream(**kwargs) as events:
+            for _ in events:
+                pass
+            return events.get_final_completion()
+
+    for completion in parallel(one, range(20)):
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        calls = choice.message.tool_calls
+        assert calls and all(c.function.name == "record_whale" for c in calls), choice
+        if tool_choice == "named":
+            assert len(calls) == 1
+        for call in calls:
+            assert isinstance(call.function.parsed_arguments, Whale), call
+            assert call.id.startswith("call_") and call.type == "function"
+        assert not choice.message.content
+
+
+def test_tool_results_continue_the_conversation(client: OpenAI):
+    first = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "I saw a whale."}], max_tokens=300, seed=3,
+        tools=[WHALE_TOOL], tool_choice="required", parallel_tool_calls=False,
+    )
+    message = first.choices[0].message
+    assert len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    messages = [
+        {"role": "user", "content": "I saw a whale."},
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "logged"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, tools=[WHALE_TOOL], extra_body=FIXED_LEN
+    )
+    assert second.choices[0].finish_reason == "length"
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + len(call.function.arguments)
+    # With tool_choice auto a random model answers text; no call is invented.
+    assert isinstance(second.choices[0].message.content, str) and not second.choices[0].message.tool_calls
+
+
+def test_bad_tool_requests_are_400_naming_the_field(client: OpenAI):
+    for kwargs, param in [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WHALE_TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+        ({"tools": [WHALE_TOOL], "response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools[0].function.name"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, **kwargs)
+        assert e.value.param == param, e.value.body

@@ -30,6 +30,16 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Functions the model may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Tool>>,
+    /// Whether and which tool the model calls: `none`, `auto` (the default with tools), `required`, or a named
+    /// function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// `false`: at most one tool call per answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
     /// Every other top-level field, as sent.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -45,6 +55,100 @@ pub struct ChatMessage {
     pub content: Option<MessageContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+/// `tools[]`: a function the model may call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tool {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDefinition,
+}
+
+/// A callable function: its name, what it does, and its arguments as a JSON Schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionDefinition {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema of the arguments object; absent means any object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+    /// OpenAI's strict mode: arguments always follow the schema (a grammar guarantees it when a call is forced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or `{"type": "function", "function": {"name": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}"
+)]
+pub enum ToolChoice {
+    Mode(String),
+    Named(NamedToolChoice),
+}
+
+/// `tool_choice` naming one function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedToolChoice {
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionName,
+}
+
+/// `{"name": ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionName {
+    pub name: String,
+}
+
+/// A call the model made (in an answer, or in an assistant turn of the conversation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function called and its arguments, a JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A streamed piece of a tool call: the first piece of each call has its `id`, `type` and name; later pieces
+/// append to its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which call of the message (0, 1, ...).
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: FunctionCallDelta,
+}
+
+/// What a [`ToolCallDelta`] adds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionCallDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
 }
 
 /// `content`: a string or a list of parts.
@@ -118,7 +222,10 @@ pub struct ChatChoice {
 pub struct ChatResponseMessage {
     /// Always `assistant`.
     pub role: String,
+    /// `null` when the answer is only tool calls.
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// `choices[].logprobs` of a chat completion or chunk.
@@ -184,6 +291,8 @@ pub struct ChatDelta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 #[cfg(test)]
@@ -206,7 +315,9 @@ mod tests {
             "max_completion_tokens": 8, "temperature": 0.5, "top_k": -1, "seed": 7, "stop": ["x"],
             "stop_token_ids": [1], "repetition_penalty": 1.1, "n": 1, "stream": true,
             "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 2, "ignore_eos": true,
-            "response_format": {"type": "text"}, "parallel_tool_calls": false
+            "response_format": {"type": "text"}, "parallel_tool_calls": false,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": true}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}
         }))
         .unwrap();
         assert_eq!(r.messages.len(), 3);
@@ -214,6 +325,11 @@ mod tests {
         assert_eq!(r.messages[2].content, None);
         assert_eq!(r.options.top_k, Some(-1));
         assert_eq!(r.options.stream_options.unwrap().include_usage, Some(true));
+        assert_eq!(r.tools.unwrap()[0].function.name, "f");
+        assert!(matches!(r.tool_choice, Some(ToolChoice::Named(n)) if n.function.name == "f"));
+        assert_eq!(r.parallel_tool_calls, Some(false));
+        let mode: ToolChoice = serde_json::from_value(json!("required")).unwrap();
+        assert_eq!(mode, ToolChoice::Mode("required".into()));
     }
 
     #[test]
@@ -231,7 +347,11 @@ mod tests {
             "m".into(),
             vec![ChatChunkChoice {
                 index: 0,
-                delta: ChatDelta { role: Some("assistant".into()), content: Some(String::new()) },
+                delta: ChatDelta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                    tool_calls: Vec::new(),
+                },
                 logprobs: None,
                 finish_reason: None,
             }],

@@ -18,6 +18,7 @@ use super::access::Access;
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
 use super::http::read_body;
 use super::params::{CommonParams, check_model, new_request_id};
+use super::tools::{TOOL_TYPE_FUNCTION, ToolPlan, ToolStream, finish_reason, tool_calls};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
 use crate::tokenizer::ChatMessage;
@@ -44,10 +45,12 @@ async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Bod
     let req: ChatCompletionRequest = parse_request(&body)?;
     let served = state.served_model_name().to_string();
     check_model(req.model.as_deref(), &served)?;
-    let params = CommonParams::from_chat(&req)?;
+    let mut params = CommonParams::from_chat(&req)?;
+    let tools = ToolPlan::new(&req)?;
+    params.format = tools.output_format(params.format.take())?;
     let messages = messages(&req)?;
     let tokenizer = state.engine.tokenizer();
-    let text = tokenizer.apply_chat_template(&messages, true)?;
+    let text = tokenizer.apply_chat_template_with_tools(&messages, tools.template_tools.as_deref(), true)?;
     let prompt = tokenizer.encode(&text, false)?;
     let id = new_request_id("chatcmpl");
     let request = params.into_engine_request(&state, id.clone(), prompt, "messages").await?;
@@ -57,24 +60,30 @@ async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Bod
 
     if req.options.stream.unwrap_or(false) {
         let include_usage = req.options.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let format = ChatStream { id, created, model: served, include_usage, with_logprobs };
+        let tools = ToolStream::new(tools.mode);
+        let format = ChatStream { id, created, model: served, include_usage, with_logprobs, tools };
         return Ok(sse_response(sse_stream(submitted, format)));
     }
 
     let prompt_tokens = submitted.prompt_tokens;
     let done = collect(submitted).await?;
     let usage = wire_usage(&done.usage, prompt_tokens);
+    let reading = tools.mode.read(&done.text, true);
+    let calls = tool_calls(&reading);
+    let content = (!reading.content.is_empty() || calls.is_empty()).then(|| reading.content.to_string());
+    let finish = finish_reason(done.finish_reason.unwrap_or(WireFinishReason::Stop), !calls.is_empty());
     let choice = ChatChoice {
         index: 0,
-        message: ChatResponseMessage { role: ROLE_ASSISTANT.to_string(), content: Some(done.text) },
+        message: ChatResponseMessage { role: ROLE_ASSISTANT.to_string(), content, tool_calls: calls },
         logprobs: with_logprobs.then(|| ChatLogprobs { content: done.logprobs.iter().map(chat_logprob).collect() }),
-        finish_reason: done.finish_reason.unwrap_or(WireFinishReason::Stop),
+        finish_reason: finish,
     };
     Ok(Json(ChatCompletion::new(id, created, served, vec![choice], usage)).into_response())
 }
 
 /// The conversation as the chat template takes it: roles are OpenAI's (`developer` becomes `system`), content
-/// parts other than text are refused.
+/// parts other than text are refused, an assistant turn's `tool_calls` and a tool turn's `tool_call_id` pass
+/// through (an assistant turn with calls and no content has `content: none`, as transformers gives it).
 fn messages(req: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
@@ -94,10 +103,38 @@ fn messages(req: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
                 }
             };
             let content = match &m.content {
-                Some(c) => c.to_text().map_err(|e| ApiError::invalid_param(&format!("messages[{i}].content"), e))?,
-                None => String::new(),
+                Some(c) => {
+                    Some(c.to_text().map_err(|e| ApiError::invalid_param(&format!("messages[{i}].content"), e))?)
+                }
+                None if m.tool_calls.is_some() => None,
+                None => Some(String::new()),
             };
-            Ok(ChatMessage::new(role.to_string(), content))
+            let tool_calls = match &m.tool_calls {
+                Some(_) if role != ROLE_ASSISTANT => {
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].tool_calls"),
+                        "only assistant messages carry `tool_calls`",
+                    ));
+                }
+                Some(calls) => Some(
+                    calls
+                        .iter()
+                        .enumerate()
+                        .map(|(j, call)| {
+                            if call.kind != TOOL_TYPE_FUNCTION {
+                                return Err(ApiError::invalid_param(
+                                    &format!("messages[{i}].tool_calls[{j}].type"),
+                                    format!("a tool call's type is `function`, got `{}`", call.kind),
+                                ));
+                            }
+                            Ok(serde_json::json!({"id": call.id, "type": call.kind, "function": {
+                                "name": call.function.name, "arguments": call.function.arguments}}))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => None,
+            };
+            Ok(ChatMessage { role: role.to_string(), content, tool_calls, tool_call_id: m.tool_call_id.clone() })
         })
         .collect()
 }
@@ -119,13 +156,15 @@ fn chat_logprob(lp: &TokenLogprob) -> ChatTokenLogprob {
     }
 }
 
-/// Chunks of a streamed chat completion: the role first, then content deltas, the finish, the usage.
+/// Chunks of a streamed chat completion: the role first, then content and tool-call deltas, the finish, the
+/// usage.
 struct ChatStream {
     id: String,
     created: u64,
     model: String,
     include_usage: bool,
     with_logprobs: bool,
+    tools: ToolStream,
 }
 
 impl ChatStream {
@@ -134,14 +173,15 @@ impl ChatStream {
         to_json(&ChatCompletionChunk::new(self.id.clone(), self.created, self.model.clone(), vec![choice], None))
     }
 
-    fn content(text: &str) -> ChatDelta {
-        ChatDelta { role: None, content: Some(text.to_string()) }
+    fn is_empty(delta: &ChatDelta) -> bool {
+        delta.content.is_none() && delta.tool_calls.is_empty()
     }
 }
 
 impl StreamFormat for ChatStream {
     fn start(&mut self) -> Vec<String> {
-        let delta = ChatDelta { role: Some(ROLE_ASSISTANT.to_string()), content: Some(String::new()) };
+        let delta =
+            ChatDelta { role: Some(ROLE_ASSISTANT.to_string()), content: Some(String::new()), tool_calls: Vec::new() };
         vec![self.chunk(delta, None, None)]
     }
 
@@ -150,17 +190,23 @@ impl StreamFormat for ChatStream {
             Some(lp) if self.with_logprobs => Some(ChatLogprobs { content: vec![chat_logprob(lp)] }),
             _ => None,
         };
-        if text.is_empty() && logprobs.is_none() {
-            return Vec::new();
+        let mut delta = self.tools.push(text, false);
+        if Self::is_empty(&delta) {
+            if logprobs.is_none() {
+                return Vec::new();
+            }
+            delta.content = Some(String::new());
         }
-        vec![self.chunk(Self::content(text), logprobs, None)]
+        vec![self.chunk(delta, logprobs, None)]
     }
 
     fn finish(&mut self, reason: WireFinishReason, usage: &Usage, text: &str) -> Vec<String> {
         let mut out = Vec::with_capacity(3);
-        if !text.is_empty() {
-            out.push(self.chunk(Self::content(text), None, None));
+        let delta = self.tools.push(text, true);
+        if !Self::is_empty(&delta) {
+            out.push(self.chunk(delta, None, None));
         }
+        let reason = finish_reason(reason, self.tools.called());
         out.push(self.chunk(ChatDelta::default(), None, Some(reason)));
         if self.include_usage {
             let usage = wire_usage(usage, 0);
@@ -179,9 +225,11 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::server::tools::ToolMode;
 
     fn stream(include_usage: bool, with_logprobs: bool) -> ChatStream {
-        ChatStream { id: "chatcmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs }
+        let tools = ToolStream::new(ToolMode::Off);
+        ChatStream { id: "chatcmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs, tools }
     }
 
     fn parse(payloads: Vec<String>) -> Vec<Value> {

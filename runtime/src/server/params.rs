@@ -30,13 +30,13 @@ pub(crate) const RESPONSE_FORMAT: &str = "response_format";
 
 /// Top-level fields accepted and ignored because they cannot change the answer: metadata and routing hints of
 /// the OpenAI API.
-const IGNORED_FIELDS: [&str; 6] =
-    ["metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"];
+const IGNORED_FIELDS: [&str; 5] = ["metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"];
 
 /// The fields the typed request leaves in `extra` that the server implements — `response_format` (structured
 /// outputs) — and a refusal of every other one: a field either works or is a 400 naming it. A `null` value
 /// counts as absent; a value that asks for the default behaviour (`response_format: {"type": "text"}`,
-/// `tools: []`, `tool_choice: "none"`, `suffix: ""`) is accepted.
+/// `functions: []`, `function_call: "none"`, `suffix: ""`) is accepted. Chat's `tools` are typed fields (see
+/// `tools.rs`); OpenAI's deprecated `functions` are refused in their favour.
 pub(crate) fn check_extra(extra: &BTreeMap<String, Value>) -> Result<Option<OutputFormat>, ApiError> {
     let mut format = None;
     for (name, value) in extra {
@@ -48,10 +48,10 @@ pub(crate) fn check_extra(extra: &BTreeMap<String, Value>) -> Result<Option<Outp
                 format = output_format(value)?;
                 continue;
             }
-            "tools" | "functions" if value.as_array().is_some_and(Vec::is_empty) => continue,
-            "tool_choice" | "function_call" if value.as_str() == Some("none") => continue,
-            "tools" | "tool_choice" | "functions" | "function_call" => {
-                format!("tool calling (`{name}`) is not supported by this server yet")
+            "functions" if value.as_array().is_some_and(Vec::is_empty) => continue,
+            "function_call" if value.as_str() == Some("none") => continue,
+            "functions" | "function_call" => {
+                format!("`{name}` is deprecated by OpenAI and not served: use `tools` and `tool_choice`")
             }
             "suffix" if value.as_str() == Some("") => continue,
             _ => format!("`{name}` is not supported by this server: it would be ignored, so it is refused"),
@@ -429,9 +429,8 @@ mod tests {
     fn fields_that_would_be_ignored_are_refused_naming_them() {
         for (extra, param) in [
             (json!({"response_format": {"type": "grammar", "grammar": "x"}}), "response_format"),
-            (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
-            (json!({"tool_choice": "required"}), "tool_choice"),
             (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": "auto"}), "function_call"),
             (json!({"suffix": "end"}), "suffix"),
             (json!({"min_p": 0.1}), "min_p"),
         ] {
@@ -443,8 +442,8 @@ mod tests {
             );
         }
         for extra in [
-            json!({"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "suffix": ""}),
-            json!({"metadata": {"a": "b"}, "store": false, "user": "u", "tools": null, "parallel_tool_calls": true}),
+            json!({"response_format": {"type": "text"}, "functions": [], "function_call": "none", "suffix": ""}),
+            json!({"metadata": {"a": "b"}, "store": false, "user": "u", "functions": null}),
         ] {
             assert!(chat(with(extra.clone())).is_ok(), "{extra}");
         }

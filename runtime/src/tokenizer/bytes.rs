@@ -28,15 +28,28 @@ pub const VOCAB_SIZE: usize = 264;
 const SPECIALS: [&str; 6] = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"];
 
 /// Role markers, content, `<|eos|>` after each turn; `<|assistant|>` opens the generation prompt. OpenAI's
-/// `developer` role is a system turn.
+/// `developer` role is a system turn. With `tools`, a first system turn lists the functions (as JSON) and the
+/// call syntax, DeepSeek's markers (`<｜tool▁calls▁begin｜>`, one `<｜tool▁call▁begin｜>name<｜tool▁sep｜>arguments
+/// <｜tool▁call▁end｜>` per call, `<｜tool▁calls▁end｜>`, as DeepSeek-V3.1 writes them); an assistant turn's
+/// `tool_calls` are written in the same syntax.
 pub const CHAT_TEMPLATE: &str = "{{ bos_token }}\
+{%- if tools %}<|system|>You can call functions. To call them, answer <｜tool▁calls▁begin｜>, then for each \
+call <｜tool▁call▁begin｜>, its name, <｜tool▁sep｜>, its arguments as a JSON object and <｜tool▁call▁end｜>, \
+then <｜tool▁calls▁end｜>. The functions:\n\
+{% for tool in tools %}{{ tool['function'] | tojson }}\n{% endfor %}{{ eos_token }}\
+{%- endif %}\
 {%- for message in messages %}\
 {%- if message['role'] == 'system' or message['role'] == 'developer' %}<|system|>\
 {%- elif message['role'] == 'user' %}<|user|>\
 {%- elif message['role'] == 'assistant' %}<|assistant|>\
 {%- elif message['role'] == 'tool' %}<|tool|>\
 {%- else %}{{ raise_exception('Unsupported chat role: ' + message['role']) }}\
-{%- endif %}{{ message['content'] }}{{ eos_token }}\
+{%- endif %}\
+{%- if message['content'] %}{{ message['content'] }}{% endif %}\
+{%- if message['tool_calls'] %}<｜tool▁calls▁begin｜>\
+{%- for call in message['tool_calls'] %}<｜tool▁call▁begin｜>{{ call['function']['name'] }}<｜tool▁sep｜>\
+{{- call['function']['arguments'] }}<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>\
+{%- endif %}{{ eos_token }}\
 {%- endfor %}\
 {%- if add_generation_prompt %}<|assistant|>{% endif %}";
 
@@ -139,9 +152,14 @@ impl ByteTokenizer {
         }
     }
 
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         match self.template.as_ref() {
-            Ok(template) => template.render(messages, add_generation_prompt),
+            Ok(template) => template.render(messages, tools, add_generation_prompt),
             Err(msg) => Err(Error::Template(msg.clone())),
         }
     }
@@ -163,17 +181,11 @@ mod tests {
     #[test]
     fn chat_template_marks_roles_and_ends_turns() {
         let t = ByteTokenizer::new();
-        let msgs = [
-            ChatMessage { role: "system".into(), content: "Be brief.".into() },
-            ChatMessage { role: "user".into(), content: "Hi".into() },
-        ];
-        let text = t.apply_chat_template(&msgs, true).unwrap();
+        let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")];
+        let text = t.apply_chat_template(&msgs, None, true).unwrap();
         assert_eq!(text, "<|bos|><|system|>Be brief.<|eos|><|user|>Hi<|eos|><|assistant|>");
-        let msgs = [
-            ChatMessage { role: "developer".into(), content: "D".into() },
-            ChatMessage { role: "tool".into(), content: "42".into() },
-        ];
-        let roles = t.apply_chat_template(&msgs, false).unwrap();
+        let msgs = [ChatMessage::new("developer", "D"), ChatMessage::new("tool", "42")];
+        let roles = t.apply_chat_template(&msgs, None, false).unwrap();
         assert_eq!(roles, "<|bos|><|system|>D<|eos|><|tool|>42<|eos|>");
         assert_eq!(t.encode("<|tool|>", false), vec![TOOL_ID]);
         let ids = t.encode(&text, false);

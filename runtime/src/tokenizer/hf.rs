@@ -189,14 +189,19 @@ impl HfTokenizer {
         serde_json::to_value(&self.inner)
     }
 
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         match &self.template {
             None => Err(Error::Template(
                 "the model has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)"
                     .into(),
             )),
             Some(Err(msg)) => Err(Error::Template(msg.clone())),
-            Some(Ok(template)) => template.render(messages, add_generation_prompt),
+            Some(Ok(template)) => template.render(messages, tools, add_generation_prompt),
         }
     }
 }

@@ -41,13 +41,20 @@ impl ChatTemplate {
         Ok(Self { env, specials })
     }
 
-    /// Renders `messages`; `add_generation_prompt` appends the assistant turn opener.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    /// Renders `messages` (and `tools`, for templates that describe them to the model); `add_generation_prompt`
+    /// appends the assistant turn opener.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(describe(&e)))?;
         let mut ctx = self.specials.clone();
         ctx.insert("messages".into(), Value::from(minijinja::value::Serde(messages)));
         ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
-        ctx.entry("tools".into()).or_insert(Value::from(()));
+        let tools = tools.map_or(Value::from(()), |t| Value::from(minijinja::value::Serde(t)));
+        ctx.insert("tools".into(), tools);
         ctx.entry("documents".into()).or_insert(Value::from(()));
         template.render(ctx).map_err(|e| Error::Template(describe(&e)))
     }
@@ -360,11 +367,11 @@ mod tests {
     fn render(source: &str, messages: &[ChatMessage]) -> Result<String> {
         let mut specials = BTreeMap::new();
         specials.insert("bos_token".to_string(), Value::from("<s>"));
-        ChatTemplate::new(source.to_string(), specials)?.render(messages, true)
+        ChatTemplate::new(source.to_string(), specials)?.render(messages, None, true)
     }
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage::new(role, content)
     }
 
     #[test]
