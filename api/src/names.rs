@@ -99,6 +99,8 @@ pub const ENV_RUNTIME_API_KEY: &str = "BALEEN_RUNTIME_API_KEY";
 /// Runtime: browser origins (comma-separated, or `*`) allowed to call the API through CORS
 /// (`--allowed-origins`).
 pub const ENV_RUNTIME_ALLOWED_ORIGINS: &str = "BALEEN_RUNTIME_ALLOWED_ORIGINS";
+/// Runtime: a Jinja chat template file used instead of the model's (`--chat-template`).
+pub const ENV_RUNTIME_CHAT_TEMPLATE: &str = "BALEEN_RUNTIME_CHAT_TEMPLATE";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Runtime HTTP contract: paths on the serving port (API, probes and metrics share it, as in vLLM).

@@ -68,6 +68,15 @@ impl Tokenizer {
         Self::Bytes(ByteTokenizer::with_vocab(vocab))
     }
 
+    /// Replaces the chat template with `source` (rendered with the same special-token variables); a template
+    /// that does not compile is an error.
+    pub fn set_chat_template(&mut self, source: String) -> Result<()> {
+        match self {
+            Self::Hf(t) => t.set_chat_template(source),
+            Self::Bytes(t) => t.set_chat_template(source),
+        }
+    }
+
     /// Encodes `text`; special tokens written in the text become their ids. `add_special_tokens` adds what the
     /// tokenizer's post-processor adds (BOS for DeepSeek).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

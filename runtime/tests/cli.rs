@@ -127,6 +127,20 @@ fn bad_input_fails_with_a_message_naming_the_problem() {
 }
 
 #[test]
+fn a_chat_template_that_cannot_be_read_or_compiled_stops_serve_at_start() {
+    let broken = std::env::temp_dir().join(format!("baleen-broken-{}.jinja", std::process::id()));
+    std::fs::write(&broken, "{% if %}").unwrap();
+    let missing = "/nonexistent/template.jinja";
+    for (path, needle) in [(missing, missing), (broken.to_str().unwrap(), "chat template")] {
+        let out = run(&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--chat-template", path]);
+        assert!(!out.status.success(), "{path} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{path}: stderr should mention {needle}: {err}");
+    }
+    std::fs::remove_file(broken).unwrap();
+}
+
+#[test]
 fn cuda_without_the_feature_is_a_clear_error() {
     if cfg!(feature = "cuda") {
         return;

@@ -239,3 +239,17 @@ fn tools_reach_the_template_and_conversations_carry_calls_and_results() {
         assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.text());
     }
 }
+
+#[test]
+fn chat_template_flag_replaces_the_models_template() {
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/chat-templates/deepseek-v3-tools.jinja");
+    let server = Server::start(&["--chat-template", template]);
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "tools": tools()});
+    let v = post(server.addr, CHAT, &body).json();
+    // The byte tokenizer: one token per byte, `<|bos|>` one token; the template's text is known.
+    let expected = "<｜User｜>Hi<｜Assistant｜>".len() + 1;
+    let with_tools = v["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert!(with_tools > expected + 300, "the template lists the tools: {v}");
+    let plain = post(server.addr, CHAT, &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}));
+    assert_eq!(plain.json()["usage"]["prompt_tokens"], expected, "{}", plain.text());
+}

@@ -60,6 +60,30 @@ struct ChatErrorCase {
     error_contains: String,
 }
 
+/// `tests/fixtures/chat-template-goldens.json` (scripts/goldens/make_template_goldens.py): transformers'
+/// rendering of the chat templates shipped in deploy/chat-templates, with tools and tool calls.
+#[derive(Deserialize)]
+struct TemplateGoldens {
+    tokenizer: String,
+    templates: Vec<TemplateGolden>,
+}
+
+#[derive(Deserialize)]
+struct TemplateGolden {
+    template: String,
+    cases: Vec<ToolChatCase>,
+}
+
+#[derive(Deserialize)]
+struct ToolChatCase {
+    name: String,
+    messages: Vec<ChatMessage>,
+    tools: Option<Vec<serde_json::Value>>,
+    add_generation_prompt: bool,
+    text: String,
+    ids: Vec<u32>,
+}
+
 fn load(name: &str) -> (Tokenizer, Golden) {
     let dir = fixture(name);
     let text = std::fs::read_to_string(dir.join("golden.json")).unwrap();
@@ -217,4 +241,24 @@ fn byte_level_specials_and_chat_template() {
     assert_eq!(tok.decode(&ids, false).unwrap(), rendered);
     let no_prompt = tok.apply_chat_template(&messages[..1], false).unwrap();
     assert_eq!(no_prompt, "<|bos|><|user|>Hi 🐋<|eos|>");
+}
+
+#[test]
+fn shipped_tool_templates_render_tools_calls_and_results_like_transformers() {
+    let path = fixture("chat-template-goldens.json");
+    let goldens: TemplateGoldens = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut tok = Tokenizer::from_dir(&fixture(&goldens.tokenizer)).unwrap();
+    assert!(!goldens.templates.is_empty());
+    for golden in &goldens.templates {
+        tok.set_chat_template(std::fs::read_to_string(root.join(&golden.template)).unwrap()).unwrap();
+        for case in &golden.cases {
+            let text =
+                tok.apply_chat_template_with_tools(&case.messages, case.tools.as_deref(), case.add_generation_prompt);
+            assert_eq!(text.unwrap(), case.text, "{}: {}", golden.template, case.name);
+            assert_eq!(tok.encode(&case.text, false).unwrap(), case.ids, "{}: {}", golden.template, case.name);
+        }
+    }
+    let e = tok.set_chat_template("{% if %}".into()).unwrap_err();
+    assert!(matches!(e, Error::Template(_)), "{e:?}");
 }

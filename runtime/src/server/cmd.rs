@@ -18,8 +18,8 @@ use baleen_api::names::{
     ENV_RUNTIME_SERVED_MODEL_NAME, RUNTIME_LISTENING_PREFIX,
 };
 use baleen_api::names::{
-    ENV_RUNTIME_ALLOWED_ORIGINS, ENV_RUNTIME_API_KEY, ENV_RUNTIME_BODY_READ_TIMEOUT, ENV_RUNTIME_HEADER_READ_TIMEOUT,
-    ENV_RUNTIME_MAX_CONNECTIONS,
+    ENV_RUNTIME_ALLOWED_ORIGINS, ENV_RUNTIME_API_KEY, ENV_RUNTIME_BODY_READ_TIMEOUT, ENV_RUNTIME_CHAT_TEMPLATE,
+    ENV_RUNTIME_HEADER_READ_TIMEOUT, ENV_RUNTIME_MAX_CONNECTIONS,
 };
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// Browser origins allowed to call the API (CORS), comma-separated, or `*`; none by default.
     #[arg(long, env = ENV_RUNTIME_ALLOWED_ORIGINS, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// A Jinja chat template file to use instead of the model's (transformers' conventions: `messages`,
+    /// `tools`, `add_generation_prompt`, the special tokens); it must compile, or the server does not start.
+    #[arg(long, env = ENV_RUNTIME_CHAT_TEMPLATE)]
+    pub chat_template: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
@@ -188,6 +192,11 @@ pub fn run(args: &ServeArgs) -> Result<Value> {
     }
     let metrics = Arc::new(Metrics::new(&served)?);
     let (mut loaded, peers) = args.model.load_head()?;
+    if let Some(path) = &args.chat_template {
+        let source = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        loaded.tokenizer.set_chat_template(source)?;
+        tracing::info!(path = %path.display(), "chat template replaced");
+    }
     loaded.model.observe_experts(&metrics.expert_tokens_total)?;
     let mut head_service = None;
     if let Some(peers) = &peers {

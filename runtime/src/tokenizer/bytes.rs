@@ -73,11 +73,22 @@ pub struct ByteTokenizer {
 
 impl ByteTokenizer {
     pub fn new() -> Self {
+        let template = ChatTemplate::new(CHAT_TEMPLATE.to_string(), Self::specials()).map_err(|e| e.to_string());
+        Self { template: Box::new(template), eos_ids: [EOS_ID], vocab: VOCAB_SIZE }
+    }
+
+    /// The template variables of the special tokens.
+    fn specials() -> BTreeMap<String, Value> {
         let mut specials = BTreeMap::new();
         specials.insert("bos_token".to_string(), Value::from(SPECIALS[0]));
         specials.insert("eos_token".to_string(), Value::from(SPECIALS[1]));
-        let template = ChatTemplate::new(CHAT_TEMPLATE.to_string(), specials).map_err(|e| e.to_string());
-        Self { template: Box::new(template), eos_ids: [EOS_ID], vocab: VOCAB_SIZE }
+        specials
+    }
+
+    /// Uses `source` as the chat template; it must compile.
+    pub fn set_chat_template(&mut self, source: String) -> Result<()> {
+        *self.template = Ok(ChatTemplate::new(source, Self::specials())?);
+        Ok(())
     }
 
     /// The tokenizer of a model whose vocabulary is `vocab` (at least [`VOCAB_SIZE`]): ids past the bytes and

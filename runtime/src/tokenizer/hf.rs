@@ -17,6 +17,8 @@ pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     /// The compiled template; `Err` keeps the compile error to report when a chat is rendered.
     template: Option<std::result::Result<ChatTemplate, String>>,
+    /// The special-token variables templates are rendered with.
+    specials: BTreeMap<String, JinjaValue>,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
     /// `Some((add_bos, add_eos))` for Llama-family tokenizer classes, which rebuild their post-processor from
@@ -131,13 +133,19 @@ impl HfTokenizer {
             specials.insert("additional_special_tokens".to_string(), JinjaValue::from(list));
         }
         let template = template_source(dir, &config)?.map(|source| {
-            ChatTemplate::new(source, specials).map_err(|e| {
+            ChatTemplate::new(source, specials.clone()).map_err(|e| {
                 tracing::warn!(dir = %dir.display(), "chat template does not compile: {e}");
                 e.to_string()
             })
         });
 
-        Ok(Self { inner, template, bos_id, eos_ids, llama_specials, clean_up_tokenization_spaces })
+        Ok(Self { inner, template, specials, bos_id, eos_ids, llama_specials, clean_up_tokenization_spaces })
+    }
+
+    /// Uses `source` as the chat template; it must compile.
+    pub fn set_chat_template(&mut self, source: String) -> Result<()> {
+        self.template = Some(Ok(ChatTemplate::new(source, self.specials.clone())?));
+        Ok(())
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
