@@ -183,6 +183,19 @@ impl EngineHandle {
         Ok(rx)
     }
 
+    /// Whether `submit` would admit a request now (not draining, the queue not full): checked before work that
+    /// costs more than the check (compiling a schema), so a refused request costs nothing.
+    pub fn check_admission(&self) -> std::result::Result<(), SubmitError> {
+        if self.shared.draining.load(Ordering::SeqCst) || self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        let waiting = self.shared.waiting.load(Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            return Err(SubmitError::QueueFull { waiting });
+        }
+        Ok(())
+    }
+
     pub fn info(&self) -> &EngineInfo {
         &self.info
     }

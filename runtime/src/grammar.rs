@@ -24,6 +24,9 @@ const GUIDANCE_OPTIONS_KEY: &str = "x-guidance";
 pub const MAX_GRAMMAR_SYMBOLS: usize = 100_000;
 /// Most bytes a schema may take in the request (checked before it is compiled).
 pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+/// Schema compiles the server runs at once; more wait, so a burst of schemas cannot take every core from the
+/// engine.
+pub const MAX_CONCURRENT_COMPILES: usize = 2;
 
 /// What a request asks its output to be.
 #[derive(Debug, Clone, PartialEq)]

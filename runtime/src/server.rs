@@ -30,9 +30,8 @@ pub use error::ApiError;
 pub use http::{router, serve};
 
 use crate::engine::EngineHandle;
-use crate::grammar::{Constraint, Grammars, OutputFormat};
+use crate::grammar::{Constraint, Grammars, MAX_CONCURRENT_COMPILES, OutputFormat};
 use crate::metrics::Metrics;
-use params::RESPONSE_FORMAT;
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -52,6 +51,8 @@ pub struct AppState {
     /// The structured-output grammar engine of the model's tokenizer, built at the first request that needs it
     /// (`Err`: this tokenizer cannot be used, and why).
     grammars: Arc<tokio::sync::OnceCell<Result<Arc<Grammars>, String>>>,
+    /// Schema compiles running at once at most ([`MAX_CONCURRENT_COMPILES`]); others wait for a slot.
+    compiles: Arc<tokio::sync::Semaphore>,
 }
 
 /// The HTTP server's connection hygiene: how long a client may take, how many connections it may hold open.
@@ -87,13 +88,21 @@ impl AppState {
             limits: HttpLimits::default(),
             edge: Arc::new(Edge::default()),
             grammars: Arc::default(),
+            compiles: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_COMPILES)),
         }
     }
 
-    /// The grammar constraint of `format` (none without one). Building the engine and compiling the schema are
-    /// CPU work, done off the async threads; a schema the engine refuses is a 400 naming `response_format`.
-    pub(crate) async fn constraint(&self, format: Option<OutputFormat>) -> Result<Option<Constraint>, ApiError> {
+    /// The grammar constraint of `format` (none without one), which came from the request field `param`
+    /// (`response_format`, or `tools` for a forced call). Building the engine and compiling the schema are CPU
+    /// work, done off the async threads, [`MAX_CONCURRENT_COMPILES`] at a time, and only for a request the engine
+    /// would admit now (else its 429 / 503 first); a schema the engine refuses is a 400 naming `param`.
+    pub(crate) async fn constraint(
+        &self,
+        format: Option<OutputFormat>,
+        param: &str,
+    ) -> Result<Option<Constraint>, ApiError> {
         let Some(format) = format else { return Ok(None) };
+        self.engine.check_admission()?;
         let grammars = self
             .grammars
             .get_or_init(|| {
@@ -110,13 +119,32 @@ impl AppState {
             })
             .await
             .clone()
-            .map_err(|e| ApiError::unsupported_param(RESPONSE_FORMAT, e))?;
+            .map_err(|e| ApiError::unsupported_param(param, e))?;
+        let _slot = self
+            .compiles
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal(format!("waiting to compile the schema failed: {e}")))?;
         let compiled = tokio::task::spawn_blocking(move || grammars.compile(&format))
             .await
             .map_err(|e| ApiError::internal(format!("compiling the schema failed: {e}")))?;
-        compiled
-            .map(Some)
-            .map_err(|e| ApiError::invalid_param(RESPONSE_FORMAT, format!("invalid `response_format` schema: {e}")))
+        compiled.map(Some).map_err(|e| ApiError::invalid_param(param, format!("invalid `{param}` schema: {e}")))
+    }
+
+    /// The request body, capped at `max_request_bytes` (413 on a declared size over it, before any byte is read
+    /// and without a `100 Continue`; 413 on an actual size over it) and read within `limits.body_read_timeout`
+    /// (else 408).
+    pub(crate) async fn read_body(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<axum::body::Bytes, ApiError> {
+        let limit = self.max_request_bytes;
+        baleen_api::http::check_content_length(headers, limit)?;
+        let timeout = self.limits.body_read_timeout;
+        tokio::time::timeout(timeout, baleen_api::http::read_body(body, limit))
+            .await
+            .unwrap_or_else(|_| Err(ApiError::request_timeout(timeout.as_secs())))
     }
 
     /// The model name clients must send in `model`.

@@ -110,7 +110,14 @@ fn idle_connections_over_the_cap_leave_the_probes_answering_and_the_api_503() {
     assert!(error["message"].as_str().unwrap().contains("open connections"), "{error}");
     assert_eq!(refused.header("retry-after"), Some("1"));
 
-    drop(idle);
+    // 192 over the cap are open; 100 more pass the 256 probe-only connections: the last ones are closed at once
+    // (long before the 2 s header timeout of the probe-only connections).
+    let more: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(server.addr).unwrap()).collect();
+    let mut last = more.last().unwrap().try_clone().unwrap();
+    let closed = read_until_closed(&mut last, Duration::from_millis(1500));
+    assert_eq!(closed, Some(Vec::new()), "a connection past both caps is closed without an answer");
+
+    drop((idle, more));
     let start = Instant::now();
     loop {
         let r = post(server.addr, COMPLETIONS, &completion(json!({})));

@@ -50,7 +50,7 @@ pub struct ChatCompletionRequest {
 pub struct ChatMessage {
     /// `system`, `user`, `assistant`, ... as the model's chat template understands them.
     pub role: String,
-    /// Text, or a list of content parts; `null` (an assistant turn with tool calls) reads as empty.
+    /// Text, or a list of content parts; `null` in an assistant turn that only calls tools.
     #[serde(default)]
     pub content: Option<MessageContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,7 +78,7 @@ pub struct FunctionDefinition {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// A JSON Schema of the arguments object; absent means any object.
+    /// A JSON Schema of the arguments object; absent means an empty argument list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Value>,
     /// OpenAI's strict mode: arguments always follow the schema (a grammar guarantees it when a call is forced).

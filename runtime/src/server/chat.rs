@@ -16,9 +16,8 @@ use baleen_api::openai::{
 
 use super::access::Access;
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
-use super::http::read_body;
 use super::params::{CommonParams, check_model, new_request_id};
-use super::tools::{TOOL_TYPE_FUNCTION, ToolPlan, ToolStream, finish_reason, tool_calls};
+use super::tools::{TOOL_TYPE_FUNCTION, ToolPlan, ToolStream, tool_calls};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
 use crate::tokenizer::ChatMessage;
@@ -41,13 +40,13 @@ pub(crate) async fn handle(
 }
 
 async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(&state, &headers, body).await?;
+    let body = state.read_body(&headers, body).await?;
     let req: ChatCompletionRequest = parse_request(&body)?;
     let served = state.served_model_name().to_string();
     check_model(req.model.as_deref(), &served)?;
     let mut params = CommonParams::from_chat(&req)?;
     let tools = ToolPlan::new(&req)?;
-    params.format = tools.output_format(params.format.take())?;
+    tools.apply(&mut params)?;
     let messages = messages(&req)?;
     let tokenizer = state.engine.tokenizer();
     let text = tokenizer.apply_chat_template_with_tools(&messages, tools.template_tools.as_deref(), true)?;
@@ -71,7 +70,7 @@ async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Bod
     let reading = tools.mode.read(&done.text, true);
     let calls = tool_calls(&reading);
     let content = (!reading.content.is_empty() || calls.is_empty()).then(|| reading.content.to_string());
-    let finish = finish_reason(done.finish_reason.unwrap_or(WireFinishReason::Stop), !calls.is_empty());
+    let finish = tools.mode.finish_reason(done.finish_reason.unwrap_or(WireFinishReason::Stop), &done.text);
     let choice = ChatChoice {
         index: 0,
         message: ChatResponseMessage { role: ROLE_ASSISTANT.to_string(), content, tool_calls: calls },
@@ -102,14 +101,17 @@ fn messages(req: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
                     ));
                 }
             };
+            // An assistant turn that calls has `content: None` when it says nothing (`null`, "" or no text
+            // parts): DeepSeek's templates write the calls only then. `tool_calls: []` is no calls.
+            let calls = m.tool_calls.as_ref().filter(|c| !c.is_empty());
             let content = match &m.content {
                 Some(c) => {
                     Some(c.to_text().map_err(|e| ApiError::invalid_param(&format!("messages[{i}].content"), e))?)
                 }
-                None if m.tool_calls.is_some() => None,
                 None => Some(String::new()),
-            };
-            let tool_calls = match &m.tool_calls {
+            }
+            .filter(|text| calls.is_none() || !text.is_empty());
+            let tool_calls = match calls {
                 Some(_) if role != ROLE_ASSISTANT => {
                     return Err(ApiError::invalid_param(
                         &format!("messages[{i}].tool_calls"),
@@ -206,7 +208,7 @@ impl StreamFormat for ChatStream {
         if !Self::is_empty(&delta) {
             out.push(self.chunk(delta, None, None));
         }
-        let reason = finish_reason(reason, self.tools.called());
+        let reason = self.tools.finish_reason(reason);
         out.push(self.chunk(ChatDelta::default(), None, Some(reason)));
         if self.include_usage {
             let usage = wire_usage(usage, 0);
@@ -234,6 +236,24 @@ mod tests {
 
     fn parse(payloads: Vec<String>) -> Vec<Value> {
         payloads.iter().map(|p| serde_json::from_str(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_calling_assistant_turn_without_text_has_no_content() {
+        let call = json!({"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+        let req: ChatCompletionRequest = serde_json::from_value(json!({"messages": [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "assistant", "content": [], "tool_calls": [call]},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+            {"role": "assistant", "content": null, "tool_calls": []},
+            {"role": "tool", "content": "ok", "tool_call_id": "c1"}]}))
+        .unwrap();
+        let m = messages(&req).unwrap();
+        assert_eq!((m[0].content.as_deref(), m[0].tool_calls.as_ref().map(Vec::len)), (None, Some(1)));
+        assert_eq!(m[1].content, None);
+        assert_eq!(m[2].content.as_deref(), Some("Checking."));
+        assert_eq!((m[3].content.as_deref(), m[3].tool_calls.as_ref()), (Some(""), None));
+        assert_eq!(m[4].tool_call_id.as_deref(), Some("c1"));
     }
 
     #[test]

@@ -293,11 +293,14 @@ async fn serve_until_signal(
 /// Raises the soft open-file limit to the hard one, so the connection cap (not the file limit) is what refuses
 /// clients; warns when even the hard limit is below the cap plus the descriptors kept for the rest.
 fn raise_open_file_limit(max_connections: usize) {
+    let needed = (max_connections + super::http::OVER_CAPACITY_CONNECTIONS) as u64 + RESERVED_FDS;
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < max_connections as u64 + RESERVED_FDS => tracing::warn!(
+        Ok(limit) if limit < needed => tracing::warn!(
             limit,
             max_connections,
-            "the open-file limit is below --max-connections plus {RESERVED_FDS}: lower --max-connections"
+            needed,
+            "the open-file limit is below --max-connections plus the probe-only connections and {RESERVED_FDS} \
+             more: lower --max-connections"
         ),
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),

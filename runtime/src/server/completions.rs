@@ -16,7 +16,6 @@ use baleen_api::openai::{
 
 use super::access::Access;
 use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
-use super::http::read_body;
 use super::params::{CommonParams, check_model, new_request_id};
 use super::{ApiError, AppState, unix_now};
 use crate::engine::{TokenLogprob, Usage};
@@ -31,7 +30,7 @@ pub(crate) async fn handle(
 }
 
 async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(&state, &headers, body).await?;
+    let body = state.read_body(&headers, body).await?;
     let req: CompletionRequest = parse_request(&body)?;
     let served = state.served_model_name().to_string();
     check_model(req.model.as_deref(), &served)?;

@@ -18,13 +18,11 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use baleen_api::http;
 use baleen_api::names::{
     PATH_CHAT_COMPLETIONS, PATH_COMPLETIONS, PATH_HEALTH, PATH_METRICS, PATH_MODEL, PATH_MODELS, PATH_READY,
     ROUTE_UNMATCHED,
@@ -46,12 +44,15 @@ use crate::error::Result;
 /// A connection over the cap must send its request's headers within this (or the configured timeout, if
 /// shorter): it holds a file descriptor the server may need for a probe.
 const OVER_CAPACITY_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections over the cap served at once (probes only); beyond them a new connection is closed at once, so
+/// open file descriptors stay bounded however many clients connect.
+pub const OVER_CAPACITY_CONNECTIONS: usize = 256;
 /// How long accepting pauses after a failed accept (out of file descriptors and the like).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The application: every route (the paths are in `baleen_api::names`, also the `route` metric label) behind
 /// the edge (connection cap, API keys, CORS) and the metrics and access log; bodies over
-/// `state.max_request_bytes` are refused (413) by the handlers before parsing ([`read_body`]).
+/// `state.max_request_bytes` are refused (413) by the handlers before parsing ([`AppState::read_body`]).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route(PATH_CHAT_COMPLETIONS, post(chat::handle))
@@ -75,7 +76,7 @@ pub fn router(state: AppState) -> Router {
 /// while a keep-alive connection waits for its next request, so idle connections close after it). Beyond
 /// `state.limits.max_connections` open connections a new one is still accepted — so a probe always gets in —
 /// but it is served only `/health`, `/ready` and `/metrics` (others get 503), with a short header timeout and
-/// no keep-alive.
+/// no keep-alive; beyond [`OVER_CAPACITY_CONNECTIONS`] more, a new connection is closed without an answer.
 pub async fn serve<F>(listener: TcpListener, state: AppState, shutdown: F) -> Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
@@ -83,6 +84,7 @@ where
     let limits = state.limits;
     let app = router(state);
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let over = Arc::new(Semaphore::new(OVER_CAPACITY_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -100,6 +102,17 @@ where
         let _ = stream.set_nodelay(true);
         let permit = Arc::clone(&open).try_acquire_owned().ok();
         let over_capacity = permit.is_none();
+        let over_permit = if over_capacity {
+            match Arc::clone(&over).try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::debug!("connection closed: over the cap and the probe-only connections");
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
         if over_capacity {
@@ -121,7 +134,7 @@ where
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            drop(permit);
+            drop((permit, over_permit));
         });
     }
     drop(listener);
@@ -144,18 +157,6 @@ async fn track(State(state): State<AppState>, mut request: Request, next: Next) 
     access.set_status(status);
     state.metrics.observe_http(&route, status, start.elapsed().as_secs_f64());
     response
-}
-
-/// The request body, capped at `state.max_request_bytes` (413 on a declared size over it, before any byte is
-/// read and without a `100 Continue`; 413 on an actual size over it) and read within
-/// `state.limits.body_read_timeout` (else 408).
-pub(crate) async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = state.max_request_bytes;
-    http::check_content_length(headers, limit)?;
-    let timeout = state.limits.body_read_timeout;
-    tokio::time::timeout(timeout, http::read_body(body, limit))
-        .await
-        .unwrap_or_else(|_| Err(ApiError::request_timeout(timeout.as_secs())))
 }
 
 /// The one model this server serves.

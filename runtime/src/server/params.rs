@@ -100,6 +100,8 @@ pub(crate) struct CommonParams {
     pub logprobs: Option<usize>,
     /// `response_format`: the grammar the output must follow.
     pub format: Option<OutputFormat>,
+    /// The request field `format` came from, named in its errors (`response_format`, or `tools`).
+    pub format_param: &'static str,
 }
 
 impl CommonParams {
@@ -113,7 +115,13 @@ impl CommonParams {
             (false, _) => None,
             (true, k) => Some(check_logprobs("top_logprobs", k.unwrap_or(0))?),
         };
-        Ok(Self { max_tokens: r.max_completion_tokens.or(r.max_tokens), options: r.options.clone(), logprobs, format })
+        Ok(Self {
+            max_tokens: r.max_completion_tokens.or(r.max_tokens),
+            options: r.options.clone(),
+            logprobs,
+            format,
+            format_param: RESPONSE_FORMAT,
+        })
     }
 
     /// The completion request's parameters; `echo: true` and `best_of > 1` are refused.
@@ -130,6 +138,7 @@ impl CommonParams {
             options: r.options.clone(),
             logprobs: r.logprobs.map(|k| check_logprobs("logprobs", k)).transpose()?,
             format,
+            format_param: RESPONSE_FORMAT,
         })
     }
 
@@ -225,10 +234,8 @@ impl CommonParams {
         Ok(stop)
     }
 
-    /// The engine request for `prompt` (sent as `prompt_param`: `messages` or `prompt`). Without `max_tokens`
-    /// the completion may fill the rest of the context.
-    /// [`CommonParams::into_request`] with the model's limits, and the grammar of `response_format` compiled
-    /// into the request's constraint: what both generation endpoints submit.
+    /// [`CommonParams::into_request`] with the model's limits, and the grammar of `response_format` (or of a
+    /// forced tool call) compiled into the request's constraint: what both generation endpoints submit.
     pub async fn into_engine_request(
         mut self,
         state: &AppState,
@@ -236,13 +243,15 @@ impl CommonParams {
         prompt: Vec<u32>,
         prompt_param: &str,
     ) -> Result<GenerateRequest, ApiError> {
-        let format = self.format.take();
+        let (format, param) = (self.format.take(), self.format_param);
         let mut request =
             self.into_request(request_id, prompt, prompt_param, ModelLimits::from(state.engine.info()))?;
-        request.constraint = state.constraint(format).await?;
+        request.constraint = state.constraint(format, param).await?;
         Ok(request)
     }
 
+    /// The engine request for `prompt` (sent as `prompt_param`: `messages` or `prompt`). Without `max_tokens`
+    /// the completion may fill the rest of the context.
     pub fn into_request(
         self,
         request_id: String,

@@ -24,7 +24,7 @@ use baleen_api::openai::{
 use serde_json::{Map, Value, json};
 
 use super::ApiError;
-use super::params::{RESPONSE_FORMAT, new_request_id};
+use super::params::{CommonParams, RESPONSE_FORMAT, new_request_id};
 use crate::grammar::{MAX_SCHEMA_BYTES, OutputFormat};
 
 /// Most tools a request may send (OpenAI's limit).
@@ -113,12 +113,17 @@ impl ToolPlan {
         Ok(Self { mode, template_tools, format })
     }
 
-    /// The request's output format: the forced call's grammar, or `response_format`'s. A `response_format`
-    /// grammar cannot hold a call, so with tools the model may call it is a 400.
-    pub fn output_format(&self, response_format: Option<OutputFormat>) -> Result<Option<OutputFormat>, ApiError> {
-        match (&self.mode, response_format) {
-            (ToolMode::Off, format) => Ok(format),
-            (_, None) => Ok(self.format.clone()),
+    /// Sets the request's output format: the forced call's grammar (its errors naming `tools`), or
+    /// `response_format`'s. A `response_format` grammar cannot hold a call, so with tools the model may call it
+    /// is a 400.
+    pub fn apply(&self, params: &mut CommonParams) -> Result<(), ApiError> {
+        match (&self.mode, &params.format) {
+            (ToolMode::Off, _) => Ok(()),
+            (_, None) => {
+                params.format = self.format.clone();
+                params.format_param = TOOLS;
+                Ok(())
+            }
             (_, Some(_)) => Err(ApiError::invalid_param(
                 RESPONSE_FORMAT,
                 "`response_format` cannot be combined with `tools` unless `tool_choice` is `none`",
@@ -157,11 +162,14 @@ fn check_tools(tools: &[Tool]) -> Result<(), ApiError> {
                 format!("two tools are named `{name}`; function names must be unique"),
             ));
         }
-        if tool.function.parameters.as_ref().is_some_and(|p| !p.is_object()) {
-            return Err(ApiError::invalid_param(
-                &param("function.parameters"),
-                "a function's `parameters` must be a JSON Schema object",
-            ));
+        if let Some(parameters) = &tool.function.parameters {
+            let kind = parameters.get("type");
+            if !parameters.is_object() || kind.is_some_and(|k| k.as_str() != Some("object")) {
+                return Err(ApiError::invalid_param(
+                    &param("function.parameters"),
+                    "a function's `parameters` must be a JSON Schema of an object (`\"type\": \"object\"`)",
+                ));
+            }
         }
     }
     Ok(())
@@ -192,17 +200,25 @@ fn tool_value(tool: &Tool) -> Value {
     json!({"type": tool.kind, "function": function})
 }
 
-/// A function's arguments schema; none given means an empty parameter list (OpenAI's meaning), `{}`.
+/// A function's arguments schema, always of an object (`"type": "object"` added where the schema leaves the type
+/// open); none given means an empty parameter list (OpenAI's meaning), `{}`.
 fn arguments_schema(tool: &Tool) -> Value {
-    tool.function
+    let mut schema = tool
+        .function
         .parameters
         .clone()
-        .unwrap_or_else(|| json!({"type": "object", "properties": {}, "additionalProperties": false}))
+        .unwrap_or_else(|| json!({"type": "object", "properties": {}, "additionalProperties": false}));
+    if let Value::Object(map) = &mut schema {
+        map.entry("type").or_insert_with(|| json!("object"));
+    }
+    schema
 }
 
 /// The `required` grammar: a JSON array of one or more calls (at most one unless `parallel`), each
 /// `{"name": <a tool's name>, "arguments": <that tool's arguments>}`. Each tool's schema moves under the
-/// top-level `$defs` as `tool<i>` (its own `$defs` as `tool<i>.<name>`), its `$ref`s rewritten to match.
+/// top-level `$defs` as `tool<i>` (its `$defs` / `definitions` entries as `tool<i>.$defs.<name>` /
+/// `tool<i>.definitions.<name>`), its local `$ref`s rewritten to match and its `$id` / `$schema` dropped (they
+/// would change how the references resolve).
 fn required_schema(tools: &[Tool], parallel: bool) -> Value {
     let mut defs = Map::new();
     let mut calls = Vec::with_capacity(tools.len());
@@ -210,11 +226,13 @@ fn required_schema(tools: &[Tool], parallel: bool) -> Value {
         let key = format!("tool{i}");
         let mut schema = arguments_schema(tool);
         if let Value::Object(map) = &mut schema {
-            for defs_key in ["$defs", "definitions"] {
+            map.remove("$id");
+            map.remove("$schema");
+            for defs_key in DEFS_KEYWORDS {
                 if let Some(Value::Object(inner)) = map.remove(defs_key) {
                     for (name, mut def) in inner {
                         rebase_refs(&mut def, &key);
-                        defs.insert(format!("{key}.{name}"), def);
+                        defs.insert(format!("{key}.{defs_key}.{name}"), def);
                     }
                 }
             }
@@ -236,27 +254,24 @@ fn required_schema(tools: &[Tool], parallel: bool) -> Value {
     schema
 }
 
+/// The keywords holding a schema's named subschemas.
+const DEFS_KEYWORDS: [&str; 2] = ["$defs", "definitions"];
+/// Keywords whose values are data, not schemas: a `"$ref"` key inside them is not a reference.
+const DATA_KEYWORDS: [&str; 4] = ["const", "enum", "default", "examples"];
+
 /// Rewrites the local `$ref`s of a schema that moves to `#/$defs/<key>`: `#` → `#/$defs/<key>`,
-/// `#/$defs/x…` and `#/definitions/x…` → `#/$defs/<key>.x…`, any other `#/…` → `#/$defs/<key>/…`.
+/// `#/$defs/x…` → `#/$defs/<key>.$defs.x…` (`definitions` alike), any other `#/…` → `#/$defs/<key>/…`.
 fn rebase_refs(schema: &mut Value, key: &str) {
     match schema {
         Value::Object(map) => {
             for (name, value) in map.iter_mut() {
                 match value {
                     Value::String(r) if name == "$ref" => {
-                        let rebased = if r == "#" {
-                            format!("#/$defs/{key}")
-                        } else if let Some(rest) =
-                            r.strip_prefix("#/$defs/").or_else(|| r.strip_prefix("#/definitions/"))
-                        {
-                            format!("#/$defs/{key}.{rest}")
-                        } else if let Some(rest) = r.strip_prefix("#/") {
-                            format!("#/$defs/{key}/{rest}")
-                        } else {
-                            continue;
-                        };
-                        *r = rebased;
+                        if let Some(rebased) = rebased_ref(r, key) {
+                            *r = rebased;
+                        }
                     }
+                    _ if DATA_KEYWORDS.contains(&name.as_str()) => {}
                     other => rebase_refs(other, key),
                 }
             }
@@ -264,6 +279,19 @@ fn rebase_refs(schema: &mut Value, key: &str) {
         Value::Array(items) => items.iter_mut().for_each(|v| rebase_refs(v, key)),
         _ => {}
     }
+}
+
+fn rebased_ref(r: &str, key: &str) -> Option<String> {
+    if r == "#" {
+        return Some(format!("#/$defs/{key}"));
+    }
+    let pointer = r.strip_prefix("#/")?;
+    for defs_key in DEFS_KEYWORDS {
+        if let Some(rest) = pointer.strip_prefix(defs_key).and_then(|p| p.strip_prefix('/')) {
+            return Some(format!("#/$defs/{key}.{defs_key}.{rest}"));
+        }
+    }
+    Some(format!("#/$defs/{key}/{pointer}"))
 }
 
 /// The text so far, split: the content, and each call's name and arguments (possibly still growing).
@@ -281,7 +309,12 @@ impl ToolMode {
         match self {
             Self::Off => Reading { content: text, calls: Vec::new() },
             Self::Named(name) => Reading { content: "", calls: vec![(name.as_str(), text)] },
-            Self::Required => Reading { content: "", calls: read_json_calls(text) },
+            Self::Required => {
+                let calls = read_json_calls(text);
+                // Cut before a first name was complete (a stop string, max_tokens): the text is not lost.
+                let content = if finished && calls.is_empty() { text } else { "" };
+                Reading { content, calls }
+            }
             Self::Auto { parallel } => {
                 let mut reading = read_deepseek_calls(text, finished);
                 if !parallel {
@@ -313,18 +346,19 @@ fn read_deepseek_calls(text: &str, finished: bool) -> Reading<'_> {
     Reading { content: &text[..start], calls }
 }
 
-/// One call block: DeepSeek-V3's `function<｜tool▁sep｜>name\n```json\n{…}\n```` or V3.1's
-/// `name<｜tool▁sep｜>{…}`.
+/// One call block: DeepSeek-V3's `function<｜tool▁sep｜>name\n```json\n{…}\n```` (the fence optional) or
+/// V3.1's `name<｜tool▁sep｜>{…}`.
 fn deepseek_call(block: &str) -> Option<(&str, &str)> {
     let (head, body) = block.split_once(CALL_SEP)?;
-    if head == TOOL_TYPE_FUNCTION
-        && let Some((name, fenced)) = body.split_once('\n')
-        && let Some(arguments) = fenced.trim().strip_prefix("```json").and_then(|a| a.strip_suffix("```"))
-    {
-        return Some((name.trim(), arguments.trim()));
-    }
-    let name = head.trim();
-    (!name.is_empty()).then(|| (name, body.trim()))
+    let (name, arguments) = if head == TOOL_TYPE_FUNCTION {
+        let (name, arguments) = body.split_once('\n')?;
+        let arguments = arguments.trim();
+        let unfenced = arguments.strip_prefix("```json").and_then(|a| a.strip_suffix("```"));
+        (name.trim(), unfenced.unwrap_or(arguments).trim())
+    } else {
+        (head.trim(), body.trim())
+    };
+    (!name.is_empty()).then_some((name, arguments))
 }
 
 /// The length of the longest proper prefix of `marker` that `text` ends with.
@@ -424,11 +458,21 @@ pub(crate) fn tool_calls(reading: &Reading<'_>) -> Vec<ToolCall> {
         .collect()
 }
 
-/// `tool_calls` when the answer called a tool and stopped naturally (a cut answer keeps `length` / `abort`).
-pub(crate) fn finish_reason(reason: WireFinishReason, called: bool) -> WireFinishReason {
-    match reason {
-        WireFinishReason::Stop if called => WireFinishReason::ToolCalls,
-        other => other,
+impl ToolMode {
+    /// The answer's finish reason, given the engine's and the answer's `text`: `tool_calls` when it called and
+    /// stopped naturally with every call complete (an answer cut by a stop string inside the `required` array
+    /// keeps `stop`, `length` and `abort` stay). A named function's call finishes with `stop`, as OpenAI's and
+    /// vLLM's do.
+    pub fn finish_reason(&self, reason: WireFinishReason, text: &str) -> WireFinishReason {
+        let called = match self {
+            Self::Off | Self::Named(_) => false,
+            Self::Auto { .. } => !self.read(text, true).calls.is_empty(),
+            Self::Required => serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok(),
+        };
+        match reason {
+            WireFinishReason::Stop if called => WireFinishReason::ToolCalls,
+            other => other,
+        }
     }
 }
 
@@ -449,9 +493,9 @@ impl ToolStream {
         Self { mode, text: String::new(), content_sent: 0, arguments_sent: Vec::new() }
     }
 
-    /// Whether a call has been sent.
-    pub fn called(&self) -> bool {
-        !self.arguments_sent.is_empty()
+    /// The stream's finish reason ([`ToolMode::finish_reason`] of the whole text).
+    pub fn finish_reason(&self, reason: WireFinishReason) -> WireFinishReason {
+        self.mode.finish_reason(reason, &self.text)
     }
 
     /// The delta `piece` adds (`finished`: it is the last), empty when nothing is ready to send.
@@ -572,11 +616,23 @@ mod tests {
             let e = plan(extra.clone()).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (StatusCode::BAD_REQUEST, Some(param)), "{extra}: {e}");
         }
+        let json_object = || CommonParams {
+            format: Some(OutputFormat::JsonObject),
+            format_param: RESPONSE_FORMAT,
+            ..CommonParams::default()
+        };
         let auto = plan(json!({"tools": [weather()]})).unwrap();
-        let e = auto.output_format(Some(OutputFormat::JsonObject)).unwrap_err();
+        let e = auto.apply(&mut json_object()).unwrap_err();
         assert_eq!(e.param.as_deref(), Some(RESPONSE_FORMAT));
         let off = plan(json!({"tools": [weather()], "tool_choice": "none"})).unwrap();
-        assert_eq!(off.output_format(Some(OutputFormat::JsonObject)).unwrap(), Some(OutputFormat::JsonObject));
+        let mut params = json_object();
+        off.apply(&mut params).unwrap();
+        assert_eq!((params.format, params.format_param), (Some(OutputFormat::JsonObject), RESPONSE_FORMAT));
+        let required = plan(json!({"tools": [weather()], "tool_choice": "required"})).unwrap();
+        let mut params = CommonParams::default();
+        required.apply(&mut params).unwrap();
+        assert!(matches!(params.format, Some(OutputFormat::JsonSchema(_))));
+        assert_eq!(params.format_param, TOOLS);
     }
 
     #[test]
@@ -589,10 +645,10 @@ mod tests {
         .unwrap();
         let schema = required_schema(&[tool], true);
         let defs = &schema["$defs"];
-        assert_eq!(defs["tool0"]["properties"]["stop"]["$ref"], "#/$defs/tool0.Stop");
+        assert_eq!(defs["tool0"]["properties"]["stop"]["$ref"], "#/$defs/tool0.$defs.Stop");
         assert_eq!(defs["tool0"]["properties"]["again"]["$ref"], "#/$defs/tool0");
-        assert_eq!(defs["tool0.Stop"]["properties"]["next"]["$ref"], "#/$defs/tool0.Stop");
-        assert_eq!(defs["tool0.Stop"]["properties"]["city"]["$ref"], "#/$defs/tool0/properties/stop");
+        assert_eq!(defs["tool0.$defs.Stop"]["properties"]["next"]["$ref"], "#/$defs/tool0.$defs.Stop");
+        assert_eq!(defs["tool0.$defs.Stop"]["properties"]["city"]["$ref"], "#/$defs/tool0/properties/stop");
         assert!(defs["tool0"].get("$defs").is_none());
         assert!(schema.get("maxItems").is_none());
     }
@@ -660,7 +716,7 @@ mod tests {
         let answer_calls: Vec<(String, String)> =
             answer.calls.iter().map(|(n, a)| (n.to_string(), a.to_string())).collect();
         assert_eq!(calls, answer_calls);
-        assert!(stream.called());
+        assert_eq!(stream.finish_reason(WireFinishReason::Stop), WireFinishReason::ToolCalls);
 
         let mut named = ToolStream::new(ToolMode::Named("f".into()));
         let first = named.push("{\"a\"", false);
@@ -692,9 +748,92 @@ mod tests {
     }
 
     #[test]
-    fn a_call_that_stops_naturally_finishes_with_tool_calls() {
-        assert_eq!(finish_reason(WireFinishReason::Stop, true), WireFinishReason::ToolCalls);
-        assert_eq!(finish_reason(WireFinishReason::Length, true), WireFinishReason::Length);
-        assert_eq!(finish_reason(WireFinishReason::Stop, false), WireFinishReason::Stop);
+    fn finish_reasons_say_tool_calls_only_for_complete_calls() {
+        use WireFinishReason::{Length, Stop, ToolCalls};
+        let required = ToolMode::Required;
+        let done = r#"[{"name":"f","arguments":{}}]"#;
+        assert_eq!(required.finish_reason(Stop, done), ToolCalls);
+        assert_eq!(required.finish_reason(Length, &done[..10]), Length);
+        assert_eq!(required.finish_reason(Stop, &done[..20]), Stop, "a stop string cut the array");
+        assert_eq!(ToolMode::Named("f".into()).finish_reason(Stop, "{}"), Stop, "as OpenAI for a named function");
+        let auto = ToolMode::Auto { parallel: true };
+        let call = format!("{CALLS_BEGIN}{CALL_BEGIN}f{CALL_SEP}{{}}{CALL_END}");
+        assert_eq!(auto.finish_reason(Stop, &call), ToolCalls);
+        assert_eq!(auto.finish_reason(Stop, "hello"), Stop);
+        assert_eq!(ToolMode::Off.finish_reason(Length, "x"), Length);
+    }
+
+    #[test]
+    fn required_streams_equal_answers_token_by_token_and_cut_answers_keep_their_text() {
+        let text =
+            r#"[{"name":"get_weather","arguments":{"city":"Oslo","n":[1,2]}},{"name":"get_time","arguments":{}}]"#;
+        let mut stream = ToolStream::new(ToolMode::Required);
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for (i, c) in text.char_indices() {
+            let delta = stream.push(&c.to_string(), i + 1 == text.len());
+            assert_eq!(delta.content, None);
+            for d in delta.tool_calls {
+                if let Some(name) = d.function.name {
+                    calls.push((name, String::new()));
+                }
+                calls[d.index as usize].1.push_str(&d.function.arguments.unwrap_or_default());
+            }
+        }
+        let answer: Vec<(String, String)> =
+            read_json_calls(text).iter().map(|(n, a)| (n.to_string(), a.to_string())).collect();
+        assert_eq!(calls, answer);
+        assert_eq!(answer[0].1, r#"{"city":"Oslo","n":[1,2]}"#);
+        let cut = r#"[{"name":"get_w"#;
+        assert_eq!(ToolMode::Required.read(cut, true), Reading { content: cut, calls: vec![] });
+        assert_eq!(ToolMode::Required.read(cut, false), Reading { content: "", calls: vec![] });
+    }
+
+    #[test]
+    fn parameters_must_describe_an_object_and_get_the_type_when_it_is_open() {
+        let open = json!({"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {}}}}});
+        let named = json!({"type": "function", "function": {"name": "f"}});
+        let p = plan(json!({"tools": [open], "tool_choice": named})).unwrap();
+        let Some(OutputFormat::JsonSchema(schema)) = p.format else { panic!() };
+        assert_eq!(schema["type"], "object");
+        assert_eq!(p.template_tools.unwrap()[0]["function"]["parameters"], json!({"properties": {"a": {}}}));
+        let string = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}});
+        let e = plan(json!({"tools": [string]})).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools[0].function.parameters"));
+    }
+
+    #[test]
+    fn rebased_required_schemas_compile_and_accept_their_calls() {
+        use crate::grammar::Grammars;
+        use crate::tokenizer::Tokenizer;
+        let tool: Tool = serde_json::from_value(json!({"type": "function", "function": {"name": "plan",
+            "parameters": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                           "properties": {"stop": {"$ref": "#/definitions/Stop"},
+                                          "tag": {"const": {"$ref": "#/x"}}},
+                           "required": ["stop", "tag"], "additionalProperties": false,
+                           "definitions": {"Stop": {"type": "object", "properties": {"city": {"enum": ["Oslo"]}},
+                                                    "required": ["city"], "additionalProperties": false}},
+                           "$defs": {"Stop": {"type": "string"}}}}}))
+        .unwrap();
+        let schema = required_schema(&[tool], true);
+        assert_eq!(schema["$defs"]["tool0"]["properties"]["tag"]["const"], json!({"$ref": "#/x"}), "data untouched");
+        let grammars = Grammars::new(std::sync::Arc::new(Tokenizer::byte_level()), 264).unwrap();
+        let mut constraint = grammars.compile(&OutputFormat::JsonSchema(schema)).unwrap();
+        let call = r##"[{"name":"plan","arguments":{"stop":{"city":"Oslo"},"tag":{"$ref":"#/x"}}}]"##;
+        for &b in call.as_bytes() {
+            let mut logits = vec![0.0f32; 264];
+            constraint.mask(&mut logits).unwrap();
+            assert!(logits[usize::from(b)] > f32::NEG_INFINITY, "refused {:?} in {call}", b as char);
+            constraint.consume(u32::from(b)).unwrap();
+        }
+        assert!(constraint.is_finished());
+    }
+
+    #[test]
+    fn a_v3_call_without_its_fence_still_reads_and_a_bad_head_is_no_call() {
+        let auto = ToolMode::Auto { parallel: true };
+        let unfenced = format!("{CALLS_BEGIN}{CALL_BEGIN}function{CALL_SEP}f\n{{\"a\":1}}{CALL_END}");
+        assert_eq!(auto.read(&unfenced, true).calls, vec![("f", "{\"a\":1}")]);
+        let headless = format!("{CALLS_BEGIN}{CALL_BEGIN}function{CALL_SEP}{{}}{CALL_END}");
+        assert_eq!(auto.read(&headless, true).content, headless);
     }
 }
