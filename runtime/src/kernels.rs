@@ -221,7 +221,8 @@ pub(crate) struct PagedCache<'a> {
 /// kernel: `q_lat[h, s]` (`[heads, seqs, rank]`: q_nope through W_UK) beside the rotary part of `q[s]` (`[seqs,
 /// heads * (nope + rope)]`, rotated at the sequence's position), both times `scale`. Returns the attended latents
 /// `[heads, seqs, rank]`. Crate-only: the kernel reads the cache rows, positions and block tables it is given, which
-/// only a staged decode step (`DeviceStep` in `model/deepseek/decode.rs`, checked against its pool) vouches for.
+/// only a staged decode step (`DeviceStep` in `model/step.rs`, staged by `model/deepseek/decode.rs` and checked
+/// against its pool) vouches for.
 pub(crate) fn mla_decode(
     q_lat: &Tensor,
     q: &Tensor,

@@ -24,6 +24,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod server;
+pub mod settings;
 pub mod tokenizer;
 pub mod weights;
 

@@ -9,6 +9,7 @@ pub mod latent_attention;
 pub mod mla;
 pub mod moe;
 pub mod rope;
+pub(crate) mod step;
 
 pub use cache::{LatentPool, SeqCache};
 pub use config::ModelConfig;

@@ -11,6 +11,7 @@
 //! - [`cmd`]: the `serve` subcommand.
 
 pub mod access;
+pub mod args;
 mod chat;
 pub mod cmd;
 mod completions;
@@ -20,11 +21,13 @@ mod expert_rank;
 mod generate;
 pub mod http;
 mod params;
+pub mod signals;
 mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use args::ServeArgs;
 pub use edge::Edge;
 pub use error::ApiError;
 pub use http::{router, serve};

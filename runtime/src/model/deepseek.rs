@@ -23,7 +23,6 @@ use crate::kernels::ExpertCounters;
 mod decode;
 mod graph;
 
-pub(crate) use decode::DeviceStep;
 pub use graph::GRAPH_BATCHES;
 
 #[derive(Debug, Clone)]

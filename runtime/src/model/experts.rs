@@ -9,8 +9,25 @@ use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
 use super::host::{HostMlp, uses_host_kernels};
-use super::moe::{ExpertRows, load_swiglu};
 use crate::error::{Error, Result};
+
+/// The rows one routed expert must process (batch rows) and their routing weights: the unit of work a MoE layer
+/// gives an expert, here or on the rank that owns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertRows {
+    pub expert: usize,
+    pub rows: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+/// `gate_proj` and `up_proj` stacked (`[2 * intermediate, hidden]`, gate rows first) and `down_proj`
+/// (`[hidden, intermediate]`) of the SwiGLU block at `vb`.
+pub(crate) fn load_swiglu(hidden: usize, intermediate: usize, vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
+    let gate = vb.pp("gate_proj").get((intermediate, hidden), "weight")?;
+    let up = vb.pp("up_proj").get((intermediate, hidden), "weight")?;
+    let down = vb.pp("down_proj").get((hidden, intermediate), "weight")?;
+    Ok((Tensor::cat(&[&gate, &up], 0)?, down))
+}
 
 /// Sends rows to another rank's experts without waiting (the expert transport implements it).
 pub trait ExpertDispatcher: Send + Sync + std::fmt::Debug {

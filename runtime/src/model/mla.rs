@@ -14,10 +14,10 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
-use super::deepseek::DeviceStep;
 use super::host::{Norm, PackedMatrix, Projection};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::{Rope, RopeTables};
+use super::step::DeviceStep;
 use crate::error::{Error, Result};
 use crate::kernels;
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
-use super::experts::{ExpertParallel, StackedExperts};
+use super::experts::{ExpertParallel, ExpertRows, StackedExperts, load_swiglu};
 use super::host::{HostMlp, Projection, sigmoid_into, uses_host_kernels};
 use crate::error::{Error, Result};
 use crate::kernels::ExpertCounters;
@@ -31,15 +31,6 @@ pub struct Mlp {
 enum MlpWeights {
     Tensors { gate_up: Tensor, down: Tensor, intermediate: usize },
     Host(HostMlp),
-}
-
-/// `gate_proj` and `up_proj` stacked (`[2 * intermediate, hidden]`, gate rows first) and `down_proj`
-/// (`[hidden, intermediate]`) of the SwiGLU block at `vb`.
-pub(crate) fn load_swiglu(hidden: usize, intermediate: usize, vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
-    let gate = vb.pp("gate_proj").get((intermediate, hidden), "weight")?;
-    let up = vb.pp("up_proj").get((intermediate, hidden), "weight")?;
-    let down = vb.pp("down_proj").get((hidden, intermediate), "weight")?;
-    Ok((Tensor::cat(&[&gate, &up], 0)?, down))
 }
 
 impl Mlp {
@@ -279,13 +270,6 @@ fn top_indices(values: &[f32], k: usize, order: &mut Vec<usize>) -> Vec<usize> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DispatchPlan {
     pub groups: Vec<ExpertRows>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExpertRows {
-    pub expert: usize,
-    pub rows: Vec<u32>,
-    pub weights: Vec<f32>,
 }
 
 /// The rows one MoE layer sends to another rank: batch row, global expert and routing weight of each.

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
 
-use super::cmd::{ServeArgs, Signals};
+use super::args::ServeArgs;
+use super::signals::Signals;
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::expert::{
@@ -175,7 +176,7 @@ impl HeadService {
 }
 
 /// The port this rank's expert service binds: `--grpc-port` when given, else the port of its own `--peers` entry.
-fn expert_port(expert: &crate::cli::ExpertArgs) -> Result<u16> {
+fn expert_port(expert: &crate::settings::ExpertArgs) -> Result<u16> {
     if let Some(port) = expert.grpc_port {
         return Ok(port);
     }

@@ -14,43 +14,12 @@ use crate::kernels;
 use crate::model::cache::LatentPool;
 use crate::model::mla::AttentionMode;
 use crate::model::moe::Routing;
-
-/// A decode step's per-sequence inputs as device tensors (views into one staging buffer, see [`StepShape`]). Made
-/// only here, from values [`StepShape::stage`] checked against the step's pool: the kernels index the cache with
-/// them.
-#[derive(Debug, Clone)]
-pub(crate) struct DeviceStep {
-    /// `[batch]` u32: each sequence's new token.
-    pub ids: Tensor,
-    /// `[batch]` u32: its position (the tokens it already cached).
-    pub positions: Tensor,
-    /// `[batch]` u32: the cache row its new latent row goes to.
-    pub slots: Tensor,
-    /// `[batch]` u32: the tokens it attends to (position + 1).
-    pub lens: Tensor,
-    /// `[1]` u32: the sequences that are real (the rest pad the batch to a captured shape).
-    pub real: Tensor,
-    /// `[batch, max_blocks]` u32: its block table.
-    pub tables: Tensor,
-}
-
-/// Rows and block-table width of a staged decode step. The staging buffer is `[ids | positions | slots | lens]`
-/// (`batch` each), the number of real sequences, then the block tables (`batch * max_blocks`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct StepShape {
-    pub batch: usize,
-    pub max_blocks: usize,
-}
+pub(crate) use crate::model::step::{DeviceStep, StepShape};
 
 impl StepShape {
     /// The smallest shape for `seqs`: their number of rows and the longest block table they need.
     pub fn exact(seqs: &[SeqInput<'_>], block_size: usize) -> Self {
         Self { batch: seqs.len(), max_blocks: blocks_needed(seqs, block_size) }
-    }
-
-    /// Words of the staging buffer.
-    pub fn len(&self) -> usize {
-        4 * self.batch + 1 + self.batch * self.max_blocks
     }
 
     /// The staging values for `seqs` (each with one new token), padded to `batch` rows: a padding row decodes
@@ -101,21 +70,6 @@ impl StepShape {
 /// The longest block table a decode step of `seqs` reads (at least 1).
 fn blocks_needed(seqs: &[SeqInput<'_>], block_size: usize) -> usize {
     seqs.iter().map(|s| (s.past + 1).div_ceil(block_size.max(1))).max().unwrap_or(1).max(1)
-}
-
-impl DeviceStep {
-    /// The step's views into `staging` (`[shape.len()]` u32 on the device).
-    pub(crate) fn new(staging: &Tensor, shape: StepShape) -> Result<Self> {
-        let b = shape.batch;
-        Ok(Self {
-            ids: staging.narrow(0, 0, b)?,
-            positions: staging.narrow(0, b, b)?,
-            slots: staging.narrow(0, 2 * b, b)?,
-            lens: staging.narrow(0, 3 * b, b)?,
-            real: staging.narrow(0, 4 * b, 1)?,
-            tables: staging.narrow(0, 4 * b + 1, b * shape.max_blocks)?.reshape((b, shape.max_blocks))?,
-        })
-    }
 }
 
 /// How often routed-row counts kept on the device are added to the Prometheus counters while the engine is busy
