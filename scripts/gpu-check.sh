@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of prebuilt CUDA binaries, run on a machine with an NVIDIA GPU (CUDA 13 driver and libraries) but no
-# Rust toolchain. Build them first on a build machine (README, "Devices, dtypes and threads"):
+# Rust toolchain. Build them first on a build machine (docs/model.md, "Devices, dtypes and threads"):
 #
 #   scripts/cuda-toolkit-from-pypi.sh /tmp/cuda && source /tmp/cuda/env.sh   # when there is no CUDA toolkit
 #   cargo build --release -p baleen-runtime --features cuda

@@ -9,7 +9,7 @@
 # The runtime stage is NVIDIA's CUDA runtime image, which carries the libraries the binary links (cuBLAS, cuBLASLt,
 # cuRAND, cudart); the driver's libcuda comes from the node through the NVIDIA container toolkit. CI has no Docker
 # engine, so this file is not built there; the binary it builds is the one scripts/gpu-check.sh checked on an H200
-# (README, "On an NVIDIA H200").
+# (docs/benchmarks.md, "On an NVIDIA H200").
 
 ARG CUDA_VERSION=13.0.0
 ARG UBUNTU_RELEASE=ubuntu24.04

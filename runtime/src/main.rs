@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 
 /// mimalloc instead of glibc malloc: a decode step allocates and frees hundreds of short-lived buffers of a few
 /// KiB, which glibc serves from its shared heap (consolidation, unlinking); mimalloc's per-thread free lists do
-/// not. Measured with `scripts/bench-serving.sh` (README).
+/// not. Measured with `scripts/bench-serving.sh` (docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
