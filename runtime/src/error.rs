@@ -32,6 +32,11 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    /// One named request parameter is invalid: `param` is its API name (`temperature`, `logit_bias`, ...), so the
+    /// HTTP layer reports it without parsing the message.
+    #[error("`{param}` {reason}")]
+    InvalidParam { param: &'static str, reason: String },
+
     /// A command-line or environment setting is invalid (device, dtype, threads).
     #[error("invalid setting `{name}`: {reason}")]
     Setting { name: String, reason: String },

@@ -9,15 +9,14 @@
 //! - [`codec`]: candle tensors ↔ wire tensors (raw little-endian bytes, exact round trip).
 
 pub mod codec;
-mod driver;
 mod peers;
 mod service;
 mod stats;
 
 mod bridge;
 
+pub use crate::driver::Driver;
 pub use bridge::{ComputeObserver, HeldExperts, ShardCompute, model_fingerprint};
-pub use driver::Driver;
 pub use peers::{ExpertPeers, Pending};
 pub use service::serve_experts;
 pub(crate) use stats::EXPERT_LATENCY_BUCKETS;
@@ -37,16 +36,10 @@ pub(crate) const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// What a rank's expert service computes: for MoE layer `layer`, every row through its routed expert, weighted.
 pub trait ExpertCompute: Send + Sync + 'static {
-    /// `rows` [m, hidden] (a CPU tensor, as decoded from the wire; move it to the compute device as needed);
-    /// `experts[i]`/`weights[i]` for row i. Returns [m, hidden] = weights[i] * expert_{experts[i]}(rows[i]),
-    /// on any device and in f32, bf16 or f16.
-    fn compute(
-        &self,
-        layer: usize,
-        rows: &candle_core::Tensor,
-        experts: &[u32],
-        weights: &[f32],
-    ) -> crate::Result<candle_core::Tensor>;
+    /// `batch.rows` [m, hidden] (a CPU tensor, as decoded from the wire; move it to the compute device as
+    /// needed) through `batch.experts[i]` weighted by `batch.weights[i]` for row i. Returns [m, hidden] =
+    /// weights[i] * expert_{experts[i]}(rows[i]), on any device and in f32, bf16 or f16.
+    fn compute(&self, batch: crate::model::experts::Dispatch<'_>) -> crate::Result<candle_core::Tensor>;
     /// This rank's index in its group.
     fn rank(&self) -> usize;
     /// Ranks in the group.
@@ -67,7 +60,8 @@ pub trait ExpertCompute: Send + Sync + 'static {
     ) -> tokio::sync::oneshot::Receiver<crate::Result<candle_core::Tensor>> {
         let (reply, result) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            let _ = reply.send(self.compute(layer, &rows, &experts, &weights));
+            let batch = crate::model::experts::Dispatch { layer, rows: &rows, experts: &experts, weights: &weights };
+            let _ = reply.send(self.compute(batch));
         });
         result
     }

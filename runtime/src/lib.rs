@@ -15,6 +15,7 @@
 pub mod builtin;
 pub mod cli;
 pub mod device;
+pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod expert;

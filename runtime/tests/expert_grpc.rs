@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use baleen_runtime::Result;
 use baleen_runtime::expert::{ExpertCompute, ExpertPeers, serve_experts};
+use baleen_runtime::model::experts::Dispatch;
 use candle_core::{DType, Device, Tensor};
 use tokio::sync::oneshot;
 
@@ -31,7 +32,8 @@ impl Fake {
 }
 
 impl ExpertCompute for Fake {
-    fn compute(&self, _layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+    fn compute(&self, batch: Dispatch<'_>) -> Result<Tensor> {
+        let Dispatch { rows, experts, weights, .. } = batch;
         std::thread::sleep(self.delay);
         let scale: Vec<f32> = experts.iter().zip(weights).map(|(&e, &w)| (e as f32 + 1.0) * w).collect();
         let scale = Tensor::from_vec(scale, (experts.len(), 1), rows.device())?.to_dtype(rows.dtype())?;
@@ -149,8 +151,15 @@ fn round_trip_matches_local_compute_for_f32_and_bf16() {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let x = rows(7, 48, 0.3, dtype);
         let (experts, weights) = routing(7);
-        let out = peers.dispatch(1, 3, &x, &experts, &weights).unwrap().wait().unwrap();
-        assert_bits_equal(&out, &local.compute(3, &x, &experts, &weights).unwrap());
+        let out = peers
+            .dispatch(1, Dispatch { layer: 3, rows: &x, experts: &experts, weights: &weights })
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_bits_equal(
+            &out,
+            &local.compute(Dispatch { layer: 3, rows: &x, experts: &experts, weights: &weights }).unwrap(),
+        );
     }
     let stats = peers.stats();
     assert_eq!(stats.completed.load(std::sync::atomic::Ordering::Relaxed), 3);
@@ -168,8 +177,12 @@ fn concurrent_dispatches_to_several_peers_are_matched_by_id() {
         let m = 1 + i % 5;
         let x = rows(m, 32, i as f32, DType::F32);
         let (experts, weights) = routing(m);
-        let pending = peers.dispatch(1 + i % 2, i, &x, &experts, &weights).unwrap();
-        inflight.push((pending, local.compute(i, &x, &experts, &weights).unwrap()));
+        let pending =
+            peers.dispatch(1 + i % 2, Dispatch { layer: i, rows: &x, experts: &experts, weights: &weights }).unwrap();
+        inflight.push((
+            pending,
+            local.compute(Dispatch { layer: i, rows: &x, experts: &experts, weights: &weights }).unwrap(),
+        ));
     }
     // Wait in reverse order: responses must be routed by id, not by arrival.
     for (pending, expected) in inflight.into_iter().rev() {
@@ -188,7 +201,8 @@ fn mismatched_fingerprints_keep_the_peer_not_ready_with_a_clear_error() {
     assert!(err.contains("other-model") && err.contains(MODEL), "{err}");
     assert!(err.contains("rank 2") && err.contains("placement fingerprint mismatch"), "{err}");
     let x = rows(1, 8, 0.0, DType::F32);
-    let down = peers.dispatch(1, 0, &x, &[0], &[1.0]).unwrap_err().to_string();
+    let down =
+        peers.dispatch(1, Dispatch { layer: 0, rows: &x, experts: &[0], weights: &[1.0] }).unwrap_err().to_string();
     assert!(down.contains("rank 1") && down.contains("is down") && down.contains("mismatch"), "{down}");
 }
 
@@ -198,14 +212,32 @@ fn dispatch_to_an_unreachable_peer_fails_fast_and_wait_ready_names_it() {
     let peers =
         ExpertPeers::new(vec!["127.0.0.1:1".into(), free.to_string()], 0, MODEL.into(), PLACEMENT, TIMEOUT).unwrap();
     let started = Instant::now();
-    let err = peers.dispatch(1, 0, &rows(1, 8, 0.0, DType::F32), &[0], &[1.0]).unwrap_err().to_string();
+    let err = peers
+        .dispatch(1, Dispatch { layer: 0, rows: &rows(1, 8, 0.0, DType::F32), experts: &[0], weights: &[1.0] })
+        .unwrap_err()
+        .to_string();
     assert!(started.elapsed() < Duration::from_millis(100));
     assert!(err.contains(&free.to_string()), "{err}");
     let err = peers.wait_ready(Duration::from_millis(300)).unwrap_err().to_string();
     assert!(err.contains("rank 1") && err.contains("connect failed"), "{err}");
-    assert!(peers.dispatch(0, 0, &rows(1, 8, 0.0, DType::F32), &[0], &[1.0]).is_err(), "own rank");
-    assert!(peers.dispatch(2, 0, &rows(1, 8, 0.0, DType::F32), &[0], &[1.0]).is_err(), "outside the group");
-    assert!(peers.dispatch(1, 0, &rows(2, 8, 0.0, DType::F32), &[0], &[1.0]).is_err(), "routing length");
+    assert!(
+        peers
+            .dispatch(0, Dispatch { layer: 0, rows: &rows(1, 8, 0.0, DType::F32), experts: &[0], weights: &[1.0] })
+            .is_err(),
+        "own rank"
+    );
+    assert!(
+        peers
+            .dispatch(2, Dispatch { layer: 0, rows: &rows(1, 8, 0.0, DType::F32), experts: &[0], weights: &[1.0] })
+            .is_err(),
+        "outside the group"
+    );
+    assert!(
+        peers
+            .dispatch(1, Dispatch { layer: 0, rows: &rows(2, 8, 0.0, DType::F32), experts: &[0], weights: &[1.0] })
+            .is_err(),
+        "routing length"
+    );
 }
 
 #[test]
@@ -214,7 +246,11 @@ fn a_hung_peer_times_out_instead_of_hanging() {
     let peers = client(&[&server], Duration::from_millis(300));
     peers.wait_ready(TIMEOUT).unwrap();
     let started = Instant::now();
-    let err = peers.dispatch(1, 4, &rows(2, 8, 0.0, DType::F32), &[1, 2], &[0.5, 0.5]).unwrap().wait().unwrap_err();
+    let err = peers
+        .dispatch(1, Dispatch { layer: 4, rows: &rows(2, 8, 0.0, DType::F32), experts: &[1, 2], weights: &[0.5, 0.5] })
+        .unwrap()
+        .wait()
+        .unwrap_err();
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(290) && waited < Duration::from_millis(1000), "{waited:?}");
     let err = err.to_string();
@@ -230,7 +266,7 @@ fn killed_peer_fails_pending_and_the_group_recovers_on_the_same_port(how: Stop) 
     let x = rows(3, 16, 1.0, DType::F32);
     let (experts, weights) = routing(3);
 
-    let pending = peers.dispatch(1, 0, &x, &experts, &weights).unwrap();
+    let pending = peers.dispatch(1, Dispatch { layer: 0, rows: &x, experts: &experts, weights: &weights }).unwrap();
     std::thread::sleep(Duration::from_millis(50)); // in the peer's compute
     let started = Instant::now();
     server.stop(how);
@@ -240,15 +276,25 @@ fn killed_peer_fails_pending_and_the_group_recovers_on_the_same_port(how: Stop) 
     assert!(failed_after < Duration::from_secs(2), "{failed_after:?}");
     assert!(err.contains("rank 1") && err.contains(&addr.to_string()), "{err}");
     assert!(!peers.all_ready());
-    let down = peers.dispatch(1, 0, &x, &experts, &weights).unwrap_err().to_string();
+    let down = peers
+        .dispatch(1, Dispatch { layer: 0, rows: &x, experts: &experts, weights: &weights })
+        .unwrap_err()
+        .to_string();
     assert!(down.contains("is down"), "{down}");
 
     let server = Server::start(&addr.to_string(), Fake::new(1, 2));
     let started = Instant::now();
     peers.wait_ready(TIMEOUT).unwrap();
     println!("reconnected {:?} after the peer restarted", started.elapsed());
-    let out = peers.dispatch(1, 0, &x, &experts, &weights).unwrap().wait().unwrap();
-    assert_bits_equal(&out, &Fake::new(1, 2).compute(0, &x, &experts, &weights).unwrap());
+    let out = peers
+        .dispatch(1, Dispatch { layer: 0, rows: &x, experts: &experts, weights: &weights })
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_bits_equal(
+        &out,
+        &Fake::new(1, 2).compute(Dispatch { layer: 0, rows: &x, experts: &experts, weights: &weights }).unwrap(),
+    );
     server.stop(Stop::Graceful);
 }
 
@@ -273,13 +319,21 @@ fn loopback_dispatch_latency_is_reported_and_exported() {
         let x = rows(m, 64, 0.5, DType::F32);
         let (experts, weights) = routing(m);
         for _ in 0..50 {
-            peers.dispatch(1, 0, &x, &experts, &weights).unwrap().wait().unwrap();
+            peers
+                .dispatch(1, Dispatch { layer: 0, rows: &x, experts: &experts, weights: &weights })
+                .unwrap()
+                .wait()
+                .unwrap();
         }
         let n = 1000;
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
             let started = Instant::now();
-            peers.dispatch(1, 0, &x, &experts, &weights).unwrap().wait().unwrap();
+            peers
+                .dispatch(1, Dispatch { layer: 0, rows: &x, experts: &experts, weights: &weights })
+                .unwrap()
+                .wait()
+                .unwrap();
             samples.push(started.elapsed());
         }
         samples.sort();

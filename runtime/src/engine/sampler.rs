@@ -61,8 +61,8 @@ impl SamplingParams {
 
     /// Checks every parameter's range; the error names the parameter and the allowed range.
     pub fn validate(&self) -> Result<()> {
-        let invalid = |name: &str, range: &str, value: f32| {
-            Err(Error::InvalidRequest(format!("`{name}` must be {range}, got {value}")))
+        let invalid = |param: &'static str, range: &str, value: f32| {
+            Err(Error::InvalidParam { param, reason: format!("must be {range}, got {value}") })
         };
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return invalid("temperature", "finite and >= 0", self.temperature);
@@ -449,8 +449,8 @@ mod tests {
         ];
         for (params, name) in cases {
             let err = Sampler::new(params).unwrap_err();
-            assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
-            assert!(err.to_string().contains(&format!("`{name}`")), "{err}");
+            assert!(matches!(&err, Error::InvalidParam { param, .. } if *param == name), "{err:?}");
+            assert!(err.to_string().starts_with(&format!("`{name}` must be")), "{err}");
         }
         assert!(SamplingParams { top_p: 1.0, frequency_penalty: -2.0, ..Default::default() }.validate().is_ok());
     }

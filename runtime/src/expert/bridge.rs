@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 
 use super::{Driver, ExpertCompute, ExpertPeers, Pending};
 use crate::error::{Error, Result};
+use crate::model::experts::Dispatch;
 use crate::model::{DeepseekModel, ExpertDispatcher, ExpertShard, ModelConfig, PendingRows};
 
 /// Identifies a loaded model for the peer handshake: source, shape and dtype must agree across a group.
@@ -32,16 +33,9 @@ impl PendingRows for OnDevice {
 }
 
 impl ExpertDispatcher for ExpertPeers {
-    fn dispatch(
-        &self,
-        rank: usize,
-        layer: usize,
-        rows: &Tensor,
-        experts: &[u32],
-        weights: &[f32],
-    ) -> Result<Box<dyn PendingRows>> {
-        let pending = ExpertPeers::dispatch(self, rank, layer, rows, experts, weights)?;
-        Ok(Box::new(OnDevice { pending, device: rows.device().clone() }))
+    fn dispatch(&self, rank: usize, batch: Dispatch<'_>) -> Result<Box<dyn PendingRows>> {
+        let pending = ExpertPeers::dispatch(self, rank, batch)?;
+        Ok(Box::new(OnDevice { pending, device: batch.rows.device().clone() }))
     }
 
     fn driver(&self) -> Option<Driver> {
@@ -87,10 +81,10 @@ pub enum HeldExperts {
 }
 
 impl HeldExperts {
-    fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+    fn compute(&self, batch: Dispatch<'_>) -> Result<Tensor> {
         match self {
-            Self::Shard(shard) => shard.compute(layer, rows, experts, weights),
-            Self::Model(model) => model.compute_experts(layer, rows, experts, weights),
+            Self::Shard(shard) => shard.compute(batch),
+            Self::Model(model) => model.compute_experts(batch),
         }
     }
 }
@@ -175,14 +169,16 @@ fn run_batched(held: &HeldExperts, mut jobs: Vec<Job>) {
         jobs = rest;
         if same.len() == 1 {
             if let Some((layer, rows, experts, weights, reply)) = same.into_iter().next() {
-                reply.send(held.compute(layer, &rows, &experts, &weights));
+                reply.send(held.compute(Dispatch { layer, rows: &rows, experts: &experts, weights: &weights }));
             }
             continue;
         }
         let rows: Vec<&Tensor> = same.iter().map(|j| &j.1).collect();
         let experts: Vec<u32> = same.iter().flat_map(|j| j.2.iter().copied()).collect();
         let weights: Vec<f32> = same.iter().flat_map(|j| j.3.iter().copied()).collect();
-        let out = Tensor::cat(&rows, 0).map_err(Into::into).and_then(|r| held.compute(layer, &r, &experts, &weights));
+        let out = Tensor::cat(&rows, 0)
+            .map_err(Into::into)
+            .and_then(|r| held.compute(Dispatch { layer, rows: &r, experts: &experts, weights: &weights }));
         let mut offset = 0;
         for (_, rows, _, _, reply) in same {
             let n = rows.dim(0).unwrap_or(0);
@@ -207,25 +203,25 @@ impl ShardCompute {
     }
 
     /// Computes a small request on the calling thread when the compute thread is idle (CPU ranks only).
-    fn compute_inline(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Option<Result<Tensor>> {
+    fn compute_inline(&self, batch: Dispatch<'_>) -> Option<Result<Tensor>> {
         let idle = self.busy.load(std::sync::atomic::Ordering::Acquire) == 0;
-        if !(idle && self.device.is_cpu() && experts.len() <= INLINE_COMPUTE_ROWS) {
+        if !(idle && self.device.is_cpu() && batch.experts.len() <= INLINE_COMPUTE_ROWS) {
             return None;
         }
         let started = std::time::Instant::now();
-        let result = self.held.compute(layer, rows, experts, weights);
+        let result = self.held.compute(batch);
         if let Some(observe) = &self.observer {
-            observe(layer, experts.len(), started.elapsed().as_secs_f64());
+            observe(batch.layer, batch.experts.len(), started.elapsed().as_secs_f64());
         }
         Some(result)
     }
 }
 
 impl ExpertCompute for ShardCompute {
-    fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+    fn compute(&self, batch: Dispatch<'_>) -> Result<Tensor> {
         let (reply, result) = std::sync::mpsc::sync_channel(1);
-        let rows = rows.to_device(&self.device)?;
-        self.enqueue((layer, rows, experts.to_vec(), weights.to_vec(), Reply::Blocking(reply)))?;
+        let rows = batch.rows.to_device(&self.device)?;
+        self.enqueue((batch.layer, rows, batch.experts.to_vec(), batch.weights.to_vec(), Reply::Blocking(reply)))?;
         result.recv().map_err(|_| Error::Expert("the expert compute thread stopped".into()))?
     }
 
@@ -237,7 +233,7 @@ impl ExpertCompute for ShardCompute {
         weights: Vec<f32>,
     ) -> tokio::sync::oneshot::Receiver<Result<Tensor>> {
         let (reply, result) = tokio::sync::oneshot::channel();
-        if let Some(done) = self.compute_inline(layer, &rows, &experts, &weights) {
+        if let Some(done) = self.compute_inline(Dispatch { layer, rows: &rows, experts: &experts, weights: &weights }) {
             let _ = reply.send(done);
             return result;
         }
@@ -309,7 +305,8 @@ mod tests {
                 .blocking_recv()
                 .unwrap()
                 .unwrap();
-            let want = reference.compute(2, &rows, &experts, &weights).unwrap();
+            let want =
+                reference.compute(Dispatch { layer: 2, rows: &rows, experts: &experts, weights: &weights }).unwrap();
             let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-6, "{n} rows differ by {diff}");
         }
@@ -339,7 +336,10 @@ mod tests {
         };
         let jobs_in =
             [(1, rows(0.1, 3), vec![8, 9, 15], vec![0.5, 1.0, 2.0]), (1, rows(0.7, 2), vec![12, 8], vec![1.5, 0.25])];
-        let alone: Vec<Tensor> = jobs_in.iter().map(|(l, r, e, w)| held.compute(*l, r, e, w).unwrap()).collect();
+        let alone: Vec<Tensor> = jobs_in
+            .iter()
+            .map(|(l, r, e, w)| held.compute(Dispatch { layer: *l, rows: r, experts: e, weights: w }).unwrap())
+            .collect();
         let mut replies = Vec::new();
         let jobs: Vec<Job> = jobs_in
             .iter()

@@ -24,6 +24,7 @@ use super::proto::expert_service_client::ExpertServiceClient;
 use super::proto::{DispatchRequest, DispatchResponse, HandshakeRequest};
 use super::stats::{ExpertMetrics, PeerMetrics, Stats};
 use super::{Driver, H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, codec};
+use crate::model::experts::Dispatch;
 use crate::{Error, Result};
 
 /// First reconnection delay after a failed attempt or a broken stream; doubles up to [`MAX_BACKOFF`].
@@ -91,14 +92,8 @@ impl ExpertPeers {
 
     /// Sends one dispatch to `rank` without waiting; the returned handle waits for the response. Fails at once
     /// when the peer is currently down.
-    pub fn dispatch(
-        &self,
-        rank: usize,
-        layer: usize,
-        rows: &Tensor,
-        experts: &[u32],
-        weights: &[f32],
-    ) -> Result<Pending> {
+    pub fn dispatch(&self, rank: usize, batch: Dispatch<'_>) -> Result<Pending> {
+        let Dispatch { layer, rows, experts, weights } = batch;
         let peer = self.peer(rank)?;
         let m = rows.dims().first().copied().unwrap_or(0);
         if experts.len() != m || weights.len() != m {

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqCache, SeqSlice};
 use super::config::ModelConfig;
-use super::experts::ExpertParallel;
+use super::experts::{Dispatch, ExpertParallel};
 use super::host::{Norm, Projection};
 use super::mla::{AttentionMode, Mla, Rotary};
 use super::moe::{Mlp, Moe, MoeStep, Routing};
@@ -199,7 +199,7 @@ impl DeepseekModel {
 
     /// The expert transport's runtime when this model is a head that drives it itself (an idle engine thread
     /// then drives it); `None` without expert parallelism.
-    pub fn expert_driver(&self) -> Option<crate::expert::Driver> {
+    pub fn expert_driver(&self) -> Option<crate::driver::Driver> {
         self.layers.iter().find_map(|layer| match &layer.mlp {
             Ffn::Moe(moe) => moe.expert_driver(),
             Ffn::Dense(_) => None,
@@ -236,11 +236,11 @@ impl DeepseekModel {
         Ok(())
     }
 
-    /// The expert service's work on a head rank: rows of MoE layer `layer` through the routed experts held here.
-    pub fn compute_experts(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
-        match self.layers.get(layer).map(|l| &l.mlp) {
-            Some(Ffn::Moe(moe)) => moe.experts().compute_rows(rows, experts, weights),
-            _ => Err(Error::InvalidRequest(format!("layer {layer} has no routed experts"))),
+    /// The expert service's work on a head rank: `batch`'s rows through the routed experts held here.
+    pub fn compute_experts(&self, batch: Dispatch<'_>) -> Result<Tensor> {
+        match self.layers.get(batch.layer).map(|l| &l.mlp) {
+            Some(Ffn::Moe(moe)) => moe.experts().compute_rows(batch.rows, batch.experts, batch.weights),
+            _ => Err(Error::InvalidRequest(format!("layer {} has no routed experts", batch.layer))),
         }
     }
 

@@ -11,6 +11,17 @@ use super::config::ModelConfig;
 use super::host::{HostMlp, uses_host_kernels};
 use crate::error::{Error, Result};
 
+/// Rows of one MoE layer for the routed experts: row `i` of `rows` (`[m, hidden]`) goes through global expert
+/// `experts[i]`, weighted by `weights[i]`. What a layer sends to the rank that owns the experts, and what that
+/// rank computes.
+#[derive(Debug, Clone, Copy)]
+pub struct Dispatch<'a> {
+    pub layer: usize,
+    pub rows: &'a Tensor,
+    pub experts: &'a [u32],
+    pub weights: &'a [f32],
+}
+
 /// The rows one routed expert must process (batch rows) and their routing weights: the unit of work a MoE layer
 /// gives an expert, here or on the rank that owns it.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,20 +42,12 @@ pub(crate) fn load_swiglu(hidden: usize, intermediate: usize, vb: &VarBuilder) -
 
 /// Sends rows to another rank's experts without waiting (the expert transport implements it).
 pub trait ExpertDispatcher: Send + Sync + std::fmt::Debug {
-    /// Rows `[m, hidden]` of MoE layer `layer` go to `rank`; row `i` through global expert `experts[i]`, weighted by
-    /// `weights[i]`.
-    fn dispatch(
-        &self,
-        rank: usize,
-        layer: usize,
-        rows: &Tensor,
-        experts: &[u32],
-        weights: &[f32],
-    ) -> Result<Box<dyn PendingRows>>;
+    /// `batch`'s rows go to `rank`'s experts.
+    fn dispatch(&self, rank: usize, batch: Dispatch<'_>) -> Result<Box<dyn PendingRows>>;
 
     /// The runtime the transport lives on, when the waiting thread drives it itself: an idle engine thread
     /// drives it too, so reconnects and handshakes progress without a thread of their own.
-    fn driver(&self) -> Option<crate::expert::Driver> {
+    fn driver(&self) -> Option<crate::driver::Driver> {
         None
     }
 }
@@ -369,7 +372,8 @@ impl ExpertShard {
         self.layers.iter().flatten().map(StackedExperts::bytes).sum()
     }
 
-    pub fn compute(&self, layer: usize, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
+    pub fn compute(&self, batch: Dispatch<'_>) -> Result<Tensor> {
+        let Dispatch { layer, rows, experts, weights } = batch;
         let stack = self
             .layers
             .get(layer)
@@ -402,20 +406,13 @@ impl PendingRows for Ready {
 }
 
 impl ExpertDispatcher for InProcessExperts {
-    fn dispatch(
-        &self,
-        rank: usize,
-        layer: usize,
-        rows: &Tensor,
-        experts: &[u32],
-        weights: &[f32],
-    ) -> Result<Box<dyn PendingRows>> {
+    fn dispatch(&self, rank: usize, batch: Dispatch<'_>) -> Result<Box<dyn PendingRows>> {
         let shard = self
             .shards
             .get(rank)
             .and_then(Option::as_ref)
             .ok_or_else(|| Error::InvalidRequest(format!("no in-process shard for rank {rank}")))?;
-        Ok(Box::new(Ready(shard.compute(layer, rows, experts, weights)?)))
+        Ok(Box::new(Ready(shard.compute(batch)?)))
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
-use super::experts::{ExpertParallel, ExpertRows, StackedExperts, load_swiglu};
+use super::experts::{Dispatch, ExpertParallel, ExpertRows, StackedExperts, load_swiglu};
 use super::host::{HostMlp, Projection, sigmoid_into, uses_host_kernels};
 use crate::error::{Error, Result};
 use crate::kernels::ExpertCounters;
@@ -366,7 +366,7 @@ impl Moe {
     }
 
     /// The expert transport's runtime, when the waiting thread drives it (see [`super::experts::ExpertDispatcher::driver`]).
-    pub fn expert_driver(&self) -> Option<crate::expert::Driver> {
+    pub fn expert_driver(&self) -> Option<crate::driver::Driver> {
         self.parallel.as_ref().and_then(|p| p.dispatcher.driver())
     }
 
@@ -400,7 +400,13 @@ impl Moe {
                 let count = rows.len();
                 let idx = Tensor::from_vec(rows, count, x.device())?;
                 let sent = x.index_select(&idx, 0)?;
-                pending.push((idx, p.dispatcher.dispatch(rank, self.layer, &sent, &experts, &weights)?));
+                pending.push((
+                    idx,
+                    p.dispatcher.dispatch(
+                        rank,
+                        Dispatch { layer: self.layer, rows: &sent, experts: &experts, weights: &weights },
+                    )?,
+                ));
             }
         }
         let mut summed = if local.is_empty() {
@@ -446,7 +452,13 @@ impl Moe {
                     sent.extend_from_slice(&xs[r * hidden..(r + 1) * hidden]);
                 }
                 let sent = Tensor::from_vec(sent, (rows.len(), hidden), &candle_core::Device::Cpu)?;
-                pending.push((rows, p.dispatcher.dispatch(rank, self.layer, &sent, &experts, &weights)?));
+                pending.push((
+                    rows,
+                    p.dispatcher.dispatch(
+                        rank,
+                        Dispatch { layer: self.layer, rows: &sent, experts: &experts, weights: &weights },
+                    )?,
+                ));
             }
         }
         let mut out = if local.is_empty() {

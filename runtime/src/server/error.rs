@@ -20,6 +20,7 @@ impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
         match e {
             crate::Error::InvalidRequest(message) => Self::invalid(message),
+            crate::Error::InvalidParam { param, .. } => Self::invalid_param(param, e.to_string()),
             crate::Error::Template(_) => Self::invalid_param("messages", e.to_string()),
             other => Self::internal(other.to_string()),
         }

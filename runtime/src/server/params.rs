@@ -166,16 +166,7 @@ impl CommonParams {
             stop_token_ids: self.stop_token_ids(vocab_size)?,
             logit_bias: self.logit_bias(vocab_size)?,
         };
-        if let Err(e) = params.validate() {
-            let message = match e {
-                crate::Error::InvalidRequest(m) => m,
-                other => other.to_string(),
-            };
-            return Err(match backticked(&message) {
-                Some(param) => ApiError::invalid_param(param, message.clone()),
-                None => ApiError::invalid(message.clone()),
-            });
-        }
+        params.validate()?;
         Ok(params)
     }
 
@@ -316,13 +307,6 @@ fn check_logprobs(param: &str, k: u32) -> Result<usize, ApiError> {
         return Err(ApiError::invalid_param(param, format!("{param} must be at most {MAX_LOGPROBS}, got {k}")));
     }
     Ok(k as usize)
-}
-
-/// The first `name` written between backticks in `message` (the sampler's errors name their parameter so).
-fn backticked(message: &str) -> Option<&str> {
-    let start = message.find('`')? + 1;
-    let len = message[start..].find('`')?;
-    Some(&message[start..start + len])
 }
 
 /// `model` must be absent or the served name.
