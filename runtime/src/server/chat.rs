@@ -1,24 +1,16 @@
 //! `POST /v1/chat/completions`.
 
-use std::sync::Arc;
-
-use axum::Extension;
 use axum::Json;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use baleen_api::http::parse_request;
 use baleen_api::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatLogprobs,
-    ChatResponseMessage, ChatTokenLogprob, FinishReason as WireFinishReason, TopLogprob,
+    ChatResponseMessage, ChatTokenLogprob, FinishReason as WireFinishReason, GenerationOptions, TopLogprob,
 };
 
-use super::access::Access;
-use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
-use super::params::{CommonParams, check_model, new_request_id};
-use super::tools::{TOOL_TYPE_FUNCTION, ToolPlan, ToolStream, tool_calls};
-use super::{ApiError, AppState, unix_now};
+use super::generate::{Collected, Endpoint, Head, StreamFormat, to_json, wire_usage};
+use super::params::CommonParams;
+use super::tools::{TOOL_TYPE_FUNCTION, ToolMode, ToolPlan, ToolStream, tool_calls};
+use super::{ApiError, AppState};
 use crate::engine::{TokenLogprob, Usage};
 use crate::tokenizer::ChatMessage;
 
@@ -30,54 +22,57 @@ const ROLE_SYSTEM: &str = "system";
 /// The roles a conversation may hold.
 const ROLES: [&str; 5] = [ROLE_SYSTEM, ROLE_DEVELOPER, "user", ROLE_ASSISTANT, "tool"];
 
-pub(crate) async fn handle(
-    State(state): State<AppState>,
-    Extension(access): Extension<Arc<Access>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run(state, access, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+/// `POST /v1/chat/completions` as an [`Endpoint`]: the conversation through the chat template (with the tools),
+/// and the answer's content and tool calls read by the request's [`ToolMode`].
+pub(crate) struct Chat {
+    tools: ToolMode,
 }
 
-async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = state.read_body(&headers, body).await?;
-    let req: ChatCompletionRequest = parse_request(&body)?;
-    let served = state.served_model_name().to_string();
-    check_model(req.model.as_deref(), &served)?;
-    let mut params = CommonParams::from_chat(&req)?;
-    let tools = ToolPlan::new(&req)?;
-    tools.apply(&mut params)?;
-    let messages = messages(&req)?;
-    let tokenizer = state.engine.tokenizer();
-    let text = tokenizer.apply_chat_template_with_tools(&messages, tools.template_tools.as_deref(), true)?;
-    let prompt = tokenizer.encode(&text, false)?;
-    let id = new_request_id("chatcmpl");
-    let request = params.into_engine_request(&state, id.clone(), prompt, "messages").await?;
-    let with_logprobs = request.logprobs.is_some();
-    let submitted = submit(&state.engine, request, access)?;
-    let created = unix_now();
+impl Endpoint for Chat {
+    type Request = ChatCompletionRequest;
+    type Stream = ChatStream;
+    const ID_PREFIX: &'static str = "chatcmpl";
+    const PROMPT_PARAM: &'static str = "messages";
 
-    if req.options.stream.unwrap_or(false) {
-        let include_usage = req.options.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let tools = ToolStream::new(tools.mode);
-        let format = ChatStream { id, created, model: served, include_usage, with_logprobs, tools };
-        return Ok(sse_response(sse_stream(submitted, format)));
+    fn model(req: &Self::Request) -> Option<&str> {
+        req.model.as_deref()
     }
 
-    let prompt_tokens = submitted.prompt_tokens;
-    let done = collect(submitted).await?;
-    let usage = wire_usage(&done.usage, prompt_tokens);
-    let reading = tools.mode.read(&done.text, true);
-    let calls = tool_calls(&reading);
-    let content = (!reading.content.is_empty() || calls.is_empty()).then(|| reading.content.to_string());
-    let finish = tools.mode.finish_reason(done.finish_reason.unwrap_or(WireFinishReason::Stop), &done.text);
-    let choice = ChatChoice {
-        index: 0,
-        message: ChatResponseMessage { role: ROLE_ASSISTANT.to_string(), content, tool_calls: calls },
-        logprobs: with_logprobs.then(|| ChatLogprobs { content: done.logprobs.iter().map(chat_logprob).collect() }),
-        finish_reason: finish,
-    };
-    Ok(Json(ChatCompletion::new(id, created, served, vec![choice], usage)).into_response())
+    fn options(req: &Self::Request) -> &GenerationOptions {
+        &req.options
+    }
+
+    fn prepare(state: &AppState, req: &Self::Request) -> Result<(Self, CommonParams, Vec<u32>), ApiError> {
+        let mut params = CommonParams::from_chat(req)?;
+        let tools = ToolPlan::new(req)?;
+        tools.apply(&mut params)?;
+        let messages = messages(req)?;
+        let tokenizer = state.engine.tokenizer();
+        let text = tokenizer.apply_chat_template_with_tools(&messages, tools.template_tools.as_deref(), true)?;
+        let prompt = tokenizer.encode(&text, false)?;
+        Ok((Self { tools: tools.mode }, params, prompt))
+    }
+
+    fn stream(self, head: Head) -> ChatStream {
+        ChatStream { head, tools: ToolStream::new(self.tools) }
+    }
+
+    fn answer(self, head: Head, done: Collected, prompt_tokens: usize) -> Response {
+        let usage = wire_usage(&done.usage, prompt_tokens);
+        let reading = self.tools.read(&done.text, true);
+        let calls = tool_calls(&reading);
+        let content = (!reading.content.is_empty() || calls.is_empty()).then(|| reading.content.to_string());
+        let finish = self.tools.finish_reason(done.finish_reason.unwrap_or(WireFinishReason::Stop), &done.text);
+        let choice = ChatChoice {
+            index: 0,
+            message: ChatResponseMessage { role: ROLE_ASSISTANT.to_string(), content, tool_calls: calls },
+            logprobs: head
+                .with_logprobs
+                .then(|| ChatLogprobs { content: done.logprobs.iter().map(chat_logprob).collect() }),
+            finish_reason: finish,
+        };
+        Json(ChatCompletion::new(head.id, head.created, head.model, vec![choice], usage)).into_response()
+    }
 }
 
 /// The conversation as the chat template takes it: roles are OpenAI's (`developer` becomes `system`), content
@@ -160,19 +155,16 @@ fn chat_logprob(lp: &TokenLogprob) -> ChatTokenLogprob {
 
 /// Chunks of a streamed chat completion: the role first, then content and tool-call deltas, the finish, the
 /// usage.
-struct ChatStream {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-    with_logprobs: bool,
+pub(crate) struct ChatStream {
+    head: Head,
     tools: ToolStream,
 }
 
 impl ChatStream {
     fn chunk(&self, delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<WireFinishReason>) -> String {
         let choice = ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish };
-        to_json(&ChatCompletionChunk::new(self.id.clone(), self.created, self.model.clone(), vec![choice], None))
+        let head = &self.head;
+        to_json(&ChatCompletionChunk::new(head.id.clone(), head.created, head.model.clone(), vec![choice], None))
     }
 
     fn is_empty(delta: &ChatDelta) -> bool {
@@ -189,7 +181,7 @@ impl StreamFormat for ChatStream {
 
     fn token(&mut self, text: &str, logprob: Option<&TokenLogprob>) -> Vec<String> {
         let logprobs = match logprob {
-            Some(lp) if self.with_logprobs => Some(ChatLogprobs { content: vec![chat_logprob(lp)] }),
+            Some(lp) if self.head.with_logprobs => Some(ChatLogprobs { content: vec![chat_logprob(lp)] }),
             _ => None,
         };
         let mut delta = self.tools.push(text, false);
@@ -210,10 +202,11 @@ impl StreamFormat for ChatStream {
         }
         let reason = self.tools.finish_reason(reason);
         out.push(self.chunk(ChatDelta::default(), None, Some(reason)));
-        if self.include_usage {
+        if self.head.include_usage {
             let usage = wire_usage(usage, 0);
+            let head = &self.head;
             let chunk =
-                ChatCompletionChunk::new(self.id.clone(), self.created, self.model.clone(), vec![], Some(usage));
+                ChatCompletionChunk::new(head.id.clone(), head.created, head.model.clone(), vec![], Some(usage));
             out.push(to_json(&chunk));
         }
         out
@@ -227,11 +220,10 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::server::tools::ToolMode;
 
     fn stream(include_usage: bool, with_logprobs: bool) -> ChatStream {
-        let tools = ToolStream::new(ToolMode::Off);
-        ChatStream { id: "chatcmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs, tools }
+        let head = Head { id: "chatcmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs };
+        ChatStream { head, tools: ToolStream::new(ToolMode::Off) }
     }
 
     fn parse(payloads: Vec<String>) -> Vec<Value> {

@@ -1,74 +1,67 @@
 //! `POST /v1/completions`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use axum::Extension;
 use axum::Json;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use baleen_api::http::parse_request;
 use baleen_api::openai::{
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason as WireFinishReason, SinglePrompt,
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason as WireFinishReason,
+    GenerationOptions, SinglePrompt,
 };
 
-use super::access::Access;
-use super::generate::{StreamFormat, collect, sse_response, sse_stream, submit, to_json, wire_usage};
-use super::params::{CommonParams, check_model, new_request_id};
-use super::{ApiError, AppState, unix_now};
+use super::generate::{Collected, Endpoint, Head, StreamFormat, to_json, wire_usage};
+use super::params::CommonParams;
+use super::{ApiError, AppState};
 use crate::engine::{TokenLogprob, Usage};
 
-pub(crate) async fn handle(
-    State(state): State<AppState>,
-    Extension(access): Extension<Arc<Access>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    run(state, access, headers, body).await.unwrap_or_else(IntoResponse::into_response)
-}
+/// `POST /v1/completions` as an [`Endpoint`]: a text prompt (BOS added) or token ids, the text as the answer.
+pub(crate) struct Completions;
 
-async fn run(state: AppState, access: Arc<Access>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let body = state.read_body(&headers, body).await?;
-    let req: CompletionRequest = parse_request(&body)?;
-    let served = state.served_model_name().to_string();
-    check_model(req.model.as_deref(), &served)?;
-    let params = CommonParams::from_completion(&req)?;
-    let prompt = match req.prompt.single().map_err(|e| ApiError::invalid_param("prompt", e))? {
-        SinglePrompt::Text(text) => state.engine.tokenizer().encode(&text, true)?,
-        SinglePrompt::Tokens(ids) => ids,
-    };
-    let id = new_request_id("cmpl");
-    let request = params.into_engine_request(&state, id.clone(), prompt, "prompt").await?;
-    let with_logprobs = request.logprobs.is_some();
-    let submitted = submit(&state.engine, request, access)?;
-    let created = unix_now();
+impl Endpoint for Completions {
+    type Request = CompletionRequest;
+    type Stream = CompletionStream;
+    const ID_PREFIX: &'static str = "cmpl";
+    const PROMPT_PARAM: &'static str = "prompt";
 
-    if req.options.stream.unwrap_or(false) {
-        let include_usage = req.options.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let format = CompletionStream { id, created, model: served, include_usage, with_logprobs, offset: 0 };
-        return Ok(sse_response(sse_stream(submitted, format)));
+    fn model(req: &Self::Request) -> Option<&str> {
+        req.model.as_deref()
     }
 
-    let prompt_tokens = submitted.prompt_tokens;
-    let done = collect(submitted).await?;
-    let logprobs = with_logprobs.then(|| {
-        let mut offset = 0;
-        let mut out = CompletionLogprobs::default();
-        for lp in &done.logprobs {
-            push_logprob(&mut out, lp, &mut offset);
-        }
-        out
-    });
-    let choice = CompletionChoice {
-        text: done.text,
-        index: 0,
-        logprobs,
-        finish_reason: Some(done.finish_reason.unwrap_or(WireFinishReason::Stop)),
-    };
-    let usage = wire_usage(&done.usage, prompt_tokens);
-    Ok(Json(Completion::new(id, created, served, vec![choice], Some(usage))).into_response())
+    fn options(req: &Self::Request) -> &GenerationOptions {
+        &req.options
+    }
+
+    fn prepare(state: &AppState, req: &Self::Request) -> Result<(Self, CommonParams, Vec<u32>), ApiError> {
+        let params = CommonParams::from_completion(req)?;
+        let prompt = match req.prompt.single().map_err(|e| ApiError::invalid_param("prompt", e))? {
+            SinglePrompt::Text(text) => state.engine.tokenizer().encode(&text, true)?,
+            SinglePrompt::Tokens(ids) => ids,
+        };
+        Ok((Self, params, prompt))
+    }
+
+    fn stream(self, head: Head) -> CompletionStream {
+        CompletionStream { head, offset: 0 }
+    }
+
+    fn answer(self, head: Head, done: Collected, prompt_tokens: usize) -> Response {
+        let logprobs = head.with_logprobs.then(|| {
+            let mut offset = 0;
+            let mut out = CompletionLogprobs::default();
+            for lp in &done.logprobs {
+                push_logprob(&mut out, lp, &mut offset);
+            }
+            out
+        });
+        let choice = CompletionChoice {
+            text: done.text,
+            index: 0,
+            logprobs,
+            finish_reason: Some(done.finish_reason.unwrap_or(WireFinishReason::Stop)),
+        };
+        let usage = wire_usage(&done.usage, prompt_tokens);
+        Json(Completion::new(head.id, head.created, head.model, vec![choice], Some(usage))).into_response()
+    }
 }
 
 /// Appends one token's entry to the parallel logprob lists; `offset` is the token's character offset in the
@@ -83,12 +76,8 @@ fn push_logprob(out: &mut CompletionLogprobs, lp: &TokenLogprob, offset: &mut us
 }
 
 /// Chunks of a streamed completion: one per token with text, the finish, the usage.
-struct CompletionStream {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-    with_logprobs: bool,
+pub(crate) struct CompletionStream {
+    head: Head,
     /// Characters of completion text so far (for `text_offset`).
     offset: usize,
 }
@@ -96,7 +85,8 @@ struct CompletionStream {
 impl CompletionStream {
     fn chunk(&self, text: &str, logprobs: Option<CompletionLogprobs>, finish: Option<WireFinishReason>) -> String {
         let choice = CompletionChoice { text: text.to_string(), index: 0, logprobs, finish_reason: finish };
-        to_json(&Completion::new(self.id.clone(), self.created, self.model.clone(), vec![choice], None))
+        let head = &self.head;
+        to_json(&Completion::new(head.id.clone(), head.created, head.model.clone(), vec![choice], None))
     }
 }
 
@@ -107,7 +97,7 @@ impl StreamFormat for CompletionStream {
 
     fn token(&mut self, text: &str, logprob: Option<&TokenLogprob>) -> Vec<String> {
         let logprobs = match logprob {
-            Some(lp) if self.with_logprobs => {
+            Some(lp) if self.head.with_logprobs => {
                 let mut out = CompletionLogprobs::default();
                 push_logprob(&mut out, lp, &mut self.offset);
                 Some(out)
@@ -126,9 +116,10 @@ impl StreamFormat for CompletionStream {
             out.push(self.chunk(text, None, None));
         }
         out.push(self.chunk("", None, Some(reason)));
-        if self.include_usage {
+        if self.head.include_usage {
             let usage = wire_usage(usage, 0);
-            out.push(to_json(&Completion::new(self.id.clone(), self.created, self.model.clone(), vec![], Some(usage))));
+            let head = &self.head;
+            out.push(to_json(&Completion::new(head.id.clone(), head.created, head.model.clone(), vec![], Some(usage))));
         }
         out
     }
@@ -143,7 +134,8 @@ mod tests {
     use super::*;
 
     fn stream(include_usage: bool, with_logprobs: bool) -> CompletionStream {
-        CompletionStream { id: "cmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs, offset: 0 }
+        let head = Head { id: "cmpl-x".into(), created: 5, model: "m".into(), include_usage, with_logprobs };
+        CompletionStream { head, offset: 0 }
     }
 
     fn parse(payloads: Vec<String>) -> Vec<Value> {

@@ -1,21 +1,101 @@
-//! Running one request on the engine for a handler: submit, then either collect every event into one answer
-//! or stream them as server-sent events. The request is cancelled as soon as nobody waits for it any more — the
+//! Running one request on the engine for a handler: [`handle`] is the skeleton both generation endpoints share
+//! (read → parse → check the model → parameters and prompt → submit → stream or collect), each endpoint an
+//! [`Endpoint`]; submit, then either collect every event into one answer or stream them as server-sent events. The request is cancelled as soon as nobody waits for it any more — the
 //! handler's future or the response stream is dropped when the client disconnects — through [`CancelOnDrop`].
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use baleen_api::http::{set_sse_headers, sse_frame};
-use baleen_api::openai::{FinishReason as WireFinishReason, STREAM_DONE, Usage as WireUsage};
+use baleen_api::http::{parse_request, set_sse_headers, sse_frame};
+use baleen_api::openai::{FinishReason as WireFinishReason, GenerationOptions, STREAM_DONE, Usage as WireUsage};
 use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 
-use super::ApiError;
 use super::access::Access;
+use super::params::{CommonParams, check_model, new_request_id};
+use super::{ApiError, AppState, unix_now};
 use crate::engine::{EngineHandle, Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage};
+
+/// What the request ids of an endpoint start with, the request field that holds its prompt, and how its
+/// request becomes parameters and a prompt and the engine's output its answer or stream.
+pub(crate) trait Endpoint: Sized + Send + 'static {
+    type Request: serde::de::DeserializeOwned + Send;
+    type Stream: StreamFormat;
+    /// `chatcmpl`, `cmpl`.
+    const ID_PREFIX: &'static str;
+    /// The field errors about the prompt name: `messages`, `prompt`.
+    const PROMPT_PARAM: &'static str;
+
+    /// The request's `model`.
+    fn model(req: &Self::Request) -> Option<&str>;
+    /// The request's shared options (`stream`, `stream_options`).
+    fn options(req: &Self::Request) -> &GenerationOptions;
+    /// The endpoint's state for this request, its parameters and its prompt ids.
+    fn prepare(state: &AppState, req: &Self::Request) -> Result<(Self, CommonParams, Vec<u32>), ApiError>;
+    /// The stream of chunks for `head`.
+    fn stream(self, head: Head) -> Self::Stream;
+    /// The whole answer.
+    fn answer(self, head: Head, done: Collected, prompt_tokens: usize) -> Response;
+}
+
+/// What every answer and chunk of one request carries.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// The request asked for logprobs.
+    pub with_logprobs: bool,
+}
+
+/// The handler of an [`Endpoint`]: every failure is its OpenAI JSON error.
+pub(crate) async fn handle<E: Endpoint>(
+    State(state): State<AppState>,
+    Extension(access): Extension<Arc<Access>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    run::<E>(state, access, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn run<E: Endpoint>(
+    state: AppState,
+    access: Arc<Access>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = state.read_body(&headers, body).await?;
+    let req: E::Request = parse_request(&body)?;
+    let served = state.served_model_name().to_string();
+    check_model(E::model(&req), &served)?;
+    let (endpoint, params, prompt) = E::prepare(&state, &req)?;
+    let id = new_request_id(E::ID_PREFIX);
+    let request = params.into_engine_request(&state, id.clone(), prompt, E::PROMPT_PARAM).await?;
+    let options = E::options(&req);
+    let head = Head {
+        id,
+        created: unix_now(),
+        model: served,
+        include_usage: options.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+        with_logprobs: request.logprobs.is_some(),
+    };
+    let streamed = options.stream.unwrap_or(false);
+    let submitted = submit(&state.engine, request, access)?;
+    if streamed {
+        return Ok(sse_response(sse_stream(submitted, endpoint.stream(head))));
+    }
+    let prompt_tokens = submitted.prompt_tokens;
+    let done = collect(submitted).await?;
+    Ok(endpoint.answer(head, done, prompt_tokens))
+}
 
 /// Cancels the request's token when dropped: on a normal end (harmless: the engine is done with it) and when
 /// the client goes away (the engine frees the sequence within one step).

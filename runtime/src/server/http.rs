@@ -38,7 +38,7 @@ use tower::ServiceExt;
 
 use super::access::Access;
 use super::edge::{OverCapacity, edge};
-use super::{ApiError, AppState, chat, completions};
+use super::{ApiError, AppState, chat, completions, generate};
 use crate::error::Result;
 
 /// A connection over the cap must send its request's headers within this (or the configured timeout, if
@@ -55,8 +55,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// `state.max_request_bytes` are refused (413) by the handlers before parsing ([`AppState::read_body`]).
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route(PATH_CHAT_COMPLETIONS, post(chat::handle))
-        .route(PATH_COMPLETIONS, post(completions::handle))
+        .route(PATH_CHAT_COMPLETIONS, post(generate::handle::<chat::Chat>))
+        .route(PATH_COMPLETIONS, post(generate::handle::<completions::Completions>))
         .route(PATH_MODELS, get(models))
         .route(PATH_MODEL, get(model))
         .route(PATH_HEALTH, get(health))
