@@ -1,5 +1,7 @@
-//! What `baleen up` prints once the runtime is ready (pure, so the exact text is tested).
+//! What `baleen up` prints once the runtime is ready (pure, so the exact text is tested), and [`say`], which
+//! prints a line of progress.
 
+use std::io::Write;
 use std::net::SocketAddr;
 
 use baleen_api::names::BUILTIN_TINY_MOE;
@@ -44,6 +46,12 @@ pub fn ready_lines(addr: SocketAddr, model: &str, demo: bool, details: &[String]
 /// `s` as one POSIX shell word.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Progress for the person at the terminal, on stdout (the runtime's logs go to stderr). A closed stdout
+/// (`baleen up | head`) must not stop the server, so write errors are ignored.
+pub(crate) fn say(line: impl AsRef<str>) {
+    let _ = writeln!(std::io::stdout().lock(), "{}", line.as_ref());
 }
 
 #[cfg(test)]

@@ -13,10 +13,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::banner::say;
 use crate::child::{self, Group, Listening, connect_addr};
 use crate::error::Error;
 use crate::launch::{Launch, ReplicaLaunch};
-use crate::up::{READY_PATH, say, wait_ready};
+use crate::probe::{READY_PATH, wait_ready};
 
 /// Processes' names and ids.
 pub type Pids = Vec<(String, Option<i32>)>;

@@ -11,8 +11,27 @@ use tokio::net::TcpStream;
 
 use crate::error::Error;
 
+/// The runtime's readiness endpoint (200 once the model is loaded).
+pub(crate) const READY_PATH: &str = "/ready";
+/// Pause between two `/ready` polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Time limit of one request to the runtime.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Largest response read; the runtime's answers to these GETs are tiny.
 const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+/// Polls `/ready` until it answers 200.
+pub(crate) async fn wait_ready(addr: SocketAddr) {
+    loop {
+        match get(addr, READY_PATH, PROBE_TIMEOUT).await {
+            Ok(response) if response.status == 200 => return,
+            Ok(response) => tracing::debug!(status = response.status, "not ready yet"),
+            Err(e) => tracing::debug!(error = %e, "not ready yet"),
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
 
 /// A response: status code and body.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -31,22 +31,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::banner;
+use crate::banner::say;
 use crate::child::{self, connect_addr};
 use crate::config::UpArgs;
 use crate::error::Error;
 use crate::fleet::{Event, Fleet};
 use crate::launch;
 use crate::locate::{SearchPlaces, find_runtime};
-use crate::probe;
+use crate::probe::{self, PROBE_TIMEOUT};
 
-/// The runtime's readiness endpoint (200 once the model is loaded).
-pub(crate) const READY_PATH: &str = "/ready";
 /// The runtime's model list.
 const MODELS_PATH: &str = "/v1/models";
-/// Pause between two `/ready` polls.
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// Time limit of one request to the runtime.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first restart's delay.
 const RESTART_MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest delay between restarts (the kubelet's crash-loop back-off caps at 5 min; a laptop wants less).
@@ -72,12 +67,6 @@ impl Outcome {
             Self::Killed => ExitCode::FAILURE,
         }
     }
-}
-
-/// Progress for the person at the terminal, on stdout (the runtime's logs go to stderr). A closed stdout
-/// (`baleen up | head`) must not stop the server, so write errors are ignored.
-pub(crate) fn say(line: impl AsRef<str>) {
-    let _ = writeln!(std::io::stdout().lock(), "{}", line.as_ref());
 }
 
 /// A problem, on stderr.
@@ -399,18 +388,6 @@ impl Front {
         if let Err(e) = self.task.await {
             tracing::warn!("the gateway task failed: {e}");
         }
-    }
-}
-
-/// Polls `/ready` until it answers 200.
-pub(crate) async fn wait_ready(addr: SocketAddr) {
-    loop {
-        match probe::get(addr, READY_PATH, PROBE_TIMEOUT).await {
-            Ok(response) if response.status == 200 => return,
-            Ok(response) => tracing::debug!(status = response.status, "not ready yet"),
-            Err(e) => tracing::debug!(error = %e, "not ready yet"),
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 

@@ -1,5 +1,6 @@
 """scripts/check-module-cycles.py: it finds a loop between modules (and names the lines that close it), ignores
-containment (a child using its parent), and the runtime crate has no loop."""
+containment (a child using its parent), and the runtime, cli, operator and api crates have no loop (the gateway's
+loops are still to untangle)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,6 @@ def test_containment_and_one_way_imports_pass(tmp_path: Path):
     assert "no module loops" in r.stdout
 
 
-def test_the_runtime_has_no_module_loop():
-    r = subprocess.run([sys.executable, str(SCRIPT), "runtime"], capture_output=True, text=True)
+def test_the_runtime_cli_operator_and_api_have_no_module_loop():
+    r = subprocess.run([sys.executable, str(SCRIPT), "runtime", "cli", "operator", "api"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
