@@ -50,8 +50,8 @@ if ! py_ok; then
   fi
   py_ok || py_missing "python3 with the venv module is required (install python3 and python3-venv)"
 fi
-echo "== module loops (scripts/check-module-cycles.py runtime cli operator api)"
-python3 scripts/check-module-cycles.py runtime cli operator api
+echo "== module loops (scripts/check-module-cycles.py runtime gateway operator cli api)"
+python3 scripts/check-module-cycles.py runtime gateway operator cli api
 PY_VENV=target/py-venv
 PY_REQ=tests/python/requirements.txt
 PY_STAMP="$PY_VENV/.requirements.sha256"

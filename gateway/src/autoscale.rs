@@ -29,8 +29,9 @@ use prometheus::Prometheus;
 use tokio::sync::Notify;
 
 use crate::App;
-use crate::backends::{Backend, Pool};
+use crate::backends::Backend;
 use crate::error::{Error, Result};
+use crate::registry::Pool;
 
 /// The future an [`Actuator`] returns.
 pub type ActuatorFuture<'a> = Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send + 'a>>;

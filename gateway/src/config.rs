@@ -226,7 +226,7 @@ impl RoutingArgs {
 }
 
 /// How a model's requests are spread over its backends: `spec.routing.policy` of a ModelDeployment.
-pub use baleen_api::crd::RoutingPolicy as PolicyKind;
+pub use crate::policy::PolicyKind;
 
 /// The static discovery file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,10 +9,12 @@
 pub mod auth;
 pub mod autoscale;
 pub mod backends;
+pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod policy;
+pub mod registry;
 pub mod routes;
 pub mod server;
 
@@ -32,7 +34,7 @@ pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>
 #[derive(Debug)]
 pub struct App {
     pub settings: config::Settings,
-    pub registry: Arc<backends::Registry>,
+    pub registry: Arc<registry::Registry>,
     pub client: Client,
     pub metrics: Arc<metrics::Metrics>,
     /// The autoscaled models.

@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(baleen_gateway::server::run(*args))?,
+        Command::Serve(args) => runtime.block_on(baleen_gateway::cmd::run(*args))?,
         Command::HashKey => {
             let mut key = String::new();
             std::io::stdin().read_line(&mut key)?;

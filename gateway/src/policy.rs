@@ -16,7 +16,10 @@ pub use round_robin::RoundRobin;
 pub use session_affinity::SessionAffinity;
 
 use crate::backends::Backend;
-use crate::config::PolicyKind;
+
+/// The routing policies a model can name (the ModelDeployment's `spec.routing.policy`, the static file's
+/// `policy`).
+pub use baleen_api::crd::RoutingPolicy as PolicyKind;
 
 /// A backend the request may go to, with its load now.
 #[derive(Debug, Clone)]

@@ -2,12 +2,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use baleen_api::crd::AutoscalingSpec;
-use baleen_api::names::{GATEWAY_AUTOSCALER_FIELD_MANAGER, GATEWAY_LISTENING_PREFIX};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,11 +15,11 @@ use tokio::sync::watch;
 
 use crate::autoscale::prometheus::Prometheus;
 use crate::autoscale::{self, Actuator, Autoscaler};
-use crate::backends::kubernetes::{self, AbortOnDrop};
-use crate::backends::{Registry, scrape};
-use crate::config::{PolicyKind, ServeArgs, Settings, StaticConfig, backend_base};
+use crate::backends::scrape;
+use crate::config::{PolicyKind, Settings, StaticConfig, backend_base};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::{App, Client, routes};
 
 /// How long a client may take to send a request's headers.
@@ -205,11 +203,11 @@ async fn accept(listener: TcpListener, app: Arc<App>, admin: bool, mut stop: wat
     }
 }
 
-fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr> {
+pub(crate) fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr> {
     listener.local_addr().map_err(|source| Error::Bind { addr: "a bound listener".into(), source })
 }
 
-async fn bind(host: &str, port: u16) -> Result<TcpListener> {
+pub(crate) async fn bind(host: &str, port: u16) -> Result<TcpListener> {
     let addr = format!("{host}:{port}");
     TcpListener::bind(&addr).await.map_err(|source| Error::Bind { addr, source })
 }
@@ -240,49 +238,4 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
-}
-
-/// `baleen-gateway serve`: the static file's models, served until SIGINT/SIGTERM.
-pub async fn run(args: ServeArgs) -> Result<()> {
-    let settings = args.routing.settings()?;
-    let gateway = Gateway::new(settings)?;
-    let discovery = match &args.config {
-        Some(path) => {
-            let config = StaticConfig::load(path)?;
-            gateway.load(&config)?;
-            for model in &config.models {
-                tracing::info!(model = %model.name, policy = model.policy.as_str(), backends = ?model.backends, "routing");
-            }
-            None
-        }
-        None => {
-            let client = kube::Client::try_default().await?;
-            let relist = crate::config::seconds("--relist-interval", args.relist_interval)?;
-            tracing::info!(namespace = ?args.namespace, "discovering ModelDeployments in the cluster");
-            // The autoscaler's Lease lives in the gateway's own namespace; the pod name is its identity.
-            let identity = baleen_api::lease::default_identity(GATEWAY_AUTOSCALER_FIELD_MANAGER);
-            let lease_namespace = client.default_namespace().to_string();
-            let (writer, election) = autoscale::kubernetes::elect(client.clone(), &lease_namespace, identity);
-            let (namespace, discovering) = (args.namespace.clone(), gateway.clone());
-            Some(tokio::spawn(async move {
-                let _election = AbortOnDrop(vec![election]);
-                kubernetes::run(discovering, client, namespace, relist, writer).await;
-            }))
-        }
-    };
-    let api = bind(&args.host, args.port).await?;
-    let admin = bind(&args.host, args.admin_port).await?;
-    let (api_addr, admin_addr) = (local_addr(&api)?, local_addr(&admin)?);
-    // The one stdout line (port 0 picks free ports: this says which), for scripts and `baleen up`.
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{GATEWAY_LISTENING_PREFIX}{api_addr} admin http://{admin_addr}")
-        .and_then(|()| stdout.flush())
-        .map_err(Error::Stdout)?;
-    drop(stdout);
-    gateway.serve(api, admin, shutdown_signal()).await;
-    if let Some(discovery) = discovery {
-        discovery.abort();
-    }
-    tracing::info!("stopped");
-    Ok(())
 }

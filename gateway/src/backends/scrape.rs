@@ -12,9 +12,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
-use super::{Backend, LoadSample, Registry};
+use super::{Backend, LoadSample};
 use crate::Client;
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 
 /// The largest `/metrics` page read (a runtime's is a few KiB).
 const MAX_METRICS_BYTES: usize = 4 * 1024 * 1024;

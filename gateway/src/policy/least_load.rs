@@ -3,8 +3,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::PolicyKind;
 use super::{Candidate, Policy, RouteKey, lowest_score};
-use crate::config::PolicyKind;
 
 /// See the module docs.
 #[derive(Debug, Default)]

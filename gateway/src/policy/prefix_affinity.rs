@@ -4,8 +4,8 @@
 //! put it above [`LOAD_FACTOR`] × the average in-flight load plus [`SLACK`] requests, and then the next in the key's order does, so a hot
 //! prefix spills over instead of piling onto one replica. Requests without a prompt key go by least load.
 
+use super::PolicyKind;
 use super::{Candidate, LeastLoad, Policy, RouteKey, rendezvous_order};
-use crate::config::PolicyKind;
 
 /// How far above the average in-flight load a backend may go to keep its prefixes (1.25: 25 %).
 pub const LOAD_FACTOR: f64 = 1.25;

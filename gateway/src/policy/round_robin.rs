@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::PolicyKind;
 use super::{Candidate, Policy, RouteKey};
-use crate::config::PolicyKind;
 
 /// See the module docs.
 #[derive(Debug, Default)]

@@ -2,8 +2,8 @@
 //! to the same backend while it is routable (rendezvous hashing, so a backend that leaves moves only its own
 //! sessions). Requests without a session go by least load.
 
+use super::PolicyKind;
 use super::{Candidate, LeastLoad, Policy, RouteKey, rendezvous_order};
-use crate::config::PolicyKind;
 
 /// See the module docs.
 #[derive(Debug, Default)]

@@ -18,9 +18,10 @@ use super::body::{InFlight, ResponseBody, Upstream};
 use super::peek::{peek, prefix_key};
 use crate::App;
 use crate::auth::Key;
-use crate::backends::{Backend, Pool};
+use crate::backends::Backend;
 use crate::config::PolicyKind;
 use crate::policy::Candidate;
+use crate::registry::Pool;
 
 /// Headers of one hop only (RFC 9110 §7.6.1), plus `host` (set from the backend URL) and `expect` (the body is
 /// already read).
