@@ -148,7 +148,7 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Queues a request. Fails fast when draining, when the queue is full, or when the request can never fit.
     pub fn submit(&self, request: GenerateRequest) -> std::result::Result<EventStream, SubmitError> {
-        if self.shared.draining.load(Ordering::SeqCst) || self.shared.stopped.load(Ordering::SeqCst) {
+        if !self.is_ready() {
             return Err(SubmitError::Draining);
         }
         let limit = self.info.max_model_len;
@@ -186,7 +186,7 @@ impl EngineHandle {
     /// Whether `submit` would admit a request now (not draining, the queue not full): checked before work that
     /// costs more than the check (compiling a schema), so a refused request costs nothing.
     pub fn check_admission(&self) -> std::result::Result<(), SubmitError> {
-        if self.shared.draining.load(Ordering::SeqCst) || self.shared.stopped.load(Ordering::SeqCst) {
+        if !self.is_ready() {
             return Err(SubmitError::Draining);
         }
         let waiting = self.shared.waiting.load(Ordering::SeqCst);
