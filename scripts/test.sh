@@ -69,4 +69,5 @@ cargo build --workspace --all-targets --locked
 export BALEEN_RUNTIME_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-runtime"
 export BALEEN_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-operator"
 export BALEEN_GATEWAY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen-gateway"
+export BALEEN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/baleen"
 PYTHONDONTWRITEBYTECODE=1 "$PY_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python

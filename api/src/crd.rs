@@ -30,7 +30,6 @@
 //! [`ModelDeploymentManifest`] is one YAML document as a user writes it (`kubectl apply -f`, `baleen up FILE`).
 
 mod command;
-mod source;
 mod status;
 
 use std::collections::BTreeMap;
@@ -38,8 +37,8 @@ use std::collections::BTreeMap;
 pub use k8s_openapi::api::core::v1::{Affinity, EnvVar, ResourceRequirements, Toleration};
 use serde::{Deserialize, Serialize};
 
+pub use crate::source::{ModelSource, SourceError};
 pub use command::{Launcher, Peers, RESERVED_FLAGS};
-pub use source::{ModelSource, SourceError};
 pub use status::{ModelDeploymentStatus, ModelStatus};
 
 use crate::names::{
@@ -444,14 +443,15 @@ impl ModelDeploymentSpec {
     }
 
     /// The name a rank pod serves the model under (the runtime's rule on the operator's `--model`):
-    /// `model.servedName`, else `NAME` for `builtin:NAME`, else [`ModelSource::pod_model_arg`]. The gateway routes
-    /// requests for this name to the deployment's heads.
+    /// `model.servedName`, else `NAME` for `builtin:NAME`, `org/name` for `hf://org/name[@revision]`, else
+    /// [`ModelSource::pod_model_arg`]. The gateway routes requests for this name to the deployment's heads.
     pub fn cluster_served_name(&self) -> Result<String, ManifestError> {
         if let Some(name) = &self.model.served_name {
             return Ok(name.clone());
         }
         Ok(match self.source()? {
             ModelSource::Builtin { name } => name,
+            ModelSource::HuggingFace { repo, .. } => repo,
             other => other.pod_model_arg(),
         })
     }
@@ -734,7 +734,7 @@ impl ModelDeploymentManifest {
 /// Checks a `ModelDeployment`'s `metadata.name`: a DNS label of at most [`MAX_NAME_LEN`] characters, since the
 /// names of its StatefulSets, Services and pods derive from it.
 pub fn validate_name(name: &str) -> Result<(), ManifestError> {
-    if !source::is_dns_label(name) || name.len() > MAX_NAME_LEN {
+    if !crate::source::is_dns_label(name) || name.len() > MAX_NAME_LEN {
         return Err(ManifestError::invalid(
             "metadata.name",
             format!(

@@ -12,6 +12,8 @@
 //!   as OpenAI JSON, body limits, JSON parsing, SSE framing.
 //! - `lease` (feature `lease`): leader election through a Lease (the operator's controller, the gateway's
 //!   autoscaler writes) — the one module here that does I/O, against the Kubernetes API.
+//! - [`source`]: `ModelSource`, where a model's weights come from (`hf://`, `pvc://`, `file://`, `builtin:`), parsed
+//!   once for the runtime, `baleen up` and the operator.
 //! - [`topology`]: replica-group topology — which rank holds which routed experts, redundant replicas.
 //!
 
@@ -23,4 +25,5 @@ pub mod http;
 pub mod lease;
 pub mod names;
 pub mod openai;
+pub mod source;
 pub mod topology;

@@ -237,6 +237,10 @@ pub const FILE_SCHEME: &str = "file://";
 
 /// File name of the runtime binary.
 pub const RUNTIME_BIN_NAME: &str = "baleen-runtime";
+/// `baleen-runtime serve`: the OpenAI API of one rank.
+pub const RUNTIME_SERVE_COMMAND: &str = "serve";
+/// `baleen-runtime download`: a Hub model into the Hub cache (the `model-download` init container, `baleen up`).
+pub const RUNTIME_DOWNLOAD_COMMAND: &str = "download";
 /// The line an expert-only rank prints on stdout once its gRPC service is bound, followed by `host:port`.
 pub const RUNTIME_EXPERTS_LISTENING_PREFIX: &str = "baleen-runtime experts listening on grpc://";
 /// The first words of the one line `baleen-runtime serve` prints on stdout once bound; `HOST:PORT` follows.
@@ -356,8 +360,24 @@ pub const CONTAINER_MODEL_DOWNLOAD: &str = "model-download";
 pub const HF_TOKEN_KEY: &str = "HF_TOKEN";
 /// Where model weights are mounted in a rank pod: `/models/<claim>` for `pvc://`.
 pub const MODELS_DIR: &str = "/models";
-/// Where the `model-download` init container puts an `hf://` model: `/models/hf/<org>--<name>`.
+/// The Hugging Face cache of a rank pod that serves an `hf://` model: the `model-download` init container fills it
+/// (`baleen-runtime download`), the runtime reads it offline (`HF_HUB_CACHE`, `HF_HUB_OFFLINE=1`).
 pub const HF_CACHE_DIR: &str = "/models/hf";
+
+// The Hugging Face Hub client's variables, with the meanings `huggingface_hub` (and vLLM) give them.
+
+/// Hub: the Hub's base URL (a mirror, or a local Hub-compatible server) [default: https://huggingface.co].
+pub const ENV_HF_ENDPOINT: &str = "HF_ENDPOINT";
+/// Hub: the Hugging Face home; the cache is `$HF_HOME/hub` and the token file `$HF_HOME/token`.
+pub const ENV_HF_HOME: &str = "HF_HOME";
+/// Hub: the cache directory itself (before `$HF_HOME/hub`).
+pub const ENV_HF_HUB_CACHE: &str = "HF_HUB_CACHE";
+/// Hub: `1`/`true`/`yes`/`on` = never reach the Hub; models must be in the cache.
+pub const ENV_HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
+/// Base directory of the default cache when `HF_HOME` is unset (`$XDG_CACHE_HOME/huggingface`).
+pub const ENV_XDG_CACHE_HOME: &str = "XDG_CACHE_HOME";
+/// The user's home directory (the cache defaults to `~/.cache/huggingface/hub`).
+pub const ENV_HOME: &str = "HOME";
 /// Runtime HTTP port (OpenAI API, `/health`, `/ready`, `/metrics`).
 pub const RUNTIME_HTTP_PORT: u16 = 8000;
 /// Runtime expert gRPC port.
@@ -370,8 +390,6 @@ pub const PORT_NAME_GRPC: &str = "grpc";
 pub const ADMIN_PORT: u16 = 9090;
 /// Operator: default runtime image (`--runtime-image`), used when `spec.runtime.image` is absent.
 pub const ENV_OPERATOR_RUNTIME_IMAGE: &str = "BALEEN_OPERATOR_RUNTIME_IMAGE";
-/// Operator: image of the `hf://` download init container (`--downloader-image`).
-pub const ENV_OPERATOR_DOWNLOADER_IMAGE: &str = "BALEEN_OPERATOR_DOWNLOADER_IMAGE";
 /// Operator: namespace to watch (`--namespace`; empty = all).
 pub const ENV_OPERATOR_NAMESPACE: &str = "BALEEN_OPERATOR_NAMESPACE";
 /// Operator: namespace of its leader Lease (`--lease-namespace`; default: its own pod's namespace).

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use baleen_api::names::{
-    ENV_OPERATOR_ADMIN_ADDR, ENV_OPERATOR_DOWNLOADER_IMAGE, ENV_OPERATOR_IDENTITY, ENV_OPERATOR_LEASE_NAMESPACE,
-    ENV_OPERATOR_LOG, ENV_OPERATOR_NAMESPACE, ENV_OPERATOR_RUNTIME_IMAGE,
+    ENV_OPERATOR_ADMIN_ADDR, ENV_OPERATOR_IDENTITY, ENV_OPERATOR_LEASE_NAMESPACE, ENV_OPERATOR_LOG,
+    ENV_OPERATOR_NAMESPACE, ENV_OPERATOR_RUNTIME_IMAGE,
 };
-use baleen_operator::config::{DEFAULT_DOWNLOADER_IMAGE, DEFAULT_DRAIN_TIMEOUT_SECONDS, DEFAULT_RUNTIME_IMAGE};
+use baleen_operator::config::{DEFAULT_DRAIN_TIMEOUT_SECONDS, DEFAULT_RUNTIME_IMAGE};
 use baleen_operator::controller::RunSettings;
 use baleen_operator::{OperatorConfig, render};
 use clap::{Args, Parser, Subcommand};
@@ -54,12 +54,9 @@ enum Command {
 /// Operator defaults that shape the objects it creates.
 #[derive(Debug, Args)]
 struct ConfigArgs {
-    /// Runtime image for ModelDeployments without `spec.runtime.image`.
+    /// Runtime image for ModelDeployments without `spec.runtime.image` (it also downloads `hf://` models).
     #[arg(long, default_value = DEFAULT_RUNTIME_IMAGE, env = ENV_OPERATOR_RUNTIME_IMAGE)]
     runtime_image: String,
-    /// Image of the init container that downloads `hf://` models (must provide python3 with pip).
-    #[arg(long, default_value = DEFAULT_DOWNLOADER_IMAGE, env = ENV_OPERATOR_DOWNLOADER_IMAGE)]
-    downloader_image: String,
     /// Create a PodMonitor (monitoring.coreos.com/v1) per ModelDeployment.
     #[arg(long)]
     pod_monitor: bool,
@@ -72,10 +69,8 @@ impl ConfigArgs {
     fn config(&self) -> OperatorConfig {
         OperatorConfig {
             runtime_image: self.runtime_image.clone(),
-            downloader_image: self.downloader_image.clone(),
             pod_monitor: self.pod_monitor,
             drain_timeout_seconds: self.drain_timeout,
-            ..OperatorConfig::default()
         }
     }
 }

@@ -1,8 +1,9 @@
-//! The `baleen-runtime` debugging commands (a contract other checks rely on; see the design brief):
-//! `logits`, `generate`, `bench` and `info`. Each prints one JSON object on stdout.
+//! The `baleen-runtime` commands besides `serve` (a contract other checks rely on; see the design brief):
+//! `logits`, `generate`, `bench`, `info` and `download`. Each prints one JSON object on stdout.
 
 use std::time::Instant;
 
+use baleen_api::names::ENV_RUNTIME_MODEL;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -10,6 +11,7 @@ use serde_json::{Value, json};
 use crate::device::parse_dtype;
 use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
+use crate::hub::{self, Fetch, FetchOptions, HubSettings, ModelRef};
 use crate::loader::{LoadedModel, ModelSource};
 use crate::model::{AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, LatentPool, LogitsFor, SeqCache};
 pub use crate::settings::{ExpertArgs, ModelArgs};
@@ -33,6 +35,8 @@ pub enum Command {
     Info(InfoArgs),
     /// Serve the OpenAI-compatible HTTP API, /health, /ready and /metrics until SIGTERM (then drain and exit 0).
     Serve(crate::server::ServeArgs),
+    /// Download a Hub model into the Hub cache and verify it, without serving: {"path": ..., "commit": ...}.
+    Download(DownloadArgs),
 }
 
 fn parse_ids(spec: &str) -> Result<Vec<u32>> {
@@ -132,6 +136,33 @@ pub struct InfoArgs {
     pub dtype: String,
 }
 
+/// `baleen-runtime download`: the files the loader reads, into the Hub cache (progress bars on a terminal, log
+/// lines otherwise). The Hub's credentials, mirror and offline mode come from `HF_TOKEN`, `HF_ENDPOINT` and
+/// `HF_HUB_OFFLINE`.
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// `hf://org/name[@revision]`, or `org/name` (the default branch).
+    #[arg(long, env = ENV_RUNTIME_MODEL)]
+    pub model: String,
+    /// The Hub cache to download into [default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub].
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Bytes per ranged request (K, M, G suffixes: powers of 1024). An interrupted download resumes from the last
+    /// complete chunk of each file.
+    #[arg(long, default_value = "16M", value_parser = hub::parse_size)]
+    pub chunk_size: usize,
+    /// Ranged requests in flight per file.
+    #[arg(long, default_value_t = hub::DEFAULT_PARALLEL, value_parser = parse_parallel)]
+    pub parallel: usize,
+}
+
+fn parse_parallel(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("`{text}`: expected 1 to 64")),
+    }
+}
+
 impl Command {
     pub fn model_args_mut(&mut self) -> Option<&mut ModelArgs> {
         match self {
@@ -139,7 +170,7 @@ impl Command {
             Self::Generate(a) => Some(&mut a.model),
             Self::Bench(a) => Some(&mut a.model),
             Self::Serve(a) => Some(&mut a.model),
-            Self::Info(_) => None,
+            Self::Info(_) | Self::Download(_) => None,
         }
     }
 
@@ -148,7 +179,7 @@ impl Command {
             Self::Logits(a) => Some(&a.model),
             Self::Generate(a) => Some(&a.model),
             Self::Bench(a) => Some(&a.model),
-            Self::Info(_) => None,
+            Self::Info(_) | Self::Download(_) => None,
             Self::Serve(a) => Some(&a.model),
         }
     }
@@ -160,8 +191,37 @@ impl Command {
             Self::Bench(a) => bench(a),
             Self::Info(a) => info(a),
             Self::Serve(a) => crate::server::cmd::run(a),
+            Self::Download(a) => download(a),
         }
     }
+}
+
+fn download(args: &DownloadArgs) -> Result<Value> {
+    let repo = match ModelRef::parse(&args.model)? {
+        ModelRef::Hub(repo) => repo,
+        ModelRef::Local(_) => {
+            return Err(Error::Setting {
+                name: "model".into(),
+                reason: format!("`{}` is not a Hub model: give hf://org/name[@revision] or org/name", args.model),
+            });
+        }
+    };
+    let mut settings = HubSettings::from_env()?;
+    if let Some(dir) = &args.dir {
+        settings.cache = dir.clone();
+    }
+    let options = FetchOptions { chunk_size: args.chunk_size, parallel: args.parallel };
+    let start = Instant::now();
+    let snapshot = hub::resolve_blocking(&repo, &settings, Fetch::Refresh, options)?;
+    Ok(json!({
+        "model": repo.to_string(),
+        "path": snapshot.dir,
+        "commit": snapshot.commit,
+        "files": snapshot.files,
+        "downloaded_bytes": snapshot.downloaded_bytes,
+        "from_cache": snapshot.from_cache,
+        "seconds": start.elapsed().as_secs_f64(),
+    }))
 }
 
 fn logits(args: &LogitsArgs) -> Result<Value> {

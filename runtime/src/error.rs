@@ -69,6 +69,10 @@ pub enum Error {
     /// names the peer (rank and address).
     #[error("expert transport: {0}")]
     Expert(String),
+
+    /// A Hugging Face Hub model could not be resolved or downloaded.
+    #[error("model download: {0}")]
+    Hub(#[from] crate::hub::HubError),
 }
 
 impl Error {

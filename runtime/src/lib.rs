@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod expert;
 pub mod grammar;
+pub mod hub;
 pub mod kernels;
 pub mod loader;
 pub mod metrics;

@@ -24,6 +24,10 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Some(model) = cli.command.model_args_mut() {
+        // A Hub model downloads here, in a runtime of its own that is gone (threads joined) when this returns.
+        model.resolve_source()?;
+    }
     if let Some(model) = cli.command.model_args() {
         let threads = model.threads()?;
         set_compute_threads(threads);

@@ -17,14 +17,20 @@ use clap::Args;
 use crate::device::{cpu_threads, parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::expert::{ExpertPeers, model_fingerprint};
+use crate::hub::{self, Fetch, FetchOptions, HubRepo, HubSettings, ModelRef};
 use crate::loader::{LoadedModel, ModelSource, load, load_parallel};
 use crate::model::{Accel, ExpertParallel};
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Hugging Face model directory, or `builtin:tiny-moe` (random-weight demo model).
+    /// A Hugging Face model directory, a Hub model (`hf://org/name[@revision]`, or `org/name` when no such
+    /// directory exists here; downloaded into the Hub cache unless it is there), or `builtin:tiny-moe`
+    /// (random-weight demo model).
     #[arg(long, env = ENV_RUNTIME_MODEL)]
     pub model: String,
+    /// The Hub repository `--model` named, once [`ModelArgs::resolve_source`] replaced it by its snapshot directory.
+    #[arg(skip)]
+    pub hub: Option<HubRepo>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", env = ENV_RUNTIME_DEVICE)]
     pub device: String,
@@ -140,6 +146,22 @@ impl ExpertArgs {
 }
 
 impl ModelArgs {
+    /// Turns a Hub `--model` into its snapshot directory in the Hub cache (downloading what is missing unless the
+    /// cache is complete or `HF_HUB_OFFLINE` is set) and a `file://` one into its path. Joins every thread it
+    /// starts before it returns.
+    pub fn resolve_source(&mut self) -> Result<()> {
+        match ModelRef::parse(&self.model)? {
+            ModelRef::Local(path) => self.model = path,
+            ModelRef::Hub(repo) => {
+                let settings = HubSettings::from_env()?;
+                let snapshot = hub::resolve_blocking(&repo, &settings, Fetch::PreferCache, FetchOptions::default())?;
+                self.model = snapshot.dir.to_string_lossy().into_owned();
+                self.hub = Some(repo);
+            }
+        }
+        Ok(())
+    }
+
     /// Threads this process should compute with (decided before any thread pool exists).
     pub fn threads(&self) -> Result<usize> {
         Ok(cpu_threads(&ModelSource::parse(&self.model).config()?, self.threads))

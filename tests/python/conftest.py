@@ -79,8 +79,11 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(tmp_dir: Path, *extra: str) -> Server:
-    """Starts `serve --model builtin:tiny-moe` on a free port, parses the listening line, waits for /ready."""
+def start_server(
+    tmp_dir: Path, *extra: str, model: str = "builtin:tiny-moe", env: dict[str, str] | None = None
+) -> Server:
+    """Starts `serve --model MODEL` on a free port (`env` added to the environment), parses the listening line,
+    waits for /ready."""
     binary = runtime_bin()
     tmp_dir.mkdir(parents=True, exist_ok=True)
     log_path = tmp_dir / "server.log"
@@ -89,16 +92,16 @@ def start_server(tmp_dir: Path, *extra: str) -> Server:
         str(binary),
         "serve",
         "--model",
-        "builtin:tiny-moe",
+        model,
         "--host",
         "127.0.0.1",
         "--port",
         "0",
         *extra,
     ]
-    env = dict(os.environ)
-    env.setdefault("BALEEN_RUNTIME_LOG", "warn")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO_ROOT, text=True)
+    full_env = dict(os.environ) | (env or {})
+    full_env.setdefault("BALEEN_RUNTIME_LOG", "warn")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=full_env, cwd=REPO_ROOT, text=True)
     log.close()
     lines: list[str] = []
     got_line = threading.Event()

@@ -112,7 +112,6 @@ EVERYTHING_ON = {
     "operator": {
         "replicas": 2,
         "podMonitor": True,
-        "downloaderImage": "python:3.12-slim",
         "imagePullSecrets": [{"name": "regcred"}],
         **pod_placement("operator"),
         "priorityClassName": "system-cluster-critical",
@@ -441,7 +440,6 @@ def test_operator_settings_reach_flags_and_environment():
             "operator": {
                 "image": {"repository": "registry.example.com/baleen-operator", "tag": "dev", "pullPolicy": "Never"},
                 "runtimeImage": "registry.example.com/baleen-runtime:dev",
-                "downloaderImage": "registry.example.com/python:3.12",
                 "drainTimeoutSeconds": 90,
                 "logLevel": "debug,kube=info",
                 "adminPort": 9191,
@@ -469,7 +467,7 @@ def test_operator_settings_reach_flags_and_environment():
     assert container["args"] == ["run", "--drain-timeout=90"]
     env = env_of(container)
     assert env["BALEEN_OPERATOR_RUNTIME_IMAGE"] == "registry.example.com/baleen-runtime:dev"
-    assert env["BALEEN_OPERATOR_DOWNLOADER_IMAGE"] == "registry.example.com/python:3.12"
+    assert "BALEEN_OPERATOR_DOWNLOADER_IMAGE" not in env, "the runtime image downloads hf:// models"
     assert env["BALEEN_OPERATOR_ADMIN_ADDR"] == "0.0.0.0:9191"
     assert env["BALEEN_OPERATOR_LOG"] == "debug,kube=info"
     assert container["ports"][0]["containerPort"] == 9191

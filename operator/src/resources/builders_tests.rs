@@ -388,59 +388,81 @@ fn a_pvc_source_is_mounted_read_only_under_models() {
 }
 
 #[test]
-fn an_hf_source_is_downloaded_by_an_init_container_into_a_shared_empty_dir() {
+fn an_hf_source_is_downloaded_by_the_runtime_image_into_a_hub_cache_the_runtime_reads_offline() {
     let mut md = md(ModelDeploymentSpec::new("hf://deepseek-ai/DeepSeek-V2-Lite@a1b2c3"));
     md.spec.model.hf_token_secret = Some("hf-token".into());
-    let config = OperatorConfig {
-        downloader_image: "python:3.12-slim".into(),
-        huggingface_hub_version: "0.36.0".into(),
-        ..OperatorConfig::default()
-    };
-    let pod = group_statefulset(&md, &group(), &config).unwrap().spec.unwrap().template.spec.unwrap();
+    md.spec.runtime = Some(RuntimeSpec {
+        image: Some("registry.example.com/baleen-runtime:dev".into()),
+        env: vec![EnvVar {
+            name: "HF_ENDPOINT".into(),
+            value: Some("https://hf-mirror.example".into()),
+            ..EnvVar::default()
+        }],
+        ..RuntimeSpec::default()
+    });
+    let pod =
+        group_statefulset(&md, &group(), &OperatorConfig::default()).unwrap().spec.unwrap().template.spec.unwrap();
     let volumes = pod.volumes.unwrap();
     assert_eq!(volumes.len(), 1);
     assert!(volumes[0].empty_dir.is_some());
-    let runtime_mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+    let runtime = &pod.containers[0];
+    let runtime_mount = &runtime.volume_mounts.as_ref().unwrap()[0];
     assert_eq!((runtime_mount.mount_path.as_str(), runtime_mount.read_only), (HF_CACHE_DIR, Some(true)));
-    let args = pod.containers[0].args.clone().unwrap();
-    assert_eq!(flag_value(&args, "--model").as_deref(), Some("/models/hf/deepseek-ai--DeepSeek-V2-Lite"));
+    let args = runtime.args.clone().unwrap();
+    assert_eq!(flag_value(&args, "--model").as_deref(), Some("hf://deepseek-ai/DeepSeek-V2-Lite@a1b2c3"));
+    let values = |env: &[EnvVar]| -> Vec<(String, Option<String>)> {
+        env.iter().map(|v| (v.name.clone(), v.value.clone())).collect()
+    };
+    let runtime_env = runtime.env.clone().unwrap();
+    assert_eq!(
+        values(&runtime_env),
+        [
+            ("HF_HUB_CACHE".to_string(), Some(HF_CACHE_DIR.to_string())),
+            ("HF_HUB_OFFLINE".to_string(), Some("1".to_string())),
+            ("HF_ENDPOINT".to_string(), Some("https://hf-mirror.example".to_string())),
+        ],
+        "the runtime never reaches the Hub and never sees the token"
+    );
 
     let init = pod.init_containers.unwrap();
     assert_eq!(init.len(), 1);
     let download = &init[0];
     assert_eq!(download.name, CONTAINER_MODEL_DOWNLOAD);
-    assert_eq!(download.image.as_deref(), Some("python:3.12-slim"));
-    let command = download.command.clone().unwrap();
-    assert_eq!(command[..2], ["sh".to_string(), "-c".to_string()]);
-    let script = &command[2];
-    assert!(script.contains("pip install") && script.contains("huggingface_hub==$version"), "{script}");
-    assert!(script.contains("hf download \"$repo\""), "{script}");
-    assert!(script.contains(DOWNLOAD_MARKER) && script.contains("exit 0"), "skips a finished download: {script}");
-    // The user's strings reach the script as positional arguments, never inside it.
-    assert!(!script.contains("deepseek"));
-    assert_eq!(
-        download.args.clone().unwrap(),
-        [
-            "model-download",
-            "deepseek-ai/DeepSeek-V2-Lite",
-            "a1b2c3",
-            "/models/hf/deepseek-ai--DeepSeek-V2-Lite",
-            "0.36.0"
-        ]
-    );
+    assert_eq!(download.image, runtime.image, "the runtime's own image downloads");
+    assert_eq!(download.image.as_deref(), Some("registry.example.com/baleen-runtime:dev"));
+    assert_eq!(download.command.clone().unwrap(), ["baleen-runtime"]);
+    assert_eq!(download.args.clone().unwrap(), ["download", "--model", "hf://deepseek-ai/DeepSeek-V2-Lite@a1b2c3"]);
     let download_mount = &download.volume_mounts.as_ref().unwrap()[0];
     assert_eq!((download_mount.mount_path.as_str(), download_mount.read_only), (HF_CACHE_DIR, None));
     let env = download.env.clone().unwrap();
-    assert_eq!(env.len(), 1);
-    assert_eq!(env[0].name, HF_TOKEN_KEY);
-    let secret = env[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    assert_eq!(
+        env.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["HF_HUB_CACHE", HF_TOKEN_KEY, "HF_ENDPOINT"],
+        "the cache, the token, then the user's variables (a mirror reaches the download)"
+    );
+    assert_eq!(env[0].value.as_deref(), Some(HF_CACHE_DIR));
+    let secret = env[1].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
     assert_eq!((secret.name.as_str(), secret.key.as_str()), ("hf-token", HF_TOKEN_KEY));
 
-    // Anonymous download at the default branch: no token, an empty revision argument.
+    // Anonymous download at the default branch, in the operator's default image.
     let anonymous = self::md(ModelDeploymentSpec::new("hf://org/model"));
-    let download = self::pod(&anonymous).init_containers.unwrap().into_iter().next().unwrap();
-    assert!(download.env.is_none());
-    assert_eq!(download.args.unwrap()[2], "");
+    let pod = self::pod(&anonymous);
+    let download = pod.init_containers.unwrap().into_iter().next().unwrap();
+    assert_eq!(download.image.as_deref(), Some(OperatorConfig::default().runtime_image.as_str()));
+    assert_eq!(download.env.unwrap().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["HF_HUB_CACHE"]);
+    assert_eq!(download.args.unwrap()[2], "hf://org/model");
+    assert_eq!(anonymous.spec.cluster_served_name().unwrap(), "org/model", "served under the repository's name");
+
+    // The operator's own variables cannot be overridden: the pod would say one thing and do another.
+    for name in ["HF_HUB_CACHE", "HF_HUB_OFFLINE", HF_TOKEN_KEY] {
+        let mut md = self::md(ModelDeploymentSpec::new("hf://org/model"));
+        md.spec.runtime = Some(RuntimeSpec {
+            env: vec![EnvVar { name: name.into(), value: Some("x".into()), ..EnvVar::default() }],
+            ..RuntimeSpec::default()
+        });
+        let err = group_statefulset(&md, &group(), &OperatorConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("spec.runtime.env") && err.contains(name) && err.contains("hf://"), "{err}");
+    }
 }
 
 #[test]

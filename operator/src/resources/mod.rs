@@ -20,9 +20,9 @@ pub use monitor::{POD_MONITOR_GROUP, POD_MONITOR_KIND, POD_MONITOR_VERSION, pod_
 pub use objects::desired_objects;
 pub use services::{group_service, heads_labels, heads_selector, heads_service};
 pub use statefulset::{
-    DOWNLOAD_MARKER, GPU_RESOURCE, LIVENESS_FAILURE_THRESHOLD, LIVENESS_PERIOD_SECONDS, MODEL_VOLUME,
-    PRE_STOP_SLEEP_SECONDS, PROBE_TIMEOUT_SECONDS, READINESS_FAILURE_THRESHOLD, READINESS_PERIOD_SECONDS,
-    STARTUP_FAILURE_THRESHOLD, STARTUP_PERIOD_SECONDS, TERMINATION_MARGIN_SECONDS, group_statefulset, runtime_args,
+    GPU_RESOURCE, LIVENESS_FAILURE_THRESHOLD, LIVENESS_PERIOD_SECONDS, MODEL_VOLUME, PRE_STOP_SLEEP_SECONDS,
+    PROBE_TIMEOUT_SECONDS, READINESS_FAILURE_THRESHOLD, READINESS_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD,
+    STARTUP_PERIOD_SECONDS, TERMINATION_MARGIN_SECONDS, group_statefulset, runtime_args,
 };
 
 use std::collections::BTreeMap;
@@ -73,10 +73,7 @@ pub fn revision(md: &ModelDeployment, config: &OperatorConfig) -> Result<String>
     // Keys sorted at every level: the text is canonical whether or not serde_json's `preserve_order` is on (a
     // dependency of the runtime turns it on in workspace builds).
     let shape = sorted_keys(shape);
-    let text = format!(
-        "{shape}\n{}\n{}\n{}\n{}",
-        config.runtime_image, config.downloader_image, config.huggingface_hub_version, config.drain_timeout_seconds
-    );
+    let text = format!("{shape}\n{}\n{}", config.runtime_image, config.drain_timeout_seconds);
     Ok(format!("{:0width$x}", fnv1a(text.as_bytes()) & 0xffff_ffff, width = REVISION_LEN))
 }
 

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use baleen_api::crd::{Launcher, ManifestError, ModelDeployment, ModelSource, Peers};
 use baleen_api::names::{
-    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, HF_CACHE_DIR, HF_TOKEN_KEY, LABEL_GROUP,
-    LABEL_MODEL_DEPLOYMENT, MODELS_DIR, PATH_HEALTH, PATH_READY, PORT_NAME_GRPC, PORT_NAME_HTTP, RUNTIME_BIN_NAME,
-    RUNTIME_GRPC_PORT, RUNTIME_HTTP_PORT,
+    ANNOTATION_GROUP_INDEX, CONTAINER_MODEL_DOWNLOAD, CONTAINER_RUNTIME, ENV_HF_HUB_CACHE, ENV_HF_HUB_OFFLINE,
+    FLAG_MODEL, HF_CACHE_DIR, HF_TOKEN_KEY, LABEL_GROUP, LABEL_MODEL_DEPLOYMENT, MODELS_DIR, PATH_HEALTH, PATH_READY,
+    PORT_NAME_GRPC, PORT_NAME_HTTP, RUNTIME_BIN_NAME, RUNTIME_DOWNLOAD_COMMAND, RUNTIME_GRPC_PORT, RUNTIME_HTTP_PORT,
+    RUNTIME_SERVE_COMMAND,
 };
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
@@ -28,9 +29,6 @@ use crate::error::{Error, Result};
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Volume holding the weights: the `pvc://` claim, or the `hf://` download cache.
 pub const MODEL_VOLUME: &str = "model";
-/// File the download init container writes once a download finished; present = skip the download.
-pub const DOWNLOAD_MARKER: &str = ".baleen-download-complete";
-
 /// Seconds the `preStop` hook sleeps before the runtime gets SIGTERM: long enough for the endpoints controller
 /// and kube-proxy/gateways to drop the pod, so no new request arrives once draining has started.
 pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
@@ -55,25 +53,6 @@ pub const READINESS_PERIOD_SECONDS: i32 = 5;
 pub const READINESS_FAILURE_THRESHOLD: i32 = 2;
 /// Timeout of each probe request, seconds (the engine never serves probes: they answer from the HTTP threads).
 pub const PROBE_TIMEOUT_SECONDS: i32 = 5;
-
-/// The shell script of the `hf://` download init container. Arguments (never interpolated into the script, so a
-/// repository or revision name cannot inject shell): `$1` repository `org/name`, `$2` revision (empty = the
-/// default branch), `$3` target directory, `$4` huggingface_hub version.
-const DOWNLOAD_SCRIPT: &str = r#"set -eu
-repo="$1"; revision="$2"; dir="$3"; version="$4"
-marker="$dir/.baleen-download-complete"
-if [ -f "$marker" ]; then
-  echo "model-download: $repo is already in $dir"
-  exit 0
-fi
-python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
-  --target /tmp/hf-hub "huggingface_hub==$version"
-export PYTHONPATH=/tmp/hf-hub PATH="/tmp/hf-hub/bin:$PATH"
-if [ -n "$revision" ]; then set -- --revision "$revision"; else set --; fi
-hf download "$repo" "$@" --local-dir "$dir"
-touch "$marker"
-echo "model-download: $repo downloaded to $dir"
-"#;
 
 fn invalid(field: &'static str, reason: String) -> Error {
     Error::InvalidSpec(ManifestError::Invalid { field, reason })
@@ -118,6 +97,8 @@ struct ModelPlacement {
     model_arg: String,
     volumes: Vec<Volume>,
     runtime_mounts: Vec<VolumeMount>,
+    /// Variables the runtime container gets besides `spec.runtime.env`.
+    runtime_env: Vec<EnvVar>,
     init_containers: Vec<Container>,
 }
 
@@ -125,10 +106,13 @@ struct ModelPlacement {
 /// - `file:///path`: `--model /path`; the directory must exist inside the runtime container (baked into the
 ///   image): the operator mounts nothing for it.
 /// - `pvc://claim/path`: the claim mounted read-only at `/models/<claim>`, `--model /models/<claim>/<path>`.
-/// - `hf://org/name[@rev]`: an emptyDir at `/models/hf` filled by the `model-download` init container
-///   (`hf download`), `--model /models/hf/org--name`. Each rank pod downloads its own copy; for very large models
-///   a pre-filled ReadOnlyMany claim (`pvc://`) saves the downloads.
-fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<ModelPlacement> {
+/// - `hf://org/name[@rev]`: an emptyDir at `/models/hf`, a Hugging Face cache (`HF_HUB_CACHE`) that the
+///   `model-download` init container fills with `baleen-runtime download` (same image as the runtime; resumes
+///   after a restart, verifies sizes and SHA-256). The runtime gets `--model hf://org/name[@rev]` and
+///   `HF_HUB_OFFLINE=1`: it loads the snapshot from the cache and never reaches the Hub itself. `spec.runtime.env`
+///   reaches the download too (`HF_ENDPOINT` for a mirror, proxies). Each rank pod downloads its own copy; for
+///   very large models a pre-filled ReadOnlyMany claim (`pvc://`) saves the downloads.
+fn model_placement(md: &ModelDeployment, image: &str) -> Result<ModelPlacement> {
     let source = md.spec.source()?;
     let model_arg = source.pod_model_arg();
     match source {
@@ -153,13 +137,21 @@ fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<Mode
                     read_only: Some(true),
                     ..VolumeMount::default()
                 }],
-                init_containers: Vec::new(),
+                ..Default::default()
             })
         }
-        ModelSource::HuggingFace { repo, revision } => {
-            let dir = model_arg;
-            let env = md.spec.model.hf_token_secret.as_ref().map(|secret| {
-                vec![EnvVar {
+        ModelSource::HuggingFace { .. } => {
+            let user_env = md.spec.runtime.as_ref().map(|r| r.env.as_slice()).unwrap_or_default();
+            if let Some(var) = user_env.iter().find(|v| HF_MANAGED_ENV.contains(&v.name.as_str())) {
+                return Err(invalid(
+                    "spec.runtime.env",
+                    format!("{} is set by the operator for hf:// sources; remove it from env", var.name),
+                ));
+            }
+            let cache = env_value(ENV_HF_HUB_CACHE, HF_CACHE_DIR);
+            let mut download_env = vec![cache.clone()];
+            if let Some(secret) = &md.spec.model.hf_token_secret {
+                download_env.push(EnvVar {
                     name: HF_TOKEN_KEY.into(),
                     value_from: Some(EnvVarSource {
                         secret_key_ref: Some(SecretKeySelector {
@@ -170,20 +162,15 @@ fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<Mode
                         ..EnvVarSource::default()
                     }),
                     ..EnvVar::default()
-                }]
-            });
+                });
+            }
+            download_env.extend(user_env.iter().cloned());
             let download = Container {
                 name: CONTAINER_MODEL_DOWNLOAD.into(),
-                image: Some(config.downloader_image.clone()),
-                command: Some(vec!["sh".into(), "-c".into(), DOWNLOAD_SCRIPT.into()]),
-                args: Some(vec![
-                    CONTAINER_MODEL_DOWNLOAD.into(), // $0
-                    repo,
-                    revision.unwrap_or_default(),
-                    dir.clone(),
-                    config.huggingface_hub_version.clone(),
-                ]),
-                env,
+                image: Some(image.to_string()),
+                command: Some(vec![RUNTIME_BIN_NAME.into()]),
+                args: Some(vec![RUNTIME_DOWNLOAD_COMMAND.into(), FLAG_MODEL.into(), model_arg.clone()]),
+                env: Some(download_env),
                 volume_mounts: Some(vec![VolumeMount {
                     name: MODEL_VOLUME.into(),
                     mount_path: HF_CACHE_DIR.into(),
@@ -193,7 +180,7 @@ fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<Mode
                 ..Container::default()
             };
             Ok(ModelPlacement {
-                model_arg: dir,
+                model_arg,
                 volumes: vec![Volume {
                     name: MODEL_VOLUME.into(),
                     empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -205,10 +192,18 @@ fn model_placement(md: &ModelDeployment, config: &OperatorConfig) -> Result<Mode
                     read_only: Some(true),
                     ..VolumeMount::default()
                 }],
+                runtime_env: vec![cache, env_value(ENV_HF_HUB_OFFLINE, "1")],
                 init_containers: vec![download],
             })
         }
     }
+}
+
+/// Variables the operator sets in the pods of an `hf://` source, refused in `spec.runtime.env`.
+const HF_MANAGED_ENV: [&str; 3] = [ENV_HF_HUB_CACHE, ENV_HF_HUB_OFFLINE, HF_TOKEN_KEY];
+
+fn env_value(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
 }
 
 /// The `baleen-runtime serve` arguments of every rank of a group named `group` (the rank comes from the host
@@ -232,7 +227,7 @@ pub fn runtime_args(
             grpc_port: RUNTIME_GRPC_PORT,
         }),
     };
-    let mut args = vec!["serve".to_string()];
+    let mut args = vec![RUNTIME_SERVE_COMMAND.to_string()];
     args.extend(md.spec.serve_args(&launcher).map_err(Error::InvalidSpec)?);
     Ok(args)
 }
@@ -277,11 +272,13 @@ fn resources(md: &ModelDeployment) -> Result<Option<ResourceRequirements>> {
 }
 
 fn pod_spec(md: &ModelDeployment, group: &str, config: &OperatorConfig) -> Result<PodSpec> {
-    let placement = model_placement(md, config)?;
-    let args = runtime_args(md, group, &placement.model_arg, config)?;
     let runtime_spec = md.spec.runtime.as_ref();
     let image = runtime_spec.and_then(|r| r.image.clone()).unwrap_or_else(|| config.runtime_image.clone());
-    let env = runtime_spec.map(|r| r.env.clone()).filter(|env| !env.is_empty());
+    let placement = model_placement(md, &image)?;
+    let args = runtime_args(md, group, &placement.model_arg, config)?;
+    let mut env = placement.runtime_env;
+    env.extend(runtime_spec.map(|r| r.env.clone()).unwrap_or_default());
+    let env = Some(env).filter(|env| !env.is_empty());
     let runtime = Container {
         name: CONTAINER_RUNTIME.into(),
         image: Some(image),

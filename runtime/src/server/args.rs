@@ -28,7 +28,7 @@ pub struct ServeArgs {
     /// Port to bind; 0 picks a free one (the listening line says which).
     #[arg(long, default_value_t = 8000, env = ENV_RUNTIME_PORT)]
     pub port: u16,
-    /// Name clients send as `model` [default: the --model string; `builtin:NAME` → NAME].
+    /// Name clients send as `model` [default: the --model string; `builtin:NAME` → NAME; a Hub model → org/name].
     #[arg(long, env = ENV_RUNTIME_SERVED_MODEL_NAME)]
     pub served_model_name: Option<String>,
     /// Sequences in the running batch at most.
@@ -132,10 +132,14 @@ impl ServeArgs {
         })
     }
 
-    /// `--served-model-name`, or the model source: `builtin:NAME` → `NAME`, a directory as given.
+    /// `--served-model-name`, or the model source: `builtin:NAME` → `NAME`, a Hub model → `org/name` (as vLLM
+    /// names it), a directory as given.
     pub fn served_model_name(&self) -> String {
-        match &self.served_model_name {
-            Some(name) => name.clone(),
+        if let Some(name) = &self.served_model_name {
+            return name.clone();
+        }
+        match &self.model.hub {
+            Some(hub) => hub.repo.clone(),
             None => match self.model.model.strip_prefix(BUILTIN_SCHEME) {
                 Some(name) => name.to_string(),
                 None => self.model.model.clone(),

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::names::{BUILTIN_SCHEME, FILE_SCHEME, HF_CACHE_DIR, HF_SCHEME, MODELS_DIR, PVC_SCHEME};
+use crate::names::{BUILTIN_SCHEME, FILE_SCHEME, HF_SCHEME, MODELS_DIR, PVC_SCHEME};
 
 /// Where the weights come from; see the module documentation for the string forms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,15 +63,15 @@ pub enum SourceError {
 }
 
 impl ModelSource {
-    /// The runtime's `--model` in a rank pod: `builtin:NAME` as is, the `file://` path, the claim's mount
-    /// (`/models/<claim>[/<path>]`), or the download directory (`/models/hf/<org>--<name>`).
+    /// The runtime's `--model` in a rank pod: `builtin:NAME` and `hf://org/name[@revision]` as they are (the
+    /// runtime reads a Hub model from the pod's Hub cache, `/models/hf`), the `file://` path, or the claim's mount
+    /// (`/models/<claim>[/<path>]`).
     pub fn pod_model_arg(&self) -> String {
         match self {
-            Self::Builtin { .. } => self.to_string(),
+            Self::Builtin { .. } | Self::HuggingFace { .. } => self.to_string(),
             Self::File { path } => path.clone(),
             Self::Pvc { claim, path } if path.is_empty() => format!("{MODELS_DIR}/{claim}"),
             Self::Pvc { claim, path } => format!("{MODELS_DIR}/{claim}/{path}"),
-            Self::HuggingFace { repo, .. } => format!("{HF_CACHE_DIR}/{}", repo.replace('/', "--")),
         }
     }
 
