@@ -36,7 +36,7 @@ pub fn ready_lines(addr: SocketAddr, model: &str, demo: bool, details: &[String]
     if demo {
         lines.push(format!(
             "  note: {BUILTIN_TINY_MOE} has random weights: it shows the serving stack working, and its replies are \
-             noise. Pass a manifest with a real model (file:///path/to/model) to serve one."
+             noise. Pass a manifest with a real model (hf://org/name or file:///path/to/model) to serve one."
         ));
     }
     lines.push("Press Ctrl-C to stop.".to_string());

@@ -12,7 +12,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baleen_api::names::{ENV_NO_COLOR, RUNTIME_LISTENING_PREFIX};
+use baleen_api::names::{
+    ENV_NO_COLOR, FLAG_MODEL, RUNTIME_DOWNLOAD_COMMAND, RUNTIME_LISTENING_PREFIX, RUNTIME_SERVE_COMMAND,
+};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -33,6 +35,22 @@ pub fn process_name(numbered: bool, replica: usize, rank: usize) -> String {
         (true, k) => format!("r{}.{k}", replica + 1),
     }
 }
+/// Starts `bin download --model MODEL` (a Hugging Face source) with extra environment `env`: it fills the local
+/// Hugging Face cache, so every rank started after it finds the model there and loads it without a request. Its
+/// progress (bars on a terminal) goes to our stderr; its JSON summary is dropped. It shares our process group, so a
+/// Ctrl-C reaches it too; it is killed if dropped.
+pub fn spawn_download(bin: &Path, model: &str, env: &[(String, String)]) -> Result<Child, Error> {
+    Command::new(bin)
+        .args([RUNTIME_DOWNLOAD_COMMAND, FLAG_MODEL, model])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| Error::Spawn { path: bin.to_path_buf(), source })
+}
+
 /// How long the log forwarders may take to drain the pipes after the child exited.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -57,7 +75,7 @@ impl Runtime {
     ) -> Result<(Self, Listening), Error> {
         let prefix: Arc<str> = Arc::from(format!("{name:<7} | "));
         let mut command = Command::new(bin);
-        command.arg("serve").args(args);
+        command.arg(RUNTIME_SERVE_COMMAND).args(args);
         if !std::io::stderr().is_terminal() {
             // Colour codes are noise in a log file or a test's captured output; the manifest's env may override.
             command.env(ENV_NO_COLOR, "1");

@@ -48,6 +48,9 @@ pub enum Error {
     /// The runtime exited before it was ready.
     #[error("the runtime exited before it was ready ({status}); its log above says why")]
     RuntimeFailed { status: std::process::ExitStatus },
+    /// `baleen-runtime download` failed (the Hub refused, the network failed, the disk is full, ...).
+    #[error("downloading the model failed ({status}); the lines above say why")]
+    DownloadFailed { status: std::process::ExitStatus },
     /// The runtime did not become ready in time.
     #[error("the runtime was not ready within {timeout:?} (raise --ready-timeout for large models)")]
     ReadyTimeout { timeout: Duration },

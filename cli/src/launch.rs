@@ -2,8 +2,8 @@
 //!
 //! What `baleen up` runs on one machine: `replicas` replicas, each one rank or an expert-parallel group of ranks
 //! (`parallelism.expert`) exchanging token rows over gRPC on 127.0.0.1 — with `dataParallelAttention` every rank
-//! of a group is a head with its own API — from a `builtin:` or `file://` source. Every head serves on
-//! 127.0.0.1 (a free port) behind the in-process gateway, which owns the user's `--host`/`--port`. Anything else
+//! of a group is a head with its own API — from a `builtin:`, `file://` or `hf://` source (the caller downloads
+//! an `hf://` model into the local Hugging Face cache first). Every head serves on 127.0.0.1 (a free port) behind the in-process gateway, which owns the user's `--host`/`--port`. Anything else
 //! is refused with the field that asks for it and what to do instead.
 
 use baleen_api::crd::{
@@ -116,13 +116,13 @@ pub fn plan(spec: &ModelDeploymentSpec, grpc_ports: &[u16]) -> Result<Launch, Er
     let (model, default_name) = match &source {
         ModelSource::Builtin { name } => (source.to_string(), name.clone()),
         ModelSource::File { path } => (path.clone(), path.clone()),
-        ModelSource::HuggingFace { .. } | ModelSource::Pvc { .. } => {
+        ModelSource::HuggingFace { repo, .. } => (source.to_string(), repo.clone()),
+        ModelSource::Pvc { .. } => {
             return Err(Error::Unsupported {
                 field: "spec.model.source",
                 reason: format!(
-                    "`{source}` needs a cluster for now (`kubectl apply -f` the manifest there). `baleen up` runs \
-                     local sources only: download the model directory and use `file:///path/to/model`, or use \
-                     `{BUILTIN_TINY_MOE}`"
+                    "`{source}` is a volume claim in a cluster (`kubectl apply -f` the manifest there). `baleen up` \
+                     runs `hf://org/name`, `file:///path/to/model` or `{BUILTIN_TINY_MOE}` here"
                 ),
             });
         }
@@ -276,12 +276,23 @@ mod tests {
     }
 
     #[test]
-    fn cluster_sources_are_refused_with_what_to_do_instead() {
-        for source in ["hf://deepseek-ai/DeepSeek-V2-Lite", "pvc://models/v3"] {
-            let (field, reason) = unsupported_field(&ModelDeploymentSpec::new(source));
-            assert_eq!(field, "spec.model.source");
-            assert!(reason.contains(source) && reason.contains("cluster") && reason.contains("file://"), "{reason}");
-        }
+    fn a_volume_claim_is_refused_with_what_to_do_instead() {
+        let (field, reason) = unsupported_field(&ModelDeploymentSpec::new("pvc://models/v3"));
+        assert_eq!(field, "spec.model.source");
+        assert!(
+            reason.contains("pvc://models/v3") && reason.contains("cluster") && reason.contains("hf://"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_hub_model_is_served_by_its_source_under_its_repo_name() {
+        let launch = plan(&ModelDeploymentSpec::new("hf://deepseek-ai/DeepSeek-V2-Lite@v1.0"), &[]).unwrap();
+        assert_eq!(launch.served_name, "deepseek-ai/DeepSeek-V2-Lite");
+        let head = &launch.replicas[0].head;
+        let at = head.iter().position(|a| a == "--model").unwrap();
+        assert_eq!(head[at + 1], "hf://deepseek-ai/DeepSeek-V2-Lite@v1.0");
+        assert!(!launch.is_demo());
     }
 
     #[test]

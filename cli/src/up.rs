@@ -21,7 +21,7 @@ use std::process::{ExitCode, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
-use baleen_api::crd::{ModelDeploymentManifest, ModelDeploymentSpec, RoutingPolicy};
+use baleen_api::crd::{ModelDeploymentManifest, ModelDeploymentSpec, ModelSource, RoutingPolicy};
 use baleen_api::names::BUILTIN_TINY_MOE;
 use baleen_api::openai::ModelList;
 use baleen_gateway::Gateway;
@@ -54,7 +54,8 @@ const RESTART_RESET: Duration = Duration::from_secs(300);
 pub enum Outcome {
     /// Stopped on request; the runtime exited with this status.
     Stopped(ExitStatus),
-    /// Stopped on request, but the runtime outlived `--stop-timeout` and was killed.
+    /// Stopped on request, but a process was killed: the runtime outlived `--stop-timeout`, or the model was still
+    /// downloading.
     Killed,
 }
 
@@ -99,6 +100,29 @@ pub async fn run(args: &UpArgs) -> Result<Outcome, Error> {
     let mut signals = Signals::new()?;
     for note in &launch.notes {
         say(format!("note: {note}"));
+    }
+    if let ModelSource::HuggingFace { .. } = &launch.source {
+        // One download into the local Hugging Face cache; every rank (and every later replica) then loads the
+        // model from there without a request to the Hub.
+        say(format!(
+            "downloading model {} (a model already in the Hugging Face cache is not fetched again)…",
+            launch.source
+        ));
+        let mut download = child::spawn_download(&bin, &launch.source.to_string(), &launch.env)?;
+        tokio::select! {
+            status = download.wait() => {
+                let status = status.map_err(|source| Error::Process { what: "waiting for the download", source })?;
+                if !status.success() {
+                    return Err(Error::DownloadFailed { status });
+                }
+            }
+            signal = signals.recv() => {
+                // The download shares our process group: a terminal's Ctrl-C reached it too; a SIGTERM did not.
+                let _ = download.kill().await;
+                say(format!("{signal}: stopped the download (it resumes where it stopped next time)"));
+                return Ok(Outcome::Killed);
+            }
+        }
     }
     let mut fleet = Fleet::new(bin, Arc::clone(&launch), args.ready_timeout(), args.stop_timeout());
     let mut pids = Vec::new();

@@ -492,9 +492,9 @@ fn invalid_manifests_fail_naming_the_field() {
         ),
         ("misspelt field", "  model:\n    sorce: builtin:tiny-moe\n", &["spec.model", "unknown field `sorce`"]),
         (
-            "hf source",
-            "  model: {source: hf://deepseek-ai/DeepSeek-V2-Lite}\n",
-            &["`spec.model.source`", "needs a cluster", "file://"],
+            "pvc source",
+            "  model: {source: pvc://weights/v3}\n",
+            &["`spec.model.source`", "pvc://weights/v3", "cluster", "hf://", "file://"],
         ),
         (
             "unknown policy",
