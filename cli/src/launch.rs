@@ -3,8 +3,9 @@
 //! What `baleen up` runs on one machine: `replicas` replicas, each one rank or an expert-parallel group of ranks
 //! (`parallelism.expert`) exchanging token rows over gRPC on 127.0.0.1 — with `dataParallelAttention` every rank
 //! of a group is a head with its own API — from a `builtin:`, `file://` or `hf://` source (the caller downloads
-//! an `hf://` model into the local Hugging Face cache first). Every head serves on 127.0.0.1 (a free port) behind the in-process gateway, which owns the user's `--host`/`--port`. Anything else
-//! is refused with the field that asks for it and what to do instead.
+//! an `hf://` model into the local Hugging Face cache first). Every head serves on 127.0.0.1 (a free port) behind
+//! the in-process gateway, which owns the user's `--host`/`--port`. Anything else is refused with the field that
+//! asks for it and what to do instead.
 
 use baleen_api::crd::{
     AutoscalingSpec, Launcher, ManifestError, ModelDeploymentSpec, ModelSource, Peers, RoutingPolicy,
