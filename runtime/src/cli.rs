@@ -1,18 +1,22 @@
 //! The `baleen-runtime` commands besides `serve` (a contract other checks rely on; see the design brief):
 //! `logits`, `generate`, `bench`, `info` and `download`. Each prints one JSON object on stdout.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use baleen_api::names::ENV_RUNTIME_MODEL;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::device::parse_dtype;
-use crate::engine::sampler::{Sampler, SamplingParams};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{EngineConfig, EngineError, Event, EventStream, GenerateRequest, KvCacheMemory};
 use crate::error::{Error, Result};
 use crate::hub::{self, Fetch, FetchOptions, HubSettings, ModelRef};
 use crate::loader::{LoadedModel, ModelSource};
+use crate::metrics::Metrics;
 use crate::model::{AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, LatentPool, LogitsFor, SeqCache};
 pub use crate::settings::{ExpertArgs, ModelArgs};
 
@@ -39,9 +43,14 @@ pub enum Command {
     Download(DownloadArgs),
 }
 
-fn parse_ids(spec: &str) -> Result<Vec<u32>> {
+/// Comma-separated token ids given to `flag`.
+fn parse_ids(flag: &str, spec: &str) -> Result<Vec<u32>> {
     spec.split(',')
-        .map(|s| s.trim().parse::<u32>().map_err(|_| Error::InvalidRequest(format!("--ids: `{s}` is not a token id"))))
+        .map(|s| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|_| Error::Setting { name: flag.into(), reason: format!("`{s}` is not a token id") })
+        })
         .collect()
 }
 
@@ -59,9 +68,9 @@ pub struct PromptArgs {
 impl PromptArgs {
     fn tokens(&self, loaded: &LoadedModel) -> Result<Vec<u32>> {
         match (&self.ids, &self.prompt) {
-            (Some(ids), _) => parse_ids(ids),
+            (Some(ids), _) => parse_ids("ids", ids),
             (None, Some(text)) => loaded.tokenizer.encode(text, true),
-            (None, None) => Err(Error::InvalidRequest("give --ids or --prompt".into())),
+            (None, None) => Err(Error::Setting { name: "ids".into(), reason: "give --ids or --prompt".into() }),
         }
     }
 }
@@ -241,17 +250,16 @@ fn logits(args: &LogitsArgs) -> Result<Value> {
     Ok(json!({ "logits": out.logits.to_vec2::<f32>()? }))
 }
 
+/// `generate`: one request through the serving engine (the same admission, cache, sampling and stop rules as
+/// `serve`), on a KV cache sized for just this request.
 fn generate(args: &GenerateArgs) -> Result<Value> {
     let (loaded, _, _) = args.model.load()?;
     let prompt = args.prompt.tokens(&loaded)?;
-    let mut stop_token_ids = match &args.stop_token_ids {
-        Some(spec) => parse_ids(spec)?,
+    let stop_token_ids = match &args.stop_token_ids {
+        Some(spec) => parse_ids("stop-token-ids", spec)?,
         None => Vec::new(),
     };
-    if args.stop_at_eos {
-        stop_token_ids.extend_from_slice(loaded.tokenizer.eos_token_ids());
-    }
-    let params = SamplingParams {
+    let sampling = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
@@ -261,25 +269,55 @@ fn generate(args: &GenerateArgs) -> Result<Value> {
         presence_penalty: args.presence_penalty,
         stop_token_ids,
         logit_bias: Vec::new(),
-    };
-    let mut sampler = Sampler::new(params)?;
-    let model = &loaded.model;
-    let mut pool = model.new_pool(0, DEFAULT_BLOCK_SIZE)?;
-    let mut cache = SeqCache::default();
-    let mut generated: Vec<u32> = Vec::with_capacity(args.max_tokens);
-    let mut next = prompt.clone();
-    while generated.len() < args.max_tokens {
-        let logits = model.forward_cached(&mut pool, &mut [(&next, &mut cache)], ForwardOptions::default())?;
-        let row = logits.logits.squeeze(0)?.to_vec1::<f32>()?;
-        let id = sampler.sample(&row, &prompt, &generated)?;
-        generated.push(id);
-        if sampler.is_stop_token(id) {
-            break;
-        }
-        next = vec![id];
     }
-    let text = loaded.tokenizer.decode(&generated, true)?;
+    .validate()?;
+    let block_size = DEFAULT_BLOCK_SIZE;
+    // Blocks for this one sequence (at least two, the engine's floor), nothing more.
+    let blocks = (prompt.len() + args.max_tokens).div_ceil(block_size).max(2);
+    let bytes_per_token = loaded.model.config().kv_cache_bytes_per_token(loaded.model.dtype().size_in_bytes());
+    let config = EngineConfig {
+        max_num_seqs: 1,
+        kv_cache_memory: KvCacheMemory::Bytes((blocks * block_size * bytes_per_token) as u64),
+        block_size,
+        enable_prefix_caching: false,
+        ..EngineConfig::default()
+    };
+    let served = loaded.source.to_string();
+    let metrics = Arc::new(Metrics::new(&served)?);
+    let (engine, thread) = crate::engine::spawn(loaded, config, metrics, served, args.model.threads()?)?;
+    let request = GenerateRequest {
+        request_id: "generate".into(),
+        prompt,
+        sampling,
+        max_tokens: args.max_tokens,
+        stop: Vec::new(),
+        ignore_eos: !args.stop_at_eos,
+        logprobs: None,
+        cancel: CancellationToken::new(),
+        stream: false,
+        constraint: None,
+    };
+    let result = engine.submit(request).map_err(Error::from).and_then(collect_ids);
+    engine.shutdown();
+    if thread.join().is_err() {
+        tracing::error!("the engine thread panicked");
+    }
+    let generated = result?;
+    let text = engine.tokenizer().decode(&generated, true)?;
     Ok(json!({ "ids": generated, "text": text }))
+}
+
+/// The generated ids of one submitted request, waiting for its finish.
+fn collect_ids(mut events: EventStream) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Finished { .. } => return Ok(ids),
+            Event::Error(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::from(EngineError::Stopped))
 }
 
 /// Deterministic pseudo-random prompt ids for benchmarks.
@@ -294,7 +332,10 @@ fn bench(args: &BenchArgs) -> Result<Value> {
         || args.gen_len == 0
         || args.repeats == 0
     {
-        return Err(Error::InvalidRequest("--batch, --prompt-len, --gen-len and --repeats must be at least 1".into()));
+        return Err(Error::Setting {
+            name: "batch".into(),
+            reason: "--batch, --prompt-len, --gen-len and --repeats must be at least 1".into(),
+        });
     }
     let (loaded, _, dtype) = args.model.load()?;
     if let [batch] = args.batch[..] {

@@ -5,6 +5,7 @@
 //! blocks and a token budget (chunked prefill), runs one packed forward pass for every scheduled sequence,
 //! samples, streams tokens, and preempts (recompute) when the cache runs out.
 
+pub mod errors;
 pub mod kv;
 pub mod request;
 pub mod sampler;
@@ -16,6 +17,7 @@ pub use scheduler::spawn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+pub use errors::{EngineError, Limits, RequestError, SubmitError};
 pub use request::{Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage};
 
 use crate::error::{Error, Result};
@@ -100,20 +102,6 @@ impl Default for EngineConfig {
     }
 }
 
-/// Why a request was not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    /// Too many requests already waiting (HTTP 429).
-    #[error("the server is at capacity ({waiting} requests waiting); retry later")]
-    QueueFull { waiting: usize },
-    /// The server is shutting down (HTTP 503).
-    #[error("the server is draining and accepts no new requests")]
-    Draining,
-    /// Prompt plus max_tokens can never fit (HTTP 400).
-    #[error("{0}")]
-    Invalid(String),
-}
-
 /// Shared counters the API layer reads without talking to the engine thread.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
@@ -131,6 +119,12 @@ pub struct EngineInfo {
     pub block_size: usize,
     pub num_blocks: usize,
     pub vocab_size: usize,
+}
+
+impl EngineInfo {
+    pub fn limits(&self) -> Limits {
+        Limits { max_model_len: self.max_model_len, vocab_size: self.vocab_size }
+    }
 }
 
 /// A cloneable handle to the engine thread.
@@ -151,24 +145,7 @@ impl EngineHandle {
         if !self.is_ready() {
             return Err(SubmitError::Draining);
         }
-        let limit = self.info.max_model_len;
-        if request.prompt.is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty".into()));
-        }
-        if request.prompt.len() + request.max_tokens > limit {
-            return Err(SubmitError::Invalid(format!(
-                "this model's maximum context length is {limit} tokens; the request has {} prompt tokens and \
-                 asks for {} completion tokens",
-                request.prompt.len(),
-                request.max_tokens
-            )));
-        }
-        if request.max_tokens == 0 {
-            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
-        }
-        if let Some(&bad) = request.prompt.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(SubmitError::Invalid(format!("token id {bad} is outside the vocabulary")));
-        }
+        self.info.limits().check(&request.prompt, request.max_tokens)?;
         let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_waiting {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -28,9 +28,18 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
-    /// A request parameter is out of range (sampling parameters, token ids, lengths).
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    /// A request was refused by the engine (the model's limits, a full queue, draining).
+    #[error(transparent)]
+    Submit(#[from] crate::engine::errors::SubmitError),
+
+    /// The engine failed a request it had accepted.
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::errors::EngineError),
+
+    /// A broken invariant inside the runtime: a batch, cache block, expert assignment or kernel input that the
+    /// code calling it should never have built. Names a bug (HTTP 500), never a fault of the request.
+    #[error("internal error in the {part}: {detail}")]
+    Internal { part: Part, detail: String },
 
     /// One named request parameter is invalid: `param` is its API name (`temperature`, `logit_bias`, ...), so the
     /// HTTP layer reports it without parsing the message.
@@ -75,7 +84,44 @@ pub enum Error {
     Hub(#[from] crate::hub::HubError),
 }
 
+/// Where an [`Error::Internal`] happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// A forward pass's batch: sequences, block tables, positions.
+    Batch,
+    /// The paged latent KV cache.
+    KvCache,
+    /// Multi-head latent attention.
+    Attention,
+    /// Routed or shared experts, their assignment and packing.
+    Experts,
+    /// The host (CPU) matmul, norm and SwiGLU kernels.
+    HostKernels,
+    /// Token sampling.
+    Sampler,
+    /// A structured-output grammar.
+    Grammar,
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Batch => "batch",
+            Self::KvCache => "KV cache",
+            Self::Attention => "attention",
+            Self::Experts => "experts",
+            Self::HostKernels => "host kernels",
+            Self::Sampler => "sampler",
+            Self::Grammar => "grammar",
+        })
+    }
+}
+
 impl Error {
+    pub fn internal(part: Part, detail: impl Into<String>) -> Self {
+        Self::Internal { part, detail: detail.into() }
+    }
+
     pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Config { field: field.into(), reason: reason.into() }
     }

@@ -89,114 +89,75 @@ impl Metrics {
     /// `model_name=<model_name>`.
     pub fn new(model_name: &str) -> Result<Self> {
         let registry = Registry::new();
-        let opts = |name: &str, help: &str| Opts::new(name, help).const_label(LABEL_MODEL_NAME, model_name);
-        let hist = |name: &str, help: &str, buckets: &[f64]| {
-            HistogramOpts::new(name, help).const_label(LABEL_MODEL_NAME, model_name).buckets(buckets.to_vec())
-        };
+        let r = Registrar { registry: &registry, model_name };
         let metrics = Self {
-            num_requests_running: IntGauge::with_opts(opts(
-                METRIC_NUM_REQUESTS_RUNNING,
-                "Number of requests in the running batch.",
-            ))?,
-            num_requests_waiting: IntGauge::with_opts(opts(
-                METRIC_NUM_REQUESTS_WAITING,
-                "Number of requests waiting to be admitted.",
-            ))?,
-            kv_cache_usage_perc: Gauge::with_opts(opts(
+            num_requests_running: r
+                .int_gauge(METRIC_NUM_REQUESTS_RUNNING, "Number of requests in the running batch.")?,
+            num_requests_waiting: r
+                .int_gauge(METRIC_NUM_REQUESTS_WAITING, "Number of requests waiting to be admitted.")?,
+            kv_cache_usage_perc: r.register(Gauge::with_opts(r.opts(
                 METRIC_KV_CACHE_USAGE_PERC,
                 "KV-cache usage: fraction of cache blocks in use, 0 to 1.",
-            ))?,
-            num_preemptions_total: IntCounter::with_opts(opts(
-                METRIC_NUM_PREEMPTIONS_TOTAL,
-                "Cumulative number of preemptions.",
-            ))?,
-            prompt_tokens_total: IntCounter::with_opts(opts(
-                METRIC_PROMPT_TOKENS_TOTAL,
-                "Number of prefill tokens processed.",
-            ))?,
-            generation_tokens_total: IntCounter::with_opts(opts(
-                METRIC_GENERATION_TOKENS_TOTAL,
-                "Number of generation tokens processed.",
-            ))?,
-            request_success_total: IntCounterVec::new(
-                opts(METRIC_REQUEST_SUCCESS_TOTAL, "Count of finished requests, by finish reason."),
+            ))?)?,
+            num_preemptions_total: r.int_counter(METRIC_NUM_PREEMPTIONS_TOTAL, "Cumulative number of preemptions.")?,
+            prompt_tokens_total: r.int_counter(METRIC_PROMPT_TOKENS_TOTAL, "Number of prefill tokens processed.")?,
+            generation_tokens_total: r
+                .int_counter(METRIC_GENERATION_TOKENS_TOTAL, "Number of generation tokens processed.")?,
+            request_success_total: r.register(IntCounterVec::new(
+                r.opts(METRIC_REQUEST_SUCCESS_TOTAL, "Count of finished requests, by finish reason."),
                 &[LABEL_FINISHED_REASON],
-            )?,
-            time_to_first_token_seconds: Histogram::with_opts(hist(
+            )?)?,
+            time_to_first_token_seconds: r.histogram(
                 METRIC_TIME_TO_FIRST_TOKEN_SECONDS,
                 "Histogram of time to first token in seconds.",
                 TTFT_BUCKETS,
-            ))?,
-            inter_token_latency_seconds: Histogram::with_opts(hist(
+            )?,
+            inter_token_latency_seconds: r.histogram(
                 METRIC_INTER_TOKEN_LATENCY_SECONDS,
                 "Histogram of inter-token latency in seconds.",
                 ITL_BUCKETS,
-            ))?,
-            e2e_request_latency_seconds: Histogram::with_opts(hist(
+            )?,
+            e2e_request_latency_seconds: r.histogram(
                 METRIC_E2E_REQUEST_LATENCY_SECONDS,
                 "Histogram of end-to-end request latency in seconds.",
                 REQUEST_BUCKETS,
-            ))?,
-            request_queue_time_seconds: Histogram::with_opts(hist(
+            )?,
+            request_queue_time_seconds: r.histogram(
                 METRIC_REQUEST_QUEUE_TIME_SECONDS,
                 "Histogram of time spent waiting before first scheduled, in seconds.",
                 REQUEST_BUCKETS,
-            ))?,
-            prefix_cache_queries_total: IntCounter::with_opts(opts(
-                METRIC_PREFIX_CACHE_QUERIES_TOTAL,
-                "Prefix-cache queries, in prompt tokens looked up.",
-            ))?,
-            prefix_cache_hits_total: IntCounter::with_opts(opts(
+            )?,
+            prefix_cache_queries_total: r
+                .int_counter(METRIC_PREFIX_CACHE_QUERIES_TOTAL, "Prefix-cache queries, in prompt tokens looked up.")?,
+            prefix_cache_hits_total: r.int_counter(
                 METRIC_PREFIX_CACHE_HITS_TOTAL,
                 "Prefix-cache hits, in prompt tokens found in the cache.",
-            ))?,
-            expert_tokens_total: IntCounterVec::new(
+            )?,
+            http_requests_total: r.register(IntCounterVec::new(
+                Opts::new(METRIC_RUNTIME_HTTP_REQUESTS_TOTAL, "HTTP requests answered, by route and status code."),
+                &[LABEL_ROUTE, LABEL_CODE],
+            )?)?,
+            expert_tokens_total: r.register(IntCounterVec::new(
                 Opts::new(
                     METRIC_RUNTIME_EXPERT_TOKENS_TOTAL,
                     "Token rows routed to each routed expert, by MoE layer and expert (the load expert placement balances).",
                 ),
                 &[LABEL_LAYER, LABEL_EXPERT],
-            )?,
-            http_requests_total: IntCounterVec::new(
-                Opts::new(METRIC_RUNTIME_HTTP_REQUESTS_TOTAL, "HTTP requests answered, by route and status code."),
-                &[LABEL_ROUTE, LABEL_CODE],
-            )?,
-            http_request_duration_seconds: HistogramVec::new(
+            )?)?,
+            http_request_duration_seconds: r.register(HistogramVec::new(
                 HistogramOpts::new(
                     METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS,
                     "Seconds until the response head was ready (a stream's first byte), by route.",
                 )
                 .buckets(HTTP_BUCKETS.to_vec()),
                 &[LABEL_ROUTE],
-            )?,
-            cache_config_info: GaugeVec::new(
-                opts(METRIC_CACHE_CONFIG_INFO, "Information of the KV-cache configuration (always 1)."),
+            )?)?,
+            cache_config_info: r.register(GaugeVec::new(
+                r.opts(METRIC_CACHE_CONFIG_INFO, "Information of the KV-cache configuration (always 1)."),
                 &[LABEL_BLOCK_SIZE, LABEL_NUM_GPU_BLOCKS, LABEL_CACHE_DTYPE],
-            )?,
+            )?)?,
             registry,
         };
-        let collectors: [Box<dyn Collector>; 17] = [
-            Box::new(metrics.num_requests_running.clone()),
-            Box::new(metrics.num_requests_waiting.clone()),
-            Box::new(metrics.kv_cache_usage_perc.clone()),
-            Box::new(metrics.num_preemptions_total.clone()),
-            Box::new(metrics.prompt_tokens_total.clone()),
-            Box::new(metrics.generation_tokens_total.clone()),
-            Box::new(metrics.request_success_total.clone()),
-            Box::new(metrics.time_to_first_token_seconds.clone()),
-            Box::new(metrics.inter_token_latency_seconds.clone()),
-            Box::new(metrics.e2e_request_latency_seconds.clone()),
-            Box::new(metrics.request_queue_time_seconds.clone()),
-            Box::new(metrics.prefix_cache_queries_total.clone()),
-            Box::new(metrics.prefix_cache_hits_total.clone()),
-            Box::new(metrics.http_requests_total.clone()),
-            Box::new(metrics.expert_tokens_total.clone()),
-            Box::new(metrics.http_request_duration_seconds.clone()),
-            Box::new(metrics.cache_config_info.clone()),
-        ];
-        for collector in collectors {
-            metrics.registry.register(collector)?;
-        }
         // Create every finish-reason series up front so dashboards see zeros rather than gaps.
         for reason in [FinishReason::Stop, FinishReason::Length, FinishReason::Abort] {
             metrics.request_success_total.with_label_values(&[reason.as_str()]);
@@ -226,6 +187,39 @@ impl Metrics {
     /// Every metric in the Prometheus text exposition format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         render_registry(&self.registry)
+    }
+}
+
+/// Creates metrics and registers them in one step; `vllm:*` metrics carry the constant `model_name` label.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    model_name: &'a str,
+}
+
+impl Registrar<'_> {
+    /// Registers `metric` and hands it back (its clone shares the same series).
+    fn register<C: Collector + Clone + 'static>(&self, metric: C) -> Result<C> {
+        self.registry.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    /// A vLLM metric's options: `name`, `help` and the `model_name` label.
+    fn opts(&self, name: &str, help: &str) -> Opts {
+        Opts::new(name, help).const_label(LABEL_MODEL_NAME, self.model_name)
+    }
+
+    fn int_gauge(&self, name: &str, help: &str) -> Result<IntGauge> {
+        self.register(IntGauge::with_opts(self.opts(name, help))?)
+    }
+
+    fn int_counter(&self, name: &str, help: &str) -> Result<IntCounter> {
+        self.register(IntCounter::with_opts(self.opts(name, help))?)
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Result<Histogram> {
+        let opts =
+            HistogramOpts::new(name, help).const_label(LABEL_MODEL_NAME, self.model_name).buckets(buckets.to_vec());
+        self.register(Histogram::with_opts(opts)?)
     }
 }
 

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baleen_runtime::engine::sampler::SamplingParams;
+use baleen_runtime::engine::sampler::ValidSampling;
 use baleen_runtime::engine::{
-    EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, KvCacheMemory, SubmitError, Usage,
+    EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, KvCacheMemory, RequestError, SubmitError, Usage,
 };
 use baleen_runtime::loader::{ModelSource, load};
 use baleen_runtime::metrics::Metrics;
@@ -26,7 +26,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         request_id: "test".into(),
         prompt,
-        sampling: SamplingParams::greedy(),
+        sampling: ValidSampling::greedy(),
         max_tokens,
         stop: Vec::new(),
         ignore_eos: true,
@@ -169,8 +169,13 @@ async fn cancelled_request_frees_its_sequence_within_a_step() {
 async fn limits_reject_up_front() {
     let (handle, _) = engine(EngineConfig { max_model_len: Some(64), max_waiting: 2, ..Default::default() });
     let too_long = handle.submit(request(vec![1; 60], 10)).unwrap_err();
-    assert!(matches!(too_long, SubmitError::Invalid(ref m) if m.contains("64")), "{too_long}");
-    assert!(matches!(handle.submit(request(vec![999], 1)).unwrap_err(), SubmitError::Invalid(_)));
+    assert!(too_long.to_string().contains("64"), "{too_long}");
+    let exceeded = RequestError::ContextExceeded { prompt_tokens: 60, max_tokens: 10, max_model_len: 64 };
+    assert_eq!(too_long, SubmitError::Invalid(exceeded));
+    let outside = RequestError::OutsideVocabulary { id: 999, vocab_size: 264 };
+    assert_eq!(handle.submit(request(vec![999], 1)).unwrap_err(), SubmitError::Invalid(outside));
+    assert_eq!(handle.submit(request(vec![], 1)).unwrap_err(), SubmitError::Invalid(RequestError::EmptyPrompt));
+    assert_eq!(handle.submit(request(vec![1], 0)).unwrap_err(), SubmitError::Invalid(RequestError::NoCompletionTokens));
     handle.start_drain();
     assert_eq!(handle.submit(request(vec![1], 1)).unwrap_err(), SubmitError::Draining);
 }

@@ -4,7 +4,7 @@
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::sampler::SamplingParams;
+use super::sampler::ValidSampling;
 
 /// One generation request, as the engine sees it (already tokenized and validated by the API layer).
 #[derive(Debug, Clone)]
@@ -12,7 +12,7 @@ pub struct GenerateRequest {
     /// Caller-chosen id, echoed in logs and used as the OpenAI response id.
     pub request_id: String,
     pub prompt: Vec<u32>,
-    pub sampling: SamplingParams,
+    pub sampling: ValidSampling,
     /// Tokens to generate at most.
     pub max_tokens: usize,
     /// Stop strings: generation ends before the first occurrence, which is not returned.
@@ -80,7 +80,7 @@ pub enum Event {
     /// The sequence ended. `text` is any held-back text released at the end.
     Finished { reason: FinishReason, usage: Usage, text: String },
     /// The request failed inside the engine.
-    Error(String),
+    Error(super::errors::EngineError),
 }
 
 /// The receiving end of a request's events.

@@ -12,9 +12,14 @@
 //! Randomness comes from our own xoshiro256** generator seeded through SplitMix64, so a given seed yields the same
 //! ids on every platform and across dependency upgrades.
 
-use crate::{Error, Result};
+use crate::error::{Error, Part, Result};
 
-/// Per-request sampling parameters (OpenAI / vLLM semantics).
+/// The temperature a request gets when it names none: OpenAI's default (1, plain sampling). `greedy()` is the
+/// explicit 0.
+pub const DEFAULT_TEMPERATURE: f32 = 1.0;
+
+/// Per-request sampling parameters (OpenAI / vLLM semantics), as a caller builds them; [`SamplingParams::validate`]
+/// checks them once and turns them into the [`ValidSampling`] the engine takes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 ⇒ greedy (argmax, lowest index wins ties). Must be finite and >= 0.
@@ -38,9 +43,10 @@ pub struct SamplingParams {
 }
 
 impl Default for SamplingParams {
+    /// OpenAI's defaults: temperature [`DEFAULT_TEMPERATURE`], every filter and penalty off.
     fn default() -> Self {
         Self {
-            temperature: 0.0,
+            temperature: DEFAULT_TEMPERATURE,
             top_k: 0,
             top_p: 1.0,
             seed: None,
@@ -54,13 +60,18 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Greedy decoding without penalties (the default).
+    /// Greedy decoding (temperature 0) without penalties.
     pub fn greedy() -> Self {
-        Self::default()
+        Self { temperature: 0.0, ..Self::default() }
     }
 
-    /// Checks every parameter's range; the error names the parameter and the allowed range.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks every parameter's range, once: the error names the parameter and the allowed range.
+    pub fn validate(self) -> Result<ValidSampling> {
+        self.check()?;
+        Ok(ValidSampling(self))
+    }
+
+    fn check(&self) -> Result<()> {
         let invalid = |param: &'static str, range: &str, value: f32| {
             Err(Error::InvalidParam { param, reason: format!("must be {range}, got {value}") })
         };
@@ -87,6 +98,26 @@ impl SamplingParams {
 
     fn is_greedy(&self) -> bool {
         self.temperature == 0.0
+    }
+}
+
+/// Sampling parameters whose ranges [`SamplingParams::validate`] checked: what a request carries to the engine, so
+/// nothing downstream checks them again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidSampling(SamplingParams);
+
+impl ValidSampling {
+    /// Greedy decoding without penalties (valid by construction).
+    pub fn greedy() -> Self {
+        Self(SamplingParams::greedy())
+    }
+}
+
+impl std::ops::Deref for ValidSampling {
+    type Target = SamplingParams;
+
+    fn deref(&self) -> &SamplingParams {
+        &self.0
     }
 }
 
@@ -139,16 +170,15 @@ fn entropy_seed() -> u64 {
 /// Samples next tokens for one request; owns the parameters and the request's RNG.
 #[derive(Debug, Clone)]
 pub struct Sampler {
-    params: SamplingParams,
+    params: ValidSampling,
     rng: Xoshiro256,
 }
 
 impl Sampler {
-    /// Validates `params`; a `None` seed draws one from OS entropy and the clock.
-    pub fn new(params: SamplingParams) -> Result<Self> {
-        params.validate()?;
+    /// A `None` seed draws one from OS entropy and the clock.
+    pub fn new(params: ValidSampling) -> Self {
         let seed = params.seed.unwrap_or_else(entropy_seed);
-        Ok(Self { params, rng: Xoshiro256::seed_from_u64(seed) })
+        Self { params, rng: Xoshiro256::seed_from_u64(seed) }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -159,12 +189,12 @@ impl Sampler {
     /// are ignored there. Fails when `logits` is empty or holds no finite value after penalties.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> Result<u32> {
         if logits.is_empty() {
-            return Err(Error::InvalidRequest("cannot sample from an empty logits row".into()));
+            return Err(Error::internal(Part::Sampler, "cannot sample from an empty logits row"));
         }
         let mut logits = logits.to_vec();
         self.apply_penalties(&mut logits, prompt, generated);
         let best = argmax(&logits)
-            .ok_or_else(|| Error::InvalidRequest("logits hold no finite value to sample from".into()))?;
+            .ok_or_else(|| Error::internal(Part::Sampler, "logits hold no finite value to sample from"))?;
         if self.params.is_greedy() {
             return Ok(best as u32);
         }
@@ -286,7 +316,7 @@ mod tests {
     use super::*;
 
     fn sampler(params: SamplingParams) -> Sampler {
-        Sampler::new(params).unwrap()
+        Sampler::new(params.validate().unwrap())
     }
 
     fn sampling(temperature: f32, seed: u64) -> SamplingParams {
@@ -448,7 +478,7 @@ mod tests {
             (SamplingParams { logit_bias: vec![(1, f32::NAN)], ..Default::default() }, "logit_bias"),
         ];
         for (params, name) in cases {
-            let err = Sampler::new(params).unwrap_err();
+            let err = params.validate().unwrap_err();
             assert!(matches!(&err, Error::InvalidParam { param, .. } if *param == name), "{err:?}");
             assert!(err.to_string().starts_with(&format!("`{name}` must be")), "{err}");
         }

@@ -15,6 +15,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::errors::EngineError;
 use super::kv::{BlockAllocator, block_hash};
 use super::request::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use super::sampler::{Sampler, log_softmax};
@@ -274,14 +275,7 @@ impl Engine {
         match cmd {
             Command::Shutdown => false,
             Command::Submit(req, events) => {
-                let sampler = match Sampler::new(req.sampling.clone()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                        let _ = events.send(Event::Error(e.to_string()));
-                        return true;
-                    }
-                };
+                let sampler = Sampler::new(req.sampling.clone());
                 let prompt_len = req.prompt.len();
                 self.waiting.push_back(Sequence {
                     tokens: req.prompt.clone(),
@@ -430,7 +424,9 @@ impl Engine {
             if !self.waiting.is_empty() && self.running.is_empty() {
                 // Nothing fits even an empty cache: fail the head of the queue rather than spin.
                 if let Some(seq) = self.waiting.pop_front() {
-                    let _ = seq.events.send(Event::Error("the request does not fit in the KV cache".into()));
+                    let needed = seq.tokens.len().div_ceil(self.allocator.block_size());
+                    let total = self.allocator.num_blocks();
+                    let _ = seq.events.send(Event::Error(EngineError::DoesNotFit { needed, total }));
                     self.allocator.release(&seq.blocks);
                 }
             }
@@ -456,7 +452,7 @@ impl Engine {
                 for i in failed {
                     let seq = self.running.remove(i);
                     self.allocator.release(&seq.blocks);
-                    let _ = seq.events.send(Event::Error(format!("forward pass failed: {e}")));
+                    let _ = seq.events.send(Event::Error(EngineError::Forward(e.to_string())));
                 }
                 return;
             }
@@ -503,7 +499,7 @@ impl Engine {
         let id = match consumed {
             Ok(id) => id,
             Err(e) => {
-                let _ = seq.events.send(Event::Error(e.to_string()));
+                let _ = seq.events.send(Event::Error(EngineError::Sampling(e.to_string())));
                 return Some(FinishReason::Abort);
             }
         };

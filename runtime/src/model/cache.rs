@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 
 /// Identities of pool allocations (a captured decode graph is tied to the tensors of one).
 static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
@@ -144,9 +144,9 @@ impl LatentPool {
     pub(crate) fn slot(&self, blocks: &[u32], pos: usize) -> Result<usize> {
         let block = blocks
             .get(pos / self.block_size)
-            .ok_or_else(|| Error::InvalidRequest(format!("no cache block for position {pos}")))?;
+            .ok_or_else(|| Error::internal(Part::KvCache, format!("no cache block for position {pos}")))?;
         if *block as usize >= self.num_blocks {
-            return Err(Error::InvalidRequest(format!("cache block {block} out of range")));
+            return Err(Error::internal(Part::KvCache, format!("cache block {block} out of range")));
         }
         Ok(*block as usize * self.block_size + pos % self.block_size)
     }
@@ -156,19 +156,24 @@ impl LatentPool {
     pub fn write(&mut self, layer: usize, blocks: &[u32], start: usize, rows: &Tensor) -> Result<()> {
         let (n, dim) = rows.dims2()?;
         if dim != self.latent_dim {
-            return Err(Error::InvalidRequest(format!("latent row width {dim} != cache width {}", self.latent_dim)));
+            return Err(Error::internal(
+                Part::KvCache,
+                format!("latent row width {dim} != cache width {}", self.latent_dim),
+            ));
         }
         let slots = (start..start + n).map(|p| self.slot(blocks, p)).collect::<Result<Vec<_>>>()?;
         match &mut self.storage {
             Storage::Host(layers) => {
                 let data = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let dst = layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let dst =
+                    layers.get_mut(layer).ok_or_else(|| Error::internal(Part::KvCache, format!("no layer {layer}")))?;
                 for (row, slot) in data.chunks_exact(dim).zip(slots) {
                     dst[slot * dim..(slot + 1) * dim].copy_from_slice(row);
                 }
             }
             Storage::Device(layers) => {
-                let dst = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let dst =
+                    layers.get(layer).ok_or_else(|| Error::internal(Part::KvCache, format!("no layer {layer}")))?;
                 let rows = rows.to_dtype(self.dtype)?;
                 // Runs of consecutive slots (within a block) are written with one slice_set each.
                 let mut i = 0;
@@ -191,7 +196,10 @@ impl LatentPool {
     pub fn write_seqs(&mut self, layer: usize, rows: &Tensor, seqs: &[SeqSlice<'_>]) -> Result<()> {
         let (_, dim) = rows.dims2()?;
         if dim != self.latent_dim {
-            return Err(Error::InvalidRequest(format!("latent row width {dim} != cache width {}", self.latent_dim)));
+            return Err(Error::internal(
+                Part::KvCache,
+                format!("latent row width {dim} != cache width {}", self.latent_dim),
+            ));
         }
         if let Storage::Device(layers) = &self.storage {
             if seqs.len() == 1 {
@@ -209,7 +217,7 @@ impl LatentPool {
                     slots.extend(std::iter::repeat_n(slot, dim));
                 }
             }
-            let dst = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+            let dst = layers.get(layer).ok_or_else(|| Error::internal(Part::KvCache, format!("no layer {layer}")))?;
             let n = src.len();
             let picked = rows.index_select(&Tensor::from_vec(src, n, &self.device)?, 0)?.to_dtype(self.dtype)?;
             dst.scatter_set(&Tensor::from_vec(slots, (n, dim), &self.device)?, &picked, 0)?;
@@ -226,20 +234,19 @@ impl LatentPool {
         let mut slots = Vec::with_capacity(n);
         for seq in seqs {
             if seq.start + seq.len > n {
-                return Err(Error::InvalidRequest(format!(
-                    "rows {}..{} of a batch of {n}",
-                    seq.start,
-                    seq.start + seq.len
-                )));
+                return Err(Error::internal(
+                    Part::KvCache,
+                    format!("rows {}..{} of a batch of {n}", seq.start, seq.start + seq.len),
+                ));
             }
             for j in 0..seq.len {
                 slots.push((seq.start + j, self.slot(seq.blocks, seq.past + j)?));
             }
         }
         let Storage::Host(layers) = &mut self.storage else {
-            return Err(Error::InvalidRequest("host rows written to a device pool".into()));
+            return Err(Error::internal(Part::KvCache, "host rows written to a device pool"));
         };
-        let dst = layers.get_mut(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+        let dst = layers.get_mut(layer).ok_or_else(|| Error::internal(Part::KvCache, format!("no layer {layer}")))?;
         for (row, slot) in slots {
             dst[slot * dim..(slot + 1) * dim].copy_from_slice(&data[row * dim..(row + 1) * dim]);
         }
@@ -273,7 +280,8 @@ impl LatentPool {
         let dim = self.latent_dim;
         match &self.storage {
             Storage::Host(layers) => {
-                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let src =
+                    layers.get(layer).ok_or_else(|| Error::internal(Part::KvCache, format!("no layer {layer}")))?;
                 let mut out = Vec::with_capacity(slots.len() * dim);
                 for slot in slots {
                     out.extend_from_slice(&src[slot * dim..(slot + 1) * dim]);
@@ -281,7 +289,8 @@ impl LatentPool {
                 Ok(Tensor::from_vec(out, (slots.len(), dim), &self.device)?)
             }
             Storage::Device(layers) => {
-                let src = layers.get(layer).ok_or_else(|| Error::InvalidRequest(format!("no layer {layer}")))?;
+                let src =
+                    layers.get(layer).ok_or_else(|| Error::internal(Part::KvCache, format!("no layer {layer}")))?;
                 let idx: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
                 Ok(src.index_select(&Tensor::from_vec(idx, slots.len(), &self.device)?, 0)?)
             }
@@ -293,7 +302,7 @@ impl LatentPool {
         let (bs, dim) = (self.block_size, self.latent_dim);
         let (from, to) = (from as usize, to as usize);
         if from >= self.num_blocks || to >= self.num_blocks {
-            return Err(Error::InvalidRequest(format!("cache block copy {from}→{to} out of range")));
+            return Err(Error::internal(Part::KvCache, format!("cache block copy {from}→{to} out of range")));
         }
         match &mut self.storage {
             Storage::Host(layers) => {

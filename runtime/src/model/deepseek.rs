@@ -17,7 +17,7 @@ use super::host::{Norm, Projection};
 use super::mla::{AttentionMode, Mla, Rotary};
 use super::moe::{Mlp, Moe, MoeStep, Routing};
 use super::rope::Rope;
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 use crate::kernels::ExpertCounters;
 
 mod decode;
@@ -240,7 +240,7 @@ impl DeepseekModel {
     pub fn compute_experts(&self, batch: Dispatch<'_>) -> Result<Tensor> {
         match self.layers.get(batch.layer).map(|l| &l.mlp) {
             Some(Ffn::Moe(moe)) => moe.experts().compute_rows(batch.rows, batch.experts, batch.weights),
-            _ => Err(Error::InvalidRequest(format!("layer {} has no routed experts", batch.layer))),
+            _ => Err(Error::internal(Part::Batch, format!("layer {} has no routed experts", batch.layer))),
         }
     }
 
@@ -296,24 +296,27 @@ impl DeepseekModel {
         let mut spans = Vec::with_capacity(seqs.len());
         for seq in seqs.iter() {
             if seq.tokens.is_empty() {
-                return Err(Error::InvalidRequest("a sequence in the batch has no new tokens".into()));
+                return Err(Error::internal(Part::Batch, "a sequence in the batch has no new tokens"));
             }
             let past = seq.past;
             if seq.blocks.len() * pool.block_size() < past + seq.tokens.len() {
-                return Err(Error::InvalidRequest("a sequence's block table is too short for its tokens".into()));
+                return Err(Error::internal(Part::Batch, "a sequence's block table is too short for its tokens"));
             }
             if past + seq.tokens.len() > self.config.max_position_embeddings {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence length {} exceeds max_position_embeddings {}",
-                    past + seq.tokens.len(),
-                    self.config.max_position_embeddings
-                )));
+                return Err(Error::internal(
+                    Part::Batch,
+                    format!(
+                        "sequence length {} exceeds max_position_embeddings {}",
+                        past + seq.tokens.len(),
+                        self.config.max_position_embeddings
+                    ),
+                ));
             }
             if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {bad} is outside the vocabulary (size {})",
-                    self.config.vocab_size
-                )));
+                return Err(Error::internal(
+                    Part::Batch,
+                    format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size),
+                ));
             }
             spans.push((tokens.len(), seq.tokens.len(), past));
             tokens.extend_from_slice(seq.tokens);
@@ -383,7 +386,7 @@ impl DeepseekModel {
         step: FfnStep<'_>,
         router: &mut Vec<(usize, Routing)>,
     ) -> Result<Tensor> {
-        let layer = self.layers.get(i).ok_or_else(|| Error::InvalidRequest(format!("no layer {i}")))?;
+        let layer = self.layers.get(i).ok_or_else(|| Error::internal(Part::Batch, format!("no layer {i}")))?;
         let h = layer.post_attention_layernorm.forward(x)?;
         match &layer.mlp {
             Ffn::Dense(mlp) => mlp.forward(&h),

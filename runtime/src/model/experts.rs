@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
 use super::host::{HostMlp, uses_host_kernels};
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 
 /// Rows of one MoE layer for the routed experts: row `i` of `rows` (`[m, hidden]`) goes through global expert
 /// `experts[i]`, weighted by `weights[i]`. What a layer sends to the rank that owns the experts, and what that
@@ -106,7 +106,7 @@ impl StackedExperts {
         host: bool,
     ) -> Result<Self> {
         if held.is_empty() {
-            return Err(Error::InvalidRequest("a rank must hold at least one expert".into()));
+            return Err(Error::internal(Part::Experts, "a rank must hold at least one expert"));
         }
         let mut gate_up = Vec::with_capacity(held.len());
         let mut down = Vec::with_capacity(held.len());
@@ -115,7 +115,7 @@ impl StackedExperts {
         for (i, &e) in held.iter().enumerate() {
             let slot = local
                 .get_mut(e)
-                .ok_or_else(|| Error::InvalidRequest(format!("expert {e} outside the model's {n_experts}")))?;
+                .ok_or_else(|| Error::internal(Part::Experts, format!("expert {e} outside the model's {n_experts}")))?;
             *slot = Some(i);
             let (gu, d) = load_swiglu(hidden, intermediate, &vb.pp(e))?;
             if host {
@@ -192,11 +192,9 @@ impl StackedExperts {
         groups
             .iter()
             .map(|g| {
-                self.local
-                    .get(g.expert)
-                    .copied()
-                    .flatten()
-                    .ok_or_else(|| Error::InvalidRequest(format!("expert {} is not held by this rank", g.expert)))
+                self.local.get(g.expert).copied().flatten().ok_or_else(|| {
+                    Error::internal(Part::Experts, format!("expert {} is not held by this rank", g.expert))
+                })
             })
             .collect()
     }
@@ -268,11 +266,10 @@ impl StackedExperts {
     pub fn compute_rows(&self, rows: &Tensor, experts: &[u32], weights: &[f32]) -> Result<Tensor> {
         let (m, _) = rows.dims2()?;
         if experts.len() != m || weights.len() != m {
-            return Err(Error::InvalidRequest(format!(
-                "{m} rows but {} experts and {} weights",
-                experts.len(),
-                weights.len()
-            )));
+            return Err(Error::internal(
+                Part::Experts,
+                format!("{m} rows but {} experts and {} weights", experts.len(), weights.len()),
+            ));
         }
         let mut by_expert: Vec<ExpertRows> = Vec::new();
         let mut order: Vec<usize> = (0..m).collect();
@@ -312,19 +309,19 @@ fn sum_host_rows(
     let mut out = vec![0f32; n * hidden];
     let mut gathered = Vec::new();
     for (g, &id) in groups.iter().zip(ids) {
-        let expert = experts.get(id).ok_or_else(|| Error::InvalidRequest(format!("no held expert {id}")))?;
+        let expert = experts.get(id).ok_or_else(|| Error::internal(Part::Experts, format!("no held expert {id}")))?;
         if expert.hidden() != hidden {
-            return Err(Error::InvalidRequest(format!(
-                "rows of width {hidden} for experts of width {}",
-                expert.hidden()
-            )));
+            return Err(Error::internal(
+                Part::Experts,
+                format!("rows of width {hidden} for experts of width {}", expert.hidden()),
+            ));
         }
         gathered.clear();
         for &r in &g.rows {
             let r = r as usize;
-            let row = xs
-                .get(r * hidden..(r + 1) * hidden)
-                .ok_or_else(|| Error::InvalidRequest(format!("expert {} was given row {r} of {n}", g.expert)))?;
+            let row = xs.get(r * hidden..(r + 1) * hidden).ok_or_else(|| {
+                Error::internal(Part::Experts, format!("expert {} was given row {r} of {n}", g.expert))
+            })?;
             gathered.extend_from_slice(row);
         }
         let y = expert.forward(&gathered, g.rows.len());
@@ -378,7 +375,7 @@ impl ExpertShard {
             .layers
             .get(layer)
             .and_then(Option::as_ref)
-            .ok_or_else(|| Error::InvalidRequest(format!("layer {layer} has no routed experts")))?;
+            .ok_or_else(|| Error::internal(Part::Experts, format!("layer {layer} has no routed experts")))?;
         stack.compute_rows(rows, experts, weights)
     }
 }
@@ -411,7 +408,7 @@ impl ExpertDispatcher for InProcessExperts {
             .shards
             .get(rank)
             .and_then(Option::as_ref)
-            .ok_or_else(|| Error::InvalidRequest(format!("no in-process shard for rank {rank}")))?;
+            .ok_or_else(|| Error::internal(Part::Experts, format!("no in-process shard for rank {rank}")))?;
         Ok(Box::new(Ready(shard.compute(batch)?)))
     }
 }

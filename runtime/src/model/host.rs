@@ -13,7 +13,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 
 /// Output columns per panel: two AVX registers.
 const PANEL: usize = 16;
@@ -42,7 +42,10 @@ impl PackedMatrix {
     /// Packs a row-major `[out_dim, in_dim]` weight.
     pub fn from_rows(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Self> {
         if w.len() != out_dim * in_dim {
-            return Err(Error::InvalidRequest(format!("weight of {} values is not [{out_dim}, {in_dim}]", w.len())));
+            return Err(Error::internal(
+                Part::HostKernels,
+                format!("weight of {} values is not [{out_dim}, {in_dim}]", w.len()),
+            ));
         }
         let n_panels = out_dim.div_ceil(PANEL);
         let mut panels = vec![0f32; n_panels * in_dim * PANEL];
@@ -236,10 +239,10 @@ impl Projection {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(0);
         if in_dim != weight.in_dim() {
-            return Err(Error::InvalidRequest(format!(
-                "input width {in_dim} for a projection from {}",
-                weight.in_dim()
-            )));
+            return Err(Error::internal(
+                Part::HostKernels,
+                format!("input width {in_dim} for a projection from {}", weight.in_dim()),
+            ));
         }
         let m = dims.iter().product::<usize>();
         let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -300,7 +303,10 @@ impl Norm {
             Self::Host { weight, .. } => weight.len(),
         };
         if x.dims().last() != Some(&dim) || dim == 0 {
-            return Err(Error::InvalidRequest(format!("rows of shape {:?} for a norm over {dim}", x.dims())));
+            return Err(Error::internal(
+                Part::HostKernels,
+                format!("rows of shape {:?} for a norm over {dim}", x.dims()),
+            ));
         }
         let mut data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         self.host(&mut data);
@@ -343,13 +349,16 @@ impl HostMlp {
     pub fn new(gate_up: &Tensor, down: &Tensor) -> Result<Self> {
         let (gate_up, down) = (PackedMatrix::from_tensor(gate_up)?, PackedMatrix::from_tensor(down)?);
         if gate_up.out_dim() != 2 * down.in_dim() || gate_up.in_dim() != down.out_dim() {
-            return Err(Error::InvalidRequest(format!(
-                "expert shapes do not chain: gate_up [{}, {}], down [{}, {}]",
-                gate_up.out_dim(),
-                gate_up.in_dim(),
-                down.out_dim(),
-                down.in_dim()
-            )));
+            return Err(Error::internal(
+                Part::HostKernels,
+                format!(
+                    "expert shapes do not chain: gate_up [{}, {}], down [{}, {}]",
+                    gate_up.out_dim(),
+                    gate_up.in_dim(),
+                    down.out_dim(),
+                    down.in_dim()
+                ),
+            ));
         }
         Ok(Self { gate_up, down })
     }

@@ -18,7 +18,7 @@ use super::host::{Norm, PackedMatrix, Projection};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::{Rope, RopeTables};
 use super::step::DeviceStep;
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 use crate::kernels;
 
 /// Which MLA form computes attention.
@@ -243,11 +243,12 @@ impl Mla {
         let mut next_latent_row = 0;
         for (seq, &is_absorbed) in seqs.iter().zip(&absorbed) {
             if is_absorbed {
-                let lv = latent_values.as_ref().ok_or_else(|| Error::InvalidRequest("latent values missing".into()))?;
+                let lv =
+                    latent_values.as_ref().ok_or_else(|| Error::internal(Part::Attention, "latent values missing"))?;
                 parts.push(lv.narrow(0, next_latent_row, seq.len)?);
                 next_latent_row += seq.len;
             } else {
-                let q = naive_q.as_ref().ok_or_else(|| Error::InvalidRequest("naive query missing".into()))?;
+                let q = naive_q.as_ref().ok_or_else(|| Error::internal(Part::Attention, "naive query missing"))?;
                 let ctx = pool.gather(layer, seq.blocks, seq.past + seq.len)?;
                 parts.push(self.naive(&q.narrow(0, seq.start, seq.len)?, &ctx, seq.past)?);
             }
@@ -347,7 +348,7 @@ impl Mla {
         let Some(host) = &self.host else { return Ok(None) };
         let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
         if seqs.iter().map(|s| s.len).sum::<usize>() != n || rotary.tables.cos.len() < n * rotary.tables.half {
-            return Err(Error::InvalidRequest("the batch's sequences do not cover its rows".into()));
+            return Err(Error::internal(Part::Attention, "the batch's sequences do not cover its rows"));
         }
         let q = match &self.q {
             QProj::Direct(p) => p.host(xs, n),

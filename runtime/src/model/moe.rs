@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{Dispatch, ExpertParallel, ExpertRows, StackedExperts, load_swiglu};
 use super::host::{HostMlp, Projection, sigmoid_into, uses_host_kernels};
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 use crate::kernels::ExpertCounters;
 
 mod device;
@@ -466,13 +466,13 @@ impl Moe {
         } else {
             match self.experts.sum_groups_rows(xs, n, &local)? {
                 Some(out) => out,
-                None => return Err(Error::InvalidRequest("the routed experts are not packed for the host".into())),
+                None => return Err(Error::internal(Part::Experts, "the routed experts are not packed for the host")),
             }
         };
         if let Some(shared) = &self.shared {
             let s = shared
                 .forward_rows(xs, n)
-                .ok_or_else(|| Error::InvalidRequest("the shared experts are not packed for the host".into()))?;
+                .ok_or_else(|| Error::internal(Part::Experts, "the shared experts are not packed for the host"))?;
             out.iter_mut().zip(&s).for_each(|(o, s)| *o += s);
         }
         for (rows, p) in pending {

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use super::access::Access;
 use super::params::{CommonParams, check_model, new_request_id};
 use super::{ApiError, AppState, unix_now};
-use crate::engine::{EngineHandle, Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage};
+use crate::engine::{
+    EngineError, EngineHandle, Event, EventStream, FinishReason, GenerateRequest, TokenLogprob, Usage,
+};
 
 /// What the request ids of an endpoint start with, the request field that holds its prompt, and how its
 /// request becomes parameters and a prompt and the engine's output its answer or stream.
@@ -182,10 +184,10 @@ pub(crate) async fn collect(mut submitted: Submitted) -> Result<Collected, ApiEr
                 out.usage = usage;
                 return Ok(out);
             }
-            Event::Error(message) => return Err(ApiError::internal(message)),
+            Event::Error(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::internal("the engine stopped before the request finished"))
+    Err(ApiError::from(EngineError::Stopped))
 }
 
 /// Turns one request's events into the `data:` payloads of its stream (JSON texts, without framing).
@@ -229,13 +231,13 @@ pub(crate) fn sse_stream<F: StreamFormat>(
                     s.submitted.record(reason, &usage);
                     s.format.finish(wire_finish(reason), &usage, &text)
                 }
-                Some(Event::Error(message)) => {
+                Some(Event::Error(e)) => {
                     s.done = true;
-                    vec![ApiError::internal(message).json()]
+                    vec![ApiError::from(e).json()]
                 }
                 None => {
                     s.done = true;
-                    vec![ApiError::internal("the engine stopped before the request finished").json()]
+                    vec![ApiError::from(EngineError::Stopped).json()]
                 }
             };
             s.pending.extend(payloads.iter().map(|p| sse_frame(p)));
@@ -320,10 +322,10 @@ mod tests {
     #[tokio::test]
     async fn engine_errors_end_the_stream_with_an_error_payload() {
         let (tx, sub, _) = submitted();
-        tx.send(Event::Error("boom".into())).unwrap();
+        tx.send(Event::Error(EngineError::Forward("boom".into()))).unwrap();
         let got = frames(sse_stream(sub, Echo)).await;
         assert_eq!(got.len(), 3);
-        assert!(got[1].contains("\"message\":\"boom\""), "{got:?}");
+        assert!(got[1].contains("\"message\":\"forward pass failed: boom\""), "{got:?}");
         assert_eq!(got[2], "data: [DONE]\n\n");
     }
 

@@ -10,8 +10,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState};
-use crate::engine::GenerateRequest;
-use crate::engine::sampler::SamplingParams;
+use crate::engine::sampler::{SamplingParams, ValidSampling};
+use crate::engine::{GenerateRequest, Limits, RequestError};
 use crate::grammar::{MAX_SCHEMA_BYTES, OutputFormat};
 
 /// Most alternatives per token a request may ask for (`top_logprobs`, completions' `logprobs`), as in vLLM.
@@ -142,9 +142,9 @@ impl CommonParams {
         })
     }
 
-    /// Sampling parameters with OpenAI's defaults (temperature 1, top_p 1), range-checked by the sampler;
-    /// token ids (`stop_token_ids`, `logit_bias`) must be below `vocab_size`.
-    pub fn sampling(&self, vocab_size: usize) -> Result<SamplingParams, ApiError> {
+    /// Sampling parameters with OpenAI's defaults ([`SamplingParams::default`]), range-checked once by
+    /// [`SamplingParams::validate`]; token ids (`stop_token_ids`, `logit_bias`) must be below `vocab_size`.
+    pub fn sampling(&self, vocab_size: usize) -> Result<ValidSampling, ApiError> {
         // vLLM's convention: -1 and 0 turn top-k off; any other negative value is an error, never a silent default.
         let top_k = match self.options.top_k {
             None | Some(-1) => 0,
@@ -155,19 +155,20 @@ impl CommonParams {
                 )
             })?,
         };
+        let defaults = SamplingParams::default();
+        let o = &self.options;
         let params = SamplingParams {
-            temperature: self.options.temperature.unwrap_or(1.0),
+            temperature: o.temperature.unwrap_or(defaults.temperature),
             top_k,
-            top_p: self.options.top_p.unwrap_or(1.0),
-            seed: self.options.seed.map(|s| s as u64),
-            repetition_penalty: self.options.repetition_penalty.unwrap_or(1.0),
-            frequency_penalty: self.options.frequency_penalty.unwrap_or(0.0),
-            presence_penalty: self.options.presence_penalty.unwrap_or(0.0),
+            top_p: o.top_p.unwrap_or(defaults.top_p),
+            seed: o.seed.map(|s| s as u64),
+            repetition_penalty: o.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+            frequency_penalty: o.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+            presence_penalty: o.presence_penalty.unwrap_or(defaults.presence_penalty),
             stop_token_ids: self.stop_token_ids(vocab_size)?,
             logit_bias: self.logit_bias(vocab_size)?,
         };
-        params.validate()?;
-        Ok(params)
+        Ok(params.validate()?)
     }
 
     fn stop_token_ids(&self, vocab_size: usize) -> Result<Vec<u32>, ApiError> {
@@ -235,8 +236,7 @@ impl CommonParams {
         prompt_param: &str,
     ) -> Result<GenerateRequest, ApiError> {
         let (format, param) = (self.format.take(), self.format_param);
-        let mut request =
-            self.into_request(request_id, prompt, prompt_param, ModelLimits::from(state.engine.info()))?;
+        let mut request = self.into_request(request_id, prompt, prompt_param, state.engine.info().limits())?;
         request.constraint = state.constraint(format, param).await?;
         Ok(request)
     }
@@ -248,32 +248,16 @@ impl CommonParams {
         request_id: String,
         prompt: Vec<u32>,
         prompt_param: &str,
-        limits: ModelLimits,
+        limits: Limits,
     ) -> Result<GenerateRequest, ApiError> {
-        let max_model_len = limits.max_model_len;
         if self.options.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid_param("n", "n: only 1 is supported"));
         }
         let sampling = self.sampling(limits.vocab_size)?;
         let stop = self.stop_strings()?;
-        if prompt.is_empty() {
-            return Err(ApiError::invalid_param(prompt_param, "the prompt is empty"));
-        }
-        check_in_vocab(prompt_param, &prompt, limits.vocab_size)?;
-        if prompt.len() >= max_model_len {
-            return Err(ApiError::invalid_param(
-                prompt_param,
-                format!(
-                    "this model's maximum context length is {max_model_len} tokens, but the prompt has {} tokens",
-                    prompt.len()
-                ),
-            ));
-        }
-        let max_tokens = match self.max_tokens {
-            Some(0) => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
-            Some(n) => n,
-            None => max_model_len - prompt.len(),
-        };
+        // Without `max_tokens` the completion may fill the rest of the context.
+        let max_tokens = self.max_tokens.unwrap_or_else(|| limits.room_after(prompt.len()));
+        limits.check(&prompt, max_tokens).map_err(|e| request_error(&e, prompt_param))?;
         Ok(GenerateRequest {
             request_id,
             prompt,
@@ -289,19 +273,6 @@ impl CommonParams {
     }
 }
 
-/// The model's sizes a request is checked against.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ModelLimits {
-    pub max_model_len: usize,
-    pub vocab_size: usize,
-}
-
-impl From<&crate::engine::EngineInfo> for ModelLimits {
-    fn from(info: &crate::engine::EngineInfo) -> Self {
-        Self { max_model_len: info.max_model_len, vocab_size: info.vocab_size }
-    }
-}
-
 fn check_logprobs(param: &str, k: u32) -> Result<usize, ApiError> {
     if k > MAX_LOGPROBS {
         return Err(ApiError::invalid_param(param, format!("{param} must be at most {MAX_LOGPROBS}, got {k}")));
@@ -309,7 +280,6 @@ fn check_logprobs(param: &str, k: u32) -> Result<usize, ApiError> {
     Ok(k as usize)
 }
 
-/// `model` must be absent or the served name.
 /// A 400 naming `param` when one of `ids` is not a token id of the model.
 fn check_in_vocab(param: &str, ids: &[u32], vocab_size: usize) -> Result<(), ApiError> {
     match ids.iter().find(|&&id| id as usize >= vocab_size) {
@@ -321,6 +291,12 @@ fn check_in_vocab(param: &str, ids: &[u32], vocab_size: usize) -> Result<(), Api
     }
 }
 
+/// A 400 for a request the model can never serve, naming `prompt_param` (`messages` or `prompt`) or `max_tokens`.
+pub(crate) fn request_error(e: &RequestError, prompt_param: &str) -> ApiError {
+    ApiError::invalid_param(if e.is_prompt() { prompt_param } else { "max_tokens" }, e.to_string())
+}
+
+/// `model` must be absent or the served name.
 pub(crate) fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
     match model {
         Some(m) if m != served => Err(ApiError::model_not_found(m, &format!("`{served}`"))),
@@ -353,8 +329,8 @@ mod tests {
         CommonParams::from_chat(&serde_json::from_value(body).unwrap())
     }
 
-    fn lim(max_model_len: usize) -> ModelLimits {
-        ModelLimits { max_model_len, vocab_size: 100 }
+    fn lim(max_model_len: usize) -> Limits {
+        Limits { max_model_len, vocab_size: 100 }
     }
 
     fn base() -> serde_json::Value {
@@ -489,6 +465,13 @@ mod tests {
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.message.contains("maximum context length"), "{e}");
         assert_eq!(e.param.as_deref(), Some("messages"));
+        let mut p = chat(base()).unwrap();
+        p.max_tokens = Some(8);
+        let e = p.into_request("id".into(), vec![1; 5], "messages", lim(10)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "{e}");
+        assert!(e.message.contains("asks for 8 completion tokens"), "{e}");
+        let e = chat(base()).unwrap().into_request("id".into(), vec![], "messages", lim(10)).unwrap_err();
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("messages"), "the prompt is empty"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 
 use super::{DeepseekModel, Ffn, FfnStep, ForwardOptions, ForwardOutput, SeqInput};
-use crate::error::{Error, Result};
+use crate::error::{Error, Part, Result};
 use crate::kernels;
 use crate::model::cache::LatentPool;
 use crate::model::mla::AttentionMode;
@@ -27,14 +27,17 @@ impl StepShape {
     pub fn stage(&self, seqs: &[SeqInput<'_>], pool: &LatentPool) -> Result<Vec<u32>> {
         let (b, mb) = (self.batch, self.max_blocks);
         if seqs.len() > b || blocks_needed(seqs, pool.block_size()) > mb {
-            return Err(Error::InvalidRequest(format!(
-                "{} sequences needing {} cache blocks staged as {b} rows of {mb}",
-                seqs.len(),
-                blocks_needed(seqs, pool.block_size())
-            )));
+            return Err(Error::internal(
+                Part::Batch,
+                format!(
+                    "{} sequences needing {} cache blocks staged as {b} rows of {mb}",
+                    seqs.len(),
+                    blocks_needed(seqs, pool.block_size())
+                ),
+            ));
         }
         let word = |v: usize, what: &str| {
-            u32::try_from(v).map_err(|_| Error::InvalidRequest(format!("{what} {v} exceeds 32 bits")))
+            u32::try_from(v).map_err(|_| Error::internal(Part::Batch, format!("{what} {v} exceeds 32 bits")))
         };
         let scratch_block = word(pool.num_blocks(), "cache block")?;
         let scratch_slot = word(pool.scratch_slot(), "cache slot")?;
@@ -48,7 +51,7 @@ impl StepShape {
                         .zip(seq.blocks.iter().chain(std::iter::repeat(&scratch_block)))
                         .for_each(|(t, &blk)| *t = blk);
                     let &[token] = seq.tokens else {
-                        return Err(Error::InvalidRequest("a decode step takes one new token per sequence".into()));
+                        return Err(Error::internal(Part::Batch, "a decode step takes one new token per sequence"));
                     };
                     v[i] = token;
                     v[b + i] = word(seq.past, "position")?;
