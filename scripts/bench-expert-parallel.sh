@@ -8,9 +8,8 @@
 # BENCH_MODEL (a checkpoint directory), BENCH_DTYPE, BENCH_MAX_TOKENS, BENCH_DURATION (seconds) change part 2;
 # BENCH_SKIP_DECODE=1 skips part 1.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init bench-expert-parallel
 BIN="$CARGO_TARGET_DIR/release/baleen-runtime"
 OUT="$CARGO_TARGET_DIR/bench"
 MODEL="${BENCH_MODEL:-builtin:tiny-moe}"
@@ -18,22 +17,16 @@ DTYPE="${BENCH_DTYPE:-f32}"
 MAX_TOKENS="${BENCH_MAX_TOKENS:-64}"
 DURATION="${BENCH_DURATION:-10}"
 mkdir -p "$OUT"
-[[ "${1:-}" == "--no-build" ]] || cargo build --release -p baleen-runtime
-command -v wrk >/dev/null || { [[ "$(id -u)" == 0 ]] && apt-get install -y -qq wrk >/dev/null; } || { echo "wrk is required" >&2; exit 1; }
+bench_args 9 "$@"
+release_bin baleen-runtime "$BIN"
+need_debs wrk:wrk
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-peers() { local n=$1 out=""; for _ in $(seq "$n"); do out="$out${out:+,}127.0.0.1:$(port)"; done; echo "$out"; }
-# start LOG ARGS...: a serve process in the background (in this shell, so cleanup can stop it).
-start() { local log=$1; shift; "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --threads 1 "$@" >"$log" 2>/dev/null & PIDS+=($!); }
-# addr LOG: the address from the process's listening line (printed once the model is loaded).
-addr() {
-  for _ in $(seq 6000); do grep -q "listening on" "$1" && break; sleep 0.05; done
-  sed -n 's/.*listening on [a-z]*:\/\///p' "$1" | head -1
-}
-ready() { for _ in $(seq 1200); do curl -sf "http://$1/ready" >/dev/null && return 0; sleep 0.05; done; echo "not ready: $1" >&2; exit 1; }
+peers() { local n=$1 out=""; for _ in $(seq "$n"); do out="$out${out:+,}127.0.0.1:$(free_port)"; done; echo "$out"; }
+# start LOG ARGS...: a serve process in the background (in this shell, so stop_all can stop it).
+start() { local log=$1; shift; spawn "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --threads 1 "$@" >"$log" 2>/dev/null; }
+# addr LOG: HOST:PORT of the process's HTTP listening line (printed once the model is loaded).
+addr() { local url; url="$(listening_url "$1" baleen-runtime)"; echo "${url#http://}"; }
+ready() { wait_ready "http://$1"; }
 LUA="$OUT/ep-completions.lua"
 cat >"$LUA" <<'LUA'
 wrk.method = "POST"
@@ -62,7 +55,7 @@ for ep in 1 2 4; do
     [[ "$b" != 1 ]] || step=$(python3 -c "import json,sys; print(round(json.loads(sys.argv[1])['decode_step_ms'],3))" "$j")
   done
   echo "$row| $step |"
-  cleanup; PIDS=()
+  stop_all
 done
 fi
 
@@ -74,7 +67,7 @@ start "$OUT/ep-single.log" --port 0; A=$(addr "$OUT/ep-single.log"); ready "$A"
 c0=$(cpu "${PIDS[0]}"); g0=$(generated "$A"); t0=$(now)
 load "$A" 32
 one_cpu=$(python3 -c "print($(cpu "${PIDS[0]}") - $c0)"); one_tokens=$(($(generated "$A") - g0)); one_s=$(python3 -c "print($(now) - $t0)")
-cleanup; PIDS=()
+stop_all
 P=$(peers 2)
 start "$OUT/ep-head0.log" --port 0 --rank 0 --world-size 2 --peers "$P" --data-parallel-attention
 start "$OUT/ep-head1.log" --port 0 --rank 1 --world-size 2 --peers "$P" --data-parallel-attention
@@ -84,7 +77,7 @@ c0=$(cpu "${PIDS[@]}"); g0=$(generated "$A0" "$A1"); t0=$(now)
 load "$A0" 16 & first=$!
 load "$A1" 16; wait "$first"
 two_cpu=$(python3 -c "print($(cpu "${PIDS[@]}") - $c0)"); two_tokens=$(($(generated "$A0" "$A1") - g0)); two_s=$(python3 -c "print($(now) - $t0)")
-cleanup; PIDS=()
+stop_all
 # MoE layers of the model: one round trip each per step.
 moe_layers=$(python3 - "$MODEL" <<'PY'
 import json, pathlib, sys

@@ -26,50 +26,21 @@
 # Raw output goes to $CARGO_TARGET_DIR/bench/gateway/; a markdown table is printed.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init bench-gateway
 DURATION="${BENCH_DURATION:-5}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 TTFT_N="${BENCH_TTFT_N:-30}"
 GATEWAY="$CARGO_TARGET_DIR/release/baleen-gateway"
 OUT="$CARGO_TARGET_DIR/bench/gateway"
 
-die() { echo "bench-gateway: error: $*" >&2; exit 1; }
-say() { echo "bench-gateway: $*" >&2; }
-
-BUILD=1
-for arg in "$@"; do
-    case "$arg" in
-        --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) die "unknown argument: $arg (accepted: --no-build)" ;;
-    esac
-done
-
+bench_args 28 "$@"
 command -v python3 >/dev/null || die "python3 is required"
 command -v curl >/dev/null || die "curl is required"
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
-if (( ${#need[@]} )); then
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        say "installing ${need[*]} with apt-get"
-        { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } \
-            || die "apt-get install ${need[*]} failed"
-    else
-        die "missing ${need[*]} (Debian packages: apt-get install ${need[*]}, as root)"
-    fi
-fi
+need_debs wrk:wrk nginx:nginx-light
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-if (( BUILD )); then
-    say "building baleen-gateway (release) in $CARGO_TARGET_DIR"
-    cargo build --release -p baleen-gateway || die "cargo build --release -p baleen-gateway failed"
-else
-    say "--no-build: NOT rebuilding; using $GATEWAY"
-fi
-[[ -x "$GATEWAY" ]] || die "$GATEWAY does not exist"
+release_bin baleen-gateway "$GATEWAY"
 RUNTIME="${BENCH_RUNTIME_BIN:-}"
 if [[ -z "$RUNTIME" && "$TTFT_N" != 0 ]]; then
     if [[ -x "$CARGO_TARGET_DIR/release/baleen-runtime" ]]; then
@@ -82,17 +53,8 @@ fi
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACKEND_PORT="$(free_port)"
 PROXY_PORT="$(free_port)"
-
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # ---- nginx: the fixed-response backend and the reference proxy (each its own prefix, in the foreground).
 ANSWER='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The baleen whale filters krill."},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":7,"total_tokens":15}}'
@@ -118,8 +80,7 @@ http {
 $3
 }
 CONF
-    "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2> "$dir/stderr.log" &
-    PIDS+=($!)
+    spawn "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2> "$dir/stderr.log"
 }
 nginx_conf backend 1 "    server {
         listen 127.0.0.1:$BACKEND_PORT;
@@ -140,15 +101,9 @@ nginx_conf proxy auto "    upstream backend { server 127.0.0.1:$BACKEND_PORT; ke
 # ---- the runtime for the TTFT leg
 RUNTIME_URL=""
 if [[ "$TTFT_N" != 0 ]]; then
-    BALEEN_RUNTIME_LOG=warn "$RUNTIME" serve --model builtin:tiny-moe --host 127.0.0.1 --port 0 --threads 1 \
-        > "$OUT/runtime.stdout" 2> "$OUT/runtime.log" &
-    PIDS+=($!)
-    for _ in $(seq 1 600); do
-        RUNTIME_URL="$(sed -n 's/^baleen-runtime listening on \(http:\/\/[^ ]*\)$/\1/p' "$OUT/runtime.stdout" | head -n 1)"
-        [[ -n "$RUNTIME_URL" ]] && break
-        sleep 0.1
-    done
-    [[ -n "$RUNTIME_URL" ]] || die "the runtime printed no listening line; log: $OUT/runtime.log"
+    BALEEN_RUNTIME_LOG=warn spawn "$RUNTIME" serve --model builtin:tiny-moe --host 127.0.0.1 --port 0 --threads 1 \
+        > "$OUT/runtime.stdout" 2> "$OUT/runtime.log"
+    RUNTIME_URL="$(listening_url "$OUT/runtime.stdout" baleen-runtime)"
 fi
 
 # ---- the gateway: model `bench` on the nginx backend, `tiny-moe` on the runtime.
@@ -158,16 +113,9 @@ fi
     echo "    backends: [http://127.0.0.1:$BACKEND_PORT]"
     [[ -n "$RUNTIME_URL" ]] && { echo "  - name: tiny-moe"; echo "    backends: [$RUNTIME_URL]"; }
 } > "$OUT/gateway.yaml"
-BALEEN_GATEWAY_LOG=warn "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 --admin-port 0 \
-    > "$OUT/gateway.stdout" 2> "$OUT/gateway.log" &
-PIDS+=($!)
-GATEWAY_URL=""
-for _ in $(seq 1 300); do
-    GATEWAY_URL="$(sed -n 's/^baleen-gateway listening on \(http:\/\/[^ ]*\) admin .*$/\1/p' "$OUT/gateway.stdout" | head -n 1)"
-    [[ -n "$GATEWAY_URL" ]] && break
-    sleep 0.1
-done
-[[ -n "$GATEWAY_URL" ]] || die "the gateway printed no listening line; log: $OUT/gateway.log"
+BALEEN_GATEWAY_LOG=warn spawn "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
+    --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
+GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway)"
 
 BODY='{"model":"bench","messages":[{"role":"user","content":"Tell me about baleen whales."}],"max_tokens":16}'
 declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")

@@ -16,9 +16,8 @@
 # $CARGO_TARGET_DIR/bench/runtime.jsonl; a markdown table is printed. Goals are printed, not asserted.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init bench-runtime
 MODEL="${BENCH_MODEL:-runtime/tests/fixtures/tiny-v2}"
 BATCHES="${BENCH_BATCHES:-1 8 32}"
 PROMPT_LEN="${BENCH_PROMPT_LEN:-32}"
@@ -29,16 +28,7 @@ BASELINE="$CARGO_TARGET_DIR/release/candle-baseline"
 OUT_DIR="$CARGO_TARGET_DIR/bench"
 JSONL="$OUT_DIR/runtime.jsonl"
 
-die() { echo "bench-runtime: error: $*" >&2; exit 1; }
-
-BUILD=1
-for arg in "$@"; do
-    case "$arg" in
-        --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) die "unknown argument: $arg (accepted: --no-build)" ;;
-    esac
-done
+bench_args 15 "$@"
 
 command -v python3 >/dev/null || die "python3 is required to build the table"
 for f in config.json model.safetensors; do
@@ -46,9 +36,9 @@ for f in config.json model.safetensors; do
 done
 
 if (( BUILD )); then
-    echo "bench-runtime: building baleen-runtime (release) in $CARGO_TARGET_DIR" >&2
+    say "building baleen-runtime (release) in $CARGO_TARGET_DIR"
     cargo build --release -p baleen-runtime || die "cargo build --release -p baleen-runtime failed"
-    echo "bench-runtime: building the candle-transformers baseline (bench/candle-baseline, release)" >&2
+    say "building the candle-transformers baseline (bench/candle-baseline, release)"
     (cd bench/candle-baseline && cargo build --release) \
         || die "the candle-transformers baseline (bench/candle-baseline) could not be built; no comparison is possible without it"
     [[ -x "$OURS" ]] || die "$OURS was not produced by the build"
@@ -58,7 +48,7 @@ else
     [[ -x "$BASELINE" ]] \
         || die "--no-build: $BASELINE does not exist (build it: cd bench/candle-baseline && cargo build --release)"
     for bin in "$OURS" "$BASELINE"; do
-        echo "bench-runtime: --no-build: NOT rebuilding; using $bin built $(date -u -r "$bin" +%Y-%m-%dT%H:%M:%SZ)" >&2
+        say "--no-build: NOT rebuilding; using $bin built $(date -u -r "$bin" +%Y-%m-%dT%H:%M:%SZ)"
     done
 fi
 
@@ -70,7 +60,7 @@ common=(--model "$MODEL" --prompt-len "$PROMPT_LEN" --gen-len "$GEN_LEN" --repea
 # run LABEL CMD...: runs one bench, checks it printed one JSON object, appends it tagged with label/run_id.
 run() {
     local label="$1"; shift
-    echo "bench-runtime: [$label] $*" >&2
+    say "[$label] $*"
     local line
     line="$("$@" | tail -n 1)" || die "[$label] bench command failed: $*"
     LABEL="$label" RUN_ID="$run_id" python3 -c '
@@ -91,7 +81,7 @@ for b in $BATCHES; do
     run baseline-default env -u RAYON_NUM_THREADS "$BASELINE" bench "${common[@]}" --batch "$b"
 done
 
-echo "bench-runtime: raw results in $JSONL" >&2
+say "raw results in $JSONL"
 echo
 python3 - "$JSONL" "$MODEL" "$PROMPT_LEN" "$GEN_LEN" "$REPEATS" <<'PY'
 import json, sys

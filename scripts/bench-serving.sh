@@ -25,9 +25,8 @@
 # concurrency 1) is printed, not asserted.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init bench-serving
 CONCURRENCY="${BENCH_CONCURRENCY:-1 8 32}"
 DURATION="${BENCH_DURATION:-15}"
 WARMUP="${BENCH_WARMUP:-3}"
@@ -41,37 +40,11 @@ PROMPT="The baleen whale filters krill from"
 MODEL=tiny-moe
 GOAL=6
 
-die() { echo "bench-serving: error: $*" >&2; exit 1; }
-say() { echo "bench-serving: $*" >&2; }
-
-BUILD=1
-for arg in "$@"; do
-    case "$arg" in
-        --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) die "unknown argument: $arg (accepted: --no-build)" ;;
-    esac
-done
-
+bench_args 24 "$@"
 command -v python3 >/dev/null || die "python3 is required (metrics parsing and the table)"
 command -v curl >/dev/null || die "curl is required (scraping /metrics)"
-if ! command -v wrk >/dev/null; then
-    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
-        say "installing wrk with apt-get"
-        { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } \
-            || die "apt-get install wrk failed"
-    fi
-    command -v wrk >/dev/null || die "wrk is required (Debian package wrk: apt-get install wrk, as root)"
-fi
-
-if (( BUILD )); then
-    say "building baleen-runtime (release) in $CARGO_TARGET_DIR"
-    cargo build --release -p baleen-runtime || die "cargo build --release -p baleen-runtime failed"
-    [[ -x "$BIN" ]] || die "$BIN was not produced by the build"
-else
-    [[ -x "$BIN" ]] || die "--no-build: $BIN does not exist (build it: cargo build --release -p baleen-runtime)"
-    say "--no-build: NOT rebuilding; using $BIN built $(date -u -r "$BIN" +%Y-%m-%dT%H:%M:%SZ)"
-fi
+need_debs wrk:wrk
+release_bin baleen-runtime "$BIN"
 
 mkdir -p "$OUT_DIR"
 : > "$JSONL"
@@ -99,38 +72,13 @@ end
 LUA
 
 # ---- the server
-SERVER_PID=""
-stop_server() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=""
-}
-trap stop_server EXIT
-trap 'exit 130' INT TERM
-
 STDOUT_FILE="$OUT_DIR/serving-server.stdout"
 read -r -a EXTRA_ARGS <<< "${BENCH_SERVER_ARGS:-}"
 SERVER_CMD=("$BIN" serve --model "${BENCH_MODEL:-builtin:tiny-moe}" --served-model-name "$MODEL" --host 127.0.0.1 --port 0 --max-num-seqs 64 --threads 1 "${EXTRA_ARGS[@]}")
 say "starting: ${SERVER_CMD[*]}"
-BALEEN_RUNTIME_LOG="${BALEEN_RUNTIME_LOG:-warn}" "${SERVER_CMD[@]}" > "$STDOUT_FILE" 2> "$SERVER_LOG" &
-SERVER_PID=$!
-URL=""
-for _ in $(seq 1 600); do
-    URL="$(sed -n 's/^baleen-runtime listening on \(http:\/\/[^ ]*\)$/\1/p' "$STDOUT_FILE" | head -n 1)"
-    [[ -n "$URL" ]] && break
-    kill -0 "$SERVER_PID" 2>/dev/null || die "the server exited before listening; log: $SERVER_LOG"
-    sleep 0.1
-done
-[[ -n "$URL" ]] || die "no listening line within 60 s; log: $SERVER_LOG"
-for _ in $(seq 1 300); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ready")" == 200 ]] && break
-    sleep 0.1
-done
-[[ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/ready")" == 200 ]] || die "$URL/ready never answered 200"
+BALEEN_RUNTIME_LOG="${BALEEN_RUNTIME_LOG:-warn}" spawn "${SERVER_CMD[@]}" > "$STDOUT_FILE" 2> "$SERVER_LOG"
+URL="$(listening_url "$STDOUT_FILE" baleen-runtime)"
+wait_ready "$URL"
 say "server at $URL"
 
 # metric NAME: the sum of every sample of NAME (all label sets) in /metrics.
@@ -187,7 +135,7 @@ o.update(concurrency=int(os.environ["C"]), run_id=os.environ["RUN_ID"], max_toke
 print(json.dumps(o))' "$line" >> "$JSONL"
 done
 
-stop_server
+stop_all
 say "raw results in $OUT_DIR (serving.jsonl, serving-c*.txt, serving-server.log)"
 echo
 python3 - "$JSONL" "$GOAL" "$PROMPT" "$BIN" "${BENCH_SERVER_ARGS:-}" "${BENCH_MODEL:-builtin:tiny-moe}" <<'PY'
