@@ -133,7 +133,8 @@ fn grouped_expert_kernels_match_the_batched_matmuls() {
         let held: Vec<usize> = (0..n_experts).collect();
         let experts = StackedExperts::load(&held, n_experts, hidden, inter, vb).unwrap();
         let Some((gate_up, down)) = experts.stacked() else {
-            assert!(dev.is_cpu() && dtype == DType::F32, "only f32 on the CPU packs experts for the host");
+            let host = dev.is_cpu() && matches!(dtype, DType::F32 | DType::BF16);
+            assert!(host, "only f32 and bf16 on the CPU pack experts for the host");
             continue;
         };
         let x = Tensor::from_vec(values(tokens * hidden, 5, false), (tokens, hidden), &dev).unwrap();

@@ -104,7 +104,7 @@ pub fn spawn(
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let LoadedModel { model, tokenizer, .. } = loaded;
     let max_len = max_model_len(&model, &config);
-    let bytes_per_token = model.config().kv_cache_bytes_per_token(model.dtype().size_in_bytes());
+    let bytes_per_token = model.config().kv_cache_bytes_per_token(model.kv_cache_dtype().size_in_bytes());
     let bytes_per_block = bytes_per_token * config.block_size;
     let budget = match config.kv_cache_memory {
         KvCacheMemory::Bytes(b) => b,
@@ -129,7 +129,7 @@ pub fn spawn(
     // A request that could never fit the cache is rejected up front by the length limit.
     let max_len = max_len.min(num_blocks * config.block_size);
     let pool = model.new_pool(num_blocks, config.block_size)?;
-    metrics.set_cache_config(config.block_size, num_blocks, &format!("{:?}", model.dtype()).to_lowercase());
+    metrics.set_cache_config(config.block_size, num_blocks, &format!("{:?}", model.kv_cache_dtype()).to_lowercase());
     tracing::info!(
         block_size = config.block_size,
         num_blocks,

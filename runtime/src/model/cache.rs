@@ -3,9 +3,9 @@
 //! shared key). A sequence owns an ordered list of blocks (its block table); token `t` lives in slot
 //! `t % block_size` of block `blocks[t / block_size]`.
 //!
-//! Storage is chosen at construction: plain host memory for f32 on the CPU (read directly by the fused attention
-//! kernel, no copies), or one candle tensor per layer on any other device or dtype (written with `slice_set`,
-//! read with `index_select`).
+//! Storage is chosen at construction: plain f32 host memory on the CPU for the models the host kernels run (f32 and
+//! bf16; read directly by the fused attention kernel, no copies), or one candle tensor per layer on any other device
+//! or dtype (written with `slice_set`, read with `index_select`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -76,7 +76,7 @@ impl LatentPool {
             return Err(Error::Setting { name: "block-size".into(), reason: "must be at least 1".into() });
         }
         let rows = num_blocks * block_size;
-        let storage = if device.is_cpu() && dtype == DType::F32 {
+        let storage = if Self::storage_dtype(device, dtype) == DType::F32 && device.is_cpu() {
             // One zeroed allocation per layer (lazily mapped by the OS), not clones of one.
             Storage::Host((0..num_layers).map(|_| vec![0f32; rows * latent_dim]).collect())
         } else {
@@ -127,9 +127,16 @@ impl LatentPool {
         self.latent_dim
     }
 
+    /// The dtype a pool for a `dtype` model on `device` stores its rows in: f32 host rows on the CPU for the
+    /// models the host kernels run (f32, and bf16, whose attention computes in f32), else `dtype` itself.
+    pub fn storage_dtype(device: &Device, dtype: DType) -> DType {
+        if device.is_cpu() && super::host::host_dtype(dtype) { DType::F32 } else { dtype }
+    }
+
     /// Bytes one block takes across all layers.
     pub fn bytes_per_block(&self) -> usize {
-        self.num_layers * self.block_size * self.latent_dim * self.dtype.size_in_bytes()
+        let element = Self::storage_dtype(&self.device, self.dtype).size_in_bytes();
+        self.num_layers * self.block_size * self.latent_dim * element
     }
 
     /// The host rows of `layer` (f32 CPU pools only): `[num_blocks * block_size * latent_dim]`.
@@ -286,7 +293,7 @@ impl LatentPool {
                 for slot in slots {
                     out.extend_from_slice(&src[slot * dim..(slot + 1) * dim]);
                 }
-                Ok(Tensor::from_vec(out, (slots.len(), dim), &self.device)?)
+                Ok(Tensor::from_vec(out, (slots.len(), dim), &self.device)?.to_dtype(self.dtype)?)
             }
             Storage::Device(layers) => {
                 let src =

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use super::cache::{LatentPool, SeqCache, SeqSlice};
 use super::config::ModelConfig;
 use super::experts::{Dispatch, ExpertParallel};
-use super::host::{Norm, Projection};
+use super::host::{Norm, Projection, host_dtype};
 use super::mla::{AttentionMode, Mla, Rotary};
 use super::moe::{Mlp, Moe, MoeStep, Routing};
 use super::rope::Rope;
@@ -248,6 +248,12 @@ impl DeepseekModel {
         self.dtype
     }
 
+    /// The dtype the latent KV cache stores (f32 for the host kernels' bf16 models, see
+    /// [`LatentPool::storage_dtype`]): what its bytes per token are counted in.
+    pub fn kv_cache_dtype(&self) -> DType {
+        LatentPool::storage_dtype(&self.device, self.dtype)
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -345,7 +351,7 @@ impl DeepseekModel {
             .collect();
         let last: Vec<usize> = spans.iter().map(|&(start, len, _)| start + len - 1).collect();
         if self.runs_on_host(pool, &slices, options.attention) {
-            let rows = x.flatten_all()?.to_vec1::<f32>()?;
+            let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             if let Some(out) = self.forward_rows(rows, n, &tables, pool, &slices, &last, options)? {
                 return Ok(out);
             }
@@ -402,10 +408,10 @@ impl DeepseekModel {
         }
     }
 
-    /// Whether the whole pass can run over plain rows: f32 on the CPU, a host pool, every layer's attention able
+    /// Whether the whole pass can run over plain rows: f32 or bf16 weights on the CPU, a host pool, every layer's attention able
     /// to take the host path for this batch.
     fn runs_on_host(&self, pool: &LatentPool, seqs: &[SeqSlice<'_>], mode: AttentionMode) -> bool {
-        self.dtype == DType::F32
+        host_dtype(self.dtype)
             && self.device.is_cpu()
             && self.norm.is_host()
             && self.lm_head.is_host()

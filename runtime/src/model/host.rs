@@ -1,4 +1,4 @@
-//! Host (CPU, f32) kernels for the small matrix products of a decode step.
+//! Host (CPU) kernels for the small matrix products of a decode step: f32 activations against f32 or bf16 weights.
 //!
 //! At the sizes a decode step multiplies — a few to a few dozen rows against one projection or one expert's
 //! weights — candle's CPU matmul spends more time on dispatch, layout checks, packing and allocation than on
@@ -8,7 +8,9 @@
 //! them around a vectorized SwiGLU: the whole expert runs without a tensor op.
 //!
 //! Kernels are compiled twice: for AVX2 + FMA (picked at run time when the CPU has both) and for the portable
-//! baseline. Results equal candle's within f32 rounding (the sums run in a different order).
+//! baseline. Results equal candle's within f32 rounding (the sums run in a different order). A bf16 model keeps its
+//! weights in bf16 (half the bytes of f32, which is what a memory-bound decode step pays for) and widens them in
+//! registers; activations, norms and sums stay f32, so it computes like its f32 upcast, not like bf16 arithmetic.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -23,45 +25,97 @@ const ROWS: usize = 4;
 /// Products at least this large (multiply-adds) are split over the compute pool by panels.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
-/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host.
+/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host, in f32 or
+/// in bf16 (the checkpoint's own bits, half the bytes a memory-bound decode step reads; widened to f32 in registers,
+/// so products accumulate in f32 either way).
 #[derive(Clone)]
 pub struct PackedMatrix {
     in_dim: usize,
     out_dim: usize,
     /// `[ceil(out_dim / PANEL)][in_dim][PANEL]`, columns past `out_dim` zero.
-    panels: Vec<f32>,
+    panels: Panels,
+}
+
+#[derive(Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+}
+
+/// A stored weight value, widened to f32 where the kernels read it.
+trait Weight: Copy + Default + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for u16 {
+    /// A bf16 is the top half of an f32: widening is a shift, exact.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
 }
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PackedMatrix").field("in_dim", &self.in_dim).field("out_dim", &self.out_dim).finish()
+        let dtype = match self.panels {
+            Panels::F32(_) => "f32",
+            Panels::Bf16(_) => "bf16",
+        };
+        f.debug_struct("PackedMatrix")
+            .field("in_dim", &self.in_dim)
+            .field("out_dim", &self.out_dim)
+            .field("dtype", &dtype)
+            .finish()
     }
 }
 
+/// `w` (row-major `[out_dim, in_dim]`) in panel order.
+fn pack<T: Weight>(w: &[T], out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
+    if w.len() != out_dim * in_dim {
+        return Err(Error::internal(
+            Part::HostKernels,
+            format!("weight of {} values is not [{out_dim}, {in_dim}]", w.len()),
+        ));
+    }
+    let n_panels = out_dim.div_ceil(PANEL);
+    let mut panels = vec![T::default(); n_panels * in_dim * PANEL];
+    for (o, row) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
+        let (p, i) = (o / PANEL, o % PANEL);
+        let panel = &mut panels[p * in_dim * PANEL..(p + 1) * in_dim * PANEL];
+        for (k, &v) in row.iter().enumerate() {
+            panel[k * PANEL + i] = v;
+        }
+    }
+    Ok(panels)
+}
+
 impl PackedMatrix {
-    /// Packs a row-major `[out_dim, in_dim]` weight.
+    /// Packs a row-major `[out_dim, in_dim]` f32 weight.
     pub fn from_rows(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Self> {
-        if w.len() != out_dim * in_dim {
-            return Err(Error::internal(
-                Part::HostKernels,
-                format!("weight of {} values is not [{out_dim}, {in_dim}]", w.len()),
-            ));
-        }
-        let n_panels = out_dim.div_ceil(PANEL);
-        let mut panels = vec![0f32; n_panels * in_dim * PANEL];
-        for (o, row) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
-            let (p, i) = (o / PANEL, o % PANEL);
-            let panel = &mut panels[p * in_dim * PANEL..(p + 1) * in_dim * PANEL];
-            for (k, &v) in row.iter().enumerate() {
-                panel[k * PANEL + i] = v;
-            }
-        }
-        Ok(Self { in_dim, out_dim, panels })
+        Ok(Self { in_dim, out_dim, panels: Panels::F32(pack(w, out_dim, in_dim)?) })
     }
 
-    /// Packs a 2-D weight tensor `[out_dim, in_dim]` (any dtype; stored as f32).
+    /// Packs a row-major `[out_dim, in_dim]` weight of bf16 bit patterns, kept in bf16.
+    pub fn from_bf16_rows(w: &[u16], out_dim: usize, in_dim: usize) -> Result<Self> {
+        Ok(Self { in_dim, out_dim, panels: Panels::Bf16(pack(w, out_dim, in_dim)?) })
+    }
+
+    /// Packs a 2-D weight tensor `[out_dim, in_dim]`: bf16 stays bf16, any other dtype is stored as f32.
     pub fn from_tensor(w: &Tensor) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
+        if w.dtype() == DType::BF16 {
+            let bits: Vec<u16> =
+                w.flatten_all()?.to_vec1::<half::bf16>()?.into_iter().map(half::bf16::to_bits).collect();
+            return Self::from_bf16_rows(&bits, out_dim, in_dim);
+        }
         let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Self::from_rows(&data, out_dim, in_dim)
     }
@@ -76,41 +130,17 @@ impl PackedMatrix {
 
     /// Bytes of the packed weight.
     pub fn bytes(&self) -> usize {
-        self.panels.len() * std::mem::size_of::<f32>()
+        match &self.panels {
+            Panels::F32(p) => std::mem::size_of_val(p.as_slice()),
+            Panels::Bf16(p) => std::mem::size_of_val(p.as_slice()),
+        }
     }
 
     /// `out[m, out_dim] = a[m, in_dim] · Wᵀ` (`out` is overwritten).
     pub fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32]) {
-        let (k, n) = (self.in_dim, self.out_dim);
-        debug_assert!(a.len() >= m * k && out.len() >= m * n);
-        if k == 0 {
-            out[..m * n].fill(0.0);
-            return;
-        }
-        let panel_len = k * PANEL;
-        if m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
-            // Each task computes whole panels into its own columns buffer, then they are copied into place.
-            let cols: Vec<(usize, Vec<f32>)> = self
-                .panels
-                .par_chunks_exact(panel_len)
-                .enumerate()
-                .map(|(p, panel)| {
-                    let mut block = vec![0f32; m * PANEL];
-                    panel_product(a, m, k, panel, Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
-                    (p, block)
-                })
-                .collect();
-            for (p, block) in cols {
-                let (first, width) = (p * PANEL, PANEL.min(n - p * PANEL));
-                for r in 0..m {
-                    out[r * n + first..r * n + first + width].copy_from_slice(&block[r * PANEL..r * PANEL + width]);
-                }
-            }
-            return;
-        }
-        for (p, panel) in self.panels.chunks_exact(panel_len).enumerate() {
-            let first = p * PANEL;
-            panel_product(a, m, k, panel, Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
+        match &self.panels {
+            Panels::F32(panels) => matmul_panels(panels, self.in_dim, self.out_dim, a, m, out),
+            Panels::Bf16(panels) => matmul_panels(panels, self.in_dim, self.out_dim, a, m, out),
         }
     }
 
@@ -119,6 +149,39 @@ impl PackedMatrix {
         let mut out = vec![0f32; m * self.out_dim];
         self.matmul_into(a, m, &mut out);
         out
+    }
+}
+
+/// `out[m, n] = a[m, k] · Wᵀ` for `W` packed into `panels`.
+fn matmul_panels<T: Weight>(panels: &[T], k: usize, n: usize, a: &[f32], m: usize, out: &mut [f32]) {
+    debug_assert!(a.len() >= m * k && out.len() >= m * n);
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    let panel_len = k * PANEL;
+    if m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
+        // Each task computes whole panels into its own columns buffer, then they are copied into place.
+        let cols: Vec<(usize, Vec<f32>)> = panels
+            .par_chunks_exact(panel_len)
+            .enumerate()
+            .map(|(p, panel)| {
+                let mut block = vec![0f32; m * PANEL];
+                panel_product(a, m, k, panel, Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
+                (p, block)
+            })
+            .collect();
+        for (p, block) in cols {
+            let (first, width) = (p * PANEL, PANEL.min(n - p * PANEL));
+            for r in 0..m {
+                out[r * n + first..r * n + first + width].copy_from_slice(&block[r * PANEL..r * PANEL + width]);
+            }
+        }
+        return;
+    }
+    for (p, panel) in panels.chunks_exact(panel_len).enumerate() {
+        let first = p * PANEL;
+        panel_product(a, m, k, panel, Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
     }
 }
 
@@ -131,7 +194,7 @@ struct Columns<'a> {
 }
 
 /// One panel's columns for all `m` rows of `a` (`[m, k]`).
-fn panel_product(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
+fn panel_product<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
@@ -141,37 +204,39 @@ fn panel_product(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>)
         };
         return;
     }
-    panel_product_generic::<false>(a, m, k, panel, dst);
+    panel_product_generic::<false, T>(a, m, k, panel, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn panel_product_fma(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
-    panel_product_generic::<true>(a, m, k, panel, dst);
+fn panel_product_fma<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
+    panel_product_generic::<true, T>(a, m, k, panel, dst);
 }
 
 #[inline(always)]
-fn panel_product_generic<const FMA: bool>(a: &[f32], m: usize, k: usize, panel: &[f32], mut dst: Columns<'_>) {
+fn panel_product_generic<const FMA: bool, T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], mut dst: Columns<'_>) {
     let mut r = 0;
     while r + ROWS <= m {
-        let acc = tile::<ROWS, FMA>(&a[r * k..(r + ROWS) * k], k, panel);
+        let acc = tile::<ROWS, FMA, T>(&a[r * k..(r + ROWS) * k], k, panel);
         store(&acc, &mut dst, r);
         r += ROWS;
     }
     match m - r {
-        1 => store(&tile::<1, FMA>(&a[r * k..(r + 1) * k], k, panel), &mut dst, r),
-        2 => store(&tile::<2, FMA>(&a[r * k..(r + 2) * k], k, panel), &mut dst, r),
-        3 => store(&tile::<3, FMA>(&a[r * k..(r + 3) * k], k, panel), &mut dst, r),
+        1 => store(&tile::<1, FMA, T>(&a[r * k..(r + 1) * k], k, panel), &mut dst, r),
+        2 => store(&tile::<2, FMA, T>(&a[r * k..(r + 2) * k], k, panel), &mut dst, r),
+        3 => store(&tile::<3, FMA, T>(&a[r * k..(r + 3) * k], k, panel), &mut dst, r),
         _ => {}
     }
 }
 
-/// `R` rows (`a`, `[R, k]`) against one panel (`[k, PANEL]`), accumulated in registers.
+/// `R` rows (`a`, `[R, k]`) against one panel (`[k, PANEL]`), accumulated in registers; each panel row is widened
+/// to f32 once and used for all `R` rows.
 #[inline(always)]
-fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32]) -> [[f32; PANEL]; R] {
+fn tile<const R: usize, const FMA: bool, T: Weight>(a: &[f32], k: usize, panel: &[T]) -> [[f32; PANEL]; R] {
     let mut acc = [[0f32; PANEL]; R];
     let rows: [&[f32]; R] = std::array::from_fn(|r| &a[r * k..(r + 1) * k]);
-    for (kk, w) in panel.chunks_exact(PANEL).take(k).enumerate() {
+    for (kk, stored) in panel.chunks_exact(PANEL).take(k).enumerate() {
+        let w: [f32; PANEL] = std::array::from_fn(|i| stored[i].widen());
         for r in 0..R {
             let x = rows[r][kk];
             for i in 0..PANEL {
@@ -204,13 +269,13 @@ pub enum Projection {
 }
 
 impl Projection {
-    /// Takes over a loaded `Linear`, packing it when it is f32 on the CPU.
+    /// Takes over a loaded `Linear`, packing it when it is f32 or bf16 on the CPU.
     pub fn new(linear: candle_nn::Linear) -> Result<Self> {
         let w = linear.weight();
-        if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+        if !(w.device().is_cpu() && host_dtype(w.dtype())) {
             return Ok(Self::Candle(linear));
         }
-        let bias = linear.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let bias = linear.bias().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
         Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias })
     }
 
@@ -260,16 +325,21 @@ pub enum Norm {
     Host { weight: Vec<f32>, eps: f32 },
 }
 
-/// Whether weights loaded through `vb` run on the host kernels (f32 on the CPU).
+/// Whether weights loaded through `vb` run on the host kernels (f32 or bf16 on the CPU).
 pub(crate) fn uses_host_kernels(vb: &candle_nn::VarBuilder) -> bool {
-    vb.device().is_cpu() && vb.dtype() == DType::F32
+    vb.device().is_cpu() && host_dtype(vb.dtype())
+}
+
+/// The weight dtypes the host kernels read: f32, and bf16 widened in registers (f16 runs on candle).
+pub(crate) fn host_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16)
 }
 
 impl Norm {
     /// Loads `weight` (`[dim]`) at `vb`.
     pub fn load(dim: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         if uses_host_kernels(&vb) {
-            let weight = vb.get(dim, "weight")?.to_vec1::<f32>()?;
+            let weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             return Ok(Self::Host { weight, eps: eps as f32 });
         }
         Ok(Self::Candle(candle_nn::rms_norm(dim, eps, vb)?))
@@ -499,6 +569,24 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() < 1e-5, "m {m} k {k} n {n} at {i}: {g} vs {w}");
             }
+        }
+    }
+
+    /// bf16 weights are widened exactly: a bf16-packed product equals, bit for bit, the f32-packed product of the
+    /// same values, on the single pass and on the pool-split path; and it stores half the bytes.
+    #[test]
+    fn bf16_packed_products_equal_the_f32_product_of_the_same_values() {
+        for (m, k, n) in [(1, 7, 5), (3, 64, 40), (5, 32, 17), (33, 256, 300)] {
+            let (a, w) = (values(m * k, 5.0), values(n * k, 6.0));
+            let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let t16 = Tensor::from_vec(w16, (n, k), &Device::Cpu).unwrap();
+            let packed16 = PackedMatrix::from_tensor(&t16).unwrap();
+            let packed32 = PackedMatrix::from_rows(&widened, n, k).unwrap();
+            assert_eq!(2 * packed16.bytes(), packed32.bytes());
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let (got, want) = pool.install(|| (packed16.matmul(&a, m), packed32.matmul(&a, m)));
+            assert_eq!(got, want, "m {m} k {k} n {n}");
         }
     }
 

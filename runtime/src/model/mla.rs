@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
-use super::host::{Norm, PackedMatrix, Projection};
+use super::host::{Norm, PackedMatrix, Projection, host_dtype};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::{Rope, RopeTables};
 use super::step::DeviceStep;
@@ -181,12 +181,12 @@ impl Mla {
         layer: usize,
         mode: AttentionMode,
     ) -> Result<Tensor> {
-        if x.dtype() == DType::F32 && self.runs_on_host(pool, seqs, layer, mode) {
+        if host_dtype(x.dtype()) && self.runs_on_host(pool, seqs, layer, mode) {
             let (n, _) = x.dims2()?;
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             if let Some(out) = self.forward_rows(&xs, n, rotary, pool, seqs, layer)? {
                 let hidden = out.len() / n.max(1);
-                return Ok(Tensor::from_vec(out, (n, hidden), x.device())?);
+                return Ok(Tensor::from_vec(out, (n, hidden), x.device())?.to_dtype(x.dtype())?);
             }
         }
         let (q_nope, q_pe, rows) = self.project(x, rotary.rope, &cos_sin.0, &cos_sin.1)?;
@@ -194,7 +194,7 @@ impl Mla {
         let rope_dim = self.rope_dim;
         let heads = self.heads;
 
-        let fused = pool.host_layer(layer).is_some() && x.dtype() == DType::F32;
+        let fused = pool.host_layer(layer).is_some() && host_dtype(x.dtype());
         let absorbed: Vec<bool> = seqs.iter().map(|s| mode.absorbs(s.len, fused)).collect();
         // Absorbed sequences: [tokens, heads, rank + rope] queries, scale folded in, attended in one pass.
         let mut latent_values = None;
@@ -203,7 +203,7 @@ impl Mla {
             let chosen: Vec<&SeqSlice<'_>> = seqs.iter().zip(&absorbed).filter(|p| *p.1).map(|p| p.0).collect();
             let latent = match pool.host_layer(layer) {
                 Some(host) if fused => {
-                    let q_host = q_full.flatten_all()?.to_vec1::<f32>()?;
+                    let q_host = q_full.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let kseqs: Vec<KernelSeq<'_>> = chosen
                         .iter()
                         .map(|s| KernelSeq { start: s.start, len: s.len, past: s.past, blocks: s.blocks })
@@ -211,7 +211,7 @@ impl Mla {
                     let width = self.rank + rope_dim;
                     let out = absorbed_attention(&q_host, heads, width, self.rank, host, pool.block_size(), &kseqs);
                     let rows: usize = chosen.iter().map(|s| s.len).sum();
-                    Tensor::from_vec(out, (rows * heads, self.rank), x.device())?
+                    Tensor::from_vec(out, (rows * heads, self.rank), x.device())?.to_dtype(x.dtype())?
                 }
                 _ if chosen.len() > 1 && chosen.iter().all(|s| s.len == 1) => {
                     // A decode step: every sequence attends at once, over its cache rows padded to the longest.
