@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# CPU decode and prefill by weight dtype: `baleen-runtime bench` on a DeepSeek-V2-Lite-shaped random checkpoint
+# (scripts/make-random-checkpoint.py --layers 4: 2.25 B parameters, 4.2 GiB in bf16), f32 and bf16 side by side,
+# interleaved over rounds; optionally a second binary (an earlier build) in the same rounds as the baseline.
+#
+#   scripts/bench-dtypes.sh             # builds baleen-runtime (release), then benchmarks
+#   scripts/bench-dtypes.sh --no-build  # uses the binary already in $CARGO_TARGET_DIR/release (says so)
+#
+# Environment (all optional):
+#   BENCH_MODEL       checkpoint directory (default: $CARGO_TARGET_DIR/bench/v2lite-l4, generated when missing with
+#                     numpy in $CARGO_TARGET_DIR/bench/venv)
+#   BENCH_BASELINE    another baleen-runtime binary run in the same rounds (e.g. a build of an earlier commit)
+#   BENCH_THREADS     compute threads (default: "1 2")
+#   BENCH_BATCHES     decode batch sizes (default: "1,8")
+#   BENCH_ROUNDS      interleaved rounds (default: 2); medians are reported
+#   BENCH_DTYPES      (default: "f32 bf16")
+#
+# One JSON line per run goes to $CARGO_TARGET_DIR/bench/dtypes.jsonl; a markdown table is printed.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init bench-dtypes
+BIN="$CARGO_TARGET_DIR/release/baleen-runtime"
+OUT_DIR="$CARGO_TARGET_DIR/bench"
+MODEL="${BENCH_MODEL:-$OUT_DIR/v2lite-l4}"
+JSONL="$OUT_DIR/dtypes.jsonl"
+THREADS="${BENCH_THREADS:-1 2}"
+BATCHES="${BENCH_BATCHES:-1,8}"
+ROUNDS="${BENCH_ROUNDS:-2}"
+DTYPES="${BENCH_DTYPES:-f32 bf16}"
+
+bench_args 18 "$@"
+command -v python3 >/dev/null || die "python3 is required"
+release_bin baleen-runtime "$BIN"
+mkdir -p "$OUT_DIR"
+if [[ ! -f "$MODEL/config.json" ]]; then
+    [[ -z "${BENCH_MODEL:-}" ]] || die "$MODEL has no config.json"
+    VENV="$OUT_DIR/venv"
+    [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    "$VENV/bin/pip" install -q "numpy==2.4.6" || die "pip install numpy failed"
+    say "writing the random checkpoint to $MODEL"
+    "$VENV/bin/python" scripts/make-random-checkpoint.py "$MODEL" --preset deepseek-v2-lite --layers 4 >&2
+fi
+BINS=(ours)
+[[ -n "${BENCH_BASELINE:-}" ]] && { [[ -x "$BENCH_BASELINE" ]] || die "$BENCH_BASELINE is not executable"; BINS+=(baseline); }
+
+: > "$JSONL"
+for round in $(seq 1 "$ROUNDS"); do
+    for threads in $THREADS; do
+        for dtype in $DTYPES; do
+            for which in "${BINS[@]}"; do
+                bin="$BIN"
+                [[ "$which" == baseline ]] && bin="$BENCH_BASELINE"
+                say "round $round: $which, $dtype, $threads thread(s)"
+                "$bin" bench --model "$MODEL" --dtype "$dtype" --threads "$threads" --batch "$BATCHES" \
+                    --prompt-len 64 --gen-len 17 --repeats 2 2>/dev/null \
+                    | while read -r line; do
+                        [[ "$line" == "{"* ]] && echo "{\"bin\": \"$which\", \"round\": $round, \"run\": $line}" >> "$JSONL"
+                    done
+            done
+        done
+    done
+done
+
+python3 - "$JSONL" "$MODEL" <<'PY'
+import collections, json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+runs = collections.defaultdict(list)
+for r in rows:
+    j = r["run"]
+    runs[(j["threads"], j["batch"], j["dtype"], r["bin"])].append(j)
+print(f"\n`baleen-runtime bench` on {sys.argv[2]} (prompt 64, 16 decode steps, best of 2 per run; median over rounds)\n")
+print("| threads | batch | dtype | binary | decode tok/s | 64-token prefill tok/s | runs |")
+print("|---:|---:|:--|:--|---:|---:|---:|")
+for (threads, batch, dtype, which), js in sorted(runs.items()):
+    decode = statistics.median(j["decode_tokens_per_s"] for j in js)
+    prefill = statistics.median(j["prefill_tokens_per_s"] for j in js)
+    print(f"| {threads} | {batch} | {dtype} | {which} | {decode:,.2f} | {prefill:,.1f} | {len(js)} |")
+for (threads, batch, dtype, which), js in sorted(runs.items()):
+    if dtype == "bf16" and which == "ours" and (threads, batch, "f32", "ours") in runs:
+        f32 = statistics.median(j["decode_tokens_per_s"] for j in runs[(threads, batch, "f32", "ours")])
+        bf16 = statistics.median(j["decode_tokens_per_s"] for j in js)
+        print(f"\n{threads} thread(s), batch {batch}: bf16 decode / f32 decode = {bf16 / f32:.2f}x (goal about 2x: half the bytes)", end="")
+print()
+PY
