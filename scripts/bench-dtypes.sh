@@ -53,10 +53,13 @@ for round in $(seq 1 "$ROUNDS"); do
                 [[ "$which" == baseline ]] && bin="$BENCH_BASELINE"
                 say "round $round: $which, $dtype, $threads thread(s)"
                 "$bin" bench --model "$MODEL" --dtype "$dtype" --threads "$threads" --batch "$BATCHES" \
-                    --prompt-len 64 --gen-len 17 --repeats 2 2>/dev/null \
-                    | while read -r line; do
-                        [[ "$line" == "{"* ]] && echo "{\"bin\": \"$which\", \"round\": $round, \"run\": $line}" >> "$JSONL"
-                    done
+                    --prompt-len 64 --gen-len 17 --repeats 2 > "$OUT_DIR/dtypes-run.out" 2> "$OUT_DIR/dtypes-run.log" \
+                    || die "$which bench ($dtype, $threads threads) failed; its log: $OUT_DIR/dtypes-run.log"
+                while read -r line; do
+                    if [[ "$line" == "{"* ]]; then
+                        echo "{\"bin\": \"$which\", \"round\": $round, \"run\": $line}" >> "$JSONL"
+                    fi
+                done < "$OUT_DIR/dtypes-run.out"
             done
         done
     done

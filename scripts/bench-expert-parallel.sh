@@ -25,7 +25,7 @@ peers() { local n=$1 out=""; for _ in $(seq "$n"); do out="$out${out:+,}127.0.0.
 # start LOG ARGS...: a serve process in the background (in this shell, so stop_all can stop it).
 start() { local log=$1; shift; spawn "$BIN" serve --model "$MODEL" --dtype "$DTYPE" --host 127.0.0.1 --threads 1 "$@" >"$log" 2>/dev/null; }
 # addr LOG: HOST:PORT of the process's HTTP listening line (printed once the model is loaded).
-addr() { local url; url="$(listening_url "$1" baleen-runtime)"; echo "${url#http://}"; }
+addr() { local url; url="$(listening_url "$1" baleen-runtime)" || exit 1; echo "${url#http://}"; }
 ready() { wait_ready "http://$1"; }
 LUA="$OUT/ep-completions.lua"
 cat >"$LUA" <<'LUA'

@@ -103,7 +103,8 @@ RUNTIME_URL=""
 if [[ "$TTFT_N" != 0 ]]; then
     BALEEN_RUNTIME_LOG=warn spawn "$RUNTIME" serve --model builtin:tiny-moe --host 127.0.0.1 --port 0 --threads 1 \
         > "$OUT/runtime.stdout" 2> "$OUT/runtime.log"
-    RUNTIME_URL="$(listening_url "$OUT/runtime.stdout" baleen-runtime)"
+    RUNTIME_URL="$(listening_url "$OUT/runtime.stdout" baleen-runtime "${PIDS[-1]}")" \
+        || die "no runtime; its log: $OUT/runtime.log"
 fi
 
 # ---- the gateway: model `bench` on the nginx backend, `tiny-moe` on the runtime.
@@ -115,7 +116,8 @@ fi
 } > "$OUT/gateway.yaml"
 BALEEN_GATEWAY_LOG=warn spawn "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
     --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
-GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway)"
+GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway "${PIDS[-1]}")" \
+    || die "no gateway; its log: $OUT/gateway.log"
 
 BODY='{"model":"bench","messages":[{"role":"user","content":"Tell me about baleen whales."}],"max_tokens":16}'
 declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")

@@ -77,7 +77,7 @@ read -r -a EXTRA_ARGS <<< "${BENCH_SERVER_ARGS:-}"
 SERVER_CMD=("$BIN" serve --model "${BENCH_MODEL:-builtin:tiny-moe}" --served-model-name "$MODEL" --host 127.0.0.1 --port 0 --max-num-seqs 64 --threads 1 "${EXTRA_ARGS[@]}")
 say "starting: ${SERVER_CMD[*]}"
 BALEEN_RUNTIME_LOG="${BALEEN_RUNTIME_LOG:-warn}" spawn "${SERVER_CMD[@]}" > "$STDOUT_FILE" 2> "$SERVER_LOG"
-URL="$(listening_url "$STDOUT_FILE" baleen-runtime)"
+URL="$(listening_url "$STDOUT_FILE" baleen-runtime "${PIDS[-1]}")" || die "no server; its log: $SERVER_LOG"
 wait_ready "$URL"
 say "server at $URL"
 

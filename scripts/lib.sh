@@ -9,8 +9,8 @@
 #   free_port                       a free TCP port on 127.0.0.1
 #   spawn CMD...                    starts CMD in the background and remembers it; `stop_all` (run on EXIT)
 #                                   sends SIGTERM to everything spawned, waits (10 s, then SIGKILL)
-#   listening_url FILE PROGRAM      waits (60 s) for PROGRAM's `PROGRAM listening on http://...` line in FILE
-#                                   and prints the URL
+#   listening_url FILE PROGRAM [PID]  waits (60 s) for PROGRAM's `PROGRAM listening on http://...` line in FILE
+#                                   and prints the URL; dies at once if process PID exits first
 #   wait_ready URL                  waits (60 s) until URL/ready answers 200
 
 bench_init() {
@@ -88,10 +88,11 @@ stop_all() {
 }
 
 listening_url() {
-    local file="$1" program="$2" url=""
+    local file="$1" program="$2" pid="${3:-}" url=""
     for _ in $(seq 1 600); do
         url="$(sed -n "s|^$program listening on \(http://[^ ]*\).*|\1|p" "$file" 2>/dev/null | head -n 1)"
         [[ -n "$url" ]] && { echo "$url"; return 0; }
+        [[ -z "$pid" ]] || kill -0 "$pid" 2>/dev/null || die "$program (pid $pid) exited before listening (see its log)"
         sleep 0.1
     done
     die "$program printed no listening line in $file within 60 s"

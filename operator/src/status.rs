@@ -97,8 +97,11 @@ pub fn model_status(md: &ModelDeployment) -> Option<ModelStatus> {
     let ranks = md.spec.expert_parallelism();
     let per_rank = (ranks > 0 && experts.is_multiple_of(ranks)).then(|| experts / ranks);
     let builtin = md.spec.model.source.trim() == BUILTIN_TINY_MOE;
+    // The runtime keeps a bf16 model's latent cache in f32 on the CPU (its host kernels compute in f32).
+    let on_cpu = md.spec.gpus_per_rank() == 0;
     let dtype_bytes = match md.spec.model.dtype.unwrap_or_default() {
         Dtype::F32 => 4,
+        Dtype::Bf16 if on_cpu => 4,
         Dtype::Bf16 | Dtype::F16 => 2,
     };
     Some(ModelStatus {

@@ -159,8 +159,7 @@ impl std::fmt::Debug for Constraint {
 impl Constraint {
     /// Sets every logit the grammar does not allow next to −∞.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed =
-            self.matcher.compute_mask_or_eos().map_err(|e| Error::internal(Part::Grammar, format!("grammar: {e}")))?;
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| Error::internal(Part::Grammar, e.to_string()))?;
         for (id, logit) in logits.iter_mut().enumerate() {
             // Ids past the grammar's vocabulary (a logits row wider than it) are never allowed.
             let allowed = id < allowed.len() && u32::try_from(id).is_ok_and(|id| allowed.is_allowed(id));
@@ -173,7 +172,7 @@ impl Constraint {
 
     /// Advances the grammar by the sampled token.
     pub fn consume(&mut self, id: u32) -> Result<()> {
-        self.matcher.consume_token(id).map_err(|e| Error::internal(Part::Grammar, format!("grammar: {e}")))
+        self.matcher.consume_token(id).map_err(|e| Error::internal(Part::Grammar, e.to_string()))
     }
 
     /// The grammar is complete: nothing but the end may follow.

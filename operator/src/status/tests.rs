@@ -303,6 +303,9 @@ fn the_model_status_of_the_builtin_model_and_of_a_declared_checkpoint() {
     assert_eq!(m.kv_cache_bytes_per_token, Some(640));
     let mut bf16 = md(1, 4);
     bf16.spec.model.dtype = Some(baleen_api::crd::Dtype::Bf16);
+    // bf16 on a GPU caches bf16; on the CPU the runtime's host kernels keep the cache in f32.
+    assert_eq!(model_status(&bf16).unwrap().kv_cache_bytes_per_token, Some(640));
+    bf16.spec.runtime.get_or_insert_default().gpus_per_rank = Some(1);
     assert_eq!(model_status(&bf16).unwrap().kv_cache_bytes_per_token, Some(320));
     let mut spec = ModelDeploymentSpec::new("hf://deepseek-ai/DeepSeek-V3");
     assert_eq!(model_status(&ModelDeployment::new("x", spec.clone())), None);

@@ -139,7 +139,7 @@ impl LatentPool {
         self.num_layers * self.block_size * self.latent_dim * element
     }
 
-    /// The host rows of `layer` (f32 CPU pools only): `[num_blocks * block_size * latent_dim]`.
+    /// The host rows of `layer` (host pools only): `[num_blocks * block_size * latent_dim]`.
     pub(crate) fn host_layer(&self, layer: usize) -> Option<&[f32]> {
         match &self.storage {
             Storage::Host(layers) => layers.get(layer).map(Vec::as_slice),

@@ -96,7 +96,7 @@ impl StackedExperts {
     }
 
     /// [`StackedExperts::load`] with the weight layout chosen by the caller (`host`: packed for the host kernels,
-    /// which needs f32 on the CPU).
+    /// which needs f32 or bf16 on the CPU).
     pub(crate) fn load_as(
         held: &[usize],
         n_experts: usize,
@@ -294,7 +294,7 @@ fn sum_host(experts: &[HostMlp], x: &Tensor, groups: &[ExpertRows], ids: &[usize
     let (n, hidden) = x.dims2()?;
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let out = sum_host_rows(experts, &xs, n, hidden, groups, ids)?;
-    Ok(Tensor::from_vec(out, (n, hidden), x.device())?.to_dtype(x.dtype())?)
+    Ok(Tensor::from_vec(out, (n, hidden), x.device())?)
 }
 
 /// [`sum_host`] over plain rows `xs` (`[n, hidden]`).

@@ -260,8 +260,8 @@ fn store<const R: usize>(acc: &[[f32; PANEL]; R], dst: &mut Columns<'_>, row: us
     }
 }
 
-/// A linear map `x · Wᵀ (+ b)` over the last dimension: packed for the host kernels when the weight is f32 on the
-/// CPU, else candle's `Linear`.
+/// A linear map `x · Wᵀ (+ b)` over the last dimension: packed for the host kernels when the weight is f32 or bf16 on
+/// the CPU, else candle's `Linear`.
 #[derive(Debug, Clone)]
 pub enum Projection {
     Candle(candle_nn::Linear),
@@ -317,7 +317,7 @@ impl Projection {
     }
 }
 
-/// RMS normalization over the last dimension (`x / sqrt(mean(x²) + eps) · w`): on the host for f32 CPU weights,
+/// RMS normalization over the last dimension (`x / sqrt(mean(x²) + eps) · w`): on the host for f32 or bf16 CPU weights,
 /// else candle's `RmsNorm`.
 #[derive(Debug, Clone)]
 pub enum Norm {

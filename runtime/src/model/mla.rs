@@ -33,7 +33,7 @@ pub enum AttentionMode {
 
 impl AttentionMode {
     /// Whether a sequence with `len` new tokens takes the absorbed form; `fused`: the fused host kernel runs
-    /// (f32 host pool), which makes short prefills absorbed too.
+    /// (a host pool), which makes short prefills absorbed too.
     fn absorbs(self, len: usize, fused: bool) -> bool {
         match self {
             Self::Absorbed => true,
@@ -62,7 +62,7 @@ pub struct Mla {
     /// `W_UV` per head, transposed: `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
     o: Projection,
-    /// `W_UK` and `W_UV` packed per head for the host path (f32 CPU weights only).
+    /// `W_UK` and `W_UV` packed per head for the host path (f32 or bf16 CPU weights only).
     host: Option<HostAbsorb>,
     heads: usize,
     nope: usize,
@@ -333,7 +333,7 @@ impl Mla {
         self.host.is_some() && pool.host_layer(layer).is_some() && seqs.iter().all(|s| mode.absorbs(s.len, true))
     }
 
-    /// The whole layer on the host over plain rows `xs` (`[n, hidden]`), for f32 CPU weights and a host pool when
+    /// The whole layer on the host over plain rows `xs` (`[n, hidden]`), for f32 or bf16 CPU weights and a host pool when
     /// every sequence takes the absorbed form: projections, norms, rotary embedding, cache write, the fused kernel
     /// and the per-head absorbed matrices, with no tensor op. `None` when [`Mla::runs_on_host`] does not hold.
     pub fn forward_rows(

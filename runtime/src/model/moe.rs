@@ -318,6 +318,9 @@ pub struct Moe {
     device: Option<DeviceMoe>,
     /// Per routed expert, a counter of the token rows routed to it (empty when not observed).
     token_counts: Vec<prometheus::IntCounter>,
+    /// The model's dtype: rows go to other ranks in it from either path, so a rank or a batching bridge never
+    /// meets f32 rows from the host path next to the tensor path's.
+    dtype: DType,
 }
 
 impl Moe {
@@ -344,7 +347,17 @@ impl Moe {
             (None, Some((gate_up, down))) => DeviceMoe::new(moe, router.bias.as_deref(), gate_up, down)?,
             _ => None,
         };
-        Ok(Self { layer, router, experts, shared, parallel: parallel.cloned(), device, token_counts: Vec::new() })
+        let dtype = vb.dtype();
+        Ok(Self {
+            layer,
+            router,
+            experts,
+            shared,
+            parallel: parallel.cloned(),
+            device,
+            token_counts: Vec::new(),
+            dtype,
+        })
     }
 
     /// Whether this layer can run on Baleen's CUDA kernels (see [`Moe::forward`]).
@@ -451,7 +464,8 @@ impl Moe {
                     let r = r as usize;
                     sent.extend_from_slice(&xs[r * hidden..(r + 1) * hidden]);
                 }
-                let sent = Tensor::from_vec(sent, (rows.len(), hidden), &candle_core::Device::Cpu)?;
+                let sent =
+                    Tensor::from_vec(sent, (rows.len(), hidden), &candle_core::Device::Cpu)?.to_dtype(self.dtype)?;
                 pending.push((
                     rows,
                     p.dispatcher.dispatch(
