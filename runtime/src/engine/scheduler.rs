@@ -104,7 +104,7 @@ pub fn spawn(
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let LoadedModel { model, tokenizer, .. } = loaded;
     let max_len = max_model_len(&model, &config);
-    let bytes_per_token = model.config().kv_cache_bytes_per_token(model.kv_cache_dtype().size_in_bytes());
+    let bytes_per_token = model.kv_cache_bytes_per_token();
     let bytes_per_block = bytes_per_token * config.block_size;
     let budget = match config.kv_cache_memory {
         KvCacheMemory::Bytes(b) => b,

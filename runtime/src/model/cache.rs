@@ -76,7 +76,7 @@ impl LatentPool {
             return Err(Error::Setting { name: "block-size".into(), reason: "must be at least 1".into() });
         }
         let rows = num_blocks * block_size;
-        let storage = if Self::storage_dtype(device, dtype) == DType::F32 && device.is_cpu() {
+        let storage = if Self::host_storage(device, dtype) {
             // One zeroed allocation per layer (lazily mapped by the OS), not clones of one.
             Storage::Host((0..num_layers).map(|_| vec![0f32; rows * latent_dim]).collect())
         } else {
@@ -130,7 +130,12 @@ impl LatentPool {
     /// The dtype a pool for a `dtype` model on `device` stores its rows in: f32 host rows on the CPU for the
     /// models the host kernels run (f32, and bf16, whose attention computes in f32), else `dtype` itself.
     pub fn storage_dtype(device: &Device, dtype: DType) -> DType {
-        if device.is_cpu() && super::host::host_dtype(dtype) { DType::F32 } else { dtype }
+        if Self::host_storage(device, dtype) { DType::F32 } else { dtype }
+    }
+
+    /// Whether a pool for a `dtype` model on `device` keeps its rows in host memory (the models the host kernels run).
+    fn host_storage(device: &Device, dtype: DType) -> bool {
+        device.is_cpu() && super::host::host_dtype(dtype)
     }
 
     /// Bytes one block takes across all layers.

@@ -254,6 +254,11 @@ impl DeepseekModel {
         LatentPool::storage_dtype(&self.device, self.dtype)
     }
 
+    /// Bytes one token takes in this model's latent KV cache, all layers (in [`DeepseekModel::kv_cache_dtype`]).
+    pub fn kv_cache_bytes_per_token(&self) -> usize {
+        self.config.kv_cache_bytes_per_token(self.kv_cache_dtype().size_in_bytes())
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
