@@ -272,9 +272,11 @@ fn generate(args: &GenerateArgs) -> Result<Value> {
     }
     .validate()?;
     let block_size = DEFAULT_BLOCK_SIZE;
-    // Blocks for this one sequence (at least two, the engine's floor), nothing more.
-    let blocks = (prompt.len() + args.max_tokens).div_ceil(block_size).max(2);
-    let bytes_per_token = loaded.model.config().kv_cache_bytes_per_token(loaded.model.kv_cache_dtype().size_in_bytes());
+    // Blocks for this one sequence (at least two, the engine's floor), nothing more; never more than the model's
+    // context, so an impossible --max-tokens is refused by the engine's limits rather than by the allocator.
+    let tokens = prompt.len().saturating_add(args.max_tokens).min(loaded.model.config().max_position_embeddings);
+    let blocks = tokens.div_ceil(block_size).max(2);
+    let bytes_per_token = loaded.model.kv_cache_bytes_per_token();
     let config = EngineConfig {
         max_num_seqs: 1,
         kv_cache_memory: KvCacheMemory::Bytes((blocks * block_size * bytes_per_token) as u64),
@@ -379,7 +381,7 @@ fn bench_batch(args: &BenchArgs, loaded: &LoadedModel, dtype: DType, batch: usiz
         "prefill_tokens_per_s": prefill_tokens / best_prefill,
         "decode_tokens_per_s": if args.gen_len > 1 { decode_tokens / best_decode } else { 0.0 },
         "decode_step_ms": if args.gen_len > 1 { 1e3 * best_decode / (args.gen_len - 1) as f64 } else { 0.0 },
-        "kv_cache_bytes_per_token": model.config().kv_cache_bytes_per_token(model.kv_cache_dtype().size_in_bytes()),
+        "kv_cache_bytes_per_token": model.kv_cache_bytes_per_token(),
         "weight_bytes_per_decode_step": model.config().decode_weight_bytes(batch, dtype.size_in_bytes()),
         "cuda_kernels": model.accel().kernels,
         "cuda_graphs": model.accel().graphs,

@@ -110,12 +110,16 @@ fn deepseek_v3_kv_cache_is_70272_bytes_per_token() {
 
 #[test]
 fn bad_input_fails_with_a_message_naming_the_problem() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["generate", "--model", "/nonexistent/model", "--ids", "1"], "config.json"),
         (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--api-key", " , "], "api-key"),
         (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--max-connections", "0"], "max-connections"),
         (&["generate", "--model", "builtin:tiny-moe", "--ids", "1,x"], "`x`"),
         (&["generate", "--model", "builtin:tiny-moe", "--ids", "999"], "outside the vocabulary"),
+        (
+            &["generate", "--model", "builtin:tiny-moe", "--ids", "1", "--max-tokens", "1000000000000000"],
+            "context length",
+        ),
         (&["logits", "--model", "builtin:tiny-moe", "--ids", "1", "--dtype", "f64"], "dtype"),
     ];
     for (args, needle) in cases {
