@@ -13,7 +13,7 @@
 #   BENCH_THREADS     compute threads (default: "1 2")
 #   BENCH_BATCHES     decode batch sizes (default: "1,8")
 #   BENCH_ROUNDS      interleaved rounds (default: 2); medians are reported
-#   BENCH_DTYPES      (default: "f32 bf16")
+#   BENCH_DTYPES      weight formats (default: "f32 bf16 int8"; int8 is --dtype bf16 --quantize int8)
 #
 # One JSON line per run goes to $CARGO_TARGET_DIR/bench/dtypes.jsonl; a markdown table is printed.
 set -euo pipefail
@@ -27,7 +27,7 @@ JSONL="$OUT_DIR/dtypes.jsonl"
 THREADS="${BENCH_THREADS:-1 2}"
 BATCHES="${BENCH_BATCHES:-1,8}"
 ROUNDS="${BENCH_ROUNDS:-2}"
-DTYPES="${BENCH_DTYPES:-f32 bf16}"
+DTYPES="${BENCH_DTYPES:-f32 bf16 int8}"
 
 bench_args 18 "$@"
 command -v python3 >/dev/null || die "python3 is required"
@@ -52,7 +52,12 @@ for round in $(seq 1 "$ROUNDS"); do
                 bin="$BIN"
                 [[ "$which" == baseline ]] && bin="$BENCH_BASELINE"
                 say "round $round: $which, $dtype, $threads thread(s)"
-                "$bin" bench --model "$MODEL" --dtype "$dtype" --threads "$threads" --batch "$BATCHES" \
+                format=(--dtype "$dtype")
+                if [[ "$dtype" == int8 ]]; then
+                    format=(--dtype bf16 --quantize int8)
+                    "$bin" bench --help | grep -q -- --quantize || { say "($which has no --quantize: skipped)"; continue; }
+                fi
+                "$bin" bench --model "$MODEL" "${format[@]}" --threads "$threads" --batch "$BATCHES" \
                     --prompt-len 64 --gen-len 17 --repeats 2 > "$OUT_DIR/dtypes-run.out" 2> "$OUT_DIR/dtypes-run.log" \
                     || die "$which bench ($dtype, $threads threads) failed; its log: $OUT_DIR/dtypes-run.log"
                 while read -r line; do
@@ -71,18 +76,21 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 runs = collections.defaultdict(list)
 for r in rows:
     j = r["run"]
-    runs[(j["threads"], j["batch"], j["dtype"], r["bin"])].append(j)
+    fmt = j["quantize"] if j.get("quantize", "none") != "none" else j["dtype"]
+    runs[(j["threads"], j["batch"], fmt, r["bin"])].append(j)
 print(f"\n`baleen-runtime bench` on {sys.argv[2]} (prompt 64, 16 decode steps, best of 2 per run; median over rounds)\n")
-print("| threads | batch | dtype | binary | decode tok/s | 64-token prefill tok/s | runs |")
-print("|---:|---:|:--|:--|---:|---:|---:|")
+print("| threads | batch | weights | binary | decode tok/s | 64-token prefill tok/s | resident weight GiB | runs |")
+print("|---:|---:|:--|:--|---:|---:|---:|---:|")
 for (threads, batch, dtype, which), js in sorted(runs.items()):
     decode = statistics.median(j["decode_tokens_per_s"] for j in js)
     prefill = statistics.median(j["prefill_tokens_per_s"] for j in js)
-    print(f"| {threads} | {batch} | {dtype} | {which} | {decode:,.2f} | {prefill:,.1f} | {len(js)} |")
-for (threads, batch, dtype, which), js in sorted(runs.items()):
-    if dtype == "bf16" and which == "ours" and (threads, batch, "f32", "ours") in runs:
-        f32 = statistics.median(j["decode_tokens_per_s"] for j in runs[(threads, batch, "f32", "ours")])
-        bf16 = statistics.median(j["decode_tokens_per_s"] for j in js)
-        print(f"\n{threads} thread(s), batch {batch}: bf16 decode / f32 decode = {bf16 / f32:.2f}x (goal about 2x: half the bytes)", end="")
+    gib = js[0].get("weight_bytes", 0) / 2**30
+    print(f"| {threads} | {batch} | {dtype} | {which} | {decode:,.2f} | {prefill:,.1f} | {gib:.2f} | {len(js)} |")
+def decode(key):
+    return statistics.median(j["decode_tokens_per_s"] for j in runs[key]) if key in runs else None
+for (threads, batch, dtype, which) in sorted(runs):
+    f32, ours = decode((threads, batch, "f32", which)), decode((threads, batch, dtype, which))
+    if dtype != "f32" and f32:
+        print(f"\n{threads} thread(s), batch {batch}, {which}: {dtype} decode / f32 decode = {ours / f32:.2f}x", end="")
 print()
 PY

@@ -50,6 +50,8 @@ pub const ENV_RUNTIME_CUDA_KERNELS: &str = "BALEEN_RUNTIME_CUDA_KERNELS";
 pub const ENV_RUNTIME_CUDA_GRAPHS: &str = "BALEEN_RUNTIME_CUDA_GRAPHS";
 /// Runtime: CPU compute threads (0 = choose from the model size).
 pub const ENV_RUNTIME_THREADS: &str = "BALEEN_RUNTIME_THREADS";
+/// `baleen-runtime --quantize`: `none` or `int8` (the host kernels' weights, quantized at load).
+pub const ENV_RUNTIME_QUANTIZE: &str = "BALEEN_RUNTIME_QUANTIZE";
 /// Runtime: log filter (`tracing` env-filter syntax).
 pub const ENV_RUNTIME_LOG: &str = "BALEEN_RUNTIME_LOG";
 
@@ -165,6 +167,10 @@ pub const METRIC_PREFIX_CACHE_HITS_TOTAL: &str = "vllm:prefix_cache_hits_total";
 pub const METRIC_RUNTIME_HTTP_REQUESTS_TOTAL: &str = "baleen_runtime_http_requests_total";
 /// Histogram: seconds until the response head was ready (a stream's first byte), by [`LABEL_ROUTE`].
 pub const METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS: &str = "baleen_runtime_http_request_duration_seconds";
+/// Gauge: bytes of model weights this process holds as stored (after `--quantize`), by [`LABEL_WEIGHT_FORMAT`].
+pub const METRIC_RUNTIME_MODEL_WEIGHT_BYTES: &str = "baleen_runtime_model_weight_bytes";
+/// Label of [`METRIC_RUNTIME_MODEL_WEIGHT_BYTES`]: how the large matrices are stored (`f32`, `bf16`, `int8`, ...).
+pub const LABEL_WEIGHT_FORMAT: &str = "weight_format";
 
 /// The Prometheus HTTP API's instant query (the gateway's autoscaler with `--prometheus-url`).
 pub const PATH_PROMETHEUS_QUERY: &str = "/api/v1/query";

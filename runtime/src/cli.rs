@@ -382,7 +382,10 @@ fn bench_batch(args: &BenchArgs, loaded: &LoadedModel, dtype: DType, batch: usiz
         "decode_tokens_per_s": if args.gen_len > 1 { decode_tokens / best_decode } else { 0.0 },
         "decode_step_ms": if args.gen_len > 1 { 1e3 * best_decode / (args.gen_len - 1) as f64 } else { 0.0 },
         "kv_cache_bytes_per_token": model.kv_cache_bytes_per_token(),
-        "weight_bytes_per_decode_step": model.config().decode_weight_bytes(batch, dtype.size_in_bytes()),
+        "quantize": model.quantization().as_str(),
+        "weight_bytes": model.weight_bytes(),
+        "weight_bytes_per_decode_step":
+            model.config().decode_weight_bytes(batch, model.quantization().bytes_per_weight(dtype)),
         "cuda_kernels": model.accel().kernels,
         "cuda_graphs": model.accel().graphs,
         "cuda_graphs_captured": graphs,

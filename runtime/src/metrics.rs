@@ -6,18 +6,18 @@
 
 use baleen_api::names::{
     LABEL_BLOCK_SIZE, LABEL_CACHE_DTYPE, LABEL_CODE, LABEL_EXPERT, LABEL_FINISHED_REASON, LABEL_LAYER,
-    LABEL_MODEL_NAME, LABEL_NUM_GPU_BLOCKS, LABEL_ROUTE, METRIC_CACHE_CONFIG_INFO, METRIC_E2E_REQUEST_LATENCY_SECONDS,
-    METRIC_GENERATION_TOKENS_TOTAL, METRIC_INTER_TOKEN_LATENCY_SECONDS, METRIC_KV_CACHE_USAGE_PERC,
-    METRIC_NUM_PREEMPTIONS_TOTAL, METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING,
+    LABEL_MODEL_NAME, LABEL_NUM_GPU_BLOCKS, LABEL_ROUTE, LABEL_WEIGHT_FORMAT, METRIC_CACHE_CONFIG_INFO,
+    METRIC_E2E_REQUEST_LATENCY_SECONDS, METRIC_GENERATION_TOKENS_TOTAL, METRIC_INTER_TOKEN_LATENCY_SECONDS,
+    METRIC_KV_CACHE_USAGE_PERC, METRIC_NUM_PREEMPTIONS_TOTAL, METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING,
     METRIC_PREFIX_CACHE_HITS_TOTAL, METRIC_PREFIX_CACHE_QUERIES_TOTAL, METRIC_PROMPT_TOKENS_TOTAL,
     METRIC_REQUEST_QUEUE_TIME_SECONDS, METRIC_REQUEST_SUCCESS_TOTAL, METRIC_RUNTIME_EXPERT_TOKENS_TOTAL,
     METRIC_RUNTIME_HTTP_REQUEST_DURATION_SECONDS, METRIC_RUNTIME_HTTP_REQUESTS_TOTAL,
-    METRIC_TIME_TO_FIRST_TOKEN_SECONDS,
+    METRIC_RUNTIME_MODEL_WEIGHT_BYTES, METRIC_TIME_TO_FIRST_TOKEN_SECONDS,
 };
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::engine::FinishReason;
@@ -82,6 +82,7 @@ pub struct Metrics {
     /// `baleen_runtime_http_request_duration_seconds{route}`.
     pub http_request_duration_seconds: HistogramVec,
     cache_config_info: GaugeVec,
+    model_weight_bytes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -156,6 +157,13 @@ impl Metrics {
                 r.opts(METRIC_CACHE_CONFIG_INFO, "Information of the KV-cache configuration (always 1)."),
                 &[LABEL_BLOCK_SIZE, LABEL_NUM_GPU_BLOCKS, LABEL_CACHE_DTYPE],
             )?)?,
+            model_weight_bytes: r.register(IntGaugeVec::new(
+                Opts::new(
+                    METRIC_RUNTIME_MODEL_WEIGHT_BYTES,
+                    "Bytes of model weights held in memory as stored (after --quantize), by weight format.",
+                ),
+                &[LABEL_WEIGHT_FORMAT],
+            )?)?,
             registry,
         };
         // Create every finish-reason series up front so dashboards see zeros rather than gaps.
@@ -170,6 +178,12 @@ impl Metrics {
         self.cache_config_info.reset();
         let (block_size, num_blocks) = (block_size.to_string(), num_blocks.to_string());
         self.cache_config_info.with_label_values(&[block_size.as_str(), num_blocks.as_str(), cache_dtype]).set(1.0);
+    }
+
+    /// Sets `baleen_runtime_model_weight_bytes{weight_format}` (replacing any earlier value).
+    pub fn set_model_weights(&self, bytes: usize, format: &str) {
+        self.model_weight_bytes.reset();
+        self.model_weight_bytes.with_label_values(&[format]).set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts one finished request in `vllm:request_success_total{finished_reason}`.

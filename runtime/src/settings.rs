@@ -7,8 +7,8 @@ use std::sync::Arc;
 use baleen_api::names::{
     ENV_HOSTNAME, ENV_RUNTIME_CUDA_GRAPHS, ENV_RUNTIME_CUDA_KERNELS, ENV_RUNTIME_DATA_PARALLEL_ATTENTION,
     ENV_RUNTIME_DEVICE, ENV_RUNTIME_DTYPE, ENV_RUNTIME_EXPERT_TIMEOUT, ENV_RUNTIME_GRPC_PORT, ENV_RUNTIME_MODEL,
-    ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_RANK, ENV_RUNTIME_RANK_FROM_HOSTNAME,
-    ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
+    ENV_RUNTIME_PEER_PATTERN, ENV_RUNTIME_PEERS, ENV_RUNTIME_QUANTIZE, ENV_RUNTIME_RANK,
+    ENV_RUNTIME_RANK_FROM_HOSTNAME, ENV_RUNTIME_REPLICATE, ENV_RUNTIME_THREADS, ENV_RUNTIME_WORLD_SIZE,
 };
 use baleen_api::topology::ExpertPlacement;
 use candle_core::{DType, Device};
@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::expert::{ExpertPeers, model_fingerprint};
 use crate::hub::{self, Fetch, FetchOptions, HubRepo, HubSettings, ModelRef};
 use crate::loader::{LoadedModel, ModelSource, load, load_parallel};
+use crate::model::host::{Quantize, host_dtype};
 use crate::model::{Accel, ExpertParallel};
 
 #[derive(Debug, Args)]
@@ -37,6 +38,10 @@ pub struct ModelArgs {
     /// Compute and KV-cache dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", env = ENV_RUNTIME_DTYPE)]
     pub dtype: String,
+    /// Store the large matrices narrower, quantized at load: none, or int8 (a scale per 32 values of a column,
+    /// like llama.cpp's Q8_0; projections, experts, dense and shared MLPs and lm_head; CPU with f32 or bf16).
+    #[arg(long, default_value = "none", env = ENV_RUNTIME_QUANTIZE)]
+    pub quantize: String,
     /// CPU compute threads; 0 picks one thread for small models (hidden < 1024) and all cores otherwise.
     #[arg(long, default_value_t = 0, env = ENV_RUNTIME_THREADS)]
     pub threads: usize,
@@ -176,6 +181,24 @@ impl ModelArgs {
         Ok((loaded, parse_device(&self.device)?, parse_dtype(&self.dtype)?))
     }
 
+    /// `--quantize`, checked against the device and dtype (int8 runs on the CPU's host kernels, from f32 or bf16).
+    pub fn quantize(&self) -> Result<Quantize> {
+        let quantize = Quantize::parse(&self.quantize)?;
+        let (device, dtype) = (parse_device(&self.device)?, parse_dtype(&self.dtype)?);
+        if quantize != Quantize::None && !(device.is_cpu() && host_dtype(dtype)) {
+            return Err(Error::Setting {
+                name: "quantize".into(),
+                reason: format!(
+                    "{} weights run on the CPU's host kernels: use --device cpu with --dtype f32 or bf16 (not {} {})",
+                    quantize.as_str(),
+                    self.device,
+                    self.dtype
+                ),
+            });
+        }
+        Ok(quantize)
+    }
+
     /// The CUDA paths chosen by `--cuda-kernels` and `--cuda-graphs`.
     pub fn accel(&self) -> Accel {
         Accel { kernels: self.cuda_kernels, graphs: self.cuda_kernels && self.cuda_graphs }
@@ -185,8 +208,17 @@ impl ModelArgs {
     /// to the other ranks (connecting in the background: callers wait for [`ExpertPeers::wait_ready`] when they
     /// are ready to, e.g. after starting their own expert service).
     pub fn load_head(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
+        let quantize = self.quantize()?;
         let (mut loaded, peers) = self.load_head_default()?;
         loaded.model.set_accel(self.accel());
+        let loaded_bytes = loaded.model.weight_bytes();
+        loaded.model.quantize(quantize)?;
+        tracing::info!(
+            weight_format = %loaded.model.weight_format(),
+            weight_bytes = loaded.model.weight_bytes(),
+            loaded_bytes,
+            "model weights resident"
+        );
         Ok((loaded, peers))
     }
 

@@ -97,6 +97,24 @@ fn bench_reports_throughput_and_kv_bytes() {
     }
     // tiny-moe: 4 layers × (32 + 8) latent values × 4 bytes (f32).
     assert_eq!(v["kv_cache_bytes_per_token"], 640);
+    assert_eq!(v["quantize"], "none");
+}
+
+/// `--quantize int8`: `bench` and `generate` run on int8 weights, which take under half the bytes, and the load
+/// log says what is resident (the accuracy bounds are in tests/golden.rs).
+#[test]
+fn int8_weights_run_every_command_in_fewer_bytes() {
+    let args = ["bench", "--model", "builtin:tiny-moe", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1"];
+    let wide = run_json(&args);
+    let narrow = run_json(&[&args[..], &["--quantize", "int8"]].concat());
+    assert_eq!(narrow["quantize"], "int8");
+    let (wide, narrow) = (wide["weight_bytes"].as_u64().unwrap(), narrow["weight_bytes"].as_u64().unwrap());
+    assert!(2 * narrow < wide, "int8 {narrow} bytes vs f32 {wide}");
+    let out =
+        run(&["generate", "--model", "builtin:tiny-moe", "--ids", "1,2,3", "--max-tokens", "4", "--quantize", "int8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model weights resident") && err.contains("weight_format=int8"), "{err}");
 }
 
 #[test]
@@ -110,7 +128,7 @@ fn deepseek_v3_kv_cache_is_70272_bytes_per_token() {
 
 #[test]
 fn bad_input_fails_with_a_message_naming_the_problem() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["generate", "--model", "/nonexistent/model", "--ids", "1"], "config.json"),
         (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--api-key", " , "], "api-key"),
         (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--max-connections", "0"], "max-connections"),
@@ -121,6 +139,14 @@ fn bad_input_fails_with_a_message_naming_the_problem() {
             "context length",
         ),
         (&["logits", "--model", "builtin:tiny-moe", "--ids", "1", "--dtype", "f64"], "dtype"),
+        (
+            &["serve", "--model", "builtin:tiny-moe", "--port", "0", "--quantize", "int4"],
+            "`int4` is not one of none, int8",
+        ),
+        (
+            &["generate", "--model", "builtin:tiny-moe", "--ids", "1", "--dtype", "f16", "--quantize", "int8"],
+            "--dtype f32 or bf16",
+        ),
     ];
     for (args, needle) in cases {
         let out = run(args);

@@ -130,6 +130,7 @@ pub fn spawn(
     let max_len = max_len.min(num_blocks * config.block_size);
     let pool = model.new_pool(num_blocks, config.block_size)?;
     metrics.set_cache_config(config.block_size, num_blocks, &format!("{:?}", model.kv_cache_dtype()).to_lowercase());
+    metrics.set_model_weights(model.weight_bytes(), &model.weight_format());
     tracing::info!(
         block_size = config.block_size,
         num_blocks,

@@ -319,11 +319,11 @@ impl ModelConfig {
         self.vocab_size * h + layers + h + heads_out
     }
 
-    /// Bytes of weights a decode step of `batch` sequences reads, weights in `dtype_bytes` (the router in f32):
+    /// Bytes of weights a decode step of `batch` sequences reads, `bytes_per_weight` each (the router in f32):
     /// every dense and attention weight, the output head, the embedding rows of the batch, and each MoE layer's
     /// routed experts that at least one sequence chooses — their expected number under uniform routing,
     /// `E · (1 − (1 − k/E)^batch)`. The HBM bound of a decode step is these bytes over the memory bandwidth.
-    pub fn decode_weight_bytes(&self, batch: usize, dtype_bytes: usize) -> f64 {
+    pub fn decode_weight_bytes(&self, batch: usize, bytes_per_weight: f64) -> f64 {
         let h = self.hidden_size;
         let mut values = (self.vocab_size * h + batch * h + h) as f64;
         let mut router_bytes = 0f64;
@@ -340,7 +340,7 @@ impl ModelConfig {
                 _ => values += (3 * h * self.intermediate_size) as f64,
             }
         }
-        values * dtype_bytes as f64 + router_bytes
+        values * bytes_per_weight + router_bytes
     }
 
     /// The softmax scale of attention: `1/sqrt(qk_head_dim)`, times `mscale(factor, mscale_all_dim)^2` under YaRN.

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use super::cache::{LatentPool, SeqCache, SeqSlice};
 use super::config::ModelConfig;
 use super::experts::{Dispatch, ExpertParallel};
-use super::host::{Norm, Projection, host_dtype};
+use super::host::{Norm, Projection, Quantize, WeightMut, WeightVisitor, counter, host_dtype, tensor_bytes};
 use super::mla::{AttentionMode, Mla, Rotary};
 use super::moe::{Mlp, Moe, MoeStep, Routing};
 use super::rope::Rope;
@@ -119,6 +119,10 @@ pub struct DeepseekModel {
     graphs: Arc<graph::DecodeGraphs>,
     /// Routed rows per expert counted on the device, when observed.
     expert_counts: Option<decode::SharedCounts>,
+    /// How the host kernels store the large matrices.
+    quantize: Quantize,
+    /// Bytes of every weight held (counted at load and after quantizing).
+    weight_bytes: usize,
 }
 
 impl DeepseekModel {
@@ -165,9 +169,61 @@ impl DeepseekModel {
             rope_device: None,
             graphs: Arc::default(),
             expert_counts: None,
+            quantize: Quantize::None,
+            weight_bytes: 0,
         };
         model.rope_device = model.device_rope_tables()?;
+        model.weight_bytes = model.count_weight_bytes()?;
         Ok(model)
+    }
+
+    /// Every weight the model holds: embeddings, each layer's norms, attention and feed-forward, the final norm
+    /// and `lm_head`.
+    fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        f(WeightMut::Kept(tensor_bytes(&self.embed_tokens)))?;
+        for layer in &mut self.layers {
+            f(WeightMut::Kept(layer.input_layernorm.bytes() + layer.post_attention_layernorm.bytes()))?;
+            layer.self_attn.visit_weights(f)?;
+            match &mut layer.mlp {
+                Ffn::Dense(mlp) => mlp.visit_weights(f)?,
+                Ffn::Moe(moe) => moe.visit_weights(f)?,
+            }
+        }
+        f(WeightMut::Kept(self.norm.bytes()))?;
+        self.lm_head.visit_weights(f)
+    }
+
+    fn count_weight_bytes(&mut self) -> Result<usize> {
+        let mut bytes = 0;
+        self.visit_weights(&mut counter(&mut bytes))?;
+        Ok(bytes)
+    }
+
+    /// Narrows the packed matrices (projections, experts, dense and shared MLPs, `lm_head`) as `quantize` says;
+    /// norms, the router, embeddings and MLA's `kv_b` stay as loaded. Needs the host kernels (CPU, f32 or bf16).
+    pub fn quantize(&mut self, quantize: Quantize) -> Result<()> {
+        self.visit_weights(&mut quantize.apply())?;
+        self.quantize = quantize;
+        self.weight_bytes = self.count_weight_bytes()?;
+        Ok(())
+    }
+
+    /// How the host kernels store the large matrices.
+    pub fn quantization(&self) -> Quantize {
+        self.quantize
+    }
+
+    /// Bytes of every weight the model holds, as stored (after quantizing).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// How the large matrices are stored: `int8` when quantized, else the dtype (`f32`, `bf16`, `f16`).
+    pub fn weight_format(&self) -> String {
+        match self.quantize {
+            Quantize::Int8 => Quantize::Int8.as_str().to_string(),
+            Quantize::None => format!("{:?}", self.dtype).to_lowercase(),
+        }
     }
 
     /// Flushes the device's routed-row counts when due; a failure is logged, not passed on (the step it follows

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
-use super::host::{HostMlp, uses_host_kernels};
+use super::host::{HostMlp, WeightMut, WeightVisitor, uses_host_kernels};
 use crate::error::{Error, Part, Result};
 
 /// Rows of one MoE layer for the routed experts: row `i` of `rows` (`[m, hidden]`) goes through global expert
@@ -158,6 +158,16 @@ impl StackedExperts {
                 (gate_up.elem_count() + down.elem_count()) * gate_up.dtype().size_in_bytes()
             }
             ExpertWeights::Host(experts) => experts.iter().map(HostMlp::bytes).sum(),
+        }
+    }
+
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        match &mut self.weights {
+            ExpertWeights::Stacked { gate_up, down } => {
+                f(WeightMut::Tensor(gate_up))?;
+                f(WeightMut::Tensor(down))
+            }
+            ExpertWeights::Host(experts) => experts.iter_mut().try_for_each(|e| e.visit_weights(f)),
         }
     }
 
@@ -367,6 +377,10 @@ impl ExpertShard {
     /// Bytes of expert weights held across all layers.
     pub fn bytes(&self) -> usize {
         self.layers.iter().flatten().map(StackedExperts::bytes).sum()
+    }
+
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        self.layers.iter_mut().flatten().try_for_each(|l| l.visit_weights(f))
     }
 
     pub fn compute(&self, batch: Dispatch<'_>) -> Result<Tensor> {

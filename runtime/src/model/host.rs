@@ -11,11 +11,18 @@
 //! baseline. Results equal candle's within f32 rounding (the sums run in a different order). A bf16 model keeps its
 //! weights in bf16 (half the bytes of f32, which is what a memory-bound decode step pays for) and widens them in
 //! registers; activations, norms and sums stay f32, so it computes like its f32 upcast, not like bf16 arithmetic.
+//! `--quantize int8` narrows the packed matrices further, to int8 with a scale per 32 values of a column ([`q8`]).
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Part, Result};
+
+mod q8;
+mod weights;
+
+use q8::Q8Panels;
+pub use weights::{Quantize, WeightMut, WeightVisitor, counter, tensor_bytes};
 
 /// Output columns per panel: two AVX registers.
 const PANEL: usize = 16;
@@ -25,9 +32,9 @@ const ROWS: usize = 4;
 /// Products at least this large (multiply-adds) are split over the compute pool by panels.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
-/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host, in f32 or
-/// in bf16 (the checkpoint's own bits, half the bytes a memory-bound decode step reads; widened to f32 in registers,
-/// so products accumulate in f32 either way).
+/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host, in f32, in
+/// bf16 (the checkpoint's own bits, half the bytes a memory-bound decode step reads) or in int8 with block scales
+/// (`--quantize int8`); widened to f32 in registers, so products accumulate in f32 whatever the storage.
 #[derive(Clone)]
 pub struct PackedMatrix {
     in_dim: usize,
@@ -41,6 +48,8 @@ enum Panels {
     F32(Vec<f32>),
     /// bf16 bit patterns.
     Bf16(Vec<u16>),
+    /// int8 values with a scale per [`q8::BLOCK`] values of each column.
+    Int8(Q8Panels),
 }
 
 /// A stored weight value, widened to f32 where the kernels read it.
@@ -68,6 +77,7 @@ impl std::fmt::Debug for PackedMatrix {
         let dtype = match self.panels {
             Panels::F32(_) => "f32",
             Panels::Bf16(_) => "bf16",
+            Panels::Int8(_) => "int8",
         };
         f.debug_struct("PackedMatrix")
             .field("in_dim", &self.in_dim)
@@ -128,19 +138,35 @@ impl PackedMatrix {
         self.out_dim
     }
 
-    /// Bytes of the packed weight.
+    /// Bytes of the packed weight (int8: values and scales).
     pub fn bytes(&self) -> usize {
         match &self.panels {
             Panels::F32(p) => std::mem::size_of_val(p.as_slice()),
             Panels::Bf16(p) => std::mem::size_of_val(p.as_slice()),
+            Panels::Int8(q) => q.bytes(),
         }
+    }
+
+    /// Stores the weight as int8 with a scale per [`q8::BLOCK`] values of each column (a no-op when it already is).
+    pub fn quantize_int8(&mut self) {
+        let k = self.in_dim;
+        let quantized = match &self.panels {
+            Panels::F32(p) => Q8Panels::quantize(p, k),
+            Panels::Bf16(p) => Q8Panels::quantize(p, k),
+            Panels::Int8(_) => return,
+        };
+        self.panels = Panels::Int8(quantized);
     }
 
     /// `out[m, out_dim] = a[m, in_dim] · Wᵀ` (`out` is overwritten).
     pub fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32]) {
+        let (k, n) = (self.in_dim, self.out_dim);
+        let n_panels = n.div_ceil(PANEL);
+        let len = k * PANEL;
         match &self.panels {
-            Panels::F32(panels) => matmul_panels(panels, self.in_dim, self.out_dim, a, m, out),
-            Panels::Bf16(panels) => matmul_panels(panels, self.in_dim, self.out_dim, a, m, out),
+            Panels::F32(p) => matmul_panels(|i| &p[i * len..(i + 1) * len], n_panels, k, n, a, m, out),
+            Panels::Bf16(p) => matmul_panels(|i| &p[i * len..(i + 1) * len], n_panels, k, n, a, m, out),
+            Panels::Int8(q) => matmul_panels(|i| q.panel(i), n_panels, k, n, a, m, out),
         }
     }
 
@@ -152,26 +178,51 @@ impl PackedMatrix {
     }
 }
 
-/// `out[m, n] = a[m, k] · Wᵀ` for `W` packed into `panels`.
-fn matmul_panels<T: Weight>(panels: &[T], k: usize, n: usize, a: &[f32], m: usize, out: &mut [f32]) {
+/// One panel's weights (`[k, PANEL]`) as a kernel reads them.
+trait Panel: Copy + Send + Sync {
+    /// `R` rows of `a` (`[R, k]`) against this panel, accumulated in registers.
+    fn tile<const R: usize, const FMA: bool>(self, a: &[f32], k: usize) -> [[f32; PANEL]; R];
+}
+
+impl<T: Weight> Panel for &[T] {
+    #[inline(always)]
+    fn tile<const R: usize, const FMA: bool>(self, a: &[f32], k: usize) -> [[f32; PANEL]; R] {
+        tile::<R, FMA, T>(a, k, self)
+    }
+}
+
+/// `x · y + z`, fused when `FMA`.
+#[inline(always)]
+fn madd<const FMA: bool>(x: f32, y: f32, z: f32) -> f32 {
+    if FMA { x.mul_add(y, z) } else { x * y + z }
+}
+
+/// `out[m, n] = a[m, k] · Wᵀ` for `W` in `n_panels` panels, `panel(p)` the `p`-th.
+fn matmul_panels<P: Panel>(
+    panel: impl Fn(usize) -> P + Sync,
+    n_panels: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     debug_assert!(a.len() >= m * k && out.len() >= m * n);
     if k == 0 {
         out[..m * n].fill(0.0);
         return;
     }
-    let panel_len = k * PANEL;
     if m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
         // Each task computes whole panels into its own columns buffer, then they are copied into place.
-        let cols: Vec<(usize, Vec<f32>)> = panels
-            .par_chunks_exact(panel_len)
-            .enumerate()
-            .map(|(p, panel)| {
+        let cols: Vec<Vec<f32>> = (0..n_panels)
+            .into_par_iter()
+            .map(|p| {
                 let mut block = vec![0f32; m * PANEL];
-                panel_product(a, m, k, panel, Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
-                (p, block)
+                panel_product(a, m, k, panel(p), Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
+                block
             })
             .collect();
-        for (p, block) in cols {
+        for (p, block) in cols.into_iter().enumerate() {
             let (first, width) = (p * PANEL, PANEL.min(n - p * PANEL));
             for r in 0..m {
                 out[r * n + first..r * n + first + width].copy_from_slice(&block[r * PANEL..r * PANEL + width]);
@@ -179,9 +230,9 @@ fn matmul_panels<T: Weight>(panels: &[T], k: usize, n: usize, a: &[f32], m: usiz
         }
         return;
     }
-    for (p, panel) in panels.chunks_exact(panel_len).enumerate() {
+    for p in 0..n_panels {
         let first = p * PANEL;
-        panel_product(a, m, k, panel, Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
+        panel_product(a, m, k, panel(p), Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
     }
 }
 
@@ -194,7 +245,7 @@ struct Columns<'a> {
 }
 
 /// One panel's columns for all `m` rows of `a` (`[m, k]`).
-fn panel_product<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
+fn panel_product<P: Panel>(a: &[f32], m: usize, k: usize, panel: P, dst: Columns<'_>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
@@ -204,27 +255,27 @@ fn panel_product<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Col
         };
         return;
     }
-    panel_product_generic::<false, T>(a, m, k, panel, dst);
+    panel_product_generic::<false, P>(a, m, k, panel, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn panel_product_fma<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
-    panel_product_generic::<true, T>(a, m, k, panel, dst);
+fn panel_product_fma<P: Panel>(a: &[f32], m: usize, k: usize, panel: P, dst: Columns<'_>) {
+    panel_product_generic::<true, P>(a, m, k, panel, dst);
 }
 
 #[inline(always)]
-fn panel_product_generic<const FMA: bool, T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], mut dst: Columns<'_>) {
+fn panel_product_generic<const FMA: bool, P: Panel>(a: &[f32], m: usize, k: usize, panel: P, mut dst: Columns<'_>) {
     let mut r = 0;
     while r + ROWS <= m {
-        let acc = tile::<ROWS, FMA, T>(&a[r * k..(r + ROWS) * k], k, panel);
+        let acc = panel.tile::<ROWS, FMA>(&a[r * k..(r + ROWS) * k], k);
         store(&acc, &mut dst, r);
         r += ROWS;
     }
     match m - r {
-        1 => store(&tile::<1, FMA, T>(&a[r * k..(r + 1) * k], k, panel), &mut dst, r),
-        2 => store(&tile::<2, FMA, T>(&a[r * k..(r + 2) * k], k, panel), &mut dst, r),
-        3 => store(&tile::<3, FMA, T>(&a[r * k..(r + 3) * k], k, panel), &mut dst, r),
+        1 => store(&panel.tile::<1, FMA>(&a[r * k..(r + 1) * k], k), &mut dst, r),
+        2 => store(&panel.tile::<2, FMA>(&a[r * k..(r + 2) * k], k), &mut dst, r),
+        3 => store(&panel.tile::<3, FMA>(&a[r * k..(r + 3) * k], k), &mut dst, r),
         _ => {}
     }
 }
@@ -240,7 +291,7 @@ fn tile<const R: usize, const FMA: bool, T: Weight>(a: &[f32], k: usize, panel: 
         for r in 0..R {
             let x = rows[r][kk];
             for i in 0..PANEL {
-                acc[r][i] = if FMA { x.mul_add(w[i], acc[r][i]) } else { x * w[i] + acc[r][i] };
+                acc[r][i] = madd::<FMA>(x, w[i], acc[r][i]);
             }
         }
     }
@@ -281,6 +332,27 @@ impl Projection {
 
     pub fn is_host(&self) -> bool {
         matches!(self, Self::Host { .. })
+    }
+
+    /// The weight (packed or candle's) and the bias.
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        match self {
+            Self::Host { weight, bias } => {
+                f(WeightMut::Packed(weight))?;
+                f(WeightMut::Kept(bias.as_ref().map_or(0, |b| std::mem::size_of_val(b.as_slice()))))
+            }
+            Self::Candle(linear) => {
+                f(WeightMut::Tensor(linear.weight()))?;
+                f(WeightMut::Kept(linear.bias().map_or(0, tensor_bytes)))
+            }
+        }
+    }
+
+    /// The weight and bias as bytes kept as loaded (a projection `--quantize` leaves wide).
+    pub fn visit_kept(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        let mut bytes = 0;
+        self.visit_weights(&mut counter(&mut bytes))?;
+        f(WeightMut::Kept(bytes))
     }
 
     /// `rows` (`[m, in_dim]`) through the packed weight, or `None` when this projection runs on candle.
@@ -347,6 +419,14 @@ impl Norm {
 
     pub fn is_host(&self) -> bool {
         matches!(self, Self::Host { .. })
+    }
+
+    /// Bytes of the weight.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Candle(norm) => tensor_bytes(norm.weight()),
+            Self::Host { weight, .. } => std::mem::size_of_val(weight.as_slice()),
+        }
     }
 
     /// The weight tensor and epsilon of a norm that runs on candle (the device kernels apply it themselves);
@@ -439,6 +519,11 @@ impl HostMlp {
 
     pub fn bytes(&self) -> usize {
         self.gate_up.bytes() + self.down.bytes()
+    }
+
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        f(WeightMut::Packed(&mut self.gate_up))?;
+        f(WeightMut::Packed(&mut self.down))
     }
 
     /// `x` `[m, hidden]` → `[m, hidden]`.
@@ -588,6 +673,61 @@ mod tests {
             let (got, want) = pool.install(|| (packed16.matmul(&a, m), packed32.matmul(&a, m)));
             assert_eq!(got, want, "m {m} k {k} n {n}");
         }
+    }
+
+    /// int8 panels: the product equals, to f32 rounding, the f32 product of the dequantized weights (`q · scale`),
+    /// on the single pass and the pool-split path, for every row/column remainder and a partial last block; each
+    /// weight is within half a step (`scale / 2`) of its original; the storage is (1 + 4/32) bytes per weight.
+    #[test]
+    fn int8_products_equal_the_product_of_the_dequantized_weights() {
+        for (m, k, n) in [(1, 7, 5), (3, 64, 40), (5, 40, 17), (4, 96, 16), (33, 256, 300)] {
+            let (a, w) = (values(m * k, 7.0), values(n * k, 8.0));
+            let mut packed = PackedMatrix::from_rows(&w, n, k).unwrap();
+            packed.quantize_int8();
+            let Panels::Int8(q) = &packed.panels else { panic!("not int8") };
+            // Dequantize in the original row-major layout, checking every weight's rounding on the way.
+            let mut dequantized = vec![0f32; n * k];
+            for o in 0..n {
+                let panel = q.panel(o / PANEL);
+                for kk in 0..k {
+                    let (value, scale) = panel.weight(kk, o % PANEL);
+                    let d = f32::from(value) * scale;
+                    assert!((d - w[o * k + kk]).abs() <= scale / 2.0 + 1e-7, "weight [{o}, {kk}]");
+                    dequantized[o * k + kk] = d;
+                }
+            }
+            let reference = PackedMatrix::from_rows(&dequantized, n, k).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let (got, want) = pool.install(|| (packed.matmul(&a, m), reference.matmul(&a, m)));
+            let single =
+                rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| packed.matmul(&a, m));
+            assert_eq!(got, single, "m {m} k {k} n {n}: the pool split changed the result");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "m {m} k {k} n {n} at {i}: {g} vs {w}");
+            }
+            let weights = n.div_ceil(PANEL) * PANEL * k;
+            assert_eq!(packed.bytes(), weights + 4 * n.div_ceil(PANEL) * PANEL * k.div_ceil(q8::BLOCK));
+        }
+    }
+
+    /// Quantizing bf16 panels gives the same int8 matrix as quantizing their f32 widening, and a column of zeros
+    /// stays zero (its scale is 0, not a division by zero).
+    #[test]
+    fn int8_from_bf16_equals_int8_from_the_widened_f32() {
+        let (n, k) = (20, 70);
+        let mut w = values(n * k, 9.0);
+        w[3 * k..4 * k].fill(0.0);
+        let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let mut from16 = PackedMatrix::from_tensor(&Tensor::from_vec(w16, (n, k), &Device::Cpu).unwrap()).unwrap();
+        let mut from32 = PackedMatrix::from_rows(&widened, n, k).unwrap();
+        from16.quantize_int8();
+        from32.quantize_int8();
+        let a = values(2 * k, 10.0);
+        assert_eq!(from16.matmul(&a, 2), from32.matmul(&a, 2));
+        let out = from16.matmul(&a, 2);
+        assert_eq!((out[3], out[n + 3]), (0.0, 0.0));
+        assert!(format!("{from16:?}").contains("int8"));
     }
 
     /// The pool-split path (large products) writes the same values as the single-thread path.

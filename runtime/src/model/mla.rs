@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
-use super::host::{Norm, PackedMatrix, Projection, host_dtype};
+use super::host::{Norm, PackedMatrix, Projection, WeightMut, WeightVisitor, host_dtype, tensor_bytes};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::{Rope, RopeTables};
 use super::step::DeviceStep;
@@ -166,6 +166,27 @@ impl Mla {
             rank,
             scale: config.softmax_scale(),
         })
+    }
+
+    /// The query, `kv_a` and output projections; `kv_b` and its per-head halves are kept as loaded (they serve
+    /// the naive, absorbed and host forms alike).
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        match &mut self.q {
+            QProj::Direct(q) => q.visit_weights(f)?,
+            QProj::LowRank { a, norm, b } => {
+                a.visit_weights(f)?;
+                f(WeightMut::Kept(norm.bytes()))?;
+                b.visit_weights(f)?;
+            }
+        }
+        self.kv_a.visit_weights(f)?;
+        f(WeightMut::Kept(self.kv_a_norm.bytes()))?;
+        self.kv_b.visit_kept(f)?;
+        f(WeightMut::Kept(tensor_bytes(&self.w_uk) + tensor_bytes(&self.w_uv_t)))?;
+        if let Some(host) = &self.host {
+            f(WeightMut::Kept(host.w_uk.iter().chain(&host.w_uv).map(PackedMatrix::bytes).sum()))?;
+        }
+        self.o.visit_weights(f)
     }
 
     /// Attention over a packed batch `x` (`[tokens, hidden]`). Writes each sequence's new latent rows into the

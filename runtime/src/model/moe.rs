@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::{ModelConfig, MoeConfig, ScoringFunc, TopkMethod};
 use super::experts::{Dispatch, ExpertParallel, ExpertRows, StackedExperts, load_swiglu};
-use super::host::{HostMlp, Projection, sigmoid_into, uses_host_kernels};
+use super::host::{HostMlp, Projection, WeightMut, WeightVisitor, sigmoid_into, uses_host_kernels};
 use crate::error::{Error, Part, Result};
 use crate::kernels::ExpertCounters;
 
@@ -46,6 +46,16 @@ impl Mlp {
 
     pub fn is_host(&self) -> bool {
         matches!(self.weights, MlpWeights::Host(_))
+    }
+
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        match &mut self.weights {
+            MlpWeights::Tensors { gate_up, down, .. } => {
+                f(WeightMut::Tensor(gate_up))?;
+                f(WeightMut::Tensor(down))
+            }
+            MlpWeights::Host(mlp) => mlp.visit_weights(f),
+        }
     }
 
     /// Plain rows `xs` (`[m, hidden]`) through the host weights; `None` when this block runs on candle.
@@ -358,6 +368,15 @@ impl Moe {
             token_counts: Vec::new(),
             dtype,
         })
+    }
+
+    /// The routed and shared experts; the router is kept as loaded (f32: routing decides which experts run).
+    /// The CUDA kernels' copy (`device`) shares the stacked experts' storage and is not counted again.
+    pub fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
+        self.router.weight.visit_kept(f)?;
+        f(WeightMut::Kept(self.router.bias.as_ref().map_or(0, |b| std::mem::size_of_val(b.as_slice()))))?;
+        self.experts.visit_weights(f)?;
+        self.shared.as_mut().map_or(Ok(()), |s| s.visit_weights(f))
     }
 
     /// Whether this layer can run on Baleen's CUDA kernels (see [`Moe::forward`]).

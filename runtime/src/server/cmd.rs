@@ -36,9 +36,10 @@ const RESERVED_FDS: u64 = 256;
 /// (the final state is logged), so callers can read stdout as a contract.
 pub fn run(args: &ServeArgs) -> Result<Value> {
     let config = args.engine_config()?;
-    // Fail fast on bad device/dtype strings, before any thread or socket exists.
+    // Fail fast on bad device/dtype/quantize strings, before any thread or socket exists.
     parse_device(&args.model.device)?;
     parse_dtype(&args.model.dtype)?;
+    args.model.quantize()?;
     let threads = args.model.threads()?;
     let served = args.served_model_name();
     let runtime = tokio::runtime::Builder::new_multi_thread()

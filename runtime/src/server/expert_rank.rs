@@ -47,8 +47,10 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
         .placement(&config)?
         .ok_or_else(|| Error::Setting { name: "world-size".into(), reason: "an expert rank needs a group".into() })?;
     let rank = expert.rank;
-    let shard = ExpertShard::load(&config, &placement, rank, var_builder(&source, &config, dtype, &device)?)?;
-    tracing::info!(rank, experts = ?shard.held(), expert_bytes = shard.bytes(), "expert shard loaded");
+    let quantize = args.model.quantize()?;
+    let mut shard = ExpertShard::load(&config, &placement, rank, var_builder(&source, &config, dtype, &device)?)?;
+    shard.visit_weights(&mut quantize.apply())?;
+    tracing::info!(rank, experts = ?shard.held(), expert_bytes = shard.bytes(), quantize = quantize.as_str(), "expert shard loaded");
     let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
     let metrics = Arc::new(RankMetrics::new()?);
     let observed = metrics.clone();

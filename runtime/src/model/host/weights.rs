@@ -1,0 +1,100 @@
+//! Walking a model's weights: to narrow the packed matrices (`--quantize`) and to count the bytes it holds.
+
+use candle_core::Tensor;
+
+use super::PackedMatrix;
+use crate::error::{Error, Result};
+
+/// How the host kernels store the model's large matrices, chosen with `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantize {
+    /// As loaded: f32 or bf16, the `--dtype`.
+    #[default]
+    None,
+    /// int8 with a scale per 32 values of a column (llama.cpp's Q8_0 scheme), quantized at load.
+    Int8,
+}
+
+impl Quantize {
+    /// The flag's values.
+    pub const CHOICES: &'static str = "none, int8";
+
+    pub fn parse(value: &str) -> Result<Self> {
+        match value {
+            "none" => Ok(Self::None),
+            "int8" => Ok(Self::Int8),
+            other => Err(Error::Setting {
+                name: "quantize".into(),
+                reason: format!("`{other}` is not one of {}", Self::CHOICES),
+            }),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Int8 => "int8",
+        }
+    }
+
+    /// Bytes a quantized matrix stores per weight (scales included), for weights loaded in `dtype`.
+    pub fn bytes_per_weight(self, dtype: candle_core::DType) -> f64 {
+        match self {
+            Self::None => dtype.size_in_bytes() as f64,
+            Self::Int8 => 1.0 + std::mem::size_of::<f32>() as f64 / super::q8::BLOCK as f64,
+        }
+    }
+
+    /// Narrows every packed matrix a walk yields; a matrix that candle multiplies cannot be narrowed and is an
+    /// error (the host kernels run only on the CPU, in f32 or bf16).
+    pub fn apply(self) -> impl FnMut(WeightMut<'_>) -> Result<()> {
+        move |weight| match (self, weight) {
+            (Self::None, _) | (_, WeightMut::Kept(_)) => Ok(()),
+            (Self::Int8, WeightMut::Packed(m)) => {
+                m.quantize_int8();
+                Ok(())
+            }
+            (Self::Int8, WeightMut::Tensor(t)) => Err(Error::Setting {
+                name: "quantize".into(),
+                reason: format!(
+                    "int8 weights run on the CPU's host kernels (--device cpu, --dtype f32 or bf16); this model \
+                     has {:?} weights on {:?}",
+                    t.dtype(),
+                    t.device().location()
+                ),
+            }),
+        }
+    }
+}
+
+/// One of a model's weights, as a walk over them yields it.
+#[derive(Debug)]
+pub enum WeightMut<'a> {
+    /// A matrix packed for the host kernels; `--quantize` narrows it.
+    Packed(&'a mut PackedMatrix),
+    /// A matrix candle multiplies (on an accelerator, or in f16); `--quantize` cannot narrow it.
+    Tensor(&'a Tensor),
+    /// Bytes kept as loaded whatever `--quantize` says: norms, the router, embeddings, biases, MLA's
+    /// up-projection `kv_b` (its per-head halves are used by several paths, so they stay as loaded).
+    Kept(usize),
+}
+
+/// What a walk calls for each weight.
+pub type WeightVisitor<'v> = dyn FnMut(WeightMut<'_>) -> Result<()> + 'v;
+
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Adds up the bytes of every weight a walk yields.
+pub fn counter(total: &mut usize) -> impl FnMut(WeightMut<'_>) -> Result<()> + '_ {
+    move |weight| {
+        *total += match weight {
+            WeightMut::Packed(m) => m.bytes(),
+            WeightMut::Tensor(t) => tensor_bytes(t),
+            WeightMut::Kept(bytes) => bytes,
+        };
+        Ok(())
+    }
+}
