@@ -21,12 +21,13 @@ use candle_core::{DType, Device, Tensor};
 
 /// f32 logits must match transformers to this (max abs).
 const F32_TOL: f32 = 1e-4;
-/// int8 weights (`--quantize int8`): logits within this of transformers' f32 (max abs; measured 0.057–0.156 on the
-/// fixtures, where transformers' own bf16 run is 0.045–0.08 off in decode).
-const INT8_TOL: f32 = 0.2;
+/// int8 weights (`--quantize int8`, whose products also quantize their inputs per row and 32 values, as llama.cpp's
+/// Q8_0 does): logits within this of transformers' f32 (max abs; measured 0.078–0.207 on the fixtures, where
+/// transformers' own bf16 run is 0.04–0.10 off outside reroutes; logits span about ±4).
+const INT8_TOL: f32 = 0.3;
 /// int8 weights: the greedy argmax agrees with transformers' f32 at at least this fraction of all fixture positions
-/// (prefill and decode; measured 95 % from f32 weights, 92 % from bf16; transformers' bf16: 96 %). These random
-/// tiny models put many logits within a few hundredths of each other, so a small error flips some.
+/// (prefill in both MLA forms and decode; measured 93 % from f32 weights, 95 % from bf16). These random tiny models
+/// put many logits within a few hundredths of each other, so a small error flips some.
 const INT8_TOP1: f64 = 0.9;
 
 fn fixture(name: &str) -> PathBuf {

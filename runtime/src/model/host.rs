@@ -21,7 +21,7 @@ use crate::error::{Error, Part, Result};
 mod q8;
 mod weights;
 
-use q8::Q8Panels;
+use q8::{Q8Panels, Q8Rows};
 pub use weights::{Quantize, WeightMut, WeightVisitor, counter, tensor_bytes};
 
 /// Output columns per panel: two AVX registers.
@@ -158,15 +158,22 @@ impl PackedMatrix {
         self.panels = Panels::Int8(quantized);
     }
 
-    /// `out[m, out_dim] = a[m, in_dim] · Wᵀ` (`out` is overwritten).
+    /// `out[m, out_dim] = a[m, in_dim] · Wᵀ` (`out` is overwritten). int8 weights quantize `a` too, per row and
+    /// block ([`q8`]).
     pub fn matmul_into(&self, a: &[f32], m: usize, out: &mut [f32]) {
         let (k, n) = (self.in_dim, self.out_dim);
-        let n_panels = n.div_ceil(PANEL);
         let len = k * PANEL;
         match &self.panels {
-            Panels::F32(p) => matmul_panels(|i| &p[i * len..(i + 1) * len], n_panels, k, n, a, m, out),
-            Panels::Bf16(p) => matmul_panels(|i| &p[i * len..(i + 1) * len], n_panels, k, n, a, m, out),
-            Panels::Int8(q) => matmul_panels(|i| q.panel(i), n_panels, k, n, a, m, out),
+            Panels::F32(p) => {
+                split_panels(k, n, m, out, |i, dst| panel_product(a, m, k, &p[i * len..(i + 1) * len], dst))
+            }
+            Panels::Bf16(p) => {
+                split_panels(k, n, m, out, |i, dst| panel_product(a, m, k, &p[i * len..(i + 1) * len], dst))
+            }
+            Panels::Int8(q) => {
+                let rows = Q8Rows::quantize(a, m, k);
+                split_panels(k, n, m, out, |i, dst| q8::product(q, &rows, i, dst));
+            }
         }
     }
 
@@ -178,47 +185,28 @@ impl PackedMatrix {
     }
 }
 
-/// One panel's weights (`[k, PANEL]`) as a kernel reads them.
-trait Panel: Copy + Send + Sync {
-    /// `R` rows of `a` (`[R, k]`) against this panel, accumulated in registers.
-    fn tile<const R: usize, const FMA: bool>(self, a: &[f32], k: usize) -> [[f32; PANEL]; R];
-}
-
-impl<T: Weight> Panel for &[T] {
-    #[inline(always)]
-    fn tile<const R: usize, const FMA: bool>(self, a: &[f32], k: usize) -> [[f32; PANEL]; R] {
-        tile::<R, FMA, T>(a, k, self)
-    }
-}
-
 /// `x · y + z`, fused when `FMA`.
 #[inline(always)]
 fn madd<const FMA: bool>(x: f32, y: f32, z: f32) -> f32 {
     if FMA { x.mul_add(y, z) } else { x * y + z }
 }
 
-/// `out[m, n] = a[m, k] · Wᵀ` for `W` in `n_panels` panels, `panel(p)` the `p`-th.
-fn matmul_panels<P: Panel>(
-    panel: impl Fn(usize) -> P + Sync,
-    n_panels: usize,
-    k: usize,
-    n: usize,
-    a: &[f32],
-    m: usize,
-    out: &mut [f32],
-) {
-    debug_assert!(a.len() >= m * k && out.len() >= m * n);
+/// `out[m, n]` of a product `[m, k] · [k, n]` whose `ceil(n / PANEL)` panels `product(p, columns)` computes: over
+/// the compute pool by panels when the product is large, else in one pass.
+fn split_panels(k: usize, n: usize, m: usize, out: &mut [f32], product: impl Fn(usize, Columns<'_>) + Sync) {
+    debug_assert!(out.len() >= m * n);
     if k == 0 {
         out[..m * n].fill(0.0);
         return;
     }
+    let n_panels = n.div_ceil(PANEL);
     if m * k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
         // Each task computes whole panels into its own columns buffer, then they are copied into place.
         let cols: Vec<Vec<f32>> = (0..n_panels)
             .into_par_iter()
             .map(|p| {
                 let mut block = vec![0f32; m * PANEL];
-                panel_product(a, m, k, panel(p), Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
+                product(p, Columns { out: &mut block, stride: PANEL, first: 0, width: PANEL });
                 block
             })
             .collect();
@@ -232,7 +220,7 @@ fn matmul_panels<P: Panel>(
     }
     for p in 0..n_panels {
         let first = p * PANEL;
-        panel_product(a, m, k, panel(p), Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
+        product(p, Columns { out: &mut *out, stride: n, first, width: PANEL.min(n - first) });
     }
 }
 
@@ -245,7 +233,7 @@ struct Columns<'a> {
 }
 
 /// One panel's columns for all `m` rows of `a` (`[m, k]`).
-fn panel_product<P: Panel>(a: &[f32], m: usize, k: usize, panel: P, dst: Columns<'_>) {
+fn panel_product<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
@@ -255,27 +243,27 @@ fn panel_product<P: Panel>(a: &[f32], m: usize, k: usize, panel: P, dst: Columns
         };
         return;
     }
-    panel_product_generic::<false, P>(a, m, k, panel, dst);
+    panel_product_generic::<false, T>(a, m, k, panel, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn panel_product_fma<P: Panel>(a: &[f32], m: usize, k: usize, panel: P, dst: Columns<'_>) {
-    panel_product_generic::<true, P>(a, m, k, panel, dst);
+fn panel_product_fma<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
+    panel_product_generic::<true, T>(a, m, k, panel, dst);
 }
 
 #[inline(always)]
-fn panel_product_generic<const FMA: bool, P: Panel>(a: &[f32], m: usize, k: usize, panel: P, mut dst: Columns<'_>) {
+fn panel_product_generic<const FMA: bool, T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], mut dst: Columns<'_>) {
     let mut r = 0;
     while r + ROWS <= m {
-        let acc = panel.tile::<ROWS, FMA>(&a[r * k..(r + ROWS) * k], k);
+        let acc = tile::<ROWS, FMA, T>(&a[r * k..(r + ROWS) * k], k, panel);
         store(&acc, &mut dst, r);
         r += ROWS;
     }
     match m - r {
-        1 => store(&panel.tile::<1, FMA>(&a[r * k..(r + 1) * k], k), &mut dst, r),
-        2 => store(&panel.tile::<2, FMA>(&a[r * k..(r + 2) * k], k), &mut dst, r),
-        3 => store(&panel.tile::<3, FMA>(&a[r * k..(r + 3) * k], k), &mut dst, r),
+        1 => store(&tile::<1, FMA, T>(&a[r * k..(r + 1) * k], k, panel), &mut dst, r),
+        2 => store(&tile::<2, FMA, T>(&a[r * k..(r + 2) * k], k, panel), &mut dst, r),
+        3 => store(&tile::<3, FMA, T>(&a[r * k..(r + 3) * k], k, panel), &mut dst, r),
         _ => {}
     }
 }
@@ -675,38 +663,54 @@ mod tests {
         }
     }
 
-    /// int8 panels: the product equals, to f32 rounding, the f32 product of the dequantized weights (`q · scale`),
-    /// on the single pass and the pool-split path, for every row/column remainder and a partial last block; each
-    /// weight is within half a step (`scale / 2`) of its original; the storage is (1 + 4/32) bytes per weight.
+    /// int8 panels: each weight and each input is within half a step (`scale / 2`) of its original; the product
+    /// equals, to f32 rounding, the f32 product of the dequantized inputs and weights, on the single pass and the
+    /// pool-split path, for every row/column remainder and a partial last block, and the portable integer kernel
+    /// gives the same values as the one this CPU runs (VNNI where it has it); the storage is one byte per weight
+    /// (inputs padded to whole blocks) and an f32 scale per 32.
     #[test]
-    fn int8_products_equal_the_product_of_the_dequantized_weights() {
+    fn int8_products_equal_the_product_of_the_dequantized_values() {
         for (m, k, n) in [(1, 7, 5), (3, 64, 40), (5, 40, 17), (4, 96, 16), (33, 256, 300)] {
             let (a, w) = (values(m * k, 7.0), values(n * k, 8.0));
             let mut packed = PackedMatrix::from_rows(&w, n, k).unwrap();
             packed.quantize_int8();
             let Panels::Int8(q) = &packed.panels else { panic!("not int8") };
-            // Dequantize in the original row-major layout, checking every weight's rounding on the way.
             let mut dequantized = vec![0f32; n * k];
             for o in 0..n {
-                let panel = q.panel(o / PANEL);
                 for kk in 0..k {
-                    let (value, scale) = panel.weight(kk, o % PANEL);
+                    let (value, scale) = q.weight(o, kk);
                     let d = f32::from(value) * scale;
                     assert!((d - w[o * k + kk]).abs() <= scale / 2.0 + 1e-7, "weight [{o}, {kk}]");
                     dequantized[o * k + kk] = d;
                 }
             }
-            let reference = PackedMatrix::from_rows(&dequantized, n, k).unwrap();
+            let rows = Q8Rows::quantize(&a, m, k);
+            let mut inputs = vec![0f32; m * k];
+            for r in 0..m {
+                for kk in 0..k {
+                    let (value, scale) = rows.value(r, kk);
+                    let d = f32::from(value) * scale;
+                    assert!((d - a[r * k + kk]).abs() <= scale / 2.0 + 1e-7, "input [{r}, {kk}]");
+                    inputs[r * k + kk] = d;
+                }
+            }
+            let reference = PackedMatrix::from_rows(&dequantized, n, k).unwrap().matmul(&inputs, m);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-            let (got, want) = pool.install(|| (packed.matmul(&a, m), reference.matmul(&a, m)));
+            let got = pool.install(|| packed.matmul(&a, m));
             let single =
                 rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| packed.matmul(&a, m));
             assert_eq!(got, single, "m {m} k {k} n {n}: the pool split changed the result");
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let mut portable = vec![0f32; m * n];
+            for p in 0..n.div_ceil(PANEL) {
+                let dst = Columns { out: &mut portable, stride: n, first: p * PANEL, width: PANEL.min(n - p * PANEL) };
+                q8::portable_matmul(q, &rows, p, dst);
+            }
+            assert_eq!(got, portable, "m {m} k {k} n {n}: the portable kernel differs");
+            for (i, (g, w)) in got.iter().zip(&reference).enumerate() {
                 assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "m {m} k {k} n {n} at {i}: {g} vs {w}");
             }
-            let weights = n.div_ceil(PANEL) * PANEL * k;
-            assert_eq!(packed.bytes(), weights + 4 * n.div_ceil(PANEL) * PANEL * k.div_ceil(q8::BLOCK));
+            let (panels, blocks) = (n.div_ceil(PANEL), k.div_ceil(q8::BLOCK));
+            assert_eq!(packed.bytes(), panels * PANEL * (blocks * q8::BLOCK + 4 * blocks));
         }
     }
 
