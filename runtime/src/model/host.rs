@@ -1,4 +1,4 @@
-//! Host (CPU) kernels for the small matrix products of a decode step: f32 activations against f32 or bf16 weights.
+//! Host (CPU) kernels for the small matrix products of a decode step: f32 activations against f32, bf16 or int8 weights.
 //!
 //! At the sizes a decode step multiplies — a few to a few dozen rows against one projection or one expert's
 //! weights — candle's CPU matmul spends more time on dispatch, layout checks, packing and allocation than on
@@ -9,18 +9,21 @@
 //!
 //! Kernels are compiled twice: for AVX2 + FMA (picked at run time when the CPU has both) and for the portable
 //! baseline. Results equal candle's within f32 rounding (the sums run in a different order). A bf16 model keeps its
-//! weights in bf16 (half the bytes of f32, which is what a memory-bound decode step pays for) and widens them in
-//! registers; activations, norms and sums stay f32, so it computes like its f32 upcast, not like bf16 arithmetic.
-//! `--quantize int8` narrows the packed matrices further, to int8 with a scale per 32 values of a column ([`q8`]).
+//! weights in bf16 (half the bytes of f32, which is what a memory-bound decode step pays for) and multiplies them
+//! with its inputs rounded to bf16 ([`bf16`], AVX-512 BF16 where the CPU has it); `--quantize int8` narrows the
+//! packed matrices further, to int8 with a scale per 32 values of a column ([`q8`], AVX-512 VNNI). Norms, sums and
+//! everything between the products stay f32.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Part, Result};
 
+mod bf16;
 mod q8;
 mod weights;
 
+use bf16::{Bf16Panels, Bf16Rows};
 use q8::{Q8Panels, Q8Rows};
 pub use weights::{Quantize, WeightMut, WeightVisitor, counter, tensor_bytes};
 
@@ -46,8 +49,8 @@ pub struct PackedMatrix {
 #[derive(Clone)]
 enum Panels {
     F32(Vec<f32>),
-    /// bf16 bit patterns.
-    Bf16(Vec<u16>),
+    /// bf16 bit patterns, inputs in pairs ([`bf16`]).
+    Bf16(Bf16Panels),
     /// int8 values with a scale per [`q8::BLOCK`] values of each column.
     Int8(Q8Panels),
 }
@@ -87,14 +90,19 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
-/// `w` (row-major `[out_dim, in_dim]`) in panel order.
-fn pack<T: Weight>(w: &[T], out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
-    if w.len() != out_dim * in_dim {
+fn check_shape(values: usize, out_dim: usize, in_dim: usize) -> Result<()> {
+    if values != out_dim * in_dim {
         return Err(Error::internal(
             Part::HostKernels,
-            format!("weight of {} values is not [{out_dim}, {in_dim}]", w.len()),
+            format!("weight of {values} values is not [{out_dim}, {in_dim}]"),
         ));
     }
+    Ok(())
+}
+
+/// `w` (row-major `[out_dim, in_dim]`) in panel order.
+fn pack<T: Weight>(w: &[T], out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
+    check_shape(w.len(), out_dim, in_dim)?;
     let n_panels = out_dim.div_ceil(PANEL);
     let mut panels = vec![T::default(); n_panels * in_dim * PANEL];
     for (o, row) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
@@ -115,7 +123,8 @@ impl PackedMatrix {
 
     /// Packs a row-major `[out_dim, in_dim]` weight of bf16 bit patterns, kept in bf16.
     pub fn from_bf16_rows(w: &[u16], out_dim: usize, in_dim: usize) -> Result<Self> {
-        Ok(Self { in_dim, out_dim, panels: Panels::Bf16(pack(w, out_dim, in_dim)?) })
+        check_shape(w.len(), out_dim, in_dim)?;
+        Ok(Self { in_dim, out_dim, panels: Panels::Bf16(Bf16Panels::pack(w, out_dim, in_dim)) })
     }
 
     /// Packs a 2-D weight tensor `[out_dim, in_dim]`: bf16 stays bf16, any other dtype is stored as f32.
@@ -142,7 +151,7 @@ impl PackedMatrix {
     pub fn bytes(&self) -> usize {
         match &self.panels {
             Panels::F32(p) => std::mem::size_of_val(p.as_slice()),
-            Panels::Bf16(p) => std::mem::size_of_val(p.as_slice()),
+            Panels::Bf16(p) => p.bytes(),
             Panels::Int8(q) => q.bytes(),
         }
     }
@@ -150,9 +159,10 @@ impl PackedMatrix {
     /// Stores the weight as int8 with a scale per [`q8::BLOCK`] values of each column (a no-op when it already is).
     pub fn quantize_int8(&mut self) {
         let k = self.in_dim;
+        let n_panels = self.out_dim.div_ceil(PANEL);
         let quantized = match &self.panels {
-            Panels::F32(p) => Q8Panels::quantize(p, k),
-            Panels::Bf16(p) => Q8Panels::quantize(p, k),
+            Panels::F32(p) => Q8Panels::quantize(n_panels, k, |i, kk, c| p[(i * k + kk) * PANEL + c]),
+            Panels::Bf16(p) => Q8Panels::quantize(n_panels, k, |i, kk, c| p.weight(i, kk, c)),
             Panels::Int8(_) => return,
         };
         self.panels = Panels::Int8(quantized);
@@ -167,8 +177,9 @@ impl PackedMatrix {
             Panels::F32(p) => {
                 split_panels(k, n, m, out, |i, dst| panel_product(a, m, k, &p[i * len..(i + 1) * len], dst))
             }
-            Panels::Bf16(p) => {
-                split_panels(k, n, m, out, |i, dst| panel_product(a, m, k, &p[i * len..(i + 1) * len], dst))
+            Panels::Bf16(w) => {
+                let rows = Bf16Rows::round(a, m, k);
+                split_panels(k, n, m, out, |i, dst| bf16::product(w, &rows, i, dst));
             }
             Panels::Int8(q) => {
                 let rows = Q8Rows::quantize(a, m, k);
@@ -645,21 +656,38 @@ mod tests {
         }
     }
 
-    /// bf16 weights are widened exactly: a bf16-packed product equals, bit for bit, the f32-packed product of the
-    /// same values, on the single pass and on the pool-split path; and it stores half the bytes.
+    /// bf16 weights multiply the inputs rounded to bf16: the product equals, to f32 rounding, the f32 product of the
+    /// same weights and the rounded inputs, on the single pass and the pool-split path; the portable kernel gives
+    /// the same values as the one this CPU runs (`vdpbf16ps` where it has it); it stores half the bytes (inputs
+    /// padded to pairs).
     #[test]
-    fn bf16_packed_products_equal_the_f32_product_of_the_same_values() {
+    fn bf16_products_equal_the_f32_product_of_the_rounded_values() {
         for (m, k, n) in [(1, 7, 5), (3, 64, 40), (5, 32, 17), (33, 256, 300)] {
             let (a, w) = (values(m * k, 5.0), values(n * k, 6.0));
             let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let rounded: Vec<f32> = a.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
             let t16 = Tensor::from_vec(w16, (n, k), &Device::Cpu).unwrap();
             let packed16 = PackedMatrix::from_tensor(&t16).unwrap();
             let packed32 = PackedMatrix::from_rows(&widened, n, k).unwrap();
-            assert_eq!(2 * packed16.bytes(), packed32.bytes());
+            assert_eq!(2 * packed16.bytes(), n.div_ceil(PANEL) * PANEL * k.next_multiple_of(2) * 4);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-            let (got, want) = pool.install(|| (packed16.matmul(&a, m), packed32.matmul(&a, m)));
-            assert_eq!(got, want, "m {m} k {k} n {n}");
+            let (got, want) = pool.install(|| (packed16.matmul(&a, m), packed32.matmul(&rounded, m)));
+            let single =
+                rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| packed16.matmul(&a, m));
+            assert_eq!(got, single, "m {m} k {k} n {n}: the pool split changed the result");
+            let Panels::Bf16(b) = &packed16.panels else { panic!("not bf16") };
+            let rows = Bf16Rows::round(&a, m, k);
+            let mut portable = vec![0f32; m * n];
+            for p in 0..n.div_ceil(PANEL) {
+                let mut dst =
+                    Columns { out: &mut portable, stride: n, first: p * PANEL, width: PANEL.min(n - p * PANEL) };
+                bf16::portable_product(b.panel(p), &rows, &mut dst);
+            }
+            for (i, ((g, w), p)) in got.iter().zip(&want).zip(&portable).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "m {m} k {k} n {n} at {i}: {g} vs {w}");
+                assert!((g - p).abs() <= 1e-6 * (1.0 + p.abs()), "m {m} k {k} n {n} at {i}: {g} vs portable {p}");
+            }
         }
     }
 

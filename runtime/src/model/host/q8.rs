@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::{Columns, PANEL, ROWS, Weight, store};
+use super::{Columns, PANEL, ROWS, store};
 
 /// Values of a column (and of an input row) that share one scale.
 pub const BLOCK: usize = 32;
@@ -42,33 +42,31 @@ pub(super) struct Q8Panels {
 }
 
 impl Q8Panels {
-    /// Quantizes wide panels (`[panels][k][PANEL]`).
-    pub(super) fn quantize<T: Weight>(panels: &[T], k: usize) -> Self {
+    /// Quantizes `n_panels` panels of `k` inputs, `weight(p, kk, i)` the weight of column `i` of panel `p` at
+    /// input `kk`.
+    pub(super) fn quantize(n_panels: usize, k: usize, weight: impl Fn(usize, usize, usize) -> f32 + Sync) -> Self {
         let (kp, blocks) = (padded(k), k.div_ceil(BLOCK));
-        let n_panels = if k == 0 { 0 } else { panels.len() / (k * PANEL) };
         let mut values = vec![OFFSET as u8; n_panels * kp * PANEL];
         let mut scales = vec![0f32; n_panels * blocks * PANEL];
         if k == 0 {
             return Self { values, scales, k };
         }
-        values
-            .par_chunks_mut(kp * PANEL)
-            .zip(scales.par_chunks_mut(blocks * PANEL))
-            .zip(panels.par_chunks(k * PANEL))
-            .for_each(|((q, s), w)| {
+        values.par_chunks_mut(kp * PANEL).zip(scales.par_chunks_mut(blocks * PANEL)).enumerate().for_each(
+            |(p, (q, s))| {
                 for (b, s) in s.chunks_exact_mut(PANEL).enumerate() {
                     let rows = b * BLOCK..k.min((b + 1) * BLOCK);
                     for (i, scale) in s.iter_mut().enumerate() {
-                        let amax = rows.clone().map(|kk| w[kk * PANEL + i].widen().abs()).fold(0f32, f32::max);
+                        let amax = rows.clone().map(|kk| weight(p, kk, i).abs()).fold(0f32, f32::max);
                         *scale = amax / 127.0;
                         let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
                         for kk in rows.clone() {
-                            let v = i32::from(round_to_i8(w[kk * PANEL + i].widen() * inverse));
+                            let v = i32::from(round_to_i8(weight(p, kk, i) * inverse));
                             q[(kk / GROUP) * PANEL * GROUP + i * GROUP + kk % GROUP] = (v + OFFSET) as u8;
                         }
                     }
                 }
-            });
+            },
+        );
         Self { values, scales, k }
     }
 

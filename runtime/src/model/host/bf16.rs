@@ -1,0 +1,205 @@
+//! bf16 weights for the host kernels: a bf16 checkpoint's own bits (half the bytes of f32), multiplied with the
+//! input rows rounded to bf16 (as transformers' bf16 matmuls take them) and summed in f32.
+//!
+//! A panel keeps two consecutive inputs of a column together (`[k / 2][PANEL][2]`), the operand layout of
+//! AVX-512 BF16's `vdpbf16ps`, which multiplies 16 bf16 pairs and adds them into 8 f32 sums in one instruction
+//! (picked at run time). Without it a portable kernel computes the same: both products are exact in f32, added
+//! into the sum one after the other (the odd input first), as `vdpbf16ps` does.
+
+use super::{Columns, PANEL, ROWS, Weight, store};
+
+/// Inputs per 32-bit lane of a `vpdpbf16ps`.
+const PAIR: usize = 2;
+
+/// The input length rounded up to whole pairs (padding is a zero weight and a zero input).
+fn padded(k: usize) -> usize {
+    k.div_ceil(PAIR) * PAIR
+}
+
+/// bf16 bit patterns of a matrix's panels: `[panels][kp / 2][PANEL][2]` (`kp` = `k` rounded up to even).
+#[derive(Clone)]
+pub(super) struct Bf16Panels {
+    values: Vec<u16>,
+    k: usize,
+}
+
+impl Bf16Panels {
+    /// Packs a row-major `[out_dim, k]` weight of bf16 bit patterns (`w.len() == out_dim * k`).
+    pub(super) fn pack(w: &[u16], out_dim: usize, k: usize) -> Self {
+        let kp = padded(k);
+        let mut values = vec![0u16; out_dim.div_ceil(PANEL) * kp * PANEL];
+        for (o, row) in w.chunks_exact(k.max(1)).enumerate().take(out_dim) {
+            let panel = &mut values[(o / PANEL) * kp * PANEL..(o / PANEL + 1) * kp * PANEL];
+            for (kk, &v) in row.iter().enumerate() {
+                panel[(kk / PAIR) * PANEL * PAIR + (o % PANEL) * PAIR + kk % PAIR] = v;
+            }
+        }
+        Self { values, k }
+    }
+
+    pub(super) fn panel(&self, p: usize) -> &[u16] {
+        let len = padded(self.k) * PANEL;
+        &self.values[p * len..(p + 1) * len]
+    }
+
+    /// Weight `[column i of panel p, input kk]`, widened.
+    pub(super) fn weight(&self, p: usize, kk: usize, i: usize) -> f32 {
+        self.panel(p)[(kk / PAIR) * PANEL * PAIR + i * PAIR + kk % PAIR].widen()
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.values.as_slice())
+    }
+}
+
+/// The input rows of one product rounded to bf16 (to nearest, ties to even), `[m][kp]`, zero-padded.
+pub(super) struct Bf16Rows {
+    values: Vec<u16>,
+    kp: usize,
+}
+
+impl Bf16Rows {
+    pub(super) fn round(a: &[f32], m: usize, k: usize) -> Self {
+        let kp = padded(k);
+        let mut values = vec![0u16; m * kp];
+        for (dst, src) in values.chunks_exact_mut(kp.max(1)).zip(a.chunks_exact(k.max(1))).take(m) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = half::bf16::from_f32(s).to_bits();
+            }
+        }
+        Self { values, kp }
+    }
+
+    fn rows(&self) -> usize {
+        self.values.len() / self.kp.max(1)
+    }
+}
+
+/// Runs `$tile::<R>(row)` over all rows in tiles of [`ROWS`], storing each into `$dst`.
+macro_rules! bf16_row_tiles {
+    ($tile:ident, $m:expr, $dst:expr, $($arg:expr),*) => {{
+        let m = $m;
+        let mut r = 0;
+        while r + ROWS <= m {
+            store(&$tile::<ROWS>($($arg,)* r), $dst, r);
+            r += ROWS;
+        }
+        match m - r {
+            1 => store(&$tile::<1>($($arg,)* r), $dst, r),
+            2 => store(&$tile::<2>($($arg,)* r), $dst, r),
+            3 => store(&$tile::<3>($($arg,)* r), $dst, r),
+            _ => {}
+        }
+    }};
+}
+
+/// Panel `p` of `w` for every row of `rows`, into `dst`.
+pub(super) fn product(w: &Bf16Panels, rows: &Bf16Rows, p: usize, mut dst: Columns<'_>) {
+    if rows.kp == 0 {
+        return;
+    }
+    let panel = w.panel(p);
+    #[cfg(target_arch = "x86_64")]
+    if dot::available() {
+        #[allow(unsafe_code)]
+        // SAFETY: `available` checked every feature `dot::product` is compiled for; that is its only requirement.
+        unsafe {
+            dot::product(panel, rows, &mut dst)
+        };
+        return;
+    }
+    portable_product(panel, rows, &mut dst);
+}
+
+pub(super) fn portable_product(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
+    bf16_row_tiles!(portable_tile, rows.rows(), dst, panel, rows);
+}
+
+/// `R` rows from `row` against one panel, with [`dot::tile`]'s arithmetic.
+fn portable_tile<const R: usize>(panel: &[u16], rows: &Bf16Rows, row: usize) -> [[f32; PANEL]; R] {
+    let mut out = [[0f32; PANEL]; R];
+    for (g, lanes) in panel.chunks_exact(PANEL * PAIR).enumerate() {
+        for (r, out) in out.iter_mut().enumerate() {
+            let x = &rows.values[(row + r) * rows.kp + g * PAIR..][..PAIR];
+            let (x0, x1) = (x[0].widen(), x[1].widen());
+            for (o, lane) in out.iter_mut().zip(lanes.chunks_exact(PAIR)) {
+                *o = lane[0].widen().mul_add(x0, lane[1].widen().mul_add(x1, *o));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod dot {
+    use std::arch::x86_64::{
+        __m256, __m256bh, __m256i, _mm256_dpbf16_ps, _mm256_loadu_si256, _mm256_set1_epi32, _mm256_setzero_ps,
+        _mm256_storeu_ps,
+    };
+
+    use super::{Bf16Rows, Columns, PAIR, PANEL, ROWS, store};
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
+    pub(super) fn product(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
+        bf16_row_tiles!(tile, rows.rows(), dst, panel, rows);
+    }
+
+    /// 16 bf16 values from `at` of `values` (eight columns' pair of inputs) as a 256-bit register.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
+    fn load(values: &[u16], at: usize) -> __m256bh {
+        let chunk = &values[at..at + 16];
+        #[allow(unsafe_code)]
+        // SAFETY: `chunk` holds the 32 bytes read (an unaligned load has no other requirement), and a 256-bit
+        // integer vector and a vector of 16 bf16 have the same size and any bits are valid for both.
+        unsafe {
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(chunk.as_ptr().cast()))
+        }
+    }
+
+    /// A pair of bf16 inputs broadcast to every lane.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
+    fn broadcast(pair: &[u16]) -> __m256bh {
+        let lane = (u32::from(pair[0]) | u32::from(pair[1]) << 16) as i32;
+        #[allow(unsafe_code)]
+        // SAFETY: same size, and any bits are a valid vector of bf16.
+        unsafe {
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_set1_epi32(lane))
+        }
+    }
+
+    /// `R` rows from `row` against one panel: per pair of inputs, `vdpbf16ps` adds both products into 8 columns'
+    /// f32 sums, twice for the panel's 16.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
+    pub(super) fn tile<const R: usize>(panel: &[u16], rows: &Bf16Rows, row: usize) -> [[f32; PANEL]; R] {
+        let mut out: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
+        let x: [&[u16]; R] = std::array::from_fn(|r| &rows.values[(row + r) * rows.kp..(row + r + 1) * rows.kp]);
+        for g in 0..rows.kp / PAIR {
+            let at = g * PANEL * PAIR;
+            let (w0, w1) = (load(panel, at), load(panel, at + 16));
+            for r in 0..R {
+                let xb = broadcast(&x[r][g * PAIR..g * PAIR + PAIR]);
+                out[r][0] = _mm256_dpbf16_ps(out[r][0], w0, xb);
+                out[r][1] = _mm256_dpbf16_ps(out[r][1], w1, xb);
+            }
+        }
+        let mut result = [[0f32; PANEL]; R];
+        for (cols, acc) in result.iter_mut().zip(&out) {
+            let (lo, hi) = cols.split_at_mut(8);
+            #[allow(unsafe_code)]
+            // SAFETY: `lo` and `hi` hold 8 floats each, what an unaligned 256-bit store writes.
+            unsafe {
+                _mm256_storeu_ps(lo.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(hi.as_mut_ptr(), acc[1]);
+            }
+        }
+        result
+    }
+}
