@@ -55,7 +55,8 @@ for round in $(seq 1 "$ROUNDS"); do
                 format=(--dtype "$dtype")
                 if [[ "$dtype" == int8 ]]; then
                     format=(--dtype bf16 --quantize int8)
-                    "$bin" bench --help | grep -q -- --quantize || { say "($which has no --quantize: skipped)"; continue; }
+                    help="$("$bin" bench --help 2>/dev/null || true)"
+                    [[ "$help" == *--quantize* ]] || { say "($which has no --quantize: skipped)"; continue; }
                 fi
                 "$bin" bench --model "$MODEL" "${format[@]}" --threads "$threads" --batch "$BATCHES" \
                     --prompt-len 64 --gen-len 17 --repeats 2 > "$OUT_DIR/dtypes-run.out" 2> "$OUT_DIR/dtypes-run.log" \

@@ -239,7 +239,7 @@ impl ModelArgs {
                     .into(),
             });
         }
-        let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
+        let fingerprint = model_fingerprint(&source.to_string(), &config, dtype, self.quantize()?);
         let peers = Arc::new(ExpertPeers::new(
             self.expert.peers.clone(),
             rank,

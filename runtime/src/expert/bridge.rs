@@ -7,16 +7,18 @@ use candle_core::{Device, Tensor};
 use super::{Driver, ExpertCompute, ExpertPeers, Pending};
 use crate::error::{Error, Result};
 use crate::model::experts::Dispatch;
+use crate::model::host::Quantize;
 use crate::model::{DeepseekModel, ExpertDispatcher, ExpertShard, ModelConfig, PendingRows};
 
 /// Identifies a loaded model for the peer handshake: source, shape and dtype must agree across a group.
-pub fn model_fingerprint(source: &str, config: &ModelConfig, dtype: candle_core::DType) -> String {
+pub fn model_fingerprint(source: &str, config: &ModelConfig, dtype: candle_core::DType, quantize: Quantize) -> String {
     format!(
-        "{source}|{:?}|layers={}|hidden={}|experts={}|{dtype:?}",
+        "{source}|{:?}|layers={}|hidden={}|experts={}|{dtype:?}|{}",
         config.arch,
         config.num_hidden_layers,
         config.hidden_size,
-        config.moe.as_ref().map_or(0, |m| m.n_routed_experts)
+        config.moe.as_ref().map_or(0, |m| m.n_routed_experts),
+        quantize.as_str()
     )
 }
 

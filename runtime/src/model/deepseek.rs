@@ -180,7 +180,10 @@ impl DeepseekModel {
     /// Every weight the model holds: embeddings, each layer's norms, attention and feed-forward, the final norm
     /// and `lm_head`.
     fn visit_weights(&mut self, f: &mut WeightVisitor<'_>) -> Result<()> {
-        f(WeightMut::Kept(tensor_bytes(&self.embed_tokens)))?;
+        // A tied lm_head that candle multiplies is the embedding tensor itself: its bytes are counted there.
+        if !self.config.tie_word_embeddings || self.lm_head.is_host() {
+            f(WeightMut::Kept(tensor_bytes(&self.embed_tokens)))?;
+        }
         for layer in &mut self.layers {
             f(WeightMut::Kept(layer.input_layernorm.bytes() + layer.post_attention_layernorm.bytes()))?;
             layer.self_attn.visit_weights(f)?;
@@ -202,7 +205,7 @@ impl DeepseekModel {
     /// Narrows the packed matrices (projections, experts, dense and shared MLPs, `lm_head`) as `quantize` says;
     /// norms, the router, embeddings and MLA's `kv_b` stay as loaded. Needs the host kernels (CPU, f32 or bf16).
     pub fn quantize(&mut self, quantize: Quantize) -> Result<()> {
-        self.visit_weights(&mut quantize.apply())?;
+        quantize.apply(|f| self.visit_weights(f))?;
         self.quantize = quantize;
         self.weight_bytes = self.count_weight_bytes()?;
         Ok(())

@@ -19,6 +19,25 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Part, Result};
 
+/// Runs `$tile::<R, $generics..>($args.., row)` over rows `0..$m` in tiles of [`ROWS`] rows (then the 1–3 left),
+/// storing each tile's `[[f32; PANEL]; R]` into `$dst` (a `&mut Columns`) at its rows.
+macro_rules! row_tiles {
+    ($m:expr, $dst:expr, $tile:ident [$($g:tt),*] ($($arg:expr),*)) => {{
+        let (m, dst) = ($m, $dst);
+        let mut r = 0;
+        while r + ROWS <= m {
+            store(&$tile::<ROWS $(, $g)*>($($arg,)* r), dst, r);
+            r += ROWS;
+        }
+        match m - r {
+            1 => store(&$tile::<1 $(, $g)*>($($arg,)* r), dst, r),
+            2 => store(&$tile::<2 $(, $g)*>($($arg,)* r), dst, r),
+            3 => store(&$tile::<3 $(, $g)*>($($arg,)* r), dst, r),
+            _ => {}
+        }
+    }};
+}
+
 mod bf16;
 mod q8;
 mod weights;
@@ -35,14 +54,16 @@ const ROWS: usize = 4;
 /// Products at least this large (multiply-adds) are split over the compute pool by panels.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
 
-/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host, in f32, in
-/// bf16 (the checkpoint's own bits, half the bytes a memory-bound decode step reads) or in int8 with block scales
-/// (`--quantize int8`); widened to f32 in registers, so products accumulate in f32 whatever the storage.
+/// A weight `[out_dim, in_dim]` (the checkpoint's `nn.Linear` layout) stored for `x · Wᵀ` on the host in panels of
+/// [`PANEL`] output columns: in f32, in bf16 (the checkpoint's own bits, half the bytes a memory-bound decode step
+/// reads; inputs rounded to bf16) or in int8 with block scales (`--quantize int8`; inputs quantized alike). Sums
+/// are f32 (int8: exact i32 per block, then f32).
 #[derive(Clone)]
 pub struct PackedMatrix {
     in_dim: usize,
     out_dim: usize,
-    /// `[ceil(out_dim / PANEL)][in_dim][PANEL]`, columns past `out_dim` zero.
+    /// f32: `[ceil(out_dim / PANEL)][in_dim][PANEL]`, columns past `out_dim` zero; bf16 and int8 group consecutive
+    /// inputs of a column ([`bf16`], [`q8`]).
     panels: Panels,
 }
 
@@ -265,26 +286,15 @@ fn panel_product_fma<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst:
 
 #[inline(always)]
 fn panel_product_generic<const FMA: bool, T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], mut dst: Columns<'_>) {
-    let mut r = 0;
-    while r + ROWS <= m {
-        let acc = tile::<ROWS, FMA, T>(&a[r * k..(r + ROWS) * k], k, panel);
-        store(&acc, &mut dst, r);
-        r += ROWS;
-    }
-    match m - r {
-        1 => store(&tile::<1, FMA, T>(&a[r * k..(r + 1) * k], k, panel), &mut dst, r),
-        2 => store(&tile::<2, FMA, T>(&a[r * k..(r + 2) * k], k, panel), &mut dst, r),
-        3 => store(&tile::<3, FMA, T>(&a[r * k..(r + 3) * k], k, panel), &mut dst, r),
-        _ => {}
-    }
+    row_tiles!(m, &mut dst, tile[FMA, T](a, k, panel));
 }
 
-/// `R` rows (`a`, `[R, k]`) against one panel (`[k, PANEL]`), accumulated in registers; each panel row is widened
-/// to f32 once and used for all `R` rows.
+/// `R` rows of `a` (`[m, k]`) from `row` against one panel (`[k, PANEL]`), accumulated in registers; each panel row
+/// is widened to f32 once and used for all `R` rows.
 #[inline(always)]
-fn tile<const R: usize, const FMA: bool, T: Weight>(a: &[f32], k: usize, panel: &[T]) -> [[f32; PANEL]; R] {
+fn tile<const R: usize, const FMA: bool, T: Weight>(a: &[f32], k: usize, panel: &[T], row: usize) -> [[f32; PANEL]; R] {
     let mut acc = [[0f32; PANEL]; R];
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &a[r * k..(r + 1) * k]);
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(row + r) * k..(row + r + 1) * k]);
     for (kk, stored) in panel.chunks_exact(PANEL).take(k).enumerate() {
         let w: [f32; PANEL] = std::array::from_fn(|i| stored[i].widen());
         for r in 0..R {
@@ -657,12 +667,12 @@ mod tests {
     }
 
     /// bf16 weights multiply the inputs rounded to bf16: the product equals, to f32 rounding, the f32 product of the
-    /// same weights and the rounded inputs, on the single pass and the pool-split path; the portable kernel gives
-    /// the same values as the one this CPU runs (`vdpbf16ps` where it has it); it stores half the bytes (inputs
-    /// padded to pairs).
+    /// same weights and the rounded inputs, on the single pass and the pool-split path; the fallback kernel gives
+    /// exactly the values of the one this CPU runs (`vdpbf16ps` where it has it; on a CPU without it, the fallback is
+    /// compared with itself); it stores half the bytes (inputs padded to pairs).
     #[test]
     fn bf16_products_equal_the_f32_product_of_the_rounded_values() {
-        for (m, k, n) in [(1, 7, 5), (3, 64, 40), (5, 32, 17), (33, 256, 300)] {
+        for (m, k, n) in [(1, 7, 5), (2, 64, 40), (3, 64, 40), (5, 32, 17), (6, 33, 20), (33, 256, 300)] {
             let (a, w) = (values(m * k, 5.0), values(n * k, 6.0));
             let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
@@ -682,23 +692,24 @@ mod tests {
             for p in 0..n.div_ceil(PANEL) {
                 let mut dst =
                     Columns { out: &mut portable, stride: n, first: p * PANEL, width: PANEL.min(n - p * PANEL) };
-                bf16::portable_product(b.panel(p), &rows, &mut dst);
+                bf16::fallback_product(b.panel(p), &rows, &mut dst);
             }
-            for (i, ((g, w), p)) in got.iter().zip(&want).zip(&portable).enumerate() {
+            assert_eq!(got, portable, "m {m} k {k} n {n}: the fallback kernel differs");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "m {m} k {k} n {n} at {i}: {g} vs {w}");
-                assert!((g - p).abs() <= 1e-6 * (1.0 + p.abs()), "m {m} k {k} n {n} at {i}: {g} vs portable {p}");
             }
         }
     }
 
     /// int8 panels: each weight and each input is within half a step (`scale / 2`) of its original; the product
     /// equals, to f32 rounding, the f32 product of the dequantized inputs and weights, on the single pass and the
-    /// pool-split path, for every row/column remainder and a partial last block, and the portable integer kernel
-    /// gives the same values as the one this CPU runs (VNNI where it has it); the storage is one byte per weight
-    /// (inputs padded to whole blocks) and an f32 scale per 32.
+    /// pool-split path, for every row/column remainder and a partial last block, and the fallback integer kernel
+    /// gives the same values as the one this CPU runs (VNNI where it has it; on a CPU without it, the fallback is
+    /// compared with itself); the storage is one byte per weight (inputs padded to whole blocks) and an f32 scale
+    /// per 32.
     #[test]
     fn int8_products_equal_the_product_of_the_dequantized_values() {
-        for (m, k, n) in [(1, 7, 5), (3, 64, 40), (5, 40, 17), (4, 96, 16), (33, 256, 300)] {
+        for (m, k, n) in [(1, 7, 5), (2, 64, 40), (3, 64, 40), (5, 40, 17), (6, 33, 20), (4, 96, 16), (33, 256, 300)] {
             let (a, w) = (values(m * k, 7.0), values(n * k, 8.0));
             let mut packed = PackedMatrix::from_rows(&w, n, k).unwrap();
             packed.quantize_int8();
@@ -731,15 +742,34 @@ mod tests {
             let mut portable = vec![0f32; m * n];
             for p in 0..n.div_ceil(PANEL) {
                 let dst = Columns { out: &mut portable, stride: n, first: p * PANEL, width: PANEL.min(n - p * PANEL) };
-                q8::portable_matmul(q, &rows, p, dst);
+                q8::fallback_matmul(q, &rows, p, dst);
             }
-            assert_eq!(got, portable, "m {m} k {k} n {n}: the portable kernel differs");
+            assert_eq!(got, portable, "m {m} k {k} n {n}: the fallback kernel differs");
             for (i, (g, w)) in got.iter().zip(&reference).enumerate() {
                 assert!((g - w).abs() <= 2e-5 * (1.0 + w.abs()), "m {m} k {k} n {n} at {i}: {g} vs {w}");
             }
             let (panels, blocks) = (n.div_ceil(PANEL), k.div_ceil(q8::BLOCK));
             assert_eq!(packed.bytes(), panels * PANEL * (blocks * q8::BLOCK + 4 * blocks));
         }
+    }
+
+    /// A NaN in an input row (or a weight) makes that row's outputs NaN, as the f32 product would; the other rows
+    /// are untouched.
+    #[test]
+    fn int8_products_keep_nan() {
+        let (m, k, n) = (3, 64, 20);
+        let (mut a, mut w) = (values(m * k, 11.0), values(n * k, 12.0));
+        a[k + 5] = f32::NAN;
+        let mut packed = PackedMatrix::from_rows(&w, n, k).unwrap();
+        packed.quantize_int8();
+        let out = packed.matmul(&a, m);
+        assert!(out[n..2 * n].iter().all(|v| v.is_nan()), "{:?}", &out[n..2 * n]);
+        assert!(out[..n].iter().chain(&out[2 * n..]).all(|v| v.is_finite()));
+        w[7 * k + 40] = f32::NAN;
+        let mut packed = PackedMatrix::from_rows(&w, n, k).unwrap();
+        packed.quantize_int8();
+        let out = packed.matmul(&values(k, 13.0), 1);
+        assert!(out[7].is_nan() && out.iter().filter(|v| v.is_nan()).count() == 1, "{out:?}");
     }
 
     /// Quantizing bf16 panels gives the same int8 matrix as quantizing their f32 widening, and a column of zeros

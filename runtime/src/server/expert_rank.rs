@@ -49,9 +49,9 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
     let rank = expert.rank;
     let quantize = args.model.quantize()?;
     let mut shard = ExpertShard::load(&config, &placement, rank, var_builder(&source, &config, dtype, &device)?)?;
-    shard.visit_weights(&mut quantize.apply())?;
+    quantize.apply(|f| shard.visit_weights(f))?;
     tracing::info!(rank, experts = ?shard.held(), expert_bytes = shard.bytes(), quantize = quantize.as_str(), "expert shard loaded");
-    let fingerprint = model_fingerprint(&source.to_string(), &config, dtype);
+    let fingerprint = model_fingerprint(&source.to_string(), &config, dtype, quantize);
     let metrics = Arc::new(RankMetrics::new()?);
     let observed = metrics.clone();
     let observer: ComputeObserver = Arc::new(move |layer, rows, seconds| observed.observe(layer, rows, seconds));
@@ -120,7 +120,7 @@ pub(super) fn start_head_service(args: &ServeArgs, model: &DeepseekModel) -> Res
         .ok_or_else(|| Error::Setting { name: "world-size".into(), reason: "a head service needs a group".into() })?;
     let rank = expert.rank;
     let source = ModelSource::parse(&args.model.model);
-    let fingerprint = model_fingerprint(&source.to_string(), config, model.dtype());
+    let fingerprint = model_fingerprint(&source.to_string(), config, model.dtype(), model.quantization());
     let compute = Arc::new(ShardCompute::new(
         HeldExperts::Model(Box::new(model.clone())),
         placement,

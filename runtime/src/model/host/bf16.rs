@@ -3,10 +3,11 @@
 //!
 //! A panel keeps two consecutive inputs of a column together (`[k / 2][PANEL][2]`), the operand layout of
 //! AVX-512 BF16's `vdpbf16ps`, which multiplies 16 bf16 pairs and adds them into 8 f32 sums in one instruction
-//! (picked at run time). Without it a portable kernel computes the same: both products are exact in f32, added
-//! into the sum one after the other (the odd input first), as `vdpbf16ps` does.
+//! (picked at run time). Without it a fallback kernel (AVX2 + FMA, or the portable baseline) computes the same: both
+//! products are exact in f32, added into the sum one after the other (the odd input first), as `vdpbf16ps` does —
+//! except that `vdpbf16ps` flushes subnormal inputs and results to zero.
 
-use super::{Columns, PANEL, ROWS, Weight, store};
+use super::{Columns, PANEL, ROWS, Weight, madd, store};
 
 /// Inputs per 32-bit lane of a `vpdpbf16ps`.
 const PAIR: usize = 2;
@@ -75,24 +76,6 @@ impl Bf16Rows {
     }
 }
 
-/// Runs `$tile::<R>(row)` over all rows in tiles of [`ROWS`], storing each into `$dst`.
-macro_rules! bf16_row_tiles {
-    ($tile:ident, $m:expr, $dst:expr, $($arg:expr),*) => {{
-        let m = $m;
-        let mut r = 0;
-        while r + ROWS <= m {
-            store(&$tile::<ROWS>($($arg,)* r), $dst, r);
-            r += ROWS;
-        }
-        match m - r {
-            1 => store(&$tile::<1>($($arg,)* r), $dst, r),
-            2 => store(&$tile::<2>($($arg,)* r), $dst, r),
-            3 => store(&$tile::<3>($($arg,)* r), $dst, r),
-            _ => {}
-        }
-    }};
-}
-
 /// Panel `p` of `w` for every row of `rows`, into `dst`.
 pub(super) fn product(w: &Bf16Panels, rows: &Bf16Rows, p: usize, mut dst: Columns<'_>) {
     if rows.kp == 0 {
@@ -108,22 +91,44 @@ pub(super) fn product(w: &Bf16Panels, rows: &Bf16Rows, p: usize, mut dst: Column
         };
         return;
     }
-    portable_product(panel, rows, &mut dst);
+    fallback_product(panel, rows, &mut dst);
 }
 
-pub(super) fn portable_product(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
-    bf16_row_tiles!(portable_tile, rows.rows(), dst, panel, rows);
+/// [`product`] without `vdpbf16ps`: AVX2 + FMA when the CPU has them, else the portable baseline.
+pub(super) fn fallback_product(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
+        unsafe {
+            fallback_product_fma(panel, rows, dst)
+        };
+        return;
+    }
+    row_tiles!(rows.rows(), dst, fallback_tile[false](panel, rows));
 }
 
-/// `R` rows from `row` against one panel, with [`dot::tile`]'s arithmetic.
-fn portable_tile<const R: usize>(panel: &[u16], rows: &Bf16Rows, row: usize) -> [[f32; PANEL]; R] {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fallback_product_fma(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
+    row_tiles!(rows.rows(), dst, fallback_tile[true](panel, rows));
+}
+
+/// `R` rows from `row` against one panel, with `vdpbf16ps`'s arithmetic: both products of a pair are exact in f32
+/// (so a fused and an unfused multiply-add round alike), added into the sum odd input first. Lane `i` of a pair of
+/// inputs holds column `i`'s two weights, the even one in its low half: each widens with a shift or a mask.
+#[inline(always)]
+fn fallback_tile<const R: usize, const FMA: bool>(panel: &[u16], rows: &Bf16Rows, row: usize) -> [[f32; PANEL]; R] {
     let mut out = [[0f32; PANEL]; R];
     for (g, lanes) in panel.chunks_exact(PANEL * PAIR).enumerate() {
+        let lane: [u32; PANEL] = std::array::from_fn(|i| u32::from(lanes[2 * i]) | u32::from(lanes[2 * i + 1]) << 16);
+        let even: [f32; PANEL] = std::array::from_fn(|i| f32::from_bits(lane[i] << 16));
+        let odd: [f32; PANEL] = std::array::from_fn(|i| f32::from_bits(lane[i] & 0xffff_0000));
         for (r, out) in out.iter_mut().enumerate() {
             let x = &rows.values[(row + r) * rows.kp + g * PAIR..][..PAIR];
             let (x0, x1) = (x[0].widen(), x[1].widen());
-            for (o, lane) in out.iter_mut().zip(lanes.chunks_exact(PAIR)) {
-                *o = lane[0].widen().mul_add(x0, lane[1].widen().mul_add(x1, *o));
+            for ((o, &e), &d) in out.iter_mut().zip(&even).zip(&odd) {
+                *o = madd::<FMA>(e, x0, madd::<FMA>(d, x1, *o));
             }
         }
     }
@@ -149,7 +154,7 @@ mod dot {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
     pub(super) fn product(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
-        bf16_row_tiles!(tile, rows.rows(), dst, panel, rows);
+        row_tiles!(rows.rows(), dst, tile[](panel, rows));
     }
 
     /// 16 bf16 values from `at` of `values` (eight columns' pair of inputs) as a 256-bit register.

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::{Columns, PANEL, ROWS, store};
+use super::{Columns, PANEL, ROWS, madd, store};
 
 /// Values of a column (and of an input row) that share one scale.
 pub const BLOCK: usize = 32;
@@ -25,8 +25,24 @@ fn padded(k: usize) -> usize {
     k.div_ceil(BLOCK) * BLOCK
 }
 
-/// `v` (within ±127) rounded half away from zero, like `f32::round` without its library call (`as` truncates
-/// toward zero and saturates).
+/// A block's scale, `max|v| / 127` (NaN when a value is NaN, so that products with the block are NaN, as the wide
+/// ones would be), and the factor that maps its values onto ±127 (0 for an all-zero block).
+fn block_scale(values: impl Iterator<Item = f32>) -> (f32, f32) {
+    let (mut amax, mut nan) = (0f32, false);
+    for v in values {
+        nan |= v.is_nan();
+        amax = amax.max(v.abs());
+    }
+    match (nan, amax > 0.0) {
+        (true, _) => (f32::NAN, 0.0),
+        (false, true) => (amax / 127.0, 127.0 / amax),
+        (false, false) => (0.0, 0.0),
+    }
+}
+
+/// `v` (within ±127) rounded to the nearest integer, halves away from zero (as `f32::round`, but `v + 0.5` may round
+/// a value just below a half up; both kernels share this), without `round`'s library call (`as` truncates toward
+/// zero and saturates).
 #[inline(always)]
 fn round_to_i8(v: f32) -> i8 {
     (v + 0.5f32.copysign(v)) as i8
@@ -56,9 +72,8 @@ impl Q8Panels {
                 for (b, s) in s.chunks_exact_mut(PANEL).enumerate() {
                     let rows = b * BLOCK..k.min((b + 1) * BLOCK);
                     for (i, scale) in s.iter_mut().enumerate() {
-                        let amax = rows.clone().map(|kk| weight(p, kk, i).abs()).fold(0f32, f32::max);
-                        *scale = amax / 127.0;
-                        let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                        let inverse;
+                        (*scale, inverse) = block_scale(rows.clone().map(|kk| weight(p, kk, i)));
                         for kk in rows.clone() {
                             let v = i32::from(round_to_i8(weight(p, kk, i) * inverse));
                             q[(kk / GROUP) * PANEL * GROUP + i * GROUP + kk % GROUP] = (v + OFFSET) as u8;
@@ -109,19 +124,22 @@ impl Q8Rows {
         for r in 0..m {
             for b in 0..blocks {
                 let x = &a[r * k + b * BLOCK..r * k + k.min((b + 1) * BLOCK)];
-                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let inverse = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                let (scale, inverse) = block_scale(x.iter().copied());
                 let q = &mut rows.values[r * kp + b * BLOCK..r * kp + b * BLOCK + x.len()];
                 let mut sum = 0i32;
                 for (q, &v) in q.iter_mut().zip(x) {
                     *q = round_to_i8(v * inverse);
                     sum += i32::from(*q);
                 }
-                rows.scales[r * blocks + b] = amax / 127.0;
+                rows.scales[r * blocks + b] = scale;
                 rows.offsets[r * blocks + b] = OFFSET * sum;
             }
         }
         rows
+    }
+
+    fn rows(&self) -> usize {
+        self.values.len() / self.kp.max(1)
     }
 
     /// Row `r`'s input `kk` as quantized: (q, scale).
@@ -129,24 +147,6 @@ impl Q8Rows {
     pub(super) fn value(&self, r: usize, kk: usize) -> (i8, f32) {
         (self.values[r * self.kp + kk], self.scales[r * self.blocks + kk / BLOCK])
     }
-}
-
-/// Runs `$tile::<R>(row)` over all rows of `$rows` in tiles of [`ROWS`], storing each into `$dst`.
-macro_rules! row_tiles {
-    ($tile:ident, $rows:expr, $dst:expr, $($arg:expr),*) => {{
-        let m = $rows.values.len() / $rows.kp.max(1);
-        let mut r = 0;
-        while r + ROWS <= m {
-            store(&$tile::<ROWS>($($arg,)* r), $dst, r);
-            r += ROWS;
-        }
-        match m - r {
-            1 => store(&$tile::<1>($($arg,)* r), $dst, r),
-            2 => store(&$tile::<2>($($arg,)* r), $dst, r),
-            3 => store(&$tile::<3>($($arg,)* r), $dst, r),
-            _ => {}
-        }
-    }};
 }
 
 /// Panel `p` of `q` for every row of `rows`, into `dst`.
@@ -164,15 +164,38 @@ pub(super) fn product(q: &Q8Panels, rows: &Q8Rows, p: usize, mut dst: Columns<'_
         };
         return;
     }
-    portable_product(values, scales, rows, &mut dst);
+    fallback_product(values, scales, rows, &mut dst);
 }
 
-fn portable_product(values: &[u8], scales: &[f32], rows: &Q8Rows, dst: &mut Columns<'_>) {
-    row_tiles!(portable_tile, rows, dst, values, scales, rows);
+/// [`product`] without VNNI: AVX2 + FMA when the CPU has them, else the portable baseline.
+pub(super) fn fallback_product(values: &[u8], scales: &[f32], rows: &Q8Rows, dst: &mut Columns<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
+        unsafe {
+            fallback_product_fma(values, scales, rows, dst)
+        };
+        return;
+    }
+    row_tiles!(rows.rows(), dst, fallback_tile[false](values, scales, rows));
 }
 
-/// `R` rows from `row` against one panel, in integers per block; the same arithmetic as [`vnni::tile`].
-fn portable_tile<const R: usize>(values: &[u8], scales: &[f32], rows: &Q8Rows, row: usize) -> [[f32; PANEL]; R] {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fallback_product_fma(values: &[u8], scales: &[f32], rows: &Q8Rows, dst: &mut Columns<'_>) {
+    row_tiles!(rows.rows(), dst, fallback_tile[true](values, scales, rows));
+}
+
+/// `R` rows from `row` against one panel, in integers per block; the same arithmetic as [`vnni::tile`] (with FMA;
+/// without it the scaling rounds twice).
+#[inline(always)]
+fn fallback_tile<const R: usize, const FMA: bool>(
+    values: &[u8],
+    scales: &[f32],
+    rows: &Q8Rows,
+    row: usize,
+) -> [[f32; PANEL]; R] {
     let mut out = [[0f32; PANEL]; R];
     for b in 0..rows.blocks {
         let mut acc = [[0i32; PANEL]; R];
@@ -189,7 +212,7 @@ fn portable_tile<const R: usize>(values: &[u8], scales: &[f32], rows: &Q8Rows, r
             let at = (row + r) * rows.blocks + b;
             let (offset, sx) = (rows.offsets[at], rows.scales[at]);
             for ((o, &a), &s) in out.iter_mut().zip(acc).zip(&scales[b * PANEL..(b + 1) * PANEL]) {
-                *o = ((a - offset) as f32).mul_add(s * sx, *o);
+                *o = madd::<FMA>((a - offset) as f32, s * sx, *o);
             }
         }
     }
@@ -216,7 +239,7 @@ mod vnni {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
     pub(super) fn product(values: &[u8], scales: &[f32], rows: &Q8Rows, dst: &mut Columns<'_>) {
-        row_tiles!(tile, rows, dst, values, scales, rows);
+        row_tiles!(rows.rows(), dst, tile[](values, scales, rows));
     }
 
     /// 32 bytes from `at` of `bytes` (eight columns' [`GROUP`] of inputs) as a 256-bit register.
@@ -285,8 +308,9 @@ mod vnni {
     }
 }
 
+/// [`fallback_product`] of panel `p`.
 #[cfg(test)]
-pub(super) fn portable_matmul(q: &Q8Panels, rows: &Q8Rows, p: usize, mut dst: Columns<'_>) {
+pub(super) fn fallback_matmul(q: &Q8Panels, rows: &Q8Rows, p: usize, mut dst: Columns<'_>) {
     let (values, scales) = q.panel(p);
-    portable_product(values, scales, rows, &mut dst);
+    fallback_product(values, scales, rows, &mut dst);
 }

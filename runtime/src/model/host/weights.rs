@@ -45,25 +45,32 @@ impl Quantize {
         }
     }
 
-    /// Narrows every packed matrix a walk yields; a matrix that candle multiplies cannot be narrowed and is an
-    /// error (the host kernels run only on the CPU, in f32 or bf16).
-    pub fn apply(self) -> impl FnMut(WeightMut<'_>) -> Result<()> {
-        move |weight| match (self, weight) {
-            (Self::None, _) | (_, WeightMut::Kept(_)) => Ok(()),
-            (Self::Int8, WeightMut::Packed(m)) => {
-                m.quantize_int8();
-                Ok(())
-            }
-            (Self::Int8, WeightMut::Tensor(t)) => Err(Error::Setting {
+    /// Narrows every packed matrix `walk` yields. A first walk checks that none is a matrix candle multiplies
+    /// (those cannot be narrowed: the host kernels run only on the CPU, in f32 or bf16), so a refused model is left
+    /// as it was.
+    pub fn apply(self, mut walk: impl FnMut(&mut WeightVisitor<'_>) -> Result<()>) -> Result<()> {
+        if self == Self::None {
+            return Ok(());
+        }
+        walk(&mut |weight| match weight {
+            WeightMut::Tensor(t) => Err(Error::Setting {
                 name: "quantize".into(),
                 reason: format!(
-                    "int8 weights run on the CPU's host kernels (--device cpu, --dtype f32 or bf16); this model \
-                     has {:?} weights on {:?}",
+                    "{} weights run on the CPU's host kernels (--device cpu, --dtype f32 or bf16); this model has \
+                     {:?} weights on {:?}",
+                    self.as_str(),
                     t.dtype(),
                     t.device().location()
                 ),
             }),
-        }
+            WeightMut::Packed(_) | WeightMut::Kept(_) => Ok(()),
+        })?;
+        walk(&mut |weight| {
+            if let WeightMut::Packed(m) = weight {
+                m.quantize_int8();
+            }
+            Ok(())
+        })
     }
 }
 
