@@ -20,11 +20,19 @@ use rayon::prelude::*;
 use crate::error::{Error, Part, Result};
 
 /// Runs `$tile::<R, $generics..>($args.., row)` over rows `0..$m` in tiles of [`ROWS`] rows (then the 1–3 left),
-/// storing each tile's `[[f32; PANEL]; R]` into `$dst` (a `&mut Columns`) at its rows.
+/// storing each tile's `[[f32; PANEL]; R]` into `$dst` (a `&mut Columns`) at its rows. `$first; …` takes tiles of
+/// `$first` rows first (kernels whose multiply-adds have a long latency keep more sums in flight that way).
 macro_rules! row_tiles {
-    ($m:expr, $dst:expr, $tile:ident [$($g:tt),*] ($($arg:expr),*)) => {{
+    ($m:expr, $dst:expr, $tile:ident [$($g:tt),*] ($($arg:expr),*)) => {
+        row_tiles!(ROWS; $m, $dst, $tile [$($g),*] ($($arg),*))
+    };
+    ($first:expr; $m:expr, $dst:expr, $tile:ident [$($g:tt),*] ($($arg:expr),*)) => {{
         let (m, dst) = ($m, $dst);
         let mut r = 0;
+        while r + $first <= m {
+            store(&$tile::<{ $first } $(, $g)*>($($arg,)* r), dst, r);
+            r += $first;
+        }
         while r + ROWS <= m {
             store(&$tile::<ROWS $(, $g)*>($($arg,)* r), dst, r);
             r += ROWS;

@@ -154,7 +154,7 @@ mod dot {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
     pub(super) fn product(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
-        row_tiles!(rows.rows(), dst, tile[](panel, rows));
+        row_tiles!(2 * ROWS; rows.rows(), dst, tile[](panel, rows));
     }
 
     /// 16 bf16 values from `at` of `values` (eight columns' pair of inputs) as a 256-bit register.

@@ -239,7 +239,7 @@ mod vnni {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
     pub(super) fn product(values: &[u8], scales: &[f32], rows: &Q8Rows, dst: &mut Columns<'_>) {
-        row_tiles!(rows.rows(), dst, tile[](values, scales, rows));
+        row_tiles!(2 * ROWS; rows.rows(), dst, tile[](values, scales, rows));
     }
 
     /// 32 bytes from `at` of `bytes` (eight columns' [`GROUP`] of inputs) as a 256-bit register.
