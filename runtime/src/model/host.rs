@@ -680,7 +680,7 @@ mod tests {
     /// compared with itself); it stores half the bytes (inputs padded to pairs).
     #[test]
     fn bf16_products_equal_the_f32_product_of_the_rounded_values() {
-        for (m, k, n) in [(1, 7, 5), (2, 64, 40), (3, 64, 40), (5, 32, 17), (6, 33, 20), (33, 256, 300)] {
+        for (m, k, n) in [(1, 7, 5), (1, 70, 40), (2, 64, 40), (3, 64, 40), (5, 32, 17), (6, 33, 20), (33, 256, 300)] {
             let (a, w) = (values(m * k, 5.0), values(n * k, 6.0));
             let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
             let widened: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();

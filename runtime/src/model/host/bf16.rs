@@ -11,6 +11,17 @@ use super::{Columns, PANEL, ROWS, Weight, madd, store};
 
 /// Inputs per 32-bit lane of a `vpdpbf16ps`.
 const PAIR: usize = 2;
+/// Sets of sums one row keeps apart (pair `g` of inputs adds into set `g % SETS`, the pairs past the last whole
+/// round into the first sets), so that as many `vdpbf16ps` chains overlap their latency; added
+/// `(s0 + s1) + (s2 + s3)` at the end. A row alone (batch-1 decode) would otherwise wait on one chain per 8 columns.
+const SETS: usize = 4;
+
+/// The set pair `g` of `groups` adds into (see [`SETS`]).
+#[inline(always)]
+fn set_of(g: usize, groups: usize) -> usize {
+    let full = groups - groups % SETS;
+    if g < full { g % SETS } else { g - full }
+}
 
 /// The input length rounded up to whole pairs (padding is a zero weight and a zero input).
 fn padded(k: usize) -> usize {
@@ -119,11 +130,13 @@ fn fallback_product_fma(panel: &[u16], rows: &Bf16Rows, dst: &mut Columns<'_>) {
 /// inputs holds column `i`'s two weights, the even one in its low half: each widens with a shift or a mask.
 #[inline(always)]
 fn fallback_tile<const R: usize, const FMA: bool>(panel: &[u16], rows: &Bf16Rows, row: usize) -> [[f32; PANEL]; R] {
+    if R == 1 {
+        let one = fallback_one::<FMA>(panel, &rows.values[row * rows.kp..(row + 1) * rows.kp]);
+        return std::array::from_fn(|_| one);
+    }
     let mut out = [[0f32; PANEL]; R];
     for (g, lanes) in panel.chunks_exact(PANEL * PAIR).enumerate() {
-        let lane: [u32; PANEL] = std::array::from_fn(|i| u32::from(lanes[2 * i]) | u32::from(lanes[2 * i + 1]) << 16);
-        let even: [f32; PANEL] = std::array::from_fn(|i| f32::from_bits(lane[i] << 16));
-        let odd: [f32; PANEL] = std::array::from_fn(|i| f32::from_bits(lane[i] & 0xffff_0000));
+        let (even, odd) = widen_pairs(lanes);
         for (r, out) in out.iter_mut().enumerate() {
             let x = &rows.values[(row + r) * rows.kp + g * PAIR..][..PAIR];
             let (x0, x1) = (x[0].widen(), x[1].widen());
@@ -135,14 +148,40 @@ fn fallback_tile<const R: usize, const FMA: bool>(panel: &[u16], rows: &Bf16Rows
     out
 }
 
+/// One row (`x`, `kp` inputs) against one panel in [`SETS`] sets of sums, as [`dot::tile`] does for one row.
+#[inline(always)]
+fn fallback_one<const FMA: bool>(panel: &[u16], x: &[u16]) -> [f32; PANEL] {
+    let groups = x.len() / PAIR;
+    let mut sums = [[0f32; PANEL]; SETS];
+    for (g, lanes) in panel.chunks_exact(PANEL * PAIR).enumerate() {
+        let (even, odd) = widen_pairs(lanes);
+        let (x0, x1) = (x[g * PAIR].widen(), x[g * PAIR + 1].widen());
+        for ((o, &e), &d) in sums[set_of(g, groups)].iter_mut().zip(&even).zip(&odd) {
+            *o = madd::<FMA>(e, x0, madd::<FMA>(d, x1, *o));
+        }
+    }
+    std::array::from_fn(|i| (sums[0][i] + sums[1][i]) + (sums[2][i] + sums[3][i]))
+}
+
+/// A pair group's 16 lanes (column `i`: its even and odd input's weight, the even one in the low half) widened:
+/// (even weights, odd weights).
+#[inline(always)]
+fn widen_pairs(lanes: &[u16]) -> ([f32; PANEL], [f32; PANEL]) {
+    let lane: [u32; PANEL] = std::array::from_fn(|i| u32::from(lanes[2 * i]) | u32::from(lanes[2 * i + 1]) << 16);
+    (
+        std::array::from_fn(|i| f32::from_bits(lane[i] << 16)),
+        std::array::from_fn(|i| f32::from_bits(lane[i] & 0xffff_0000)),
+    )
+}
+
 #[cfg(target_arch = "x86_64")]
 mod dot {
     use std::arch::x86_64::{
-        __m256, __m256bh, __m256i, _mm256_dpbf16_ps, _mm256_loadu_si256, _mm256_set1_epi32, _mm256_setzero_ps,
-        _mm256_storeu_ps,
+        __m256, __m256bh, __m256i, _mm256_add_ps, _mm256_dpbf16_ps, _mm256_loadu_si256, _mm256_set1_epi32,
+        _mm256_setzero_ps, _mm256_storeu_ps,
     };
 
-    use super::{Bf16Rows, Columns, PAIR, PANEL, ROWS, store};
+    use super::{Bf16Rows, Columns, PAIR, PANEL, ROWS, SETS, set_of, store};
 
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
@@ -184,6 +223,10 @@ mod dot {
     /// f32 sums, twice for the panel's 16.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
     pub(super) fn tile<const R: usize>(panel: &[u16], rows: &Bf16Rows, row: usize) -> [[f32; PANEL]; R] {
+        if R == 1 {
+            let one = tile_one(panel, &rows.values[row * rows.kp..(row + 1) * rows.kp]);
+            return std::array::from_fn(|_| one);
+        }
         let mut out: [[__m256; 2]; R] = [[_mm256_setzero_ps(); 2]; R];
         let x: [&[u16]; R] = std::array::from_fn(|r| &rows.values[(row + r) * rows.kp..(row + r + 1) * rows.kp]);
         for g in 0..rows.kp / PAIR {
@@ -197,14 +240,49 @@ mod dot {
         }
         let mut result = [[0f32; PANEL]; R];
         for (cols, acc) in result.iter_mut().zip(&out) {
-            let (lo, hi) = cols.split_at_mut(8);
-            #[allow(unsafe_code)]
-            // SAFETY: `lo` and `hi` hold 8 floats each, what an unaligned 256-bit store writes.
-            unsafe {
-                _mm256_storeu_ps(lo.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(hi.as_mut_ptr(), acc[1]);
-            }
+            *cols = spill(acc);
         }
         result
+    }
+
+    /// One row (`x`, `kp` inputs) against one panel, in [`SETS`] sets of sums.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
+    fn tile_one(panel: &[u16], x: &[u16]) -> [f32; PANEL] {
+        let groups = x.len() / PAIR;
+        let mut sums = [[_mm256_setzero_ps(); 2]; SETS];
+        let full = groups - groups % SETS;
+        for first in (0..full).step_by(SETS) {
+            for (s, sum) in sums.iter_mut().enumerate() {
+                let g = first + s;
+                let (w0, w1) = (load(panel, g * PANEL * PAIR), load(panel, g * PANEL * PAIR + 16));
+                let xb = broadcast(&x[g * PAIR..g * PAIR + PAIR]);
+                sum[0] = _mm256_dpbf16_ps(sum[0], w0, xb);
+                sum[1] = _mm256_dpbf16_ps(sum[1], w1, xb);
+            }
+        }
+        for g in full..groups {
+            let sum = &mut sums[set_of(g, groups)];
+            let (w0, w1) = (load(panel, g * PANEL * PAIR), load(panel, g * PANEL * PAIR + 16));
+            let xb = broadcast(&x[g * PAIR..g * PAIR + PAIR]);
+            sum[0] = _mm256_dpbf16_ps(sum[0], w0, xb);
+            sum[1] = _mm256_dpbf16_ps(sum[1], w1, xb);
+        }
+        let half =
+            |h: usize| _mm256_add_ps(_mm256_add_ps(sums[0][h], sums[1][h]), _mm256_add_ps(sums[2][h], sums[3][h]));
+        spill(&[half(0), half(1)])
+    }
+
+    /// A panel's 16 sums out of their two registers.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bf16")]
+    fn spill(acc: &[__m256; 2]) -> [f32; PANEL] {
+        let mut cols = [0f32; PANEL];
+        let (lo, hi) = cols.split_at_mut(8);
+        #[allow(unsafe_code)]
+        // SAFETY: `lo` and `hi` hold 8 floats each, what an unaligned 256-bit store writes.
+        unsafe {
+            _mm256_storeu_ps(lo.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(hi.as_mut_ptr(), acc[1]);
+        }
+        cols
     }
 }
