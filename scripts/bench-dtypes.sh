@@ -33,14 +33,7 @@ bench_args 18 "$@"
 command -v python3 >/dev/null || die "python3 is required"
 release_bin baleen-runtime "$BIN"
 mkdir -p "$OUT_DIR"
-if [[ ! -f "$MODEL/config.json" ]]; then
-    [[ -z "${BENCH_MODEL:-}" ]] || die "$MODEL has no config.json"
-    VENV="$OUT_DIR/venv"
-    [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-    "$VENV/bin/pip" install -q "numpy==2.4.6" || die "pip install numpy failed"
-    say "writing the random checkpoint to $MODEL"
-    "$VENV/bin/python" scripts/make-random-checkpoint.py "$MODEL" --preset deepseek-v2-lite --layers 4 >&2
-fi
+v2lite_checkpoint "$MODEL" "$OUT_DIR"
 BINS=(ours)
 [[ -n "${BENCH_BASELINE:-}" ]] && { [[ -x "$BENCH_BASELINE" ]] || die "$BENCH_BASELINE is not executable"; BINS+=(baseline); }
 

@@ -70,14 +70,7 @@ if [[ " $FORMATS " == *" int8 "* && "$help" != *--quantize* ]]; then
     die "$BIN has no --quantize (an older build?); build a newer one or set BENCH_FORMATS=\"f32 bf16\""
 fi
 mkdir -p "$OUT_DIR" "$LLAMA"
-if [[ ! -f "$MODEL/config.json" ]]; then
-    [[ -z "${BENCH_MODEL:-}" ]] || die "$MODEL has no config.json"
-    VENV="$OUT_DIR/venv"
-    [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-    "$VENV/bin/pip" install -q "numpy==2.4.6" || die "pip install numpy failed"
-    say "writing the random checkpoint to $MODEL"
-    nice -n 19 "$VENV/bin/python" scripts/make-random-checkpoint.py "$MODEL" --preset deepseek-v2-lite --layers 4 >&2
-fi
+v2lite_checkpoint "$MODEL" "$OUT_DIR"
 
 # --- llama.cpp tooling, built once (whatever --no-build says: it is not ours to build with cargo) ---
 LVENV="$LLAMA/venv"
