@@ -84,24 +84,11 @@ enum Panels {
     Int8(Q8Panels),
 }
 
-/// A stored weight value, widened to f32 where the kernels read it.
-trait Weight: Copy + Default + Send + Sync {
-    fn widen(self) -> f32;
-}
-
-impl Weight for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
-    }
-}
-
-impl Weight for u16 {
-    /// A bf16 is the top half of an f32: widening is a shift, exact.
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self) << 16)
-    }
+/// Where input `kk` of column `i` sits in a panel that keeps `lanes` consecutive inputs of a column together
+/// (`[k / lanes][PANEL][lanes]`: bf16 pairs, int8 groups of four).
+#[inline(always)]
+fn interleaved(kk: usize, i: usize, lanes: usize) -> usize {
+    (kk / lanes) * PANEL * lanes + i * lanes + kk % lanes
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -130,10 +117,10 @@ fn check_shape(values: usize, out_dim: usize, in_dim: usize) -> Result<()> {
 }
 
 /// `w` (row-major `[out_dim, in_dim]`) in panel order.
-fn pack<T: Weight>(w: &[T], out_dim: usize, in_dim: usize) -> Result<Vec<T>> {
+fn pack(w: &[f32], out_dim: usize, in_dim: usize) -> Result<Vec<f32>> {
     check_shape(w.len(), out_dim, in_dim)?;
     let n_panels = out_dim.div_ceil(PANEL);
-    let mut panels = vec![T::default(); n_panels * in_dim * PANEL];
+    let mut panels = vec![0f32; n_panels * in_dim * PANEL];
     for (o, row) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
         let (p, i) = (o / PANEL, o % PANEL);
         let panel = &mut panels[p * in_dim * PANEL..(p + 1) * in_dim * PANEL];
@@ -273,7 +260,7 @@ struct Columns<'a> {
 }
 
 /// One panel's columns for all `m` rows of `a` (`[m, k]`).
-fn panel_product<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
+fn panel_product(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
@@ -283,28 +270,26 @@ fn panel_product<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Col
         };
         return;
     }
-    panel_product_generic::<false, T>(a, m, k, panel, dst);
+    panel_product_generic::<false>(a, m, k, panel, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn panel_product_fma<T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], dst: Columns<'_>) {
-    panel_product_generic::<true, T>(a, m, k, panel, dst);
+fn panel_product_fma(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
+    panel_product_generic::<true>(a, m, k, panel, dst);
 }
 
 #[inline(always)]
-fn panel_product_generic<const FMA: bool, T: Weight>(a: &[f32], m: usize, k: usize, panel: &[T], mut dst: Columns<'_>) {
-    row_tiles!(m, &mut dst, tile[FMA, T](a, k, panel));
+fn panel_product_generic<const FMA: bool>(a: &[f32], m: usize, k: usize, panel: &[f32], mut dst: Columns<'_>) {
+    row_tiles!(m, &mut dst, tile[FMA](a, k, panel));
 }
 
-/// `R` rows of `a` (`[m, k]`) from `row` against one panel (`[k, PANEL]`), accumulated in registers; each panel row
-/// is widened to f32 once and used for all `R` rows.
+/// `R` rows of `a` (`[m, k]`) from `row` against one panel (`[k, PANEL]`), accumulated in registers.
 #[inline(always)]
-fn tile<const R: usize, const FMA: bool, T: Weight>(a: &[f32], k: usize, panel: &[T], row: usize) -> [[f32; PANEL]; R] {
+fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32], row: usize) -> [[f32; PANEL]; R] {
     let mut acc = [[0f32; PANEL]; R];
     let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(row + r) * k..(row + r + 1) * k]);
-    for (kk, stored) in panel.chunks_exact(PANEL).take(k).enumerate() {
-        let w: [f32; PANEL] = std::array::from_fn(|i| stored[i].widen());
+    for (kk, w) in panel.chunks_exact(PANEL).take(k).enumerate() {
         for r in 0..R {
             let x = rows[r][kk];
             for i in 0..PANEL {

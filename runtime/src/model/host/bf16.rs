@@ -7,7 +7,13 @@
 //! products are exact in f32, added into the sum one after the other (the odd input first), as `vdpbf16ps` does —
 //! except that `vdpbf16ps` flushes subnormal inputs and results to zero.
 
-use super::{Columns, PANEL, ROWS, Weight, madd, store};
+use super::{Columns, PANEL, ROWS, interleaved, madd, store};
+
+/// A bf16 is the top half of an f32: widening is a shift, exact (NaN payloads included).
+#[inline(always)]
+fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
 
 /// Inputs per 32-bit lane of a `vpdpbf16ps`.
 const PAIR: usize = 2;
@@ -43,7 +49,7 @@ impl Bf16Panels {
         for (o, row) in w.chunks_exact(k.max(1)).enumerate().take(out_dim) {
             let panel = &mut values[(o / PANEL) * kp * PANEL..(o / PANEL + 1) * kp * PANEL];
             for (kk, &v) in row.iter().enumerate() {
-                panel[(kk / PAIR) * PANEL * PAIR + (o % PANEL) * PAIR + kk % PAIR] = v;
+                panel[interleaved(kk, o % PANEL, PAIR)] = v;
             }
         }
         Self { values, k }
@@ -56,7 +62,7 @@ impl Bf16Panels {
 
     /// Weight `[column i of panel p, input kk]`, widened.
     pub(super) fn weight(&self, p: usize, kk: usize, i: usize) -> f32 {
-        self.panel(p)[(kk / PAIR) * PANEL * PAIR + i * PAIR + kk % PAIR].widen()
+        widen(self.panel(p)[interleaved(kk, i, PAIR)])
     }
 
     pub(super) fn bytes(&self) -> usize {
@@ -139,7 +145,7 @@ fn fallback_tile<const R: usize, const FMA: bool>(panel: &[u16], rows: &Bf16Rows
         let (even, odd) = widen_pairs(lanes);
         for (r, out) in out.iter_mut().enumerate() {
             let x = &rows.values[(row + r) * rows.kp + g * PAIR..][..PAIR];
-            let (x0, x1) = (x[0].widen(), x[1].widen());
+            let (x0, x1) = (widen(x[0]), widen(x[1]));
             for ((o, &e), &d) in out.iter_mut().zip(&even).zip(&odd) {
                 *o = madd::<FMA>(e, x0, madd::<FMA>(d, x1, *o));
             }
@@ -155,7 +161,7 @@ fn fallback_one<const FMA: bool>(panel: &[u16], x: &[u16]) -> [f32; PANEL] {
     let mut sums = [[0f32; PANEL]; SETS];
     for (g, lanes) in panel.chunks_exact(PANEL * PAIR).enumerate() {
         let (even, odd) = widen_pairs(lanes);
-        let (x0, x1) = (x[g * PAIR].widen(), x[g * PAIR + 1].widen());
+        let (x0, x1) = (widen(x[g * PAIR]), widen(x[g * PAIR + 1]));
         for ((o, &e), &d) in sums[set_of(g, groups)].iter_mut().zip(&even).zip(&odd) {
             *o = madd::<FMA>(e, x0, madd::<FMA>(d, x1, *o));
         }

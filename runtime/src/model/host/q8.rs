@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::{Columns, PANEL, ROWS, madd, store};
+use super::{Columns, PANEL, ROWS, interleaved, madd, store};
 
 /// Values of a column (and of an input row) that share one scale.
 pub const BLOCK: usize = 32;
@@ -76,7 +76,7 @@ impl Q8Panels {
                         (*scale, inverse) = block_scale(rows.clone().map(|kk| weight(p, kk, i)));
                         for kk in rows.clone() {
                             let v = i32::from(round_to_i8(weight(p, kk, i) * inverse));
-                            q[(kk / GROUP) * PANEL * GROUP + i * GROUP + kk % GROUP] = (v + OFFSET) as u8;
+                            q[interleaved(kk, i, GROUP)] = (v + OFFSET) as u8;
                         }
                     }
                 }
@@ -100,7 +100,7 @@ impl Q8Panels {
     pub(super) fn weight(&self, o: usize, kk: usize) -> (i8, f32) {
         let (values, scales) = self.panel(o / PANEL);
         let i = o % PANEL;
-        let q = i32::from(values[(kk / GROUP) * PANEL * GROUP + i * GROUP + kk % GROUP]) - OFFSET;
+        let q = i32::from(values[interleaved(kk, i, GROUP)]) - OFFSET;
         (q as i8, scales[kk / BLOCK * PANEL + i])
     }
 }
