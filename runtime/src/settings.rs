@@ -209,7 +209,7 @@ impl ModelArgs {
     /// are ready to, e.g. after starting their own expert service).
     pub fn load_head(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
         let quantize = self.quantize()?;
-        let (mut loaded, peers) = self.load_head_default()?;
+        let (mut loaded, peers) = self.load_head_default(quantize)?;
         loaded.model.set_accel(self.accel());
         let loaded_bytes = loaded.model.weight_bytes();
         loaded.model.quantize(quantize)?;
@@ -222,7 +222,7 @@ impl ModelArgs {
         Ok((loaded, peers))
     }
 
-    fn load_head_default(&self) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
+    fn load_head_default(&self, quantize: Quantize) -> Result<(LoadedModel, Option<Arc<ExpertPeers>>)> {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype)?;
         let source = ModelSource::parse(&self.model);
@@ -239,7 +239,7 @@ impl ModelArgs {
                     .into(),
             });
         }
-        let fingerprint = model_fingerprint(&source.to_string(), &config, dtype, self.quantize()?);
+        let fingerprint = model_fingerprint(&source.to_string(), &config, dtype, quantize);
         let peers = Arc::new(ExpertPeers::new(
             self.expert.peers.clone(),
             rank,
