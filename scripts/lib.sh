@@ -106,14 +106,16 @@ wait_ready() {
     die "$1/ready never answered 200"
 }
 
-# v2lite_checkpoint DIR OUT_DIR: DIR must hold a checkpoint; when it is the default (BENCH_MODEL unset) and missing,
-# writes the 4-layer DeepSeek-V2-Lite-shaped random checkpoint there (numpy in a venv under OUT_DIR; niced).
+# v2lite_checkpoint DIR OUT_DIR [--fp8]: DIR must hold a checkpoint; when it is the default (BENCH_MODEL, with
+# --fp8 BENCH_FP8_MODEL, unset) and missing, writes the 4-layer DeepSeek-V2-Lite-shaped random checkpoint there
+# (--fp8: its projections in FP8 with 128x128 block scales; numpy in a venv under OUT_DIR; niced).
 v2lite_checkpoint() {
-    local model="$1" venv="$2/venv"
+    local model="$1" venv="$2/venv" fp8="${3:-}" var=BENCH_MODEL
+    [[ -n "$fp8" ]] && var=BENCH_FP8_MODEL
     [[ -f "$model/config.json" ]] && return 0
-    [[ -z "${BENCH_MODEL:-}" ]] || die "$model has no config.json"
+    [[ -z "${!var:-}" ]] || die "$model has no config.json"
     [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
     "$venv/bin/pip" install -q "numpy==2.4.6" || die "pip install numpy failed"
     say "writing the random checkpoint to $model"
-    nice -n 19 "$venv/bin/python" scripts/make-random-checkpoint.py "$model" --preset deepseek-v2-lite --layers 4 >&2
+    nice -n 19 "$venv/bin/python" scripts/make-random-checkpoint.py "$model" --preset deepseek-v2-lite --layers 4 ${fp8:+"$fp8"} >&2
 }

@@ -3,13 +3,17 @@
 where downloading the real weights is not possible (machines without internet). Only the shapes are real: the
 text it generates is meaningless.
 
-    scripts/make-random-checkpoint.py OUT_DIR [--preset deepseek-v2-lite] [--layers N]
+    scripts/make-random-checkpoint.py OUT_DIR [--preset deepseek-v2-lite] [--layers N] [--fp8]
 
 `--layers` keeps the first N decoder layers (the first `first_k_dense_replace` are dense, as in the real model), so
 per-layer numbers are the real model's while the file stays small. Weights are bf16, drawn from N(0, 0.02²); norms
 are 1. The tokenizer files are copied from runtime/tests/fixtures/tiny-v2 (their ids are all below the vocabulary
 size). Uses torch (on CUDA when present) to draw the numbers, or numpy; writes safetensors itself, tensor by
 tensor, so memory stays at one tensor.
+
+`--fp8` stores the projections (attention, dense and expert MLPs; not the embeddings, router or lm_head) as
+DeepSeek-V3 ships them: `float8_e4m3fn` values with an f32 `weight_scale_inv` per 128×128 block (`amax / 448`),
+and `quantization_config` in config.json (numpy only).
 """
 
 import argparse
@@ -131,13 +135,67 @@ def drawer():
         return draw
 
 
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+
+
+def fp8_projection(name, shape):
+    """Whether DeepSeek-V3's FP8 checkpoints store this tensor in FP8 (every linear projection's weight)."""
+    return len(shape) == 2 and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
+
+
+def e4m3_encoder():
+    """A function float32 array -> e4m3fn bytes (uint8), rounding to the nearest value (|v| <= 448)."""
+    import numpy as np
+
+    codes = np.arange(0x7F, dtype=np.uint8)  # 0x00..0x7E: every finite non-negative e4m3 value, increasing
+    exp, mant = (codes >> 3).astype(np.int32), (codes & 7).astype(np.float64)
+    values = np.where(exp == 0, mant / 8 * 2.0 ** -6, (1 + mant / 8) * 2.0 ** (exp - 7))
+
+    def encode(v):
+        a = np.minimum(np.abs(v).astype(np.float64), FP8_MAX)
+        hi = np.clip(np.searchsorted(values, a), 1, len(values) - 1)
+        lo = hi - 1
+        code = np.where(a - values[lo] <= values[hi] - a, lo, hi).astype(np.uint8)
+        return code | np.where(v < 0, 0x80, 0).astype(np.uint8)
+
+    return encode
+
+
+def fp8_drawer():
+    """A function (shape) -> (e4m3 bytes, f32 block-scale bytes) of a N(0, 0.02²) weight."""
+    import numpy as np
+
+    rng, encode = np.random.default_rng(0), e4m3_encoder()
+
+    def draw(shape):
+        w = rng.standard_normal(shape, np.float32) * 0.02
+        rows, cols = shape
+        br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+        scales = np.zeros((br, bc), np.float32)
+        q = np.zeros(shape, np.uint8)
+        for i in range(br):
+            for j in range(bc):
+                blk = w[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK]
+                s = np.float32(np.abs(blk).max() / FP8_MAX) or np.float32(1.0)
+                scales[i, j] = s
+                q[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK] = encode(blk / s)
+        return q.tobytes(), scales.astype("<f4").tobytes()
+
+    return draw
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=pathlib.Path)
     ap.add_argument("--preset", default="deepseek-v2-lite", choices=sorted(PRESETS))
     ap.add_argument("--layers", type=int, help="decoder layers to keep (default: all)")
+    ap.add_argument("--fp8", action="store_true", help="store the projections in FP8 with 128x128 block scales")
     args = ap.parse_args()
     config = dict(PRESETS[args.preset])
+    if args.fp8:
+        config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     if args.layers is not None:
         if not 1 <= args.layers <= config["num_hidden_layers"]:
             ap.error(f"--layers must be in 1..{config['num_hidden_layers']}")
@@ -149,24 +207,38 @@ def main():
         shutil.copy(fixture / name, args.out / name)
 
     specs = tensors(config)
-    header, offset = {}, 0
-    for name, shape in specs:
-        size = 2
-        for d in shape:
-            size *= d
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+    header, offset, params = {}, 0, 0
+
+    def add(name, dtype, shape, size):
+        nonlocal offset
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
+
+    for name, shape in specs:
+        count = 1
+        for d in shape:
+            count *= d
+        params += count
+        if args.fp8 and fp8_projection(name, shape):
+            add(name, "F8_E4M3", shape, count)
+            blocks = (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+            add(name + "_scale_inv", "F32", blocks, 4 * blocks[0] * blocks[1])
+        else:
+            add(name, "BF16", shape, 2 * count)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     draw = drawer()
+    draw_fp8 = fp8_drawer() if args.fp8 else None
     with open(args.out / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape in specs:
-            f.write(draw(shape, name.endswith("norm.weight")))
-    params = offset // 2
-    print(f"{args.out}: {args.preset}, {config['num_hidden_layers']} layers, {params / 1e9:.2f} B parameters, "
-          f"{offset / 2**30:.2f} GiB")
+            if draw_fp8 and fp8_projection(name, shape):
+                f.write(b"".join(draw_fp8(shape)))
+            else:
+                f.write(draw(shape, name.endswith("norm.weight")))
+    print(f"{args.out}: {args.preset}{' fp8' if args.fp8 else ''}, {config['num_hidden_layers']} layers, "
+          f"{params / 1e9:.2f} B parameters, {offset / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::builtin;
 use crate::error::{Error, Result};
+use crate::model::host::Quantize;
 use crate::model::{DeepseekModel, ExpertParallel, ModelConfig};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{self, Checkpoint};
@@ -57,7 +58,7 @@ pub struct LoadedModel {
 }
 
 pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    load_parallel(source, device, dtype, None)
+    load_parallel(source, device, dtype, None, Quantize::None)
 }
 
 /// The checkpoint's tensors (or the built-in model's generated ones) as a VarBuilder.
@@ -78,14 +79,17 @@ pub fn var_builder(
 }
 
 /// Loads the model as the head of an expert-parallel group when `parallel` is given (only this rank's routed
-/// experts are read), else whole.
+/// experts are read), else whole. `quantize` `fp8` keeps an FP8 checkpoint's weights in 8 bits as they load (the
+/// other choices narrow after loading: [`DeepseekModel::quantize`]).
 pub fn load_parallel(
     source: &ModelSource,
     device: &Device,
     dtype: DType,
     parallel: Option<&ExpertParallel>,
+    quantize: Quantize,
 ) -> Result<LoadedModel> {
-    let config = source.config()?;
+    let mut config = source.config()?;
+    quantize.configure(&mut config)?;
     if let ModelSource::Builtin(_) = source {
         tracing::info!(model = %source, "loading built-in random-weight demo model (its output is meaningless text)");
     }

@@ -18,7 +18,7 @@ use crate::device::{cpu_threads, parse_device, parse_dtype};
 use crate::error::{Error, Result};
 use crate::expert::{ExpertPeers, model_fingerprint};
 use crate::hub::{self, Fetch, FetchOptions, HubRepo, HubSettings, ModelRef};
-use crate::loader::{LoadedModel, ModelSource, load, load_parallel};
+use crate::loader::{LoadedModel, ModelSource, load_parallel};
 use crate::model::host::{Quantize, host_dtype};
 use crate::model::{Accel, ExpertParallel};
 
@@ -38,8 +38,9 @@ pub struct ModelArgs {
     /// Compute and KV-cache dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", env = ENV_RUNTIME_DTYPE)]
     pub dtype: String,
-    /// Store the large matrices narrower, quantized at load: none, or int8 (a scale per 32 values of a column,
-    /// like llama.cpp's Q8_0; projections, experts, dense and shared MLPs and lm_head; CPU with f32 or bf16).
+    /// Store the large matrices narrower: none; int8 (quantized at load, a scale per 32 values of a column, like
+    /// llama.cpp's Q8_0; projections, experts, dense and shared MLPs and lm_head); or fp8 (an FP8 checkpoint's
+    /// weights kept in 8 bits with their block scales instead of dequantized). CPU with f32 or bf16.
     #[arg(long, default_value = "none", env = ENV_RUNTIME_QUANTIZE)]
     pub quantize: String,
     /// CPU compute threads; 0 picks one thread for small models (hidden < 1024) and all cores otherwise.
@@ -228,7 +229,7 @@ impl ModelArgs {
         let source = ModelSource::parse(&self.model);
         let config = source.config()?;
         let Some(placement) = self.expert.placement(&config)? else {
-            return Ok((load(&source, &device, dtype)?, None));
+            return Ok((load_parallel(&source, &device, dtype, None, quantize)?, None));
         };
         let rank = self.expert.rank;
         if rank != 0 && !self.expert.data_parallel_attention {
@@ -249,6 +250,6 @@ impl ModelArgs {
         )?);
         tracing::info!(rank, world_size = placement.world_size(), experts = ?placement.experts_on(rank), "expert-parallel head");
         let parallel = ExpertParallel { placement, rank, dispatcher: peers.clone() };
-        Ok((load_parallel(&source, &device, dtype, Some(&parallel))?, Some(peers)))
+        Ok((load_parallel(&source, &device, dtype, Some(&parallel), quantize)?, Some(peers)))
     }
 }

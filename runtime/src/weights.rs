@@ -125,9 +125,23 @@ impl Checkpoint {
     /// companion are dequantized block-wise, `w[i, j] = e4m3(q[i, j]) * scale_inv[i / br, j / bc]` (partial edge
     /// blocks allowed), in f32, then cast; FP8 weights without a companion are decoded unscaled. f32/bf16/f16
     /// tensors load and cast. Other dtypes are an [`Error::Tensor`] naming the dtype.
+    ///
+    /// `dtype` [`DType::U8`] reads an FP8 weight's raw `e4m3fn` bytes, neither decoded nor scaled (its scales are
+    /// the `{name}_scale_inv` tensor): how `--quantize fp8` keeps a checkpoint's FP8 weights in 8 bits. Only FP8
+    /// tensors can be read so.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let view = self.view(name)?;
         let shape = view.shape();
+        if dtype == DType::U8 {
+            if view.dtype() != StDtype::F8_E4M3 {
+                return Err(Error::tensor(
+                    name,
+                    format!("only F8_E4M3 weights can be read as raw bytes, this one is {:?}", view.dtype()),
+                ));
+            }
+            return Tensor::from_raw_buffer(view.data(), DType::U8, shape, device)
+                .map_err(|e| Error::tensor(name, e.to_string()));
+        }
         let tensor = match view.dtype() {
             StDtype::F32 | StDtype::BF16 | StDtype::F16 => {
                 let stored = DType::try_from(view.dtype()).map_err(|e| Error::tensor(name, e.to_string()))?;

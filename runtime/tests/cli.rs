@@ -117,6 +117,24 @@ fn int8_weights_run_every_command_in_fewer_bytes() {
     assert!(err.contains("model weights resident") && err.contains("weight_format=int8"), "{err}");
 }
 
+/// `--quantize fp8` on an FP8 checkpoint: `bench` and `generate` run on the weights kept in 8 bits, fewer bytes
+/// than the same checkpoint dequantized at load (the accuracy bounds are in tests/golden.rs).
+#[test]
+fn fp8_weights_kept_as_fp8_run_every_command_in_fewer_bytes() {
+    let dir = fixture("tiny-v3-fp8");
+    let model = dir.to_str().unwrap();
+    let args = ["bench", "--model", model, "--dtype", "bf16", "--prompt-len", "8", "--gen-len", "4", "--repeats", "1"];
+    let wide = run_json(&args);
+    let kept = run_json(&[&args[..], &["--quantize", "fp8"]].concat());
+    assert_eq!((wide["quantize"].as_str(), kept["quantize"].as_str()), (Some("none"), Some("fp8")));
+    let (wide, kept) = (wide["weight_bytes"].as_u64().unwrap(), kept["weight_bytes"].as_u64().unwrap());
+    assert!(kept < wide, "fp8 {kept} bytes vs dequantized bf16 {wide}");
+    let out = run(&["generate", "--model", model, "--ids", "1,2,3", "--max-tokens", "4", "--quantize", "fp8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model weights resident") && err.contains("weight_format=fp8"), "{err}");
+}
+
 #[test]
 fn deepseek_v3_kv_cache_is_70272_bytes_per_token() {
     let dir = fixture("deepseek-v3-config");
@@ -128,7 +146,7 @@ fn deepseek_v3_kv_cache_is_70272_bytes_per_token() {
 
 #[test]
 fn bad_input_fails_with_a_message_naming_the_problem() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["generate", "--model", "/nonexistent/model", "--ids", "1"], "config.json"),
         (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--api-key", " , "], "api-key"),
         (&["serve", "--model", "builtin:tiny-moe", "--port", "0", "--max-connections", "0"], "max-connections"),
@@ -147,6 +165,7 @@ fn bad_input_fails_with_a_message_naming_the_problem() {
             &["generate", "--model", "builtin:tiny-moe", "--ids", "1", "--dtype", "f16", "--quantize", "int8"],
             "--dtype f32 or bf16",
         ),
+        (&["generate", "--model", "builtin:tiny-moe", "--ids", "1", "--quantize", "fp8"], "weights are not FP8"),
     ];
     for (args, needle) in cases {
         let out = run(args);

@@ -242,6 +242,11 @@ fn an_expert_rank_serves_probes_and_metrics_but_no_api() {
     let (status, before) = http(&addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert_eq!(rows(&before), 0, "{before}");
+    let held = before
+        .lines()
+        .find_map(|l| l.strip_prefix("baleen_runtime_model_weight_bytes{weight_format=\"f32\"} "))
+        .unwrap_or_else(|| panic!("no weight bytes in {before}"));
+    assert!(held.parse::<u64>().unwrap() > 0, "{held}");
     let ids = "1,2,3,4,5";
     run_json(&[
         "generate",

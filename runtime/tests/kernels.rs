@@ -131,7 +131,7 @@ fn grouped_expert_kernels_match_the_batched_matmuls() {
     for dtype in [DType::F32, DType::BF16] {
         let vb = baleen_runtime::builtin::var_builder(dtype, &dev).pp("model.layers.1.mlp.experts");
         let held: Vec<usize> = (0..n_experts).collect();
-        let experts = StackedExperts::load(&held, n_experts, hidden, inter, vb).unwrap();
+        let experts = StackedExperts::load(&held, n_experts, hidden, inter, None, vb).unwrap();
         let Some((gate_up, down)) = experts.stacked() else {
             let host = dev.is_cpu() && matches!(dtype, DType::F32 | DType::BF16);
             assert!(host, "only f32 and bf16 on the CPU pack experts for the host");

@@ -134,6 +134,9 @@ pub struct ModelConfig {
     pub moe: Option<MoeConfig>,
     /// DeepSeek-V3 FP8 checkpoints: the `[rows, cols]` block of each `weight_scale_inv` entry.
     pub fp8_block: Option<[usize; 2]>,
+    /// Keep the FP8 weights in 8 bits on the host kernels (`--quantize fp8`) instead of dequantizing them at load.
+    /// A choice of the runtime, not read from `config.json`.
+    pub keep_fp8: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -163,6 +166,11 @@ fn token_ids(value: &Option<Value>, field: &str) -> Result<Vec<u32>> {
 }
 
 impl ModelConfig {
+    /// The FP8 block size when FP8 weights are kept in 8 bits ([`ModelConfig::keep_fp8`]).
+    pub fn kept_fp8(&self) -> Option<[usize; 2]> {
+        self.fp8_block.filter(|_| self.keep_fp8)
+    }
+
     /// Reads and validates `config.json` from a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
@@ -250,6 +258,7 @@ impl ModelConfig {
             attention_bias: raw.attention_bias.unwrap_or(false),
             moe,
             fp8_block,
+            keep_fp8: false,
             bos_token_id: bos.first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id, "eos_token_id")?,
         };

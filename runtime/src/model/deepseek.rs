@@ -142,7 +142,7 @@ impl DeepseekModel {
             let l = m.pp("layers").pp(i);
             let mlp = match (&config.moe, config.is_moe_layer(i)) {
                 (Some(moe), true) => Ffn::Moe(Box::new(Moe::load(config, moe, i, parallel, l.pp("mlp"))?)),
-                _ => Ffn::Dense(Mlp::load(h, config.intermediate_size, l.pp("mlp"))?),
+                _ => Ffn::Dense(Mlp::load(h, config.intermediate_size, config.kept_fp8(), l.pp("mlp"))?),
             };
             layers.push(DecoderLayer {
                 input_layernorm: Norm::load(h, config.rms_norm_eps, l.pp("input_layernorm"))?,
@@ -204,7 +204,20 @@ impl DeepseekModel {
 
     /// Narrows the packed matrices (projections, experts, dense and shared MLPs, `lm_head`) as `quantize` says;
     /// norms, the router, embeddings and MLA's `kv_b` stay as loaded. Needs the host kernels (CPU, f32 or bf16).
+    /// `fp8` narrows nothing here: it records that FP8 weights were kept as the model loaded
+    /// ([`ModelConfig::keep_fp8`], set by [`Quantize::configure`]), and is refused unless they were.
     pub fn quantize(&mut self, quantize: Quantize) -> Result<()> {
+        if (quantize == Quantize::Fp8) != self.config.keep_fp8 {
+            return Err(Error::Setting {
+                name: "quantize".into(),
+                reason: format!(
+                    "FP8 weights are kept (or not) as the model loads: load it with a configuration set up by \
+                     `Quantize::configure` for {} (keep_fp8 is {})",
+                    quantize.as_str(),
+                    self.config.keep_fp8
+                ),
+            });
+        }
         quantize.apply(|f| self.visit_weights(f))?;
         self.quantize = quantize;
         self.weight_bytes = self.count_weight_bytes()?;
@@ -223,10 +236,7 @@ impl DeepseekModel {
 
     /// How the large matrices are stored: `int8` when quantized, else the dtype (`f32`, `bf16`, `f16`).
     pub fn weight_format(&self) -> String {
-        match self.quantize {
-            Quantize::Int8 => Quantize::Int8.as_str().to_string(),
-            Quantize::None => format!("{:?}", self.dtype).to_lowercase(),
-        }
+        self.quantize.weight_format(self.dtype)
     }
 
     /// Flushes the device's routed-row counts when due; a failure is logged, not passed on (the step it follows

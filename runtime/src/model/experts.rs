@@ -90,20 +90,29 @@ enum ExpertWeights {
 
 impl StackedExperts {
     /// Loads the experts `held` (global ids, ascending) of a layer whose VarBuilder is at `…mlp.experts`.
-    pub fn load(held: &[usize], n_experts: usize, hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+    /// `fp8`: the block size when FP8 weights are kept as FP8
+    /// ([`ModelConfig::kept_fp8`](super::config::ModelConfig::kept_fp8)).
+    pub fn load(
+        held: &[usize],
+        n_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        fp8: Option<[usize; 2]>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let host = uses_host_kernels(&vb);
-        Self::load_as(held, n_experts, hidden, intermediate, vb, host)
+        Self::load_as(held, n_experts, hidden, intermediate, vb, host.then_some(fp8))
     }
 
     /// [`StackedExperts::load`] with the weight layout chosen by the caller (`host`: packed for the host kernels,
-    /// which needs f32 or bf16 on the CPU).
+    /// which needs f32 or bf16 on the CPU, with the FP8 block size when FP8 weights are kept; `None`: stacked).
     pub(crate) fn load_as(
         held: &[usize],
         n_experts: usize,
         hidden: usize,
         intermediate: usize,
         vb: VarBuilder,
-        host: bool,
+        host: Option<Option<[usize; 2]>>,
     ) -> Result<Self> {
         if held.is_empty() {
             return Err(Error::internal(Part::Experts, "a rank must hold at least one expert"));
@@ -117,15 +126,21 @@ impl StackedExperts {
                 .get_mut(e)
                 .ok_or_else(|| Error::internal(Part::Experts, format!("expert {e} outside the model's {n_experts}")))?;
             *slot = Some(i);
-            let (gu, d) = load_swiglu(hidden, intermediate, &vb.pp(e))?;
-            if host {
-                packed.push(HostMlp::new(&gu, &d)?);
+            if let Some(fp8) = host {
+                match HostMlp::load_fp8(hidden, intermediate, fp8, &vb.pp(e))? {
+                    Some(mlp) => packed.push(mlp),
+                    None => {
+                        let (gu, d) = load_swiglu(hidden, intermediate, &vb.pp(e))?;
+                        packed.push(HostMlp::new(&gu, &d)?);
+                    }
+                }
             } else {
+                let (gu, d) = load_swiglu(hidden, intermediate, &vb.pp(e))?;
                 gate_up.push(gu);
                 down.push(d);
             }
         }
-        let weights = if host {
+        let weights = if host.is_some() {
             ExpertWeights::Host(packed)
         } else {
             ExpertWeights::Stacked { gate_up: Tensor::stack(&gate_up, 0)?, down: Tensor::stack(&down, 0)? }
@@ -363,8 +378,15 @@ impl ExpertShard {
                     return Ok(None);
                 }
                 let vb = vb.pp("model").pp("layers").pp(l).pp("mlp").pp("experts");
-                StackedExperts::load(&held, moe.n_routed_experts, config.hidden_size, moe.moe_intermediate_size, vb)
-                    .map(Some)
+                StackedExperts::load(
+                    &held,
+                    moe.n_routed_experts,
+                    config.hidden_size,
+                    moe.moe_intermediate_size,
+                    config.kept_fp8(),
+                    vb,
+                )
+                .map(Some)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { layers, held })
@@ -441,8 +463,8 @@ mod tests {
         let (hidden, inter, n_experts) = (64, 32, 16);
         let vb = || crate::builtin::var_builder(DType::F32, &dev).pp("model.layers.1.mlp.experts");
         let held: Vec<usize> = (4..12).collect();
-        let host = StackedExperts::load_as(&held, n_experts, hidden, inter, vb(), true).unwrap();
-        let stacked = StackedExperts::load_as(&held, n_experts, hidden, inter, vb(), false).unwrap();
+        let host = StackedExperts::load_as(&held, n_experts, hidden, inter, vb(), Some(None)).unwrap();
+        let stacked = StackedExperts::load_as(&held, n_experts, hidden, inter, vb(), None).unwrap();
         assert!(matches!(host.weights, ExpertWeights::Host(_)));
         assert!(matches!(stacked.weights, ExpertWeights::Stacked { .. }));
         assert_eq!(host.bytes(), stacked.bytes());

@@ -15,9 +15,11 @@
 //! everything between the products stay f32.
 
 use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::error::{Error, Part, Result};
+use crate::weights::SCALE_INV_SUFFIX;
 
 /// Runs `$tile::<R, $generics..>($args.., row)` over rows `0..$m` in tiles of [`ROWS`] rows (then the 1–3 left),
 /// storing each tile's `[[f32; PANEL]; R]` into `$dst` (a `&mut Columns`) at its rows. `$first; …` takes tiles of
@@ -47,10 +49,12 @@ macro_rules! row_tiles {
 }
 
 mod bf16;
+mod fp8;
 mod q8;
 mod weights;
 
 use bf16::{Bf16Panels, Bf16Rows};
+use fp8::Fp8Panels;
 use q8::{Q8Panels, Q8Rows};
 pub use weights::{Quantize, WeightMut, WeightVisitor, counter, tensor_bytes};
 
@@ -75,6 +79,14 @@ pub struct PackedMatrix {
     panels: Panels,
 }
 
+/// An FP8 weight as a checkpoint stores it: `rows` rows of `e4m3fn` bytes and their block scales.
+#[derive(Debug, Clone)]
+pub struct Fp8Weight {
+    pub bytes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub rows: usize,
+}
+
 #[derive(Clone)]
 enum Panels {
     F32(Vec<f32>),
@@ -82,6 +94,8 @@ enum Panels {
     Bf16(Bf16Panels),
     /// int8 values with a scale per [`q8::BLOCK`] values of each column.
     Int8(Q8Panels),
+    /// A checkpoint's FP8 (`e4m3fn`) values with its block scales ([`fp8`]).
+    Fp8(Fp8Panels),
 }
 
 /// Where input `kk` of column `i` sits in a panel that keeps `lanes` consecutive inputs of a column together
@@ -97,6 +111,7 @@ impl std::fmt::Debug for PackedMatrix {
             Panels::F32(_) => "f32",
             Panels::Bf16(_) => "bf16",
             Panels::Int8(_) => "int8",
+            Panels::Fp8(_) => "fp8",
         };
         f.debug_struct("PackedMatrix")
             .field("in_dim", &self.in_dim)
@@ -143,6 +158,47 @@ impl PackedMatrix {
         Ok(Self { in_dim, out_dim, panels: Panels::Bf16(Bf16Panels::pack(w, out_dim, in_dim)) })
     }
 
+    /// Keeps FP8 weights as they are stored: `parts` stacked along the output dimension (gate and up make one
+    /// matrix), each a row-major `[rows, in_dim]` of `e4m3fn` bytes with its block scales
+    /// `[ceil(rows / block[0]), ceil(in_dim / block[1])]` (a checkpoint's `weight_scale_inv`). The input side of a
+    /// block must be a multiple of 4 (DeepSeek-V3: 128).
+    pub fn from_fp8(parts: &[Fp8Weight], in_dim: usize, block: [usize; 2]) -> Result<Self> {
+        let [block_rows, block_inputs] = block;
+        if block_rows == 0 || block_inputs == 0 || !block_inputs.is_multiple_of(fp8::QUAD) {
+            return Err(Error::Setting {
+                name: "quantize".into(),
+                reason: format!(
+                    "fp8 weights need blocks whose input side is a positive multiple of {}; this checkpoint's \
+                     weight_block_size is {block:?} (use --quantize none to dequantize at load)",
+                    fp8::QUAD
+                ),
+            });
+        }
+        let scale_cols = in_dim.div_ceil(block_inputs);
+        // Output column -> (part, row within the part).
+        let mut columns = Vec::new();
+        for (j, part) in parts.iter().enumerate() {
+            check_shape(part.bytes.len(), part.rows, in_dim)?;
+            if part.scales.len() != part.rows.div_ceil(block_rows) * scale_cols {
+                return Err(Error::internal(
+                    Part::HostKernels,
+                    format!("{} FP8 block scales for [{}, {in_dim}] in {block:?} blocks", part.scales.len(), part.rows),
+                ));
+            }
+            columns.extend((0..part.rows).map(|r| (j, r)));
+        }
+        let out_dim = columns.len();
+        let column = |p: usize, i: usize| columns.get(p * PANEL + i).map(|&(j, r)| (&parts[j], r));
+        let panels = Fp8Panels::pack(
+            out_dim.div_ceil(PANEL),
+            in_dim,
+            block_inputs,
+            |p, kk, i| column(p, i).map_or(0, |(part, r)| part.bytes[r * in_dim + kk]),
+            |p, b, i| column(p, i).map_or(0.0, |(part, r)| part.scales[r / block_rows * scale_cols + b]),
+        );
+        Ok(Self { in_dim, out_dim, panels: Panels::Fp8(panels) })
+    }
+
     /// Packs a 2-D weight tensor `[out_dim, in_dim]`: bf16 stays bf16, any other dtype is stored as f32.
     pub fn from_tensor(w: &Tensor) -> Result<Self> {
         let (out_dim, in_dim) = w.dims2()?;
@@ -169,6 +225,7 @@ impl PackedMatrix {
             Panels::F32(p) => std::mem::size_of_val(p.as_slice()),
             Panels::Bf16(p) => p.bytes(),
             Panels::Int8(q) => q.bytes(),
+            Panels::Fp8(w) => w.bytes(),
         }
     }
 
@@ -179,6 +236,7 @@ impl PackedMatrix {
         let quantized = match &self.panels {
             Panels::F32(p) => Q8Panels::quantize(n_panels, k, |i, kk, c| p[(i * k + kk) * PANEL + c]),
             Panels::Bf16(p) => Q8Panels::quantize(n_panels, k, |i, kk, c| p.weight(i, kk, c)),
+            Panels::Fp8(w) => Q8Panels::quantize(n_panels, k, |i, kk, c| w.weight(i, kk, c)),
             Panels::Int8(_) => return,
         };
         self.panels = Panels::Int8(quantized);
@@ -200,6 +258,10 @@ impl PackedMatrix {
             Panels::Int8(q) => {
                 let rows = Q8Rows::quantize(a, m, k);
                 split_panels(k, n, m, out, |i, dst| q8::product(q, &rows, i, dst));
+            }
+            Panels::Fp8(w) => {
+                let rows = fp8::rows(w, a, m);
+                split_panels(k, n, m, out, |i, dst| fp8::product(w, &rows, i, dst));
             }
         }
     }
@@ -332,6 +394,17 @@ impl Projection {
         Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias })
     }
 
+    /// Loads `weight` `[out_dim, in_dim]` (and `bias`) at `vb`: kept as FP8 when [`kept_fp8`] says so, else as
+    /// [`Projection::new`] takes it.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, fp8: Option<[usize; 2]>, vb: VarBuilder) -> Result<Self> {
+        let Some(block) = kept_fp8(&vb, fp8) else {
+            return Self::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?);
+        };
+        let weight = PackedMatrix::from_fp8(&[Fp8Weight::load(&vb, out_dim, in_dim, block)?], in_dim, block)?;
+        let bias = bias.then(|| vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        Ok(Self::Host { weight, bias })
+    }
+
     pub fn is_host(&self) -> bool {
         matches!(self, Self::Host { .. })
     }
@@ -400,6 +473,28 @@ pub enum Norm {
 }
 
 /// Whether weights loaded through `vb` run on the host kernels (f32 or bf16 on the CPU).
+/// The block size of the weight at `vb` when it is kept as FP8: `fp8` (the model's [`kept_fp8`]) is given, the
+/// host kernels run, and the checkpoint stores `weight` with block scales.
+///
+/// [`kept_fp8`]: crate::model::config::ModelConfig::kept_fp8
+pub(crate) fn kept_fp8(vb: &candle_nn::VarBuilder, fp8: Option<[usize; 2]>) -> Option<[usize; 2]> {
+    fp8.filter(|_| uses_host_kernels(vb) && vb.contains_tensor(&format!("weight{SCALE_INV_SUFFIX}")))
+}
+
+impl Fp8Weight {
+    /// `weight` (`[rows, cols]`) at `vb` as its raw `e4m3fn` bytes, and its block scales.
+    pub(crate) fn load(vb: &candle_nn::VarBuilder, rows: usize, cols: usize, block: [usize; 2]) -> Result<Self> {
+        let bytes = vb.get_with_hints_dtype((rows, cols), "weight", candle_nn::Init::Const(0.0), DType::U8)?;
+        let scales = vb.get_with_hints_dtype(
+            (rows.div_ceil(block[0]), cols.div_ceil(block[1])),
+            &format!("weight{SCALE_INV_SUFFIX}"),
+            candle_nn::Init::Const(0.0),
+            DType::F32,
+        )?;
+        Ok(Self { bytes: bytes.flatten_all()?.to_vec1::<u8>()?, scales: scales.flatten_all()?.to_vec1::<f32>()?, rows })
+    }
+}
+
 pub(crate) fn uses_host_kernels(vb: &candle_nn::VarBuilder) -> bool {
     vb.device().is_cpu() && host_dtype(vb.dtype())
 }
@@ -499,7 +594,26 @@ pub struct HostMlp {
 
 impl HostMlp {
     pub fn new(gate_up: &Tensor, down: &Tensor) -> Result<Self> {
-        let (gate_up, down) = (PackedMatrix::from_tensor(gate_up)?, PackedMatrix::from_tensor(down)?);
+        Self::chain(PackedMatrix::from_tensor(gate_up)?, PackedMatrix::from_tensor(down)?)
+    }
+
+    /// The SwiGLU at `vb` (`gate_proj`, `up_proj`, `down_proj`) kept as FP8, when [`kept_fp8`] says so for it;
+    /// else `None`.
+    pub(crate) fn load_fp8(
+        hidden: usize,
+        intermediate: usize,
+        fp8: Option<[usize; 2]>,
+        vb: &VarBuilder,
+    ) -> Result<Option<Self>> {
+        let Some(block) = kept_fp8(&vb.pp("gate_proj"), fp8) else { return Ok(None) };
+        let gate = Fp8Weight::load(&vb.pp("gate_proj"), intermediate, hidden, block)?;
+        let up = Fp8Weight::load(&vb.pp("up_proj"), intermediate, hidden, block)?;
+        let down = Fp8Weight::load(&vb.pp("down_proj"), hidden, intermediate, block)?;
+        let gate_up = PackedMatrix::from_fp8(&[gate, up], hidden, block)?;
+        Ok(Some(Self::chain(gate_up, PackedMatrix::from_fp8(&[down], intermediate, block)?)?))
+    }
+
+    fn chain(gate_up: PackedMatrix, down: PackedMatrix) -> Result<Self> {
         if gate_up.out_dim() != 2 * down.in_dim() || gate_up.in_dim() != down.out_dim() {
             return Err(Error::internal(
                 Part::HostKernels,
@@ -743,6 +857,95 @@ mod tests {
             }
             let (panels, blocks) = (n.div_ceil(PANEL), k.div_ceil(q8::BLOCK));
             assert_eq!(packed.bytes(), panels * PANEL * (blocks * q8::BLOCK + 4 * blocks));
+        }
+    }
+
+    /// e4m3 bytes (no NaN) and positive scales, a pattern of every magnitude and sign.
+    fn fp8_part(rows: usize, k: usize, block: [usize; 2], seed: usize) -> Fp8Weight {
+        let bytes = (0..rows * k)
+            .map(|i| match ((i * 37 + seed * 11) % 256) as u8 {
+                0x7F | 0xFF => 0x3C,
+                b => b,
+            })
+            .collect();
+        let n = rows.div_ceil(block[0]) * k.div_ceil(block[1]);
+        let scales = (0..n).map(|i| 1e-3 * (1.0 + ((i + seed) % 7) as f32)).collect();
+        Fp8Weight { bytes, scales, rows }
+    }
+
+    /// FP8 panels (two parts stacked, as gate and up): each stored weight is the part's e4m3 value times its
+    /// block's scale; the product equals, to f32 rounding, the f32 product of those weights and the inputs rounded
+    /// to bf16, on the single pass and the pool-split path, for row and column remainders, inputs not a multiple
+    /// of 4 and a partial last block; the fallback gives exactly the values of the kernel this CPU runs (AVX-512
+    /// VBMI + BF16 where it has them); one byte per weight (inputs padded to quads) and an f32 scale per column
+    /// and block. A block whose input side is not a multiple of 4 is refused.
+    #[test]
+    fn fp8_products_equal_the_f32_product_of_the_scaled_values() {
+        for (m, k, rows, block) in [
+            (1, 7, [3, 2], [2, 4]),
+            (1, 256, [20, 20], [8, 128]),
+            (2, 64, [16, 24], [16, 16]),
+            (3, 70, [9, 8], [5, 12]),
+            (5, 130, [17, 17], [128, 128]),
+            (9, 40, [40, 8], [128, 32]),
+            (33, 256, [150, 150], [128, 128]),
+        ] {
+            let parts = [fp8_part(rows[0], k, block, 1), fp8_part(rows[1], k, block, 2)];
+            let n = rows[0] + rows[1];
+            let packed = PackedMatrix::from_fp8(&parts, k, block).unwrap();
+            assert_eq!((packed.in_dim(), packed.out_dim()), (k, n));
+            let scale_cols = k.div_ceil(block[1]);
+            let mut dequantized = Vec::with_capacity(n * k);
+            for part in &parts {
+                for r in 0..part.rows {
+                    for kk in 0..k {
+                        let scale = part.scales[r / block[0] * scale_cols + kk / block[1]];
+                        let want = crate::weights::fp8::E4M3_TO_F32[usize::from(part.bytes[r * k + kk])] * scale;
+                        let Panels::Fp8(w) = &packed.panels else { panic!("not fp8") };
+                        let o = dequantized.len() / k;
+                        assert_eq!(w.weight(o / PANEL, kk, o % PANEL), want, "weight [{o}, {kk}]");
+                        dequantized.push(want);
+                    }
+                }
+            }
+            let a = values(m * k, 14.0);
+            let rounded: Vec<f32> = a.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+            let want = PackedMatrix::from_rows(&dequantized, n, k).unwrap().matmul(&rounded, m);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let got = pool.install(|| packed.matmul(&a, m));
+            let single =
+                rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| packed.matmul(&a, m));
+            assert_eq!(got, single, "m {m} k {k} n {n}: the pool split changed the result");
+            let Panels::Fp8(w) = &packed.panels else { panic!("not fp8") };
+            let rows = fp8::rows(w, &a, m);
+            let mut portable = vec![0f32; m * n];
+            for p in 0..n.div_ceil(PANEL) {
+                let mut dst =
+                    Columns { out: &mut portable, stride: n, first: p * PANEL, width: PANEL.min(n - p * PANEL) };
+                fp8::fallback_product(w, &rows, p, &mut dst);
+            }
+            assert_eq!(got, portable, "m {m} k {k} n {n}: the fallback kernel differs");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "m {m} k {k} n {n} at {i}: {g} vs {w}");
+            }
+            let (panels, blocks) = (n.div_ceil(PANEL), k.div_ceil(block[1]));
+            assert_eq!(packed.bytes(), panels * PANEL * (k.next_multiple_of(4) + 4 * blocks));
+            assert!(format!("{packed:?}").contains("fp8"));
+        }
+        let part = fp8_part(4, 12, [4, 6], 3);
+        let err = PackedMatrix::from_fp8(&[part], 12, [4, 6]).unwrap_err();
+        assert!(err.to_string().contains("multiple of 4"), "{err}");
+    }
+
+    /// A NaN weight (e4m3 `0x7F`) makes its column's outputs NaN, as the dequantized product would.
+    #[test]
+    fn fp8_products_keep_nan() {
+        let mut part = fp8_part(20, 64, [128, 128], 4);
+        part.bytes[7 * 64 + 40] = 0x7F;
+        let packed = PackedMatrix::from_fp8(&[part], 64, [128, 128]).unwrap();
+        let out = packed.matmul(&values(2 * 64, 15.0), 2);
+        for row in out.chunks_exact(20) {
+            assert!(row[7].is_nan() && row.iter().filter(|v| v.is_nan()).count() == 1, "{row:?}");
         }
     }
 

@@ -114,10 +114,6 @@ impl HeadSlice {
 /// latent dot products. (For DeepSeek-V3's shapes the two forms cost the same at about 340 tokens.)
 pub const ABSORBED_PREFILL_MAX_TOKENS: usize = 64;
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Projection> {
-    Projection::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?)
-}
-
 impl Mla {
     pub fn load(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let h = config.hidden_size;
@@ -127,6 +123,8 @@ impl Mla {
         let qk = nope + rope_dim;
         let bias = config.attention_bias;
         let eps = config.rms_norm_eps;
+        let fp8 = config.kept_fp8();
+        let linear = |in_dim, out_dim, bias, vb| Projection::load(in_dim, out_dim, bias, fp8, vb);
         let q = match config.q_lora_rank {
             None => QProj::Direct(linear(h, heads * qk, false, vb.pp("q_proj"))?),
             Some(r) => QProj::LowRank {

@@ -34,7 +34,12 @@ enum MlpWeights {
 }
 
 impl Mlp {
-    pub fn load(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+    /// Loads the block at `vb`; `fp8`: the block size when FP8 weights are kept as FP8
+    /// ([`ModelConfig::kept_fp8`](super::config::ModelConfig::kept_fp8)).
+    pub fn load(hidden: usize, intermediate: usize, fp8: Option<[usize; 2]>, vb: VarBuilder) -> Result<Self> {
+        if let Some(mlp) = HostMlp::load_fp8(hidden, intermediate, fp8, &vb)? {
+            return Ok(Self { weights: MlpWeights::Host(mlp) });
+        }
         let (gate_up, down) = load_swiglu(hidden, intermediate, &vb)?;
         let weights = if uses_host_kernels(&vb) {
             MlpWeights::Host(HostMlp::new(&gate_up, &down)?)
@@ -341,16 +346,16 @@ impl Moe {
         parallel: Option<&ExpertParallel>,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let h = config.hidden_size;
+        let (h, fp8) = (config.hidden_size, config.kept_fp8());
         let held: Vec<usize> = match parallel {
             Some(p) => p.placement.experts_on(p.rank),
             None => (0..moe.n_routed_experts).collect(),
         };
         let experts =
-            StackedExperts::load(&held, moe.n_routed_experts, h, moe.moe_intermediate_size, vb.pp("experts"))?;
+            StackedExperts::load(&held, moe.n_routed_experts, h, moe.moe_intermediate_size, fp8, vb.pp("experts"))?;
         let shared = match moe.n_shared_experts {
             0 => None,
-            n => Some(Mlp::load(h, moe.moe_intermediate_size * n, vb.pp("shared_experts"))?),
+            n => Some(Mlp::load(h, moe.moe_intermediate_size * n, fp8, vb.pp("shared_experts"))?),
         };
         let router = Router::load(moe, h, vb.pp("gate"))?;
         let device = match (parallel, experts.stacked()) {

@@ -17,10 +17,11 @@ use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use baleen_api::names::{
-    LABEL_LAYER, METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL, PATH_HEALTH,
-    PATH_METRICS, PATH_READY, RUNTIME_EXPERTS_LISTENING_PREFIX, RUNTIME_LISTENING_PREFIX,
+    LABEL_LAYER, LABEL_WEIGHT_FORMAT, METRIC_RUNTIME_EXPERT_COMPUTE_SECONDS, METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL,
+    METRIC_RUNTIME_MODEL_WEIGHT_BYTES, PATH_HEALTH, PATH_METRICS, PATH_READY, RUNTIME_EXPERTS_LISTENING_PREFIX,
+    RUNTIME_LISTENING_PREFIX,
 };
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,18 +42,19 @@ pub(super) fn run(args: &ServeArgs, runtime: &tokio::runtime::Runtime, mut signa
     let device = parse_device(&args.model.device)?;
     let dtype = parse_dtype(&args.model.dtype)?;
     let source = ModelSource::parse(&args.model.model);
-    let config = source.config()?;
+    let mut config = source.config()?;
     let expert = &args.model.expert;
     let placement = expert
         .placement(&config)?
         .ok_or_else(|| Error::Setting { name: "world-size".into(), reason: "an expert rank needs a group".into() })?;
     let rank = expert.rank;
     let quantize = args.model.quantize()?;
+    quantize.configure(&mut config)?;
     let mut shard = ExpertShard::load(&config, &placement, rank, var_builder(&source, &config, dtype, &device)?)?;
     quantize.apply(|f| shard.visit_weights(f))?;
     tracing::info!(rank, experts = ?shard.held(), expert_bytes = shard.bytes(), quantize = quantize.as_str(), "expert shard loaded");
     let fingerprint = model_fingerprint(&source.to_string(), &config, dtype, quantize);
-    let metrics = Arc::new(RankMetrics::new()?);
+    let metrics = Arc::new(RankMetrics::new(&quantize.weight_format(dtype), shard.bytes())?);
     let observed = metrics.clone();
     let observer: ComputeObserver = Arc::new(move |layer, rows, seconds| observed.observe(layer, rows, seconds));
     let compute: Arc<dyn ExpertCompute> = Arc::new(ShardCompute::new(
@@ -197,8 +199,15 @@ struct RankMetrics {
 }
 
 impl RankMetrics {
-    fn new() -> Result<Self> {
+    /// `weight_format` and `weight_bytes`: the experts this rank holds, as stored.
+    fn new(weight_format: &str, weight_bytes: usize) -> Result<Self> {
         let registry = Registry::new();
+        let held = IntGaugeVec::new(
+            Opts::new(METRIC_RUNTIME_MODEL_WEIGHT_BYTES, "Bytes of the expert weights this rank holds, as stored."),
+            &[LABEL_WEIGHT_FORMAT],
+        )?;
+        held.with_label_values(&[weight_format]).set(i64::try_from(weight_bytes).unwrap_or(i64::MAX));
+        registry.register(Box::new(held))?;
         let rows_served = IntCounterVec::new(
             Opts::new(
                 METRIC_RUNTIME_EXPERT_ROWS_SERVED_TOTAL,

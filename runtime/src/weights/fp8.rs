@@ -16,6 +16,12 @@ const fn e4m3_table() -> [f32; 256] {
     table
 }
 
+/// The bf16 bit pattern of an `e4m3fn` byte's value: exact, since every e4m3 value has at most four significant
+/// bits (subnormals become normal bf16 values; NaN stays NaN).
+pub const fn e4m3_to_bf16_bits(b: u8) -> u16 {
+    (e4m3_decode(b).to_bits() >> 16) as u16
+}
+
 /// Decodes one `e4m3fn` byte (exact: every value is representable in f32).
 const fn e4m3_decode(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0f32 };
@@ -94,6 +100,16 @@ mod tests {
         // No infinities, and exactly two NaN encodings.
         assert!(E4M3_TO_F32.iter().all(|v| !v.is_infinite()));
         assert_eq!(E4M3_TO_F32.iter().filter(|v| v.is_nan()).count(), 2);
+    }
+
+    /// Every byte's bf16 pattern widens back to the byte's f32 value (NaN to NaN).
+    #[test]
+    fn e4m3_bf16_bits_are_exact() {
+        for b in 0..=255u8 {
+            let widened = f32::from_bits(u32::from(e4m3_to_bf16_bits(b)) << 16);
+            let want = E4M3_TO_F32[b as usize];
+            assert!(widened.to_bits() == want.to_bits() || (widened.is_nan() && want.is_nan()), "{b:#04x}");
+        }
     }
 
     #[test]

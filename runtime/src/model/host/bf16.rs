@@ -11,7 +11,7 @@ use super::{Columns, PANEL, ROWS, interleaved, madd, store};
 
 /// A bf16 is the top half of an f32: widening is a shift, exact (NaN payloads included).
 #[inline(always)]
-fn widen(bits: u16) -> f32 {
+pub(super) fn widen(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
@@ -78,7 +78,12 @@ pub(super) struct Bf16Rows {
 
 impl Bf16Rows {
     pub(super) fn round(a: &[f32], m: usize, k: usize) -> Self {
-        let kp = padded(k);
+        Self::round_padded(a, m, k, padded(k))
+    }
+
+    /// [`Bf16Rows::round`] with each row padded to `kp` (≥ `k`, even) inputs.
+    pub(super) fn round_padded(a: &[f32], m: usize, k: usize, kp: usize) -> Self {
+        debug_assert!(kp >= k && kp.is_multiple_of(PAIR));
         let mut values = vec![0u16; m * kp];
         for (dst, src) in values.chunks_exact_mut(kp.max(1)).zip(a.chunks_exact(k.max(1))).take(m) {
             for (d, &s) in dst.iter_mut().zip(src) {
@@ -88,8 +93,13 @@ impl Bf16Rows {
         Self { values, kp }
     }
 
-    fn rows(&self) -> usize {
+    pub(super) fn rows(&self) -> usize {
         self.values.len() / self.kp.max(1)
+    }
+
+    /// Row `r`'s `kp` inputs.
+    pub(super) fn row(&self, r: usize) -> &[u16] {
+        &self.values[r * self.kp..(r + 1) * self.kp]
     }
 }
 

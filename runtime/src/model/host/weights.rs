@@ -4,6 +4,7 @@ use candle_core::Tensor;
 
 use super::PackedMatrix;
 use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
 
 /// How the host kernels store the model's large matrices, chosen with `--quantize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -13,16 +14,19 @@ pub enum Quantize {
     None,
     /// int8 with a scale per 32 values of a column (llama.cpp's Q8_0 scheme), quantized at load.
     Int8,
+    /// An FP8 checkpoint's weights kept in 8 bits with their block scales (DeepSeek-V3/R1), not dequantized.
+    Fp8,
 }
 
 impl Quantize {
     /// The flag's values.
-    pub const CHOICES: &'static str = "none, int8";
+    pub const CHOICES: &'static str = "none, int8, fp8";
 
     pub fn parse(value: &str) -> Result<Self> {
         match value {
             "none" => Ok(Self::None),
             "int8" => Ok(Self::Int8),
+            "fp8" => Ok(Self::Fp8),
             other => Err(Error::Setting {
                 name: "quantize".into(),
                 reason: format!("`{other}` is not one of {}", Self::CHOICES),
@@ -34,6 +38,16 @@ impl Quantize {
         match self {
             Self::None => "none",
             Self::Int8 => "int8",
+            Self::Fp8 => "fp8",
+        }
+    }
+
+    /// How the large matrices are stored, as the load log and `baleen_runtime_model_weight_bytes` name it: the
+    /// choice, or the dtype (`f32`, `bf16`, `f16`) when nothing narrows them.
+    pub fn weight_format(self, dtype: candle_core::DType) -> String {
+        match self {
+            Self::None => format!("{dtype:?}").to_lowercase(),
+            narrowed => narrowed.as_str().to_string(),
         }
     }
 
@@ -42,7 +56,23 @@ impl Quantize {
         match self {
             Self::None => dtype.size_in_bytes() as f64,
             Self::Int8 => 1.0 + std::mem::size_of::<f32>() as f64 / super::q8::BLOCK as f64,
+            // DeepSeek-V3's 128-input blocks: one f32 scale per column and block.
+            Self::Fp8 => 1.0 + std::mem::size_of::<f32>() as f64 / 128.0,
         }
+    }
+
+    /// Sets up `config` for loading: `fp8` needs an FP8 checkpoint and keeps its weights in 8 bits.
+    pub fn configure(self, config: &mut ModelConfig) -> Result<()> {
+        if self == Self::Fp8 && config.fp8_block.is_none() {
+            return Err(Error::Setting {
+                name: "quantize".into(),
+                reason: "fp8 keeps an FP8 checkpoint's weights in 8 bits; this model's weights are not FP8 \
+                         (its config.json has no fp8 quantization_config)"
+                    .into(),
+            });
+        }
+        config.keep_fp8 = self == Self::Fp8;
+        Ok(())
     }
 
     /// Narrows every packed matrix `walk` yields. A first walk checks that none is a matrix candle multiplies
@@ -65,6 +95,10 @@ impl Quantize {
             }),
             WeightMut::Packed(_) | WeightMut::Kept(_) => Ok(()),
         })?;
+        if self == Self::Fp8 {
+            // Kept as FP8 at load (the matrices the checkpoint stores in FP8); nothing to narrow.
+            return Ok(());
+        }
         walk(&mut |weight| {
             if let WeightMut::Packed(m) = weight {
                 m.quantize_int8();
