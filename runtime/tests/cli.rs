@@ -133,6 +133,23 @@ fn fp8_weights_kept_as_fp8_run_every_command_in_fewer_bytes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model weights resident") && err.contains("weight_format=fp8"), "{err}");
+
+    // A bf16 conversion that kept its quantization_config: no weight is FP8, so fp8 is refused, not claimed.
+    let converted = std::env::temp_dir().join(format!("baleen-fp8-claimed-{}", std::process::id()));
+    std::fs::create_dir_all(&converted).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-v3")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, converted.join(path.file_name().unwrap())).unwrap();
+    }
+    let config = converted.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["quantization_config"] =
+        serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]});
+    std::fs::write(&config, json.to_string()).unwrap();
+    let out = run(&["generate", "--model", converted.to_str().unwrap(), "--ids", "1", "--quantize", "fp8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no weight of this checkpoint is stored in FP8"), "{err}");
+    std::fs::remove_dir_all(converted).unwrap();
 }
 
 #[test]

@@ -30,12 +30,13 @@ const INT8_TOL: f32 = 0.3;
 /// put many logits within a few hundredths of each other, so a small error flips some.
 const INT8_TOP1: f64 = 0.9;
 
-/// FP8 weights kept as FP8 (`--quantize fp8`, products with their inputs rounded to bf16): logits within this of
-/// transformers' f32 on the dequantized weights and of this runtime's dequantized-at-load run in the same dtype
-/// (max abs; measured on tiny-v3-fp8: from f32 0.021–0.027 against both, from bf16 0.039–0.062 against
-/// transformers and 0.031–0.050 against the dequantized bf16 run, where transformers' own bf16 is 0.073 off in
-/// decode).
-const FP8_TOL: f32 = 0.1;
+/// FP8 weights kept as FP8 (`--quantize fp8`, products with their inputs rounded to bf16) in an f32 model: logits
+/// within this of transformers' f32 on the dequantized weights and of this runtime's dequantized-at-load f32 run
+/// (max abs; measured on tiny-v3-fp8: 0.021–0.027 against both; the inputs' rounding is the only difference).
+const FP8_F32_TOL: f32 = 0.05;
+/// The same in a bf16 model, against transformers' f32 and the dequantized bf16 run (measured 0.039–0.062 and
+/// 0.031–0.050; transformers' own bf16 run is 0.073 off in decode).
+const FP8_BF16_TOL: f32 = 0.1;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -403,8 +404,9 @@ fn int8_weights_stay_within_the_documented_bound_of_f32() {
 /// `--quantize fp8`: the FP8 checkpoint's weights kept in 8 bits with their block scales (products round their
 /// inputs to bf16), against transformers' f32 goldens (made from the dequantized weights) and against this
 /// runtime's dequantized-at-load run in the same dtype: prefill (both MLA forms) and teacher-forced decode logits
-/// within [`FP8_TOL`] of both, the weights held in fewer bytes than the dequantized model's. A routing change
-/// is left out of the bound only at a tie (as for bf16). `fp8` needs an FP8 checkpoint.
+/// within [`FP8_F32_TOL`] / [`FP8_BF16_TOL`] of both; every FP8 projection but `kv_b` kept in 8 bits (gate and up
+/// fused), in fewer bytes than the dequantized model's. A routing change is left out of the bound only at a tie
+/// (as for bf16). `fp8` needs an FP8 checkpoint.
 #[test]
 fn fp8_weights_kept_as_fp8_stay_within_the_documented_bound() {
     let name = "tiny-v3-fp8";
@@ -428,9 +430,24 @@ fn fp8_weights_kept_as_fp8_stay_within_the_documented_bound() {
     let prompt = ids(&g["prompt_ids"]);
     let f32_model = load(name, DType::F32);
     let (_, f32_routes) = prefill(&f32_model, &prompt, AttentionMode::Naive);
-    for dtype in [DType::F32, DType::BF16] {
-        let (model, quantized) = kept(dtype);
+    // What the loader keeps: every `*_scale_inv` but kv_b's, gate and up counted once.
+    let ckpt = Checkpoint::open(&fixture(name), ModelConfig::from_dir(&fixture(name)).unwrap().fp8_block).unwrap();
+    let want_kept = ckpt
+        .tensor_names()
+        .iter()
+        .filter(|n| n.ends_with("_scale_inv") && !n.contains("kv_b_proj") && !n.contains("up_proj"))
+        .filter(|n| {
+            n.split('.')
+                .nth(2)
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_none_or(|i| i < f32_model.config().num_hidden_layers)
+        })
+        .count();
+    assert!(want_kept > 0);
+    for (dtype, tol) in [(DType::F32, FP8_F32_TOL), (DType::BF16, FP8_BF16_TOL)] {
+        let (mut model, quantized) = kept(dtype);
         quantized.unwrap();
+        assert_eq!(model.fp8_matrices().unwrap(), want_kept, "{dtype:?}: matrices kept in FP8");
         let dequantized = load(name, dtype);
         assert_eq!(model.weight_format(), "fp8");
         let (bytes, wide_bytes) = (model.weight_bytes(), dequantized.weight_bytes());
@@ -451,14 +468,14 @@ fn fp8_weights_kept_as_fp8_stay_within_the_documented_bound() {
             let golden = max_abs_diff(&logits, &g["logits"].narrow(0, 0, kept).unwrap());
             let ours = max_abs_diff(&logits, &wide.narrow(0, 0, kept).unwrap());
             eprintln!("{dtype:?} {mode:?}: fp8 prefill max abs vs transformers {golden}, vs dequantized {ours}");
-            assert!(golden <= FP8_TOL && ours <= FP8_TOL, "{dtype:?} {mode:?}: fp8 prefill error {golden} / {ours}");
+            assert!(golden <= tol && ours <= tol, "{dtype:?} {mode:?}: fp8 prefill error {golden} / {ours}");
         }
         let want = ids(&g["greedy.ids"]);
         let greedy_prompt = ids(&g["greedy.prompt_ids"]);
         let (_, logits, routes) = decode(&model, &greedy_prompt, want.len(), Some(&want));
         let (_, wide, wide_routes) = decode(&dequantized, &greedy_prompt, want.len(), Some(&want));
         let (_, _, f32_routes) = decode(&f32_model, &greedy_prompt, want.len(), Some(&want));
-        let (mut golden, mut ours) = (0f32, 0f32);
+        let (mut golden, mut ours, mut checked) = (0f32, 0f32, 0);
         for (step, ((q, w), f)) in routes.iter().zip(&wide_routes).zip(&f32_routes).enumerate() {
             let step_logits = logits.get(step).unwrap();
             let diff = max_abs_diff(&step_logits, &g["greedy.logits"].get(step).unwrap());
@@ -467,11 +484,13 @@ fn fp8_weights_kept_as_fp8_stay_within_the_documented_bound() {
                 continue;
             }
             golden = golden.max(diff);
+            checked += 1;
             if tied_reroutes(name, &format!("dequantized step {step}"), w, f).is_none() {
                 ours = ours.max(max_abs_diff(&step_logits, &wide.get(step).unwrap()));
             }
         }
-        eprintln!("{dtype:?}: fp8 decode max abs vs transformers {golden}, vs dequantized {ours}");
-        assert!(golden <= FP8_TOL && ours <= FP8_TOL, "{dtype:?}: fp8 decode error {golden} / {ours}");
+        eprintln!("{dtype:?}: fp8 decode max abs vs transformers {golden}, vs dequantized {ours} ({checked} steps)");
+        assert!(checked > 0, "{dtype:?}: every decode step was rerouted, so the bound checks nothing");
+        assert!(golden <= tol && ours <= tol, "{dtype:?}: fp8 decode error {golden} / {ours}");
     }
 }

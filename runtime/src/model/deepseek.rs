@@ -224,6 +224,18 @@ impl DeepseekModel {
         Ok(())
     }
 
+    /// How many of the packed matrices are kept as FP8 (`--quantize fp8`; gate and up of one MLP are one matrix).
+    pub fn fp8_matrices(&mut self) -> Result<usize> {
+        let mut kept = 0;
+        self.visit_weights(&mut |weight| {
+            if let WeightMut::Packed(m) = weight {
+                kept += usize::from(m.is_fp8());
+            }
+            Ok(())
+        })?;
+        Ok(kept)
+    }
+
     /// How the host kernels store the large matrices.
     pub fn quantization(&self) -> Quantize {
         self.quantize

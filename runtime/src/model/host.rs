@@ -219,6 +219,11 @@ impl PackedMatrix {
         self.out_dim
     }
 
+    /// Whether the weight is kept as FP8.
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.panels, Panels::Fp8(_))
+    }
+
     /// Bytes of the packed weight (int8: values and scales).
     pub fn bytes(&self) -> usize {
         match &self.panels {
@@ -375,6 +380,11 @@ fn store<const R: usize>(acc: &[[f32; PANEL]; R], dst: &mut Columns<'_>, row: us
     }
 }
 
+/// A 1-D tensor's values as f32.
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
 /// A linear map `x · Wᵀ (+ b)` over the last dimension: packed for the host kernels when the weight is f32 or bf16 on
 /// the CPU, else candle's `Linear`.
 #[derive(Debug, Clone)]
@@ -390,8 +400,7 @@ impl Projection {
         if !(w.device().is_cpu() && host_dtype(w.dtype())) {
             return Ok(Self::Candle(linear));
         }
-        let bias = linear.bias().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
-        Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias })
+        Ok(Self::Host { weight: PackedMatrix::from_tensor(w)?, bias: linear.bias().map(f32_values).transpose()? })
     }
 
     /// Loads `weight` `[out_dim, in_dim]` (and `bias`) at `vb`: kept as FP8 when [`kept_fp8`] says so, else as
@@ -401,7 +410,7 @@ impl Projection {
             return Self::new(candle_nn::linear_b(in_dim, out_dim, bias, vb)?);
         };
         let weight = PackedMatrix::from_fp8(&[Fp8Weight::load(&vb, out_dim, in_dim, block)?], in_dim, block)?;
-        let bias = bias.then(|| vb.get(out_dim, "bias")?.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        let bias = bias.then(|| f32_values(&vb.get(out_dim, "bias")?)).transpose()?;
         Ok(Self::Host { weight, bias })
     }
 
@@ -472,7 +481,6 @@ pub enum Norm {
     Host { weight: Vec<f32>, eps: f32 },
 }
 
-/// Whether weights loaded through `vb` run on the host kernels (f32 or bf16 on the CPU).
 /// The block size of the weight at `vb` when it is kept as FP8: `fp8` (the model's [`kept_fp8`]) is given, the
 /// host kernels run, and the checkpoint stores `weight` with block scales.
 ///
@@ -495,6 +503,7 @@ impl Fp8Weight {
     }
 }
 
+/// Whether weights loaded through `vb` run on the host kernels (f32 or bf16 on the CPU).
 pub(crate) fn uses_host_kernels(vb: &candle_nn::VarBuilder) -> bool {
     vb.device().is_cpu() && host_dtype(vb.dtype())
 }
@@ -597,15 +606,16 @@ impl HostMlp {
         Self::chain(PackedMatrix::from_tensor(gate_up)?, PackedMatrix::from_tensor(down)?)
     }
 
-    /// The SwiGLU at `vb` (`gate_proj`, `up_proj`, `down_proj`) kept as FP8, when [`kept_fp8`] says so for it;
-    /// else `None`.
+    /// The SwiGLU at `vb` (`gate_proj`, `up_proj`, `down_proj`) kept as FP8, when [`kept_fp8`] says so for all
+    /// three; else `None` (it loads wide).
     pub(crate) fn load_fp8(
         hidden: usize,
         intermediate: usize,
         fp8: Option<[usize; 2]>,
         vb: &VarBuilder,
     ) -> Result<Option<Self>> {
-        let Some(block) = kept_fp8(&vb.pp("gate_proj"), fp8) else { return Ok(None) };
+        let kept = ["gate_proj", "up_proj", "down_proj"].map(|name| kept_fp8(&vb.pp(name), fp8));
+        let [Some(block), Some(_), Some(_)] = kept else { return Ok(None) };
         let gate = Fp8Weight::load(&vb.pp("gate_proj"), intermediate, hidden, block)?;
         let up = Fp8Weight::load(&vb.pp("up_proj"), intermediate, hidden, block)?;
         let down = Fp8Weight::load(&vb.pp("down_proj"), hidden, intermediate, block)?;
@@ -877,7 +887,7 @@ mod tests {
     /// block's scale; the product equals, to f32 rounding, the f32 product of those weights and the inputs rounded
     /// to bf16, on the single pass and the pool-split path, for row and column remainders, inputs not a multiple
     /// of 4 and a partial last block; the fallback gives exactly the values of the kernel this CPU runs (AVX-512
-    /// VBMI + BF16 where it has them); one byte per weight (inputs padded to quads) and an f32 scale per column
+    /// VBMI + BF16 where it has them; on a CPU without them the fallback is compared with itself); one byte per weight (inputs padded to quads) and an f32 scale per column
     /// and block. A block whose input side is not a multiple of 4 is refused.
     #[test]
     fn fp8_products_equal_the_f32_product_of_the_scaled_values() {
@@ -937,15 +947,28 @@ mod tests {
         assert!(err.to_string().contains("multiple of 4"), "{err}");
     }
 
-    /// A NaN weight (e4m3 `0x7F`) makes its column's outputs NaN, as the dequantized product would.
+    /// A NaN weight (e4m3 `0x7F` or `0xFF`) makes its column's outputs NaN, as the dequantized product would, the
+    /// fallback's bits equal to the kernel's.
     #[test]
     fn fp8_products_keep_nan() {
-        let mut part = fp8_part(20, 64, [128, 128], 4);
-        part.bytes[7 * 64 + 40] = 0x7F;
-        let packed = PackedMatrix::from_fp8(&[part], 64, [128, 128]).unwrap();
-        let out = packed.matmul(&values(2 * 64, 15.0), 2);
-        for row in out.chunks_exact(20) {
-            assert!(row[7].is_nan() && row.iter().filter(|v| v.is_nan()).count() == 1, "{row:?}");
+        for nan in [0x7F, 0xFF] {
+            let mut part = fp8_part(20, 64, [128, 128], 4);
+            part.bytes[7 * 64 + 40] = nan;
+            let packed = PackedMatrix::from_fp8(&[part], 64, [128, 128]).unwrap();
+            let a = values(2 * 64, 15.0);
+            let out = packed.matmul(&a, 2);
+            for row in out.chunks_exact(20) {
+                assert!(row[7].is_nan() && row.iter().filter(|v| v.is_nan()).count() == 1, "{row:?}");
+            }
+            let Panels::Fp8(w) = &packed.panels else { panic!("not fp8") };
+            let mut portable = vec![0f32; 2 * 20];
+            for p in 0..2 {
+                let mut dst =
+                    Columns { out: &mut portable, stride: 20, first: p * PANEL, width: PANEL.min(20 - p * PANEL) };
+                fp8::fallback_product(w, &fp8::rows(w, &a, 2), p, &mut dst);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&portable), "{nan:#04x}");
         }
     }
 

@@ -6,11 +6,27 @@
 //! decoded weights: inputs rounded to bf16, each block's sums exact products added in f32, then multiplied by the
 //! column's scale and added into the column's total (one fused multiply-add per block). With AVX-512 VBMI and BF16
 //! the decoding is two `vpermi2b` table lookups per 64 weights (the high and the low byte of each magnitude's bf16,
-//! the sign or-ed in) and the products are `vdpbf16ps`; without them a fallback computes the same values.
+//! the sign or-ed in) and the products are `vdpbf16ps`; without them a fallback computes the same values — except
+//! that `vdpbf16ps` flushes subnormal inputs and results to zero (as in [`super::bf16`]).
 
 use super::bf16::{Bf16Rows, widen};
 use super::{Columns, PANEL, ROWS, madd, store};
 use crate::weights::fp8::{E4M3_TO_F32, e4m3_to_bf16_bits};
+
+/// Each byte's value as the AVX-512 kernel decodes it: the magnitude's bf16 with the sign bit or-ed in (so `0xFF`
+/// is a NaN with the sign set, bit for bit what that kernel multiplies).
+static DECODED: [f32; 256] = decoded_table();
+
+const fn decoded_table() -> [f32; 256] {
+    let mut table = [0f32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let bits = e4m3_to_bf16_bits((b & 0x7F) as u8) | ((b as u16 & 0x80) << 8);
+        table[b] = f32::from_bits((bits as u32) << 16);
+        b += 1;
+    }
+    table
+}
 
 /// Inputs of a column decoded together: one 64-byte load holds four inputs of the panel's 16 columns.
 pub(super) const QUAD: usize = 4;
@@ -153,9 +169,8 @@ fn fallback_tile<const R: usize, const FMA: bool>(
         let first = b * w.block;
         let mut sums = [[[0f32; PANEL]; SETS]; R];
         for (g, kk) in (first..kq.min(first + w.block)).step_by(PAIR).enumerate() {
-            let decode = |kk: usize| -> [f32; PANEL] {
-                std::array::from_fn(|i| E4M3_TO_F32[usize::from(values[position(kk, i)])])
-            };
+            let decode =
+                |kk: usize| -> [f32; PANEL] { std::array::from_fn(|i| DECODED[usize::from(values[position(kk, i)])]) };
             let (even, odd) = (decode(kk), decode(kk + 1));
             let set = if R == 1 { g % SETS } else { 0 };
             for (r, sums) in sums.iter_mut().enumerate() {

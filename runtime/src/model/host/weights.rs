@@ -56,20 +56,34 @@ impl Quantize {
         match self {
             Self::None => dtype.size_in_bytes() as f64,
             Self::Int8 => 1.0 + std::mem::size_of::<f32>() as f64 / super::q8::BLOCK as f64,
-            // DeepSeek-V3's 128-input blocks: one f32 scale per column and block.
+            // One f32 scale per column and block, DeepSeek-V3's blocks of 128 inputs (an estimate for bandwidth
+            // figures: matrices the checkpoint keeps wide, such as lm_head, are counted at this rate too).
             Self::Fp8 => 1.0 + std::mem::size_of::<f32>() as f64 / 128.0,
         }
     }
 
-    /// Sets up `config` for loading: `fp8` needs an FP8 checkpoint and keeps its weights in 8 bits.
+    /// Sets up `config` for loading: `fp8` needs an FP8 checkpoint (blocks whose input side is a multiple of 4)
+    /// and keeps its weights in 8 bits.
     pub fn configure(self, config: &mut ModelConfig) -> Result<()> {
-        if self == Self::Fp8 && config.fp8_block.is_none() {
-            return Err(Error::Setting {
-                name: "quantize".into(),
-                reason: "fp8 keeps an FP8 checkpoint's weights in 8 bits; this model's weights are not FP8 \
-                         (its config.json has no fp8 quantization_config)"
-                    .into(),
-            });
+        if self == Self::Fp8 {
+            let refuse = |reason: String| Err(Error::Setting { name: "quantize".into(), reason });
+            match config.fp8_block {
+                None => {
+                    return refuse(
+                        "fp8 keeps an FP8 checkpoint's weights in 8 bits; this model's weights are not FP8 (its \
+                         config.json has no fp8 quantization_config)"
+                            .into(),
+                    );
+                }
+                Some(block) if block[0] == 0 || !block[1].is_multiple_of(super::fp8::QUAD) => {
+                    return refuse(format!(
+                        "fp8 weights need blocks whose input side is a positive multiple of {}; this checkpoint's \
+                         weight_block_size is {block:?} (use --quantize none to dequantize at load)",
+                        super::fp8::QUAD
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         config.keep_fp8 = self == Self::Fp8;
         Ok(())
@@ -96,7 +110,23 @@ impl Quantize {
             WeightMut::Packed(_) | WeightMut::Kept(_) => Ok(()),
         })?;
         if self == Self::Fp8 {
-            // Kept as FP8 at load (the matrices the checkpoint stores in FP8); nothing to narrow.
+            // Kept as FP8 at load (the matrices the checkpoint stores in FP8): nothing to narrow, but a checkpoint
+            // that only says it is FP8 (a bf16 conversion that kept quantization_config) is refused.
+            let mut kept = 0;
+            walk(&mut |weight| {
+                if let WeightMut::Packed(m) = weight {
+                    kept += usize::from(m.is_fp8());
+                }
+                Ok(())
+            })?;
+            if kept == 0 {
+                return Err(Error::Setting {
+                    name: "quantize".into(),
+                    reason: "fp8: no weight of this checkpoint is stored in FP8 with block scales (no \
+                             `*.weight_scale_inv` tensors); use --quantize none"
+                        .into(),
+                });
+            }
             return Ok(());
         }
         walk(&mut |weight| {
