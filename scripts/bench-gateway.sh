@@ -23,6 +23,8 @@
 #   BENCH_ROUNDS       rounds of the three legs (default: 3)
 #   BENCH_TTFT_N       streamed requests per side for the TTFT comparison (default: 30; 0 skips it)
 #   BENCH_RUNTIME_BIN  runtime for the TTFT leg (default: release build if present, else the debug build)
+#   BENCH_BASELINE     another baleen-gateway binary (e.g. a build of an earlier commit), run as a fourth leg
+#                      ("baseline") in the same rounds
 # Raw output goes to $CARGO_TARGET_DIR/bench/gateway/; a markdown table is printed.
 set -euo pipefail
 
@@ -118,10 +120,19 @@ BALEEN_GATEWAY_LOG=warn spawn "$GATEWAY" serve --config "$OUT/gateway.yaml" --ho
     --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
 GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway "${PIDS[-1]}")" \
     || die "no gateway; its log: $OUT/gateway.log"
+LEGS=(direct nginx gateway)
+declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")
+if [[ -n "${BENCH_BASELINE:-}" ]]; then
+    [[ -x "$BENCH_BASELINE" ]] || die "$BENCH_BASELINE is not executable"
+    BALEEN_GATEWAY_LOG=warn spawn "$BENCH_BASELINE" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
+        --admin-port 0 > "$OUT/baseline.stdout" 2> "$OUT/baseline.log"
+    URLS[baseline]="$(listening_url "$OUT/baseline.stdout" baleen-gateway "${PIDS[-1]}")" \
+        || die "no baseline gateway; its log: $OUT/baseline.log"
+    LEGS+=(baseline)
+fi
 
 BODY='{"model":"bench","messages":[{"role":"user","content":"Tell me about baleen whales."}],"max_tokens":16}'
-declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")
-for leg in direct nginx gateway; do
+for leg in "${LEGS[@]}"; do
     url="${URLS[$leg]}"
     ok=""
     for _ in $(seq 1 100); do
@@ -151,7 +162,7 @@ LUA
 : > "$OUT/results.jsonl"
 for round in $(seq 1 "$ROUNDS"); do
     for c in 1 32; do
-        for leg in direct nginx gateway; do
+        for leg in "${LEGS[@]}"; do
             raw="$OUT/wrk-$leg-c$c-r$round.txt"
             wrk -t 1 -c "$c" -d 1s -s "$OUT/post.lua" "${URLS[$leg]}" > /dev/null  # warm connections and caches
             wrk -t 1 -c "$c" -d "${DURATION}s" --latency -s "$OUT/post.lua" "${URLS[$leg]}" > "$raw" \
@@ -211,7 +222,9 @@ print()
 print("| leg | c=1 p50 | c=1 p99 | added p50 | added p99 | c=32 req/s | c=32 p99 |")
 print("|---|---|---|---|---|---|---|")
 d50, d99 = med("direct", 1, "p50_us"), med("direct", 1, "p99_us")
-for leg in ("direct", "nginx", "gateway"):
+for leg in ("direct", "nginx", "gateway", "baseline"):
+    if not any(r["leg"] == leg for r in rows):
+        continue
     p50, p99 = med(leg, 1, "p50_us"), med(leg, 1, "p99_us")
     added = "—" if leg == "direct" else f"{p50 - d50:+.0f} µs"
     added99 = "—" if leg == "direct" else f"{p99 - d99:+.0f} µs"
@@ -224,6 +237,10 @@ ratio = rps("gateway", 32) / rps("nginx", 32)
 print(f"goal: gateway-added p50 {g50:+.0f} µs vs nginx {n50:+.0f} µs ({'met' if g50 <= n50 else 'NOT met'}); "
       f"p99 {g99:+.0f} µs vs {n99:+.0f} µs ({'met' if g99 <= n99 else 'NOT met'}); "
       f"c=32 throughput gateway/nginx = {ratio:.2f}x ({'met' if ratio >= 1 else 'NOT met'})")
+if any(r["leg"] == "baseline" for r in rows):
+    b50 = med("baseline", 1, "p50_us") - d50
+    print(f"against the baseline build: added p50 {g50:+.0f} µs vs {b50:+.0f} µs; c=32 throughput "
+          f"gateway/baseline = {rps('gateway', 32) / rps('baseline', 32):.2f}x")
 if os.path.getsize(ttft_path) if os.path.exists(ttft_path) else 0:
     t = json.load(open(ttft_path))
     dm, gm = statistics.median(t["direct"]) * 1e3, statistics.median(t["gateway"]) * 1e3

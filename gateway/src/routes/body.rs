@@ -10,10 +10,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use prometheus::{Histogram, IntGauge};
 
 use crate::backends::Backend;
+use crate::backends::pool::{SendError, UpstreamBody};
 
 /// One request in flight on a backend: counted from creation to drop, in the backend's own count (routing) and
 /// in the in-flight gauge.
@@ -42,7 +42,7 @@ impl Drop for InFlight {
 /// connection, so the backend cancels the request and frees its KV cache.
 #[derive(Debug)]
 pub struct Upstream {
-    pub inner: Incoming,
+    pub inner: UpstreamBody,
     pub first_byte: Option<(Instant, Histogram)>,
     pub _in_flight: InFlight,
 }
@@ -68,9 +68,9 @@ impl From<String> for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = SendError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
         match self.get_mut() {
             Self::Full(full) => match Pin::new(full).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),

@@ -8,17 +8,16 @@ use std::time::Instant;
 
 use baleen_api::http::{ApiError, check_content_length, read_body};
 use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::Full;
 
 use super::body::{InFlight, ResponseBody, Upstream};
 use super::peek::{peek, prefix_key};
 use crate::App;
 use crate::auth::Key;
 use crate::backends::Backend;
+use crate::backends::pool::Outgoing;
 use crate::config::PolicyKind;
 use crate::policy::Candidate;
 use crate::registry::Pool;
@@ -83,27 +82,6 @@ fn failed(app: &App, pool: &Pool, backend: &Backend) {
         tracing::warn!(model = %pool.name, backend = %backend.url, "backend ejected after repeated failures");
         app.metrics.ejected(&pool.name, &backend.url);
     }
-}
-
-/// The request to `backend`: same method, path and query (origin form), headers (less hop-by-hop, `Host` the
-/// backend's) and body.
-fn upstream_request(
-    parts: &http::request::Parts,
-    backend: &Backend,
-    body: Bytes,
-) -> Result<Request<Full<Bytes>>, ApiError> {
-    let mut request = Request::new(Full::new(body));
-    *request.method_mut() = parts.method.clone();
-    if let Some(path) = parts.uri.path_and_query() {
-        *request.uri_mut() = http::Uri::from(path.clone());
-    }
-    let headers = request.headers_mut();
-    headers.clone_from(&parts.headers);
-    strip_hop_by_hop(headers);
-    let host = HeaderValue::from_str(backend.pool.authority())
-        .map_err(|e| ApiError::internal(format!("backend URL {}: {e}", backend.url)))?;
-    headers.insert(header::HOST, host);
-    Ok(request)
 }
 
 /// Proxies one completion request (see the module docs).
@@ -175,6 +153,12 @@ where
         }
     }
 
+    // The request as every backend gets it: same method, path and query (origin form), headers less hop-by-hop
+    // ones (the pool writes `Host` and `Content-Length`), the body as received.
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let upstream = Outgoing { method: &parts.method, target, headers: &headers, body: &body };
     let stale_after = app.settings.windows.stale_after;
     let mut tried: Vec<u64> = Vec::new();
     // A retryable answer kept to return if no other backend answers better: (backend URL, answer).
@@ -198,16 +182,12 @@ where
         if attempt > 0 {
             app.metrics.retry(&pool.name);
         }
-        let upstream = match upstream_request(&parts, &backend, body.clone()) {
-            Ok(upstream) => upstream,
-            Err(e) => return refuse(app, &pool.name, e),
-        };
         let series = backend.metrics(&pool.name, &app.metrics);
         let in_flight = InFlight::new(Arc::clone(&backend), series.in_flight.clone());
         if attempt == 0 {
             app.metrics.added_latency(arrived.elapsed().saturating_sub(held_for).as_secs_f64());
         }
-        let response = match tokio::time::timeout(app.settings.request_timeout, backend.pool.send(upstream)).await {
+        let response = match tokio::time::timeout(app.settings.request_timeout, backend.pool.send(&upstream)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 failed(app, &pool, &backend);
