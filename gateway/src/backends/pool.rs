@@ -1,21 +1,25 @@
 //! Each backend's own keep-alive connections (HTTP/1.1, no Nagle), and the HTTP/1.1 client that drives them from
 //! the request's own task: a request is written in one piece on a connection that is ready for one (its previous
-//! answer fully read), else on a new one; the answer's head is parsed where it is read, and its body is read from
-//! the socket as the client's connection asks for it ([`UpstreamBody`]), after which the connection goes back to
-//! the pool. No connection task and no channel sits between the two sockets, so a request crosses no task on its
-//! way through. No pool key, no absolute URI: requests go out in origin form with the backend's `Host`.
+//! answer fully read, and not closed by the backend meanwhile), else on a new one; the answer's head is parsed
+//! where it is read, and its body is read from the socket as the client's connection asks for it
+//! ([`UpstreamBody`]), after which the connection goes back to the pool. No connection task and no channel sits
+//! between the two sockets, so a request crosses no task on its way through. No pool key, no absolute URI:
+//! requests go out in origin form with the backend's `Host`.
 
-use std::pin::Pin;
+mod body;
+
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use body::UpstreamBody;
+use body::{Chunk, Framing};
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,8 +31,6 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
-/// A chunk-size line (with extensions) or a trailer line may take at most this many bytes.
-const MAX_LINE_BYTES: usize = 4 * 1024;
 
 /// Why a request got no answer head, or an answer's body ended early.
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +64,12 @@ struct Conn {
 }
 
 impl Conn {
-    /// Whether a pooled connection can take a request: open, and with nothing unread (a backend that closed an
-    /// idle connection shows as readable end of stream).
+    /// Whether a pooled connection can take a request: open, with nothing unread. Asks the socket itself (a
+    /// non-blocking peek): a backend that closed the idle connection shows as end of stream, even when the
+    /// runtime's event loop has not seen it yet.
     fn is_idle_and_open(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&self.stream).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 
@@ -76,7 +79,7 @@ type Idle = Arc<Mutex<Vec<Conn>>>;
 #[derive(Debug)]
 pub struct ConnPool {
     /// `host:port`.
-    authority: String,
+    authority: Arc<str>,
     idle: Idle,
 }
 
@@ -92,7 +95,7 @@ pub struct Outgoing<'a> {
 
 impl ConnPool {
     pub fn new(authority: String) -> Self {
-        Self { authority, idle: Idle::default() }
+        Self { authority: authority.into(), idle: Idle::default() }
     }
 
     pub fn authority(&self) -> &str {
@@ -111,8 +114,8 @@ impl ConnPool {
     }
 
     async fn connect(&self) -> Result<Conn, SendError> {
-        let connect = |reason: String| SendError::Connect { authority: self.authority.clone(), reason };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.authority))
+        let connect = |reason: String| SendError::Connect { authority: self.authority.to_string(), reason };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.authority))
             .await
             .map_err(|_| connect(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| connect(e.to_string()))?;
@@ -121,31 +124,29 @@ impl ConnPool {
     }
 
     /// Sends `request` and returns the answer's head; its body is read from the connection as it is polled, and
-    /// the connection comes back to the pool when the body is done. A pooled connection that ends before any byte
-    /// of an answer (the backend closed it idle while the request went out) is replaced by a new one once: a
-    /// backend that closes an idle keep-alive connection has not read the request on it.
+    /// the connection comes back to the pool when the body is done. A pooled connection whose write fails (the
+    /// backend closed it idle between the probe and the write) is replaced by a new one once; once the request is
+    /// written, nothing is sent again here (the backend may be running it).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
         let wire = encode(request, &self.authority);
         if let Some(mut conn) = self.pooled() {
             match self.exchange(&mut conn, &wire).await {
-                Ok(head) => return Ok(self.answer(conn, head, request.method)),
-                Err(Exchange::Unanswered(e)) => tracing::debug!("pooled connection to {} ended: {e}", self.authority),
+                Ok(head) => return self.answer(conn, head, request.method),
+                Err(Exchange::Unwritten(e)) => tracing::debug!("pooled connection to {} ended: {e}", self.authority),
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
         let mut conn = self.connect().await?;
         match self.exchange(&mut conn, &wire).await {
-            Ok(head) => Ok(self.answer(conn, head, request.method)),
-            Err(Exchange::Unanswered(e) | Exchange::Failed(e)) => Err(e),
+            Ok(head) => self.answer(conn, head, request.method),
+            Err(Exchange::Unwritten(e) | Exchange::Failed(e)) => Err(e),
         }
     }
 
     /// Writes `wire` and reads the answer's head (skipping interim 1xx answers).
     async fn exchange(&self, conn: &mut Conn, wire: &[u8]) -> Result<Head, Exchange> {
-        let io = |source| SendError::Io { authority: self.authority.clone(), source };
-        conn.stream.write_all(wire).await.map_err(|e| Exchange::Unanswered(io(e)))?;
-        // Whether any byte of an answer came back (after which a failure is the backend's, not a stale connection's).
-        let mut received = !conn.buf.is_empty();
+        let io = |source| SendError::Io { authority: self.authority.to_string(), source };
+        conn.stream.write_all(wire).await.map_err(|e| Exchange::Unwritten(io(e)))?;
         loop {
             if let Some(head) = self.parse_head(&mut conn.buf).map_err(Exchange::Failed)? {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
@@ -159,13 +160,10 @@ impl ConnPool {
             conn.buf.reserve(READ_CHUNK);
             match conn.stream.read_buf(&mut conn.buf).await {
                 Ok(0) => {
-                    let closed = SendError::Closed { authority: self.authority.clone(), when: "before its answer" };
-                    return Err(if received { Exchange::Failed(closed) } else { Exchange::Unanswered(closed) });
+                    let when = "before its answer";
+                    return Err(Exchange::Failed(SendError::Closed { authority: self.authority.to_string(), when }));
                 }
-                Ok(_) => received = true,
-                Err(e) if !received && e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Err(Exchange::Unanswered(io(e)));
-                }
+                Ok(_) => {}
                 Err(e) => return Err(Exchange::Failed(io(e))),
             }
         }
@@ -196,16 +194,27 @@ impl ConnPool {
     }
 
     fn protocol(&self, reason: String) -> SendError {
-        SendError::Protocol { authority: self.authority.clone(), reason }
+        SendError::Protocol { authority: self.authority.to_string(), reason }
     }
 
-    /// The answer whose `head` was read on `conn`, its body framed as RFC 9112 §6.3 says.
-    fn answer(&self, conn: Conn, head: Head, method: &Method) -> Response<UpstreamBody> {
-        let Head { status, headers, keep_alive } = head;
-        let chunked = headers.get_all(header::TRANSFER_ENCODING).iter().next_back().is_some_and(|v| {
-            v.as_bytes().rsplit(|&b| b == b',').next().is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        });
-        let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    /// The answer whose `head` was read on `conn`, its body framed as RFC 9112 §6.3 says. A `Transfer-Encoding`
+    /// whose last coding is `chunked` is read by chunks, any other by the connection's end; a `Content-Length`
+    /// beside one is dropped (the client gets the body re-framed). Conflicting or malformed lengths and a switch of
+    /// protocol (no request asks for one) are refused.
+    fn answer(&self, conn: Conn, head: Head, method: &Method) -> Result<Response<UpstreamBody>, SendError> {
+        let Head { status, mut headers, keep_alive } = head;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(self.protocol("101 Switching Protocols to a request that asked for no upgrade".into()));
+        }
+        let codings: Vec<&[u8]> = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let chunked = codings.last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+        let length = if codings.is_empty() { self.content_length(&headers)? } else { None };
         let framing = if *method == Method::HEAD
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -214,38 +223,51 @@ impl ConnPool {
             Framing::Length(0)
         } else if chunked {
             Framing::Chunked(Chunk::Size)
+        } else if !codings.is_empty() {
+            Framing::UntilClose
         } else if let Some(length) = length {
             Framing::Length(length)
         } else {
             Framing::UntilClose
         };
+        if !codings.is_empty() {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let reusable = keep_alive
-            && !matches!(framing, Framing::UntilClose)
+            && framing != Framing::UntilClose
             && !headers
                 .get_all(header::CONNECTION)
                 .iter()
                 .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
-        let mut body = UpstreamBody {
-            conn: Some(conn),
-            framing,
-            reusable,
-            idle: Arc::clone(&self.idle),
-            authority: self.authority.clone(),
-        };
-        if let Framing::Length(0) = framing {
-            // No body to wait for: the connection can take the next request now.
-            body.finish();
-        }
+        let body = UpstreamBody::new(conn, framing, reusable, Arc::clone(&self.idle), Arc::clone(&self.authority));
         let mut response = Response::new(body);
         *response.status_mut() = status;
         *response.headers_mut() = headers;
-        response
+        Ok(response)
+    }
+
+    /// The answer's `Content-Length`: every value (and every comma-separated item) the same run of digits, else a
+    /// protocol error; `None` when there is none.
+    fn content_length(&self, headers: &HeaderMap) -> Result<Option<u64>, SendError> {
+        let mut length = None;
+        for item in headers.get_all(header::CONTENT_LENGTH).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+            let item = item.trim_ascii();
+            let value = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| self.protocol(format!("an invalid Content-Length `{}`", item.escape_ascii())))?;
+            if length.is_some_and(|l| l != value) {
+                return Err(self.protocol("conflicting Content-Length values".into()));
+            }
+            length = Some(value);
+        }
+        Ok(length)
     }
 }
 
-/// How an exchange failed: before any byte of an answer came back (a pooled connection may be retried), or after.
+/// How an exchange failed: the request could not be written (a pooled connection may be replaced), or later.
 enum Exchange {
-    Unanswered(SendError),
+    Unwritten(SendError),
     Failed(SendError),
 }
 
@@ -282,228 +304,56 @@ fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
     wire
 }
 
-/// How an answer's body is delimited.
-#[derive(Debug, Clone, Copy)]
-enum Framing {
-    /// This many bytes are left.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the backend closes the connection (which is then not reused).
-    UntilClose,
-    Done,
-}
-
-/// Where a chunked body's reading stands.
-#[derive(Debug, Clone, Copy)]
-enum Chunk {
-    /// At a chunk-size line.
-    Size,
-    /// In a chunk's data, this many bytes left.
-    Data(u64),
-    /// At the line break after a chunk's data.
-    DataEnd,
-    /// In the trailer section after the last chunk.
-    Trailers,
-}
-
-/// An answer's body, read from its connection as it is polled; the connection goes back to the pool when the body
-/// is done (if it may be reused). Dropped before that (the client went away), it closes the connection, so the
-/// backend cancels the request and frees its KV cache.
-#[derive(Debug)]
-pub struct UpstreamBody {
-    conn: Option<Conn>,
-    framing: Framing,
-    reusable: bool,
-    idle: Idle,
-    authority: String,
-}
-
-impl UpstreamBody {
-    fn closed(&self, when: &'static str) -> SendError {
-        SendError::Closed { authority: self.authority.clone(), when }
-    }
-
-    fn protocol(&self, reason: &str) -> SendError {
-        SendError::Protocol { authority: self.authority.clone(), reason: reason.into() }
-    }
-
-    /// The body is read: the connection goes back to the pool when it may take another request.
-    fn finish(&mut self) {
-        self.framing = Framing::Done;
-        if let Some(conn) = self.conn.take()
-            && self.reusable
-            && conn.buf.is_empty()
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < MAX_POOLED {
-                idle.push(conn);
-            }
-        }
-    }
-
-    /// Reads more of the connection into its buffer: `Ok(0)` at the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, SendError>> {
-        let Some(conn) = self.conn.as_mut() else { return Poll::Ready(Ok(0)) };
-        let start = conn.buf.len();
-        conn.buf.resize(start + READ_CHUNK, 0);
-        let mut read = ReadBuf::new(&mut conn.buf[start..]);
-        let polled = Pin::new(&mut conn.stream).poll_read(cx, &mut read);
-        let n = read.filled().len();
-        conn.buf.truncate(start + n);
-        match ready!(polled) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(source) => Poll::Ready(Err(SendError::Io { authority: self.authority.clone(), source })),
-        }
-    }
-
-    /// Up to `left` bytes of data from the buffer (none when it is empty).
-    fn take_data(&mut self, left: u64) -> Option<Bytes> {
-        let conn = self.conn.as_mut()?;
-        if conn.buf.is_empty() || left == 0 {
-            return None;
-        }
-        let n = usize::try_from(left).unwrap_or(usize::MAX).min(conn.buf.len());
-        Some(conn.buf.split_to(n).freeze())
-    }
-
-    /// A whole line (without its CRLF) from the buffer, or `None` when it has not all arrived.
-    fn take_line(&mut self) -> Result<Option<BytesMut>, SendError> {
-        let Some(conn) = self.conn.as_mut() else { return Ok(None) };
-        match conn.buf.windows(2).position(|w| w == b"\r\n") {
-            Some(at) => {
-                let line = conn.buf.split_to(at);
-                conn.buf.advance(2);
-                Ok(Some(line))
-            }
-            None if conn.buf.len() > MAX_LINE_BYTES => Err(self.protocol("a chunk line over 4 KiB")),
-            None => Ok(None),
-        }
-    }
-}
-
-/// The size of a chunk-size line (`1a;ext=value` → 26).
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.split(|&b| b == b';').next()?.trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = SendError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, SendError>>> {
-        let this = &mut *self;
-        loop {
-            match this.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => this.finish(),
-                Framing::Length(left) => {
-                    if let Some(data) = this.take_data(left) {
-                        this.framing = Framing::Length(left - data.len() as u64);
-                        if let Framing::Length(0) = this.framing {
-                            this.finish();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(this.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Some(Err(this.closed("before the end of its answer's body"))));
-                    }
-                }
-                Framing::UntilClose => {
-                    if let Some(data) = this.take_data(u64::MAX) {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(this.poll_fill(cx))? == 0 {
-                        this.finish();
-                    }
-                }
-                Framing::Chunked(Chunk::Data(left)) => {
-                    if let Some(data) = this.take_data(left) {
-                        let left = left - data.len() as u64;
-                        this.framing = Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(this.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Some(Err(this.closed("in the middle of a chunk"))));
-                    }
-                }
-                Framing::Chunked(state) => {
-                    let Some(line) = this.take_line()? else {
-                        if ready!(this.poll_fill(cx))? == 0 {
-                            return Poll::Ready(Some(Err(this.closed("before the end of a chunked body"))));
-                        }
-                        continue;
-                    };
-                    this.framing = match state {
-                        Chunk::Size => match chunk_size(&line) {
-                            Some(0) => Framing::Chunked(Chunk::Trailers),
-                            Some(size) => Framing::Chunked(Chunk::Data(size)),
-                            None => return Poll::Ready(Some(Err(this.protocol("an invalid chunk size")))),
-                        },
-                        Chunk::DataEnd if line.is_empty() => Framing::Chunked(Chunk::Size),
-                        Chunk::DataEnd => {
-                            return Poll::Ready(Some(Err(this.protocol("chunk data longer than its size"))));
-                        }
-                        // Trailer fields are dropped; an empty line ends the body.
-                        Chunk::Trailers if line.is_empty() => {
-                            this.finish();
-                            Framing::Done
-                        }
-                        Chunk::Trailers | Chunk::Data(_) => Framing::Chunked(state),
-                    };
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.framing, Framing::Done | Framing::Length(0))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Length(left) => SizeHint::with_exact(left),
-            Framing::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt;
     use tokio::io::AsyncBufReadExt;
     use tokio::net::TcpListener;
+    use tokio::sync::{Notify, mpsc};
 
-    /// A backend on 127.0.0.1 that answers the requests on each connection with the next of `answers` (raw bytes,
-    /// `|` marking where it pauses, and whether it closes the connection after; `None` closes it instead of
-    /// answering), counting connections.
-    async fn backend(answers: Vec<Option<(&'static [u8], bool)>>) -> (String, Arc<AtomicUsize>) {
+    use super::*;
+
+    /// What the test backend does with the next request.
+    #[derive(Clone, Copy)]
+    enum Step {
+        /// Writes these bytes (`|` pauses 5 ms, `^` waits for the test's gate), then closes the connection if true.
+        Answer(&'static [u8], bool),
+        /// Closes the connection without answering.
+        Close,
+    }
+
+    /// A backend on 127.0.0.1 taking the steps in order across its connections; counts connections, and reports
+    /// each connection's end (seen by the backend's read) on the channel.
+    struct Backend {
+        authority: String,
+        connections: Arc<AtomicUsize>,
+        gate: Arc<Notify>,
+        ended: mpsc::UnboundedReceiver<()>,
+    }
+
+    async fn backend(steps: Vec<Step>) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&connections);
-        let answers = Arc::new(Mutex::new(answers.into_iter()));
+        let (connections, gate) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        let (tx, ended) = mpsc::unbounded_channel();
+        let steps = Arc::new(Mutex::new(steps.into_iter()));
+        let (counted, opened) = (Arc::clone(&connections), Arc::clone(&gate));
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
-                let answers = Arc::clone(&answers);
+                let (steps, gate, tx) = (Arc::clone(&steps), Arc::clone(&opened), tx.clone());
                 tokio::spawn(async move {
                     let mut stream = tokio::io::BufStream::new(stream);
                     loop {
-                        // Read one request: head lines, then its content-length body.
+                        // One request: head lines, then its content-length body.
                         let mut length = 0usize;
                         loop {
                             let mut line = String::new();
                             if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                let _ = tx.send(());
                                 return;
                             }
                             if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
@@ -515,13 +365,20 @@ mod tests {
                         }
                         let mut body = vec![0u8; length];
                         stream.read_exact(&mut body).await.unwrap();
-                        let next = answers.lock().unwrap().next().flatten();
-                        let Some((answer, close)) = next else { return };
-                        for piece in answer.split_inclusive(|&b| b == b'|') {
-                            let piece = piece.strip_suffix(b"|").unwrap_or(piece);
-                            stream.write_all(piece).await.unwrap();
-                            stream.flush().await.unwrap();
-                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        let next = steps.lock().unwrap().next();
+                        let Some(Step::Answer(answer, close)) = next else { return };
+                        for piece in answer.split_inclusive(|&b| b == b'|' || b == b'^') {
+                            let (bytes, mark) = piece
+                                .split_at(piece.len() - usize::from(piece.ends_with(b"|") || piece.ends_with(b"^")));
+                            if stream.write_all(bytes).await.is_err() || stream.flush().await.is_err() {
+                                let _ = tx.send(());
+                                return;
+                            }
+                            match mark {
+                                b"|" => tokio::time::sleep(Duration::from_millis(5)).await,
+                                b"^" => gate.notified().await,
+                                _ => {}
+                            }
                         }
                         if close {
                             return;
@@ -530,70 +387,160 @@ mod tests {
                 });
             }
         });
-        (authority, connections)
+        Backend { authority, connections, gate, ended }
     }
 
-    async fn get(pool: &ConnPool) -> Result<(StatusCode, Vec<Bytes>), SendError> {
+    impl Backend {
+        fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn send(pool: &ConnPool, method: Method) -> Result<Response<UpstreamBody>, SendError> {
         let (headers, body) = (HeaderMap::new(), Bytes::from_static(b"{\"x\": 1}"));
-        let request = Outgoing { method: &Method::POST, target: "/v1/completions", headers: &headers, body: &body };
-        let response = pool.send(&request).await?;
-        let status = response.status();
+        pool.send(&Outgoing { method: &method, target: "/v1/completions", headers: &headers, body: &body }).await
+    }
+
+    async fn frames(response: Response<UpstreamBody>) -> Result<Vec<Bytes>, SendError> {
         let mut body = response.into_body();
         let mut frames = Vec::new();
         while let Some(frame) = body.frame().await {
             frames.push(frame?.into_data().unwrap());
         }
-        Ok((status, frames))
+        Ok(frames)
     }
 
-    /// A length-delimited answer, then a chunked one streamed in pieces (a chunk extension, a trailer): both read
-    /// whole, each chunk as its own frame, on one reused connection.
+    async fn post(pool: &ConnPool) -> Result<(StatusCode, Vec<u8>), SendError> {
+        let response = send(pool, Method::POST).await?;
+        let status = response.status();
+        Ok((status, frames(response).await?.concat()))
+    }
+
+    /// Every test is bounded: a framing bug that waits forever fails instead of hanging the suite.
+    async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
+        tokio::time::timeout(Duration::from_secs(20), test).await.expect("the test took over 20 s");
+    }
+
+    /// A length-delimited answer; a chunked one whose first chunk reaches the caller before the backend sends
+    /// the rest (a size line and a chunk's CRLF split over reads, an extension, a trailer); a 204 and an answer
+    /// to HEAD (no body, whatever Content-Length says): all on one reused connection.
     #[tokio::test]
     async fn answers_are_read_by_length_and_by_chunks_on_one_connection() {
-        let (authority, connections) = backend(vec![
-            Some((b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false)),
-            Some((
-                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n|7;ext=1\r\ndata: |a\r\n|3\r\nxyz\r\n|0\r\nx-trailer: 1\r\n\r\n",
-                false,
-            )),
-            Some((b"HTTP/1.1 204 No Content\r\n\r\n", false)),
-        ])
+        bounded(async {
+            let b = backend(vec![
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false),
+                Step::Answer(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n|7;e|xt=1\r\ndata: ^a\r|\n3\r\nxyz\r\n|0\r\nx-trailer: 1\r\n\r\n",
+                    false,
+                ),
+                Step::Answer(b"HTTP/1.1 204 No Content\r\n\r\n", false),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+            ])
+            .await;
+            let pool = ConnPool::new(b.authority.clone());
+            assert_eq!(post(&pool).await.unwrap(), (StatusCode::OK, b"hello".to_vec()));
+            let response = send(&pool, Method::POST).await.unwrap();
+            let mut body = response.into_body();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&first[..], b"data: ", "the first piece before the backend sends the rest");
+            b.gate.notify_one();
+            let rest = frames(Response::new(body)).await.unwrap().concat();
+            assert_eq!(rest, b"axyz");
+            let response = send(&pool, Method::POST).await.unwrap();
+            assert_eq!((response.status(), frames(response).await.unwrap().len()), (StatusCode::NO_CONTENT, 0));
+            let response = send(&pool, Method::HEAD).await.unwrap();
+            assert_eq!(response.headers()[header::CONTENT_LENGTH], "5");
+            assert!(frames(response).await.unwrap().is_empty());
+            assert_eq!(post(&pool).await.unwrap().1, b"ok");
+            assert_eq!(b.connections(), 1);
+        })
         .await;
-        let pool = ConnPool::new(authority);
-        let (status, frames) = get(&pool).await.unwrap();
-        assert_eq!((status, frames.concat()), (StatusCode::OK, b"hello".to_vec()));
-        let (status, frames) = get(&pool).await.unwrap();
-        assert_eq!((status, frames.concat()), (StatusCode::OK, b"data: axyz".to_vec()));
-        assert!(frames.len() >= 2, "{frames:?}");
-        let (status, frames) = get(&pool).await.unwrap();
-        assert_eq!((status, frames.len()), (StatusCode::NO_CONTENT, 0));
-        assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
-    /// A pooled connection the backend closed is replaced by a new one; `Connection: close` and an answer read
-    /// until the end of the stream are not reused; a body cut short is an error.
+    /// A pooled connection the backend closed while idle is not used (a new one takes the request); one that the
+    /// backend closes on receiving the request is a `Closed` error, not sent again; `Connection: close` and
+    /// HTTP/1.0 answers (read until the end) are not reused; a body cut short is an error.
     #[tokio::test]
-    async fn closed_connections_are_replaced_and_cut_bodies_fail() {
-        let (authority, connections) = backend(vec![
-            Some((b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false)),
-            None,
-            Some((b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok", true)),
-            Some((b"HTTP/1.0 200 OK\r\n\r\nuntil close", true)),
-            Some((b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort", true)),
-        ])
+    async fn closed_connections_are_replaced_or_fail_and_cut_bodies_fail() {
+        bounded(async {
+            let b = backend(vec![
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+                Step::Close,
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok", true),
+                Step::Answer(b"HTTP/1.0 200 OK\r\n\r\nuntil close", true),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort", true),
+            ])
+            .await;
+            let pool = ConnPool::new(b.authority.clone());
+            assert_eq!(post(&pool).await.unwrap().1, b"ok");
+            // The backend closed that connection after answering: the probe sees it, a new one is opened.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(post(&pool).await.unwrap().1, b"ok");
+            assert_eq!(b.connections(), 2);
+            let err = post(&pool).await.unwrap_err();
+            assert!(matches!(err, SendError::Closed { .. }), "{err}");
+            assert_eq!(b.connections(), 2, "a written request is not sent again");
+            assert_eq!(post(&pool).await.unwrap().1, b"ok");
+            assert_eq!(post(&pool).await.unwrap().1, b"until close");
+            assert_eq!(b.connections(), 4);
+            let err = post(&pool).await.unwrap_err();
+            assert!(matches!(err, SendError::Closed { .. }), "{err}");
+            assert_eq!(b.connections(), 5);
+        })
         .await;
-        let pool = ConnPool::new(authority);
-        assert_eq!(get(&pool).await.unwrap().1.concat(), b"ok");
-        // The backend closes the pooled connection on the next request (unanswered): a new one takes it.
-        assert_eq!(get(&pool).await.unwrap().1.concat(), b"ok");
-        assert_eq!(connections.load(Ordering::SeqCst), 2);
-        let answer = get(&pool).await;
-        let (_, frames) = answer.unwrap();
-        assert_eq!(frames.concat(), b"until close");
-        assert_eq!(connections.load(Ordering::SeqCst), 3);
-        let err = get(&pool).await.unwrap_err();
-        assert!(matches!(err, SendError::Closed { .. }), "{err}");
-        assert_eq!(connections.load(Ordering::SeqCst), 4);
+    }
+
+    /// Bad framing is refused (the client gets a 502 from the proxy, not a broken answer): malformed or
+    /// conflicting lengths, a switch of protocol; a Content-Length beside a chunked Transfer-Encoding is dropped.
+    #[tokio::test]
+    async fn bad_framing_is_refused_and_a_length_beside_chunks_is_dropped() {
+        bounded(async {
+            let b = backend(vec![
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n", true),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello", true),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello", true),
+                Step::Answer(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", true),
+                Step::Answer(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                    false,
+                ),
+                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\nhello", false),
+            ])
+            .await;
+            let pool = ConnPool::new(b.authority.clone());
+            for _ in 0..4 {
+                let err = post(&pool).await.unwrap_err();
+                assert!(matches!(err, SendError::Protocol { .. }), "{err}");
+            }
+            let response = send(&pool, Method::POST).await.unwrap();
+            assert!(response.headers().get(header::CONTENT_LENGTH).is_none());
+            assert_eq!(frames(response).await.unwrap().concat(), b"ok");
+            assert_eq!(post(&pool).await.unwrap().1, b"hello");
+        })
+        .await;
+    }
+
+    /// Dropping an answer's body before its end (the client went away) closes the connection: the backend sees
+    /// it end (and would cancel the request).
+    #[tokio::test]
+    async fn a_body_dropped_midway_closes_its_connection() {
+        bounded(async {
+            let mut b = backend(vec![Step::Answer(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n^0\r\n\r\n",
+                false,
+            )])
+            .await;
+            let pool = ConnPool::new(b.authority.clone());
+            let mut body = send(&pool, Method::POST).await.unwrap().into_body();
+            assert_eq!(&body.frame().await.unwrap().unwrap().into_data().unwrap()[..], b"abc");
+            drop(body);
+            b.gate.notify_one();
+            b.ended.recv().await.unwrap();
+            assert_eq!(pool.idle.lock().unwrap().len(), 0);
+        })
+        .await;
     }
 
     /// Nothing listening: a connect error (the backend never saw the request).
@@ -602,18 +549,8 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority = listener.local_addr().unwrap().to_string();
         drop(listener);
-        let err = get(&ConnPool::new(authority)).await.unwrap_err();
+        let err = post(&ConnPool::new(authority)).await.unwrap_err();
         assert!(err.is_connect(), "{err}");
-    }
-
-    #[test]
-    fn chunk_sizes_are_hex_with_optional_extensions() {
-        assert_eq!(chunk_size(b"1a"), Some(26));
-        assert_eq!(chunk_size(b"1A;name=value"), Some(26));
-        assert_eq!(chunk_size(b"0"), Some(0));
-        assert_eq!(chunk_size(b""), None);
-        assert_eq!(chunk_size(b"xyz"), None);
-        assert_eq!(chunk_size(b"ffffffffffffffffff"), None);
     }
 
     #[test]
