@@ -206,39 +206,28 @@ impl ConnPool {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(self.protocol("101 Switching Protocols to a request that asked for no upgrade".into()));
         }
-        let codings: Vec<&[u8]> = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.is_empty())
-            .collect();
+        let codings: Vec<&[u8]> = list_items(&headers, header::TRANSFER_ENCODING).filter(|t| !t.is_empty()).collect();
         let chunked = codings.last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
         let length = if codings.is_empty() { self.content_length(&headers)? } else { None };
-        let framing = if *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            Framing::Length(0)
-        } else if chunked {
-            Framing::Chunked(Chunk::Size)
-        } else if !codings.is_empty() {
-            Framing::UntilClose
-        } else if let Some(length) = length {
-            Framing::Length(length)
-        } else {
-            Framing::UntilClose
-        };
+        // (Interim 1xx answers never get here: `exchange` skips them, and 101 is refused above.)
+        let framing =
+            if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+                Framing::Length(0)
+            } else if chunked {
+                Framing::Chunked(Chunk::Size)
+            } else if !codings.is_empty() {
+                Framing::UntilClose
+            } else if let Some(length) = length {
+                Framing::Length(length)
+            } else {
+                Framing::UntilClose
+            };
         if !codings.is_empty() {
             headers.remove(header::CONTENT_LENGTH);
         }
         let reusable = keep_alive
             && framing != Framing::UntilClose
-            && !headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
+            && !list_items(&headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
         let body = UpstreamBody::new(conn, framing, reusable, Arc::clone(&self.idle), Arc::clone(&self.authority));
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -250,8 +239,7 @@ impl ConnPool {
     /// protocol error; `None` when there is none.
     fn content_length(&self, headers: &HeaderMap) -> Result<Option<u64>, SendError> {
         let mut length = None;
-        for item in headers.get_all(header::CONTENT_LENGTH).iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
-            let item = item.trim_ascii();
+        for item in list_items(headers, header::CONTENT_LENGTH) {
             let value = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
                 .flatten()
@@ -263,6 +251,11 @@ impl ConnPool {
         }
         Ok(length)
     }
+}
+
+/// The comma-separated items of every `name` field of `headers`, trimmed (empty ones included).
+fn list_items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(name).into_iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).map(<[u8]>::trim_ascii)
 }
 
 /// How an exchange failed: the request could not be written (a pooled connection may be replaced), or later.

@@ -226,14 +226,7 @@ impl DeepseekModel {
 
     /// How many of the packed matrices are kept as FP8 (`--quantize fp8`; gate and up of one MLP are one matrix).
     pub fn fp8_matrices(&mut self) -> Result<usize> {
-        let mut kept = 0;
-        self.visit_weights(&mut |weight| {
-            if let WeightMut::Packed(m) = weight {
-                kept += usize::from(m.is_fp8());
-            }
-            Ok(())
-        })?;
-        Ok(kept)
+        super::host::fp8_matrices(|f| self.visit_weights(f))
     }
 
     /// How the host kernels store the large matrices.
@@ -246,7 +239,8 @@ impl DeepseekModel {
         self.weight_bytes
     }
 
-    /// How the large matrices are stored: `int8` when quantized, else the dtype (`f32`, `bf16`, `f16`).
+    /// How the large matrices are stored: `int8` or `fp8` when `--quantize` says so, else the dtype (`f32`, `bf16`,
+    /// `f16`).
     pub fn weight_format(&self) -> String {
         self.quantize.weight_format(self.dtype)
     }

@@ -56,7 +56,7 @@ mod weights;
 use bf16::{Bf16Panels, Bf16Rows};
 use fp8::Fp8Panels;
 use q8::{Q8Panels, Q8Rows};
-pub use weights::{Quantize, WeightMut, WeightVisitor, counter, tensor_bytes};
+pub use weights::{Quantize, WeightMut, WeightVisitor, counter, fp8_matrices, tensor_bytes};
 
 /// Output columns per panel: two AVX registers.
 const PANEL: usize = 16;
@@ -163,17 +163,8 @@ impl PackedMatrix {
     /// `[ceil(rows / block[0]), ceil(in_dim / block[1])]` (a checkpoint's `weight_scale_inv`). The input side of a
     /// block must be a multiple of 4 (DeepSeek-V3: 128).
     pub fn from_fp8(parts: &[Fp8Weight], in_dim: usize, block: [usize; 2]) -> Result<Self> {
+        fp8::check_block(block)?;
         let [block_rows, block_inputs] = block;
-        if block_rows == 0 || block_inputs == 0 || !block_inputs.is_multiple_of(fp8::QUAD) {
-            return Err(Error::Setting {
-                name: "quantize".into(),
-                reason: format!(
-                    "fp8 weights need blocks whose input side is a positive multiple of {}; this checkpoint's \
-                     weight_block_size is {block:?} (use --quantize none to dequantize at load)",
-                    fp8::QUAD
-                ),
-            });
-        }
         let scale_cols = in_dim.div_ceil(block_inputs);
         // Output column -> (part, row within the part).
         let mut columns = Vec::new();
@@ -614,11 +605,13 @@ impl HostMlp {
         fp8: Option<[usize; 2]>,
         vb: &VarBuilder,
     ) -> Result<Option<Self>> {
-        let kept = ["gate_proj", "up_proj", "down_proj"].map(|name| kept_fp8(&vb.pp(name), fp8));
-        let [Some(block), Some(_), Some(_)] = kept else { return Ok(None) };
-        let gate = Fp8Weight::load(&vb.pp("gate_proj"), intermediate, hidden, block)?;
-        let up = Fp8Weight::load(&vb.pp("up_proj"), intermediate, hidden, block)?;
-        let down = Fp8Weight::load(&vb.pp("down_proj"), hidden, intermediate, block)?;
+        let [gate, up, down] = ["gate_proj", "up_proj", "down_proj"].map(|name| vb.pp(name));
+        let [Some(block), Some(_), Some(_)] = [&gate, &up, &down].map(|vb| kept_fp8(vb, fp8)) else {
+            return Ok(None);
+        };
+        let gate = Fp8Weight::load(&gate, intermediate, hidden, block)?;
+        let up = Fp8Weight::load(&up, intermediate, hidden, block)?;
+        let down = Fp8Weight::load(&down, hidden, intermediate, block)?;
         let gate_up = PackedMatrix::from_fp8(&[gate, up], hidden, block)?;
         Ok(Some(Self::chain(gate_up, PackedMatrix::from_fp8(&[down], intermediate, block)?)?))
     }

@@ -1,6 +1,6 @@
 //! FP8 weights kept as FP8 (`--quantize fp8`): a DeepSeek-V3 checkpoint's `float8_e4m3fn` values, one byte per
 //! weight, with the checkpoint's block scales (`weight_scale_inv`, 128×128 blocks) stored per column and block of
-//! [`Fp8Panels::block`] inputs (each column of a block carries its block's scale).
+//! inputs (each column of a block carries its block's scale).
 //!
 //! Every e4m3 value is exactly a bf16 value, so a product is the bf16 kernel's arithmetic ([`super::bf16`]) on the
 //! decoded weights: inputs rounded to bf16, each block's sums exact products added in f32, then multiplied by the
@@ -11,6 +11,7 @@
 
 use super::bf16::{Bf16Rows, widen};
 use super::{Columns, PANEL, ROWS, madd, store};
+use crate::error::{Error, Result};
 use crate::weights::fp8::{E4M3_TO_F32, e4m3_to_bf16_bits};
 
 /// Each byte's value as the AVX-512 kernel decodes it: the magnitude's bf16 with the sign bit or-ed in (so `0xFF`
@@ -36,6 +37,21 @@ const PAIR: usize = 2;
 const QUAD_BYTES: usize = QUAD * PANEL;
 /// Sets of sums a row alone keeps apart (pair `g` of a block adds into set `g % SETS`), as in [`super::bf16`].
 const SETS: usize = 4;
+
+/// Refuses a checkpoint's `weight_block_size` these panels cannot hold: both sides positive, the input side a
+/// multiple of [`QUAD`] (DeepSeek-V3: 128 × 128).
+pub(super) fn check_block(block: [usize; 2]) -> Result<()> {
+    if block[0] == 0 || block[1] == 0 || !block[1].is_multiple_of(QUAD) {
+        return Err(Error::Setting {
+            name: "quantize".into(),
+            reason: format!(
+                "fp8 weights need blocks whose input side is a positive multiple of {QUAD}; this checkpoint's \
+                 weight_block_size is {block:?} (use --quantize none to dequantize at load)"
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// The input length rounded up to whole quads (padding is a zero weight and a zero input).
 pub(super) fn padded(k: usize) -> usize {
@@ -65,7 +81,7 @@ pub(super) struct Fp8Panels {
 impl Fp8Panels {
     /// Packs `n_panels` panels of `k` inputs: `byte(p, kk, i)` the e4m3 byte of column `i` of panel `p` at input
     /// `kk`, `scale(p, b, i)` that column's scale for inputs `b * block..(b + 1) * block`. `block` is a multiple of
-    /// [`QUAD`] (checked by the caller).
+    /// [`QUAD`] ([`check_block`], by the caller).
     pub(super) fn pack(
         n_panels: usize,
         k: usize,

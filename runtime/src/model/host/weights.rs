@@ -66,24 +66,13 @@ impl Quantize {
     /// and keeps its weights in 8 bits.
     pub fn configure(self, config: &mut ModelConfig) -> Result<()> {
         if self == Self::Fp8 {
-            let refuse = |reason: String| Err(Error::Setting { name: "quantize".into(), reason });
-            match config.fp8_block {
-                None => {
-                    return refuse(
-                        "fp8 keeps an FP8 checkpoint's weights in 8 bits; this model's weights are not FP8 (its \
+            let block = config.fp8_block.ok_or_else(|| Error::Setting {
+                name: "quantize".into(),
+                reason: "fp8 keeps an FP8 checkpoint's weights in 8 bits; this model's weights are not FP8 (its \
                          config.json has no fp8 quantization_config)"
-                            .into(),
-                    );
-                }
-                Some(block) if block[0] == 0 || !block[1].is_multiple_of(super::fp8::QUAD) => {
-                    return refuse(format!(
-                        "fp8 weights need blocks whose input side is a positive multiple of {}; this checkpoint's \
-                         weight_block_size is {block:?} (use --quantize none to dequantize at load)",
-                        super::fp8::QUAD
-                    ));
-                }
-                Some(_) => {}
-            }
+                    .into(),
+            })?;
+            super::fp8::check_block(block)?;
         }
         config.keep_fp8 = self == Self::Fp8;
         Ok(())
@@ -112,14 +101,7 @@ impl Quantize {
         if self == Self::Fp8 {
             // Kept as FP8 at load (the matrices the checkpoint stores in FP8): nothing to narrow, but a checkpoint
             // that only says it is FP8 (a bf16 conversion that kept quantization_config) is refused.
-            let mut kept = 0;
-            walk(&mut |weight| {
-                if let WeightMut::Packed(m) = weight {
-                    kept += usize::from(m.is_fp8());
-                }
-                Ok(())
-            })?;
-            if kept == 0 {
+            if fp8_matrices(walk)? == 0 {
                 return Err(Error::Setting {
                     name: "quantize".into(),
                     reason: "fp8: no weight of this checkpoint is stored in FP8 with block scales (no \
@@ -136,6 +118,18 @@ impl Quantize {
             Ok(())
         })
     }
+}
+
+/// How many of the packed matrices `walk` yields are kept as FP8.
+pub fn fp8_matrices(mut walk: impl FnMut(&mut WeightVisitor<'_>) -> Result<()>) -> Result<usize> {
+    let mut kept = 0;
+    walk(&mut |weight| {
+        if let WeightMut::Packed(m) = weight {
+            kept += usize::from(m.is_fp8());
+        }
+        Ok(())
+    })?;
+    Ok(kept)
 }
 
 /// One of a model's weights, as a walk over them yields it.
