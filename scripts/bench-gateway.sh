@@ -25,6 +25,11 @@
 #   BENCH_RUNTIME_BIN  runtime for the TTFT leg (default: release build if present, else the debug build)
 #   BENCH_BASELINE     another baleen-gateway binary (e.g. a build of an earlier commit), run as a fourth leg
 #                      ("baseline") in the same rounds
+#   BENCH_PIN          CPU lists OUTSIDE:PROXY (e.g. 0:1): the backend, the runtime and wrk run on OUTSIDE, the nginx
+#                      proxy and the gateways on PROXY (taskset; each then sizes itself to those CPUs), so every
+#                      proxy leg pays the same wake-ups across CPUs. Unpinned, where the scheduler happens to put
+#                      each process decides c=1 latency as much as the proxy's own work: on a small VM one
+#                      wake-up across CPUs costs tens of µs.
 # Raw output goes to $CARGO_TARGET_DIR/bench/gateway/; a markdown table is printed.
 set -euo pipefail
 
@@ -42,6 +47,14 @@ command -v curl >/dev/null || die "curl is required"
 need_debs wrk:wrk nginx:nginx-light
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
+# Command prefixes that pin to the OUTSIDE and PROXY CPUs (empty: unpinned). taskset execs the command, so
+# `spawn` records the server's own PID.
+OUTSIDE=() PROXY=()
+if [[ -n "${BENCH_PIN:-}" ]]; then
+    [[ "$BENCH_PIN" =~ ^[0-9,-]+:[0-9,-]+$ ]] || die "BENCH_PIN must be OUTSIDE:PROXY CPU lists, like 0:1"
+    command -v taskset >/dev/null || die "taskset (util-linux) is required for BENCH_PIN"
+    OUTSIDE=(taskset -c "${BENCH_PIN%%:*}") PROXY=(taskset -c "${BENCH_PIN##*:}")
+fi
 release_bin baleen-gateway "$GATEWAY"
 RUNTIME="${BENCH_RUNTIME_BIN:-}"
 if [[ -z "$RUNTIME" && "$TTFT_N" != 0 ]]; then
@@ -61,7 +74,7 @@ PROXY_PORT="$(free_port)"
 # ---- nginx: the fixed-response backend and the reference proxy (each its own prefix, in the foreground).
 ANSWER='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"The baleen whale filters krill."},"finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":7,"total_tokens":15}}'
 METRICS_PAGE='# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name="bench"} 0\n# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name="bench"} 0\n# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="bench"} 0\n'
-nginx_conf() { # NAME WORKERS SERVER_BLOCK
+nginx_conf() { # NAME WORKERS PIN SERVER_BLOCK (PIN: OUTSIDE or PROXY)
     local dir="$OUT/nginx-$1"
     mkdir -p "$dir/tmp"
     cat > "$dir/nginx.conf" <<CONF
@@ -79,18 +92,20 @@ http {
     fastcgi_temp_path $dir/tmp/fastcgi;
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
-$3
+$4
 }
 CONF
-    spawn "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2> "$dir/stderr.log"
+    local -n pin="$3"
+    spawn "${pin[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2> "$dir/stderr.log"
 }
-nginx_conf backend 1 "    server {
+nginx_conf backend 1 OUTSIDE "    server {
         listen 127.0.0.1:$BACKEND_PORT;
         location = /v1/chat/completions { default_type application/json; return 200 '$ANSWER'; }
         location = /metrics { default_type text/plain; return 200 '$(printf "$METRICS_PAGE")'; }
         location = /ready { default_type application/json; return 200 '{\"status\":\"ready\"}'; }
     }"
-nginx_conf proxy auto "    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
+# As many nginx workers as the gateway has event loops: one per CPU it may use.
+nginx_conf proxy "$("${PROXY[@]}" nproc)" PROXY "    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
     server {
         listen 127.0.0.1:$PROXY_PORT;
         location / {
@@ -103,8 +118,8 @@ nginx_conf proxy auto "    upstream backend { server 127.0.0.1:$BACKEND_PORT; ke
 # ---- the runtime for the TTFT leg
 RUNTIME_URL=""
 if [[ "$TTFT_N" != 0 ]]; then
-    BALEEN_RUNTIME_LOG=warn spawn "$RUNTIME" serve --model builtin:tiny-moe --host 127.0.0.1 --port 0 --threads 1 \
-        > "$OUT/runtime.stdout" 2> "$OUT/runtime.log"
+    BALEEN_RUNTIME_LOG=warn spawn "${OUTSIDE[@]}" "$RUNTIME" serve --model builtin:tiny-moe --host 127.0.0.1 \
+        --port 0 --threads 1 > "$OUT/runtime.stdout" 2> "$OUT/runtime.log"
     RUNTIME_URL="$(listening_url "$OUT/runtime.stdout" baleen-runtime "${PIDS[-1]}")" \
         || die "no runtime; its log: $OUT/runtime.log"
 fi
@@ -116,7 +131,7 @@ fi
     echo "    backends: [http://127.0.0.1:$BACKEND_PORT]"
     [[ -n "$RUNTIME_URL" ]] && { echo "  - name: tiny-moe"; echo "    backends: [$RUNTIME_URL]"; }
 } > "$OUT/gateway.yaml"
-BALEEN_GATEWAY_LOG=warn spawn "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
+BALEEN_GATEWAY_LOG=warn spawn "${PROXY[@]}" "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
     --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
 GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway "${PIDS[-1]}")" \
     || die "no gateway; its log: $OUT/gateway.log"
@@ -124,8 +139,8 @@ LEGS=(direct nginx gateway)
 declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")
 if [[ -n "${BENCH_BASELINE:-}" ]]; then
     [[ -x "$BENCH_BASELINE" ]] || die "$BENCH_BASELINE is not executable"
-    BALEEN_GATEWAY_LOG=warn spawn "$BENCH_BASELINE" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
-        --admin-port 0 > "$OUT/baseline.stdout" 2> "$OUT/baseline.log"
+    BALEEN_GATEWAY_LOG=warn spawn "${PROXY[@]}" "$BENCH_BASELINE" serve --config "$OUT/gateway.yaml" \
+        --host 127.0.0.1 --port 0 --admin-port 0 > "$OUT/baseline.stdout" 2> "$OUT/baseline.log"
     URLS[baseline]="$(listening_url "$OUT/baseline.stdout" baleen-gateway "${PIDS[-1]}")" \
         || die "no baseline gateway; its log: $OUT/baseline.log"
     LEGS+=(baseline)
@@ -164,8 +179,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for c in 1 32; do
         for leg in "${LEGS[@]}"; do
             raw="$OUT/wrk-$leg-c$c-r$round.txt"
-            wrk -t 1 -c "$c" -d 1s -s "$OUT/post.lua" "${URLS[$leg]}" > /dev/null  # warm connections and caches
-            wrk -t 1 -c "$c" -d "${DURATION}s" --latency -s "$OUT/post.lua" "${URLS[$leg]}" > "$raw" \
+            "${OUTSIDE[@]}" wrk -t 1 -c "$c" -d 1s -s "$OUT/post.lua" "${URLS[$leg]}" > /dev/null  # warm up
+            "${OUTSIDE[@]}" wrk -t 1 -c "$c" -d "${DURATION}s" --latency -s "$OUT/post.lua" "${URLS[$leg]}" > "$raw" \
                 || die "wrk failed ($raw)"
             line="$(sed -n 's/^WRK_JSON //p' "$raw")"
             [[ -n "$line" ]] || die "wrk printed no summary ($raw)"
@@ -177,7 +192,7 @@ done
 
 # ---- streamed TTFT on the tiny model: direct vs through the gateway.
 if [[ -n "$RUNTIME_URL" ]]; then
-    python3 - "$RUNTIME_URL" "$GATEWAY_URL" "$TTFT_N" > "$OUT/ttft.json" <<'PY'
+    "${OUTSIDE[@]}" python3 - "$RUNTIME_URL" "$GATEWAY_URL" "$TTFT_N" > "$OUT/ttft.json" <<'PY'
 import http.client, json, sys, time, urllib.parse
 direct, gateway, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 body = json.dumps({"model": "tiny-moe", "messages": [{"role": "user", "content": "Tell me about baleen whales."}],
@@ -206,9 +221,9 @@ print(json.dumps(out))
 PY
 fi
 
-python3 - "$OUT/results.jsonl" "$OUT/ttft.json" "$DURATION" "$ROUNDS" "$RUNTIME" "${#ANSWER}" <<'PY'
+python3 - "$OUT/results.jsonl" "$OUT/ttft.json" "$DURATION" "$ROUNDS" "$RUNTIME" "${#ANSWER}" "${BENCH_PIN:-}" <<'PY'
 import json, os, statistics, sys
-path, ttft_path, duration, rounds, runtime, answer_bytes = sys.argv[1:7]
+path, ttft_path, duration, rounds, runtime, answer_bytes, pin = sys.argv[1:8]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 def med(leg, c, key):
     vals = [r["wrk"][key] for r in rows if r["leg"] == leg and r["c"] == c]
@@ -217,7 +232,9 @@ def rps(leg, c):
     return statistics.median(r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in rows if r["leg"] == leg and r["c"] == c)
 errors = sum(r["wrk"]["errors"] for r in rows)
 print(f"POST /v1/chat/completions ({answer_bytes}-byte JSON answer from nginx `return 200`); wrk 1 thread, "
-      f"{duration}s per leg, median of {rounds} interleaved rounds; {errors} wrk errors in all")
+      f"{duration}s per leg, median of {rounds} interleaved rounds; {errors} wrk errors in all; "
+      + (f"pinned: backend, runtime and wrk on CPUs {pin.split(':')[0]}, proxies on {pin.split(':')[1]}" if pin
+         else "unpinned"))
 print()
 print("| leg | c=1 p50 | c=1 p99 | added p50 | added p99 | c=32 req/s | c=32 p99 |")
 print("|---|---|---|---|---|---|---|")

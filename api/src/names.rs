@@ -473,6 +473,8 @@ pub const ENV_GATEWAY_MAX_HELD_REQUESTS: &str = "BALEEN_GATEWAY_MAX_HELD_REQUEST
 pub const ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_STABLE_WINDOW";
 /// Gateway: seconds of the autoscaler's panic window (`--autoscale-panic-window`).
 pub const ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW: &str = "BALEEN_GATEWAY_AUTOSCALE_PANIC_WINDOW";
+/// Gateway: threads serving the API port, each its own event loop (`--workers`; default one per CPU).
+pub const ENV_GATEWAY_WORKERS: &str = "BALEEN_GATEWAY_WORKERS";
 /// Gateway: log filter (`tracing` env-filter syntax).
 pub const ENV_GATEWAY_LOG: &str = "BALEEN_GATEWAY_LOG";
 /// `--prometheus-url`: the autoscaler reads its metrics from this Prometheus server's HTTP API.

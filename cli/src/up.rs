@@ -365,7 +365,7 @@ struct Front {
     model: String,
     policy: RoutingPolicy,
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), baleen_gateway::error::Error>>,
 }
 
 impl Front {
@@ -409,8 +409,10 @@ impl Front {
     /// Stops accepting and lets the answers in flight finish.
     async fn close(self) {
         let _ = self.stop.send(());
-        if let Err(e) = self.task.await {
-            tracing::warn!("the gateway task failed: {e}");
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("the gateway stopped: {e}"),
+            Err(e) => tracing::warn!("the gateway task failed: {e}"),
         }
     }
 }

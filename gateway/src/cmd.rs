@@ -48,10 +48,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .and_then(|()| stdout.flush())
         .map_err(Error::Stdout)?;
     drop(stdout);
-    gateway.serve(api, admin, shutdown_signal()).await;
+    let served = gateway.serve(api, admin, shutdown_signal()).await;
     if let Some(discovery) = discovery {
         discovery.abort();
     }
+    served?;
     tracing::info!("stopped");
     Ok(())
 }

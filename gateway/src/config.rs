@@ -24,7 +24,7 @@ use baleen_api::names::{
 };
 use baleen_api::names::{
     ENV_GATEWAY_AUTOSCALE_PANIC_WINDOW, ENV_GATEWAY_AUTOSCALE_STABLE_WINDOW, ENV_GATEWAY_HOLD_TIMEOUT,
-    ENV_GATEWAY_MAX_HELD_REQUESTS, ENV_GATEWAY_PROMETHEUS_URL,
+    ENV_GATEWAY_MAX_HELD_REQUESTS, ENV_GATEWAY_PROMETHEUS_URL, ENV_GATEWAY_WORKERS,
 };
 use clap::{Args, Parser, Subcommand};
 use http::HeaderName;
@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::Keys;
 use crate::autoscale::{Windows, decide, prometheus};
+use crate::backends::pool::MAX_EVENT_LOOPS;
 use crate::error::{Error, Result};
 
 /// Default cap on a request body (10 MiB).
@@ -132,6 +133,10 @@ pub struct RoutingArgs {
     /// source of metric type PromQL; without it the autoscaler reads the heads' scrapes.
     #[arg(long, env = ENV_GATEWAY_PROMETHEUS_URL, value_name = "URL")]
     pub prometheus_url: Option<String>,
+    /// Threads serving the gateway's API port (1-64), each with its own event loop, connections and idle upstream
+    /// connections [default: one per CPU the process may use].
+    #[arg(long, env = ENV_GATEWAY_WORKERS)]
+    pub workers: Option<usize>,
 }
 
 impl Default for RoutingArgs {
@@ -149,6 +154,7 @@ impl Default for RoutingArgs {
             autoscale_stable_window: decide::STABLE_WINDOW.as_secs_f64(),
             autoscale_panic_window: decide::PANIC_WINDOW.as_secs_f64(),
             prometheus_url: None,
+            workers: None,
         }
     }
 }
@@ -170,6 +176,8 @@ pub struct Settings {
     pub windows: Windows,
     /// The Prometheus server the autoscaler queries (`--prometheus-url`, validated).
     pub prometheus_url: Option<String>,
+    /// Event loops serving the API port (`--workers`, 1..=[`MAX_EVENT_LOOPS`]).
+    pub workers: usize,
 }
 
 pub(crate) fn seconds(field: &str, value: f64) -> Result<Duration> {
@@ -204,7 +212,18 @@ impl RoutingArgs {
                 reason: format!("{:?} is longer than the stable window ({:?})", windows.panic, windows.stable),
             });
         }
+        let workers = match self.workers {
+            Some(n) if (1..=MAX_EVENT_LOOPS).contains(&n) => n,
+            Some(n) => {
+                return Err(Error::Invalid {
+                    field: "--workers".into(),
+                    reason: format!("{n} is not in 1..={MAX_EVENT_LOOPS}"),
+                });
+            }
+            None => std::thread::available_parallelism().map_or(1, usize::from).min(MAX_EVENT_LOOPS),
+        };
         Ok(Settings {
+            workers,
             max_request_bytes: self.max_request_bytes,
             scrape_interval,
             request_timeout: seconds("--request-timeout", self.request_timeout)?,
@@ -358,5 +377,12 @@ mod tests {
         assert!(e.to_string().contains("--scrape-interval"), "{e}");
         let e = RoutingArgs { session_header: "bad header".into(), ..RoutingArgs::default() }.settings().unwrap_err();
         assert!(e.to_string().contains("--session-header"), "{e}");
+        for workers in [0, MAX_EVENT_LOOPS + 1] {
+            let e = RoutingArgs { workers: Some(workers), ..RoutingArgs::default() }.settings().unwrap_err();
+            assert!(e.to_string().contains("--workers"), "{e}");
+        }
+        assert_eq!(RoutingArgs { workers: Some(3), ..RoutingArgs::default() }.settings().unwrap().workers, 3);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(ok.workers, cpus.min(MAX_EVENT_LOOPS), "one event loop per CPU by default");
     }
 }

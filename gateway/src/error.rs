@@ -17,6 +17,9 @@ pub enum Error {
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    /// An event loop of the API port (its thread or runtime) could not be started.
+    #[error("cannot start event loop {index} of the API port: {source}")]
+    EventLoop { index: usize, source: std::io::Error },
     /// The listening line could not be written to stdout.
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),

@@ -1,4 +1,7 @@
-//! Serving: the API and admin listeners on hyper's HTTP/1.1 server, the probe loop, graceful shutdown.
+//! Serving, on hyper's HTTP/1.1 server: the API port on event loops of their own threads
+//! (`server/event_loops.rs`), the admin port on the caller's runtime; the probe loop; graceful shutdown.
+
+mod event_loops;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,7 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::autoscale::prometheus::Prometheus;
@@ -21,9 +24,10 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::{App, Client, routes};
+use event_loops::EventLoops;
 
 /// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for answers in flight (streams included) before it closes their connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upstream connection may take to open.
@@ -131,12 +135,14 @@ impl Gateway {
         scrape::probe_all(&self.app.client, &self.app.registry, timeout, &self.app.metrics).await;
     }
 
-    /// Serves the API on `api` and `/metrics` on `admin`, probing backends every scrape interval, until
-    /// `shutdown` completes; then stops accepting and lets answers in flight finish (up to 30 s).
-    pub async fn serve<F>(self, api: TcpListener, admin: TcpListener, shutdown: F)
+    /// Serves the API on `api` (on `--workers` event loops of their own threads) and `/metrics` on `admin`,
+    /// probing backends every scrape interval, until `shutdown` completes; then stops accepting and lets answers
+    /// in flight finish (up to 30 s). Fails only when an event loop cannot be started.
+    pub async fn serve<F>(self, api: TcpListener, admin: TcpListener, shutdown: F) -> Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        let loops = EventLoops::start(self.app.settings.workers, &self.app).await?;
         self.probe_now().await;
         let app = self.app;
         let probes = tokio::spawn(scrape::run(
@@ -147,8 +153,18 @@ impl Gateway {
         ));
         let autoscaler = tokio::spawn(autoscale::run(Arc::clone(&app)));
         let (stop_tx, stop) = watch::channel(false);
-        let api_task = tokio::spawn(accept(api, Arc::clone(&app), false, stop.clone()));
-        let admin_task = tokio::spawn(accept(admin, Arc::clone(&app), true, stop));
+        let api_task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                accept(api, stop, |stream| loops.hand(stream)).await;
+                loops.stop().await;
+            }
+        });
+        let admin_task = tokio::spawn(async move {
+            let connections = Connections::new(app, true);
+            accept(admin, stop, |stream| connections.serve(stream, ())).await;
+            connections.drain().await;
+        });
         shutdown.await;
         let _ = stop_tx.send(true);
         for task in [api_task, admin_task] {
@@ -158,12 +174,12 @@ impl Gateway {
         }
         probes.abort();
         autoscaler.abort();
+        Ok(())
     }
 }
 
-/// Accepts connections on `listener` until `stop` turns true, then drains them.
-async fn accept(listener: TcpListener, app: Arc<App>, admin: bool, mut stop: watch::Receiver<bool>) {
-    let graceful = GracefulShutdown::new();
+/// Accepts connections on `listener` until `stop` turns true, handing each to `place`.
+async fn accept(listener: TcpListener, mut stop: watch::Receiver<bool>, mut place: impl FnMut(TcpStream)) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -178,7 +194,25 @@ async fn accept(listener: TcpListener, app: Arc<App>, admin: bool, mut stop: wat
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = Arc::clone(&app);
+        place(stream);
+    }
+}
+
+/// The connections one event loop serves, drained together at shutdown.
+pub(crate) struct Connections {
+    app: Arc<App>,
+    admin: bool,
+    graceful: GracefulShutdown,
+}
+
+impl Connections {
+    pub(crate) fn new(app: Arc<App>, admin: bool) -> Self {
+        Self { app, admin, graceful: GracefulShutdown::new() }
+    }
+
+    /// Serves `stream` on a task of the current runtime until the client closes it; `open` is dropped with it.
+    pub(crate) fn serve<T: Send + 'static>(&self, stream: TcpStream, open: T) {
+        let (app, admin) = (Arc::clone(&self.app), self.admin);
         let service = service_fn(move |request| {
             let app = Arc::clone(&app);
             async move {
@@ -190,16 +224,20 @@ async fn accept(listener: TcpListener, app: Arc<App>, admin: bool, mut stop: wat
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let connection = self.graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended with an error: {e}");
             }
+            drop(open);
         });
     }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
+
+    /// Lets the answers in flight finish (up to 30 s).
+    pub(crate) async fn drain(self) {
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.graceful.shutdown()).await.is_err() {
+            tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
+        }
     }
 }
 

@@ -5,11 +5,16 @@
 //! ([`UpstreamBody`]), after which the connection goes back to the pool. No connection task and no channel sits
 //! between the two sockets, so a request crosses no task on its way through. No pool key, no absolute URI:
 //! requests go out in origin form with the backend's `Host`.
+//!
+//! Idle connections are kept per event loop ([`set_event_loop`]): a connection is registered with the runtime of
+//! the loop that opened it, so only that loop takes it again, and a request never waits on another thread's
+//! event loop for its answer.
 
 mod body;
 
+use std::cell::Cell;
 use std::mem::MaybeUninit;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -31,6 +36,23 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
+/// Event loops that keep idle connections apart (`--workers` is at most this); other threads share slot 0.
+pub const MAX_EVENT_LOOPS: usize = 64;
+
+thread_local! {
+    /// The event loop this thread runs, from 1 (0: none of them — the admin port's runtime, tests).
+    static EVENT_LOOP: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks this thread as the API port's event loop `index` (1..=[`MAX_EVENT_LOOPS`]): the upstream connections it
+/// opens are pooled apart from other loops' and reused only here.
+pub fn set_event_loop(index: usize) {
+    EVENT_LOOP.with(|slot| slot.set(index.min(MAX_EVENT_LOOPS)));
+}
+
+fn event_loop() -> usize {
+    EVENT_LOOP.with(Cell::get)
+}
 
 /// Why a request got no answer head, or an answer's body ended early.
 #[derive(Debug, thiserror::Error)]
@@ -56,11 +78,12 @@ impl SendError {
     }
 }
 
-/// A connection and the bytes read from it that nothing has consumed yet.
+/// A connection, the bytes read from it that nothing has consumed yet, and the event loop it is registered with.
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    event_loop: usize,
 }
 
 impl Conn {
@@ -73,7 +96,35 @@ impl Conn {
     }
 }
 
-type Idle = Arc<Mutex<Vec<Conn>>>;
+/// One slot's idle connections, on a cache line of its own (loops on other cores take their own slots' locks).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot(Mutex<Vec<Conn>>);
+
+/// A backend's idle connections, a list per event loop.
+#[derive(Debug)]
+struct IdleSlots(Box<[Slot]>);
+
+impl IdleSlots {
+    fn new() -> Self {
+        Self((0..=MAX_EVENT_LOOPS).map(|_| Slot::default()).collect())
+    }
+
+    /// The idle connections of event loop `index`.
+    fn of(&self, index: usize) -> MutexGuard<'_, Vec<Conn>> {
+        self.0[index.min(MAX_EVENT_LOOPS)].0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `conn` for its event loop (closed if that loop has [`MAX_POOLED`] already).
+    fn put(&self, conn: Conn) {
+        let mut idle = self.of(conn.event_loop);
+        if idle.len() < MAX_POOLED {
+            idle.push(conn);
+        }
+    }
+}
+
+type Idle = Arc<IdleSlots>;
 
 /// See the module docs.
 #[derive(Debug)]
@@ -95,16 +146,16 @@ pub struct Outgoing<'a> {
 
 impl ConnPool {
     pub fn new(authority: String) -> Self {
-        Self { authority: authority.into(), idle: Idle::default() }
+        Self { authority: authority.into(), idle: Arc::new(IdleSlots::new()) }
     }
 
     pub fn authority(&self) -> &str {
         &self.authority
     }
 
-    /// A pooled connection that can take a request (closed ones are dropped), if any.
+    /// A connection of this event loop's pool that can take a request (closed ones are dropped), if any.
     fn pooled(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle.of(event_loop());
         while let Some(conn) = idle.pop() {
             if conn.is_idle_and_open() {
                 return Some(conn);
@@ -120,7 +171,7 @@ impl ConnPool {
             .map_err(|_| connect(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        Ok(Conn { stream, buf: BytesMut::with_capacity(READ_CHUNK) })
+        Ok(Conn { stream, buf: BytesMut::with_capacity(READ_CHUNK), event_loop: event_loop() })
     }
 
     /// Sends `request` and returns the answer's head; its body is read from the connection as it is polled, and
@@ -531,9 +582,47 @@ mod tests {
             drop(body);
             b.gate.notify_one();
             b.ended.recv().await.unwrap();
-            assert_eq!(pool.idle.lock().unwrap().len(), 0);
+            assert_eq!(pool.idle.of(0).len(), 0);
         })
         .await;
+    }
+
+    /// Each event loop takes again only the connections it opened (they are registered with its runtime): a
+    /// second loop opens its own rather than borrow the first one's idle connection, and each reuses its own.
+    #[test]
+    fn each_event_loop_reuses_only_the_connections_it_opened() {
+        let backend_runtime = tokio::runtime::Runtime::new().unwrap();
+        let ok = || Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false);
+        let b = backend_runtime.block_on(backend((0..4).map(|_| ok()).collect()));
+        let pool = Arc::new(ConnPool::new(b.authority.clone()));
+        // Three turns: loop 1 sends, then loop 2, then both; the test thread checks between turns.
+        let turns = Arc::new(std::sync::Barrier::new(3));
+        let loops: Vec<_> = [(1, 0), (2, 1)]
+            .into_iter()
+            .map(|(index, first_turn)| {
+                let (pool, turns) = (Arc::clone(&pool), Arc::clone(&turns));
+                std::thread::spawn(move || {
+                    set_event_loop(index);
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                    for turn in 0..3 {
+                        if turn == first_turn || turn == 2 {
+                            runtime.block_on(bounded(async { assert_eq!(post(&pool).await.unwrap().1, b"ok") }));
+                        }
+                        turns.wait();
+                    }
+                })
+            })
+            .collect();
+        turns.wait();
+        assert_eq!(b.connections(), 1);
+        turns.wait();
+        assert_eq!(b.connections(), 2, "loop 2 opened a connection of its own");
+        turns.wait();
+        for handle in loops {
+            handle.join().unwrap();
+        }
+        assert_eq!(b.connections(), 2, "each loop took its own connection again");
+        assert_eq!((pool.idle.of(0).len(), pool.idle.of(1).len(), pool.idle.of(2).len()), (0, 1, 1));
     }
 
     /// Nothing listening: a connect error (the backend never saw the request).

@@ -140,7 +140,8 @@ impl Gw {
                 .serve(api, admin, async {
                     let _ = stopped.await;
                 })
-                .await;
+                .await
+                .expect("the gateway's event loops start");
         });
         // `serve` probes every backend before it accepts; wait for the port to answer.
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -3,13 +3,12 @@
 //! the body is done.
 
 use std::pin::Pin;
-use std::sync::PoisonError;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{Conn, Idle, MAX_POOLED, READ_CHUNK, SendError};
+use super::{Conn, Idle, READ_CHUNK, SendError};
 
 /// A chunk-size line (with extensions) or a trailer line may take at most this many bytes.
 const MAX_LINE_BYTES: usize = 4 * 1024;
@@ -84,10 +83,7 @@ impl UpstreamBody {
             && self.reusable
             && conn.buf.is_empty()
         {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < MAX_POOLED {
-                idle.push(conn);
-            }
+            self.idle.put(conn);
         }
     }
 
