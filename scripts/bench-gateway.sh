@@ -104,8 +104,9 @@ nginx_conf backend 1 OUTSIDE "    server {
         location = /metrics { default_type text/plain; return 200 '$(printf "$METRICS_PAGE")'; }
         location = /ready { default_type application/json; return 200 '{\"status\":\"ready\"}'; }
     }"
-# As many nginx workers as the gateway has event loops: one per CPU it may use.
-nginx_conf proxy "$("${PROXY[@]}" nproc)" PROXY "    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
+# One nginx worker and one gateway event loop per CPU the proxies may use (their affinity mask).
+PROXY_WORKERS="$("${PROXY[@]}" python3 -c 'import os; print(len(os.sched_getaffinity(0)))')"
+nginx_conf proxy "$PROXY_WORKERS" PROXY "    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
     server {
         listen 127.0.0.1:$PROXY_PORT;
         location / {
@@ -131,16 +132,17 @@ fi
     echo "    backends: [http://127.0.0.1:$BACKEND_PORT]"
     [[ -n "$RUNTIME_URL" ]] && { echo "  - name: tiny-moe"; echo "    backends: [$RUNTIME_URL]"; }
 } > "$OUT/gateway.yaml"
-BALEEN_GATEWAY_LOG=warn spawn "${PROXY[@]}" "$GATEWAY" serve --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 \
-    --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
+BALEEN_GATEWAY_LOG=warn BALEEN_GATEWAY_WORKERS="$PROXY_WORKERS" spawn "${PROXY[@]}" "$GATEWAY" serve \
+    --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
 GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway "${PIDS[-1]}")" \
     || die "no gateway; its log: $OUT/gateway.log"
 LEGS=(direct nginx gateway)
 declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")
 if [[ -n "${BENCH_BASELINE:-}" ]]; then
     [[ -x "$BENCH_BASELINE" ]] || die "$BENCH_BASELINE is not executable"
-    BALEEN_GATEWAY_LOG=warn spawn "${PROXY[@]}" "$BENCH_BASELINE" serve --config "$OUT/gateway.yaml" \
-        --host 127.0.0.1 --port 0 --admin-port 0 > "$OUT/baseline.stdout" 2> "$OUT/baseline.log"
+    BALEEN_GATEWAY_LOG=warn BALEEN_GATEWAY_WORKERS="$PROXY_WORKERS" spawn "${PROXY[@]}" "$BENCH_BASELINE" serve \
+        --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 --admin-port 0 \
+        > "$OUT/baseline.stdout" 2> "$OUT/baseline.log"
     URLS[baseline]="$(listening_url "$OUT/baseline.stdout" baleen-gateway "${PIDS[-1]}")" \
         || die "no baseline gateway; its log: $OUT/baseline.log"
     LEGS+=(baseline)

@@ -365,7 +365,7 @@ struct Front {
     model: String,
     policy: RoutingPolicy,
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), baleen_gateway::error::Error>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Front {
@@ -386,7 +386,8 @@ impl Front {
         let urls = addrs.iter().map(|addr| format!("http://{addr}")).collect::<Vec<_>>();
         gateway.set_model(model, policy, &urls)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.clone().serve(api, admin, async {
+        let started = gateway.clone().start().await?;
+        let task = tokio::spawn(started.serve(api, admin, async {
             let _ = stopped.await;
         }));
         Ok(Self { api: api_addr, admin: admin_addr, gateway, model: model.to_string(), policy, stop, task })
@@ -409,10 +410,8 @@ impl Front {
     /// Stops accepting and lets the answers in flight finish.
     async fn close(self) {
         let _ = self.stop.send(());
-        match self.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("the gateway stopped: {e}"),
-            Err(e) => tracing::warn!("the gateway task failed: {e}"),
+        if let Err(e) = self.task.await {
+            tracing::warn!("the gateway task failed: {e}");
         }
     }
 }

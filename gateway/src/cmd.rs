@@ -39,6 +39,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             }))
         }
     };
+    let gateway = gateway.start().await?;
     let api = bind(&args.host, args.port).await?;
     let admin = bind(&args.host, args.admin_port).await?;
     let (api_addr, admin_addr) = (local_addr(&api)?, local_addr(&admin)?);
@@ -48,11 +49,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .and_then(|()| stdout.flush())
         .map_err(Error::Stdout)?;
     drop(stdout);
-    let served = gateway.serve(api, admin, shutdown_signal()).await;
+    gateway.serve(api, admin, shutdown_signal()).await;
     if let Some(discovery) = discovery {
         discovery.abort();
     }
-    served?;
     tracing::info!("stopped");
     Ok(())
 }

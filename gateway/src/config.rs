@@ -220,7 +220,13 @@ impl RoutingArgs {
                     reason: format!("{n} is not in 1..={MAX_EVENT_LOOPS}"),
                 });
             }
-            None => std::thread::available_parallelism().map_or(1, usize::from).min(MAX_EVENT_LOOPS),
+            None => match std::thread::available_parallelism() {
+                Ok(cpus) => usize::from(cpus).min(MAX_EVENT_LOOPS),
+                Err(e) => {
+                    tracing::warn!("cannot count the CPUs this process may use ({e}): one event loop (see --workers)");
+                    1
+                }
+            },
         };
         Ok(Settings {
             workers,

@@ -135,16 +135,39 @@ impl Gateway {
         scrape::probe_all(&self.app.client, &self.app.registry, timeout, &self.app.metrics).await;
     }
 
-    /// Serves the API on `api` (on `--workers` event loops of their own threads) and `/metrics` on `admin`,
-    /// probing backends every scrape interval, until `shutdown` completes; then stops accepting and lets answers
-    /// in flight finish (up to 30 s). Fails only when an event loop cannot be started.
+    /// Starts the API port's event loops (`--workers` threads); [`Started::serve`] then serves. Fails when a loop
+    /// cannot start.
+    pub async fn start(self) -> Result<Started> {
+        let loops = EventLoops::start(self.app.settings.workers, &self.app).await?;
+        Ok(Started { app: self.app, loops })
+    }
+
+    /// [`Gateway::start`], then [`Started::serve`].
     pub async fn serve<F>(self, api: TcpListener, admin: TcpListener, shutdown: F) -> Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let loops = EventLoops::start(self.app.settings.workers, &self.app).await?;
-        self.probe_now().await;
-        let app = self.app;
+        self.start().await?.serve(api, admin, shutdown).await;
+        Ok(())
+    }
+}
+
+/// A gateway whose event loops are running ([`Gateway::start`]); dropped without serving, the loops end.
+#[derive(Debug)]
+pub struct Started {
+    app: Arc<App>,
+    loops: EventLoops,
+}
+
+impl Started {
+    /// Serves the API on `api` (on the event loops) and `/metrics` on `admin`, probing backends every scrape
+    /// interval, until `shutdown` completes; then stops accepting and lets answers in flight finish (up to 30 s).
+    pub async fn serve<F>(self, api: TcpListener, admin: TcpListener, shutdown: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Self { app, loops } = self;
+        Gateway { app: Arc::clone(&app) }.probe_now().await;
         let probes = tokio::spawn(scrape::run(
             app.client.clone(),
             Arc::clone(&app.registry),
@@ -174,7 +197,6 @@ impl Gateway {
         }
         probes.abort();
         autoscaler.abort();
-        Ok(())
     }
 }
 

@@ -29,6 +29,7 @@ const _: () = assert!(HEARTBEAT.as_secs() < HEADER_READ_TIMEOUT.as_secs());
 type Handed = (std::net::TcpStream, Open);
 
 /// One open connection of a loop: counted while it lives.
+#[derive(Debug)]
 struct Open(Arc<AtomicUsize>);
 
 impl Open {
@@ -46,6 +47,7 @@ impl Drop for Open {
 
 /// A running loop: where its connections go, how many it serves, and a receiver that resolves when its thread
 /// has ended (its sender is dropped last on that thread).
+#[derive(Debug)]
 struct Loop {
     connections: mpsc::UnboundedSender<Handed>,
     open: Arc<AtomicUsize>,
@@ -53,14 +55,19 @@ struct Loop {
 }
 
 /// The API port's event loops; see the module docs.
+#[derive(Debug)]
 pub(crate) struct EventLoops {
     loops: Vec<Loop>,
 }
 
 impl EventLoops {
-    /// Starts `count` loops serving `app`, each on a thread of its own; fails if a thread or runtime cannot be
-    /// made (the loops already started then stop).
+    /// Starts `count` loops (1..=[`pool::MAX_EVENT_LOOPS`]) serving `app`, each on a thread of its own; fails if
+    /// a thread or runtime cannot be made (the loops already started then stop).
     pub(crate) async fn start(count: usize, app: &Arc<App>) -> Result<Self> {
+        if !(1..=pool::MAX_EVENT_LOOPS).contains(&count) {
+            let reason = format!("{count} event loops; 1..={} are possible", pool::MAX_EVENT_LOOPS);
+            return Err(Error::Invalid { field: "workers".into(), reason });
+        }
         let mut loops = Vec::with_capacity(count);
         for index in 1..=count {
             let (connections, received) = mpsc::unbounded_channel();
@@ -83,18 +90,29 @@ impl EventLoops {
         Ok(Self { loops })
     }
 
-    /// Hands `stream` to the loop with the fewest open connections.
+    /// Hands `stream` to the running loop with the fewest open connections (a loop whose thread ended, which only
+    /// a bug does, takes none).
     pub(crate) fn hand(&self, stream: TcpStream) {
-        let Some(target) = self.loops.iter().min_by_key(|l| l.open.load(Ordering::Relaxed)) else { return };
-        let stream = match stream.into_std() {
+        let mut stream = match stream.into_std() {
             Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!("cannot move an accepted connection to an event loop: {e}");
                 return;
             }
         };
-        if target.connections.send((stream, Open::new(&target.open))).is_err() {
-            tracing::warn!("an event loop has stopped; a connection was dropped");
+        loop {
+            let running = self.loops.iter().filter(|l| !l.connections.is_closed());
+            let Some(target) = running.min_by_key(|l| l.open.load(Ordering::Relaxed)) else {
+                tracing::error!("every event loop of the API port has stopped; a connection was closed");
+                return;
+            };
+            match target.connections.send((stream, Open::new(&target.open))) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError((back, _))) => {
+                    tracing::error!("an event loop of the API port has stopped");
+                    stream = back;
+                }
+            }
         }
     }
 
@@ -133,6 +151,7 @@ fn run(
     };
     let _ = started.send(Ok(()));
     pool::set_event_loop(index);
+    let app_for_pools = Arc::clone(&app);
     runtime.block_on(async move {
         let heartbeat = tokio::spawn(async {
             let mut ticks = tokio::time::interval(HEARTBEAT);
@@ -149,6 +168,12 @@ fn run(
         }
         connections.drain().await;
         heartbeat.abort();
+        // Idle upstream connections registered with this runtime are of no use to any other loop.
+        for model in app_for_pools.registry.pools() {
+            for backend in model.backends() {
+                backend.pool.forget_event_loop(index);
+            }
+        }
     });
     // The runtime is dropped here, before `_ended`: connections still open after the drain are closed first.
     drop(runtime);
@@ -202,5 +227,28 @@ mod tests {
             let n = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await.unwrap();
             assert_eq!(n.unwrap(), 0, "an idle connection is closed at stop");
         }
+    }
+
+    /// A loop whose thread has ended takes no connection (the next one does), and a count of loops outside
+    /// 1..=64 is refused.
+    #[tokio::test]
+    async fn a_stopped_loop_is_passed_over_and_bad_counts_are_refused() {
+        let gateway = Gateway::new(RoutingArgs::default().settings().unwrap()).unwrap();
+        for count in [0, pool::MAX_EVENT_LOOPS + 1] {
+            assert!(matches!(EventLoops::start(count, gateway.app()).await, Err(Error::Invalid { .. })));
+        }
+        let mut loops = EventLoops::start(1, gateway.app()).await.unwrap();
+        let (connections, _) = mpsc::unbounded_channel();
+        let (_, ended) = oneshot::channel();
+        loops.loops.insert(0, Loop { connections, open: Arc::new(AtomicUsize::new(0)), ended });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        loops.hand(listener.accept().await.unwrap().0);
+        assert_eq!(open(&loops), [0, 1]);
+        client.write_all(b"GET /health HTTP/1.1\r\nhost: gateway\r\n\r\n").await.unwrap();
+        let mut answer = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut answer)).await.unwrap().unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK"));
+        tokio::time::timeout(Duration::from_secs(10), loops.stop()).await.expect("the loops did not stop");
     }
 }
