@@ -12,7 +12,7 @@ pub mod pool;
 pub mod scrape;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,9 @@ pub struct Backend {
     pub id: u64,
     in_flight: AtomicUsize,
     health: Mutex<Health>,
+    /// Whether a failed request has been recorded since the last success (kept under the `health` lock): until
+    /// then a success has nothing to reset, and takes no lock.
+    failing: AtomicBool,
     sample: Mutex<Option<LoadSample>>,
     /// Keep-alive connections for requests.
     pub pool: pool::ConnPool,
@@ -74,6 +77,7 @@ impl Backend {
             id,
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
+            failing: AtomicBool::new(false),
             sample: Mutex::new(None),
         }
     }
@@ -104,6 +108,23 @@ impl Backend {
     /// The health state, for changes.
     pub fn health(&self) -> std::sync::MutexGuard<'_, Health> {
         lock(&self.health)
+    }
+
+    /// A request to it failed ([`Health::failed`]): true when this failure ejects it.
+    pub fn failed(&self, now: Instant) -> bool {
+        let mut health = lock(&self.health);
+        self.failing.store(true, Ordering::Relaxed);
+        health.failed(now)
+    }
+
+    /// A request to it succeeded ([`Health::succeeded`]). Only a failure since the last success leaves anything to
+    /// reset (ejection and half-open readmission both follow failures), so the common case takes no lock.
+    pub fn succeeded(&self) {
+        if self.failing.load(Ordering::Relaxed) {
+            let mut health = lock(&self.health);
+            health.succeeded();
+            self.failing.store(false, Ordering::Relaxed);
+        }
     }
 
     pub fn set_sample(&self, sample: Option<LoadSample>) {
@@ -147,5 +168,24 @@ mod tests {
         assert_eq!(b.score(now, Duration::from_secs(3)), 9.0 + 2.0 + 2.0, "the fresh in-flight count wins");
         let later = now + Duration::from_secs(4);
         assert!(b.score(later, Duration::from_secs(3)) >= SATURATED);
+    }
+
+    /// Failures and successes through the backend: the third failure ejects it, a probe after the backoff
+    /// readmits it half-open, and a success then closes the circuit (so one failure no longer ejects it).
+    #[test]
+    fn a_success_after_failures_closes_the_circuit() {
+        let b = Backend::new("http://a:1".into());
+        let t0 = Instant::now();
+        b.health().probed(true, t0);
+        b.succeeded();
+        assert_eq!(*b.health(), Health { ready: Some(true), ..Health::default() });
+        assert!(!b.failed(t0) && !b.failed(t0) && b.failed(t0), "the third failure in a row ejects");
+        assert!(!b.routable(t0));
+        let t1 = t0 + health::BASE_BACKOFF;
+        b.health().probed(true, t1);
+        assert!(b.routable(t1), "readmitted half-open after the backoff");
+        b.succeeded();
+        assert_eq!(*b.health(), Health { ready: Some(true), ..Health::default() }, "the circuit is closed");
+        assert!(!b.failed(t1) && b.routable(t1), "one failure after a success does not eject");
     }
 }

@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::autoscale::hold::Hold;
 use crate::backends::Backend;
-use crate::policy::{self, Policy, PolicyKind};
+use crate::policy::{self, Candidate, Policy, PolicyKind};
 
 /// A model's backends and its routing policy.
 #[derive(Debug)]
@@ -32,6 +32,17 @@ impl Pool {
     /// Backends ready and not ejected now.
     pub fn routable(&self, now: Instant) -> Vec<Arc<Backend>> {
         self.backends().into_iter().filter(|b| b.routable(now)).collect()
+    }
+
+    /// The backends a request may go to now — ready, not ejected, not in `tried` — scored for the policy (stale
+    /// samples after `stale_after`).
+    pub fn candidates(&self, now: Instant, stale_after: Duration, tried: &[u64]) -> Vec<Candidate> {
+        let backends = self.backends.read().unwrap_or_else(PoisonError::into_inner);
+        backends
+            .iter()
+            .filter(|b| !tried.contains(&b.id) && b.routable(now))
+            .map(|b| Candidate { score: b.score(now, stale_after), in_flight: b.in_flight(), backend: Arc::clone(b) })
+            .collect()
     }
 
     /// Replaces the backend list; backends that stay keep their state. Returns the removed ones.

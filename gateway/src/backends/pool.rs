@@ -134,8 +134,8 @@ pub struct ConnPool {
     idle: Idle,
 }
 
-/// What goes to the backend: the request line's method and origin-form target, the headers (hop-by-hop ones and
-/// `Host` already removed; `Content-Length` is written from `body`) and the body.
+/// What goes to the backend: the request line's method and origin-form target, the headers (the hop-by-hop ones
+/// and `Host` are left out, [`is_hop_by_hop`]; `Content-Length` is written from `body`) and the body.
 #[derive(Debug)]
 pub struct Outgoing<'a> {
     pub method: &'a Method,
@@ -226,28 +226,49 @@ impl ConnPool {
         }
     }
 
-    /// The head at the start of `buf` (consumed), or `None` when more bytes are needed.
+    /// The head at the start of `buf` (consumed), or `None` when more bytes are needed. Hop-by-hop fields are
+    /// read for what they say of the connection and the framing, and left out of the head's end-to-end fields,
+    /// whose values share one copy of the head's bytes.
     fn parse_head(&self, buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let len = match parsed.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(self.protocol(e.to_string())),
-        };
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len =
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(self.protocol(e.to_string())),
+            };
         let Some(version) = parsed.version else { return Err(self.protocol("no HTTP version".into())) };
         let status = parsed
             .code
             .and_then(|code| StatusCode::from_u16(code).ok())
             .ok_or_else(|| self.protocol("no valid status code".into()))?;
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        let raw = Bytes::copy_from_slice(&buf[..len]);
+        let start = buf.as_ptr() as usize;
+        let mut head = Head {
+            status,
+            headers: HeaderMap::with_capacity(parsed.headers.len()),
+            keep_alive: version == 1,
+            codings: Codings::default(),
+            close: false,
+        };
         for h in parsed.headers.iter() {
+            if is_hop_by_hop(h.name.as_bytes()) {
+                if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                    head.codings.add(h.value);
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    head.close |= list(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+                }
+                continue;
+            }
             let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| self.protocol(e.to_string()))?;
-            let value = HeaderValue::from_bytes(h.value).map_err(|e| self.protocol(e.to_string()))?;
-            headers.append(name, value);
+            let offset = h.value.as_ptr() as usize - start;
+            let value = HeaderValue::from_maybe_shared(raw.slice(offset..offset + h.value.len()))
+                .map_err(|e| self.protocol(e.to_string()))?;
+            head.headers.append(name, value);
         }
         buf.advance(len);
-        Ok(Some(Head { status, headers, keep_alive: version == 1 }))
+        Ok(Some(head))
     }
 
     fn protocol(&self, reason: String) -> SendError {
@@ -259,32 +280,28 @@ impl ConnPool {
     /// beside one is dropped (the client gets the body re-framed). Conflicting or malformed lengths and a switch of
     /// protocol (no request asks for one) are refused.
     fn answer(&self, conn: Conn, head: Head, method: &Method) -> Result<Response<UpstreamBody>, SendError> {
-        let Head { status, mut headers, keep_alive } = head;
+        let Head { status, mut headers, keep_alive, codings, close } = head;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(self.protocol("101 Switching Protocols to a request that asked for no upgrade".into()));
         }
-        let codings: Vec<&[u8]> = list_items(&headers, header::TRANSFER_ENCODING).filter(|t| !t.is_empty()).collect();
-        let chunked = codings.last().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-        let length = if codings.is_empty() { self.content_length(&headers)? } else { None };
+        let length = if codings.any { None } else { self.content_length(&headers)? };
         // (Interim 1xx answers never get here: `exchange` skips them, and 101 is refused above.)
         let framing =
             if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
                 Framing::Length(0)
-            } else if chunked {
+            } else if codings.last_chunked {
                 Framing::Chunked(Chunk::Size)
-            } else if !codings.is_empty() {
+            } else if codings.any {
                 Framing::UntilClose
             } else if let Some(length) = length {
                 Framing::Length(length)
             } else {
                 Framing::UntilClose
             };
-        if !codings.is_empty() {
+        if codings.any {
             headers.remove(header::CONTENT_LENGTH);
         }
-        let reusable = keep_alive
-            && framing != Framing::UntilClose
-            && !list_items(&headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(b"close"));
+        let reusable = keep_alive && framing != Framing::UntilClose && !close;
         let body = UpstreamBody::new(conn, framing, reusable, Arc::clone(&self.idle), Arc::clone(&self.authority));
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -312,7 +329,47 @@ impl ConnPool {
 
 /// The comma-separated items of every `name` field of `headers`, trimmed (empty ones included).
 fn list_items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(name).into_iter().flat_map(|v| v.as_bytes().split(|&b| b == b',')).map(<[u8]>::trim_ascii)
+    headers.get_all(name).into_iter().flat_map(|v| list(v.as_bytes()))
+}
+
+/// The comma-separated items of one field value, trimmed (empty ones included).
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// Fields of one hop only (RFC 9110 §7.6.1), plus `host` (each hop names its own) and `expect` (the gateway has
+/// read the body already): never passed on, in either direction. `name` in any case.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    let names: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        4 => &[b"host"],
+        6 => &[b"expect"],
+        7 => &[b"trailer", b"upgrade"],
+        10 => &[b"connection", b"keep-alive"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        18 => &[b"proxy-authenticate"],
+        19 => &[b"proxy-authorization"],
+        _ => return false,
+    };
+    names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// What an answer's `Transfer-Encoding` fields say: whether any coding is named, and whether the last one is
+/// `chunked`.
+#[derive(Debug, Default)]
+struct Codings {
+    any: bool,
+    last_chunked: bool,
+}
+
+impl Codings {
+    fn add(&mut self, value: &[u8]) {
+        for coding in list(value).filter(|t| !t.is_empty()) {
+            self.any = true;
+            self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
+        }
+    }
 }
 
 /// How an exchange failed: the request could not be written (a pooled connection may be replaced), or later.
@@ -323,12 +380,17 @@ enum Exchange {
 
 struct Head {
     status: StatusCode,
+    /// The end-to-end fields.
     headers: HeaderMap,
     /// HTTP/1.1 (an HTTP/1.0 answer's connection is not reused).
     keep_alive: bool,
+    codings: Codings,
+    /// `Connection: close`.
+    close: bool,
 }
 
-/// The request as it goes on the wire: request line, `Host`, the headers, `Content-Length`, the body.
+/// The request as it goes on the wire: request line, `Host`, the end-to-end headers but `Content-Length`, then
+/// `Content-Length` and the body.
 fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
     let headers_len: usize = request.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
     let mut wire = Vec::with_capacity(64 + request.target.len() + headers_len + request.body.len());
@@ -339,10 +401,11 @@ fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
     wire.extend_from_slice(authority.as_bytes());
     wire.extend_from_slice(b"\r\n");
     for (name, value) in request.headers {
-        if name == header::CONTENT_LENGTH {
+        let name = name.as_str().as_bytes();
+        if name == b"content-length" || is_hop_by_hop(name) {
             continue;
         }
-        wire.extend_from_slice(name.as_str().as_bytes());
+        wire.extend_from_slice(name);
         wire.extend_from_slice(b": ");
         wire.extend_from_slice(value.as_bytes());
         wire.extend_from_slice(b"\r\n");
@@ -472,14 +535,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(20), test).await.expect("the test took over 20 s");
     }
 
-    /// A length-delimited answer; a chunked one whose first chunk reaches the caller before the backend sends
-    /// the rest (a size line and a chunk's CRLF split over reads, an extension, a trailer); a 204 and an answer
-    /// to HEAD (no body, whatever Content-Length says): all on one reused connection.
+    /// A length-delimited answer (its one-hop fields left out); a chunked one whose first chunk reaches the caller
+    /// before the backend sends the rest (a size line and a chunk's CRLF split over reads, an extension, a
+    /// trailer); a 204 and an answer to HEAD (no body, whatever Content-Length says): all on one reused connection.
     #[tokio::test]
     async fn answers_are_read_by_length_and_by_chunks_on_one_connection() {
         bounded(async {
             let b = backend(vec![
-                Step::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false),
+                Step::Answer(
+                    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Id: 7\r\ncontent-length: 5\r\n\r\nhello",
+                    false,
+                ),
                 Step::Answer(
                     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n|7;e|xt=1\r\ndata: ^a\r|\n3\r\nxyz\r\n|0\r\nx-trailer: 1\r\n\r\n",
                     false,
@@ -490,7 +556,10 @@ mod tests {
             ])
             .await;
             let pool = ConnPool::new(b.authority.clone());
-            assert_eq!(post(&pool).await.unwrap(), (StatusCode::OK, b"hello".to_vec()));
+            let response = send(&pool, Method::POST).await.unwrap();
+            let names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
+            assert_eq!(names, ["x-id", "content-length"], "the end-to-end fields only");
+            assert_eq!(frames(response).await.unwrap().concat(), b"hello");
             let response = send(&pool, Method::POST).await.unwrap();
             let mut body = response.into_body();
             let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -567,6 +636,7 @@ mod tests {
             }
             let response = send(&pool, Method::POST).await.unwrap();
             assert!(response.headers().get(header::CONTENT_LENGTH).is_none());
+            assert!(response.headers().get(header::TRANSFER_ENCODING).is_none(), "one hop's framing");
             assert_eq!(frames(response).await.unwrap().concat(), b"ok");
             assert_eq!(post(&pool).await.unwrap().1, b"hello");
         })
@@ -657,6 +727,13 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        // One hop's own fields stay behind (the pool writes `host` for the backend).
+        for (name, value) in [("host", "gateway:80"), ("connection", "keep-alive"), ("keep-alive", "timeout=5")] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        for (name, value) in [("expect", "100-continue"), ("te", "trailers"), ("proxy-authorization", "x")] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
         let body = Bytes::from_static(b"{}");
         let request = Outgoing { method: &Method::POST, target: "/v1/completions?x=1", headers: &headers, body: &body };
         let wire = encode(&request, "10.0.0.1:8000");

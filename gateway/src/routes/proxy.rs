@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use baleen_api::http::{ApiError, check_content_length, read_body};
 use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
 
@@ -19,30 +19,7 @@ use crate::auth::Key;
 use crate::backends::Backend;
 use crate::backends::pool::Outgoing;
 use crate::config::PolicyKind;
-use crate::policy::Candidate;
 use crate::registry::Pool;
-
-/// Headers of one hop only (RFC 9110 §7.6.1), plus `host` (set from the backend URL) and `expect` (the body is
-/// already read).
-const HOP_BY_HOP: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::HOST,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::EXPECT);
-}
 
 /// Answers worth another backend: it is over capacity, draining, or failed as a gateway would.
 fn retryable(status: StatusCode) -> bool {
@@ -78,7 +55,7 @@ fn no_backend(pool: &Pool, now: Instant) -> ApiError {
 
 /// Marks a failed attempt on `backend` (ejecting it after repeated failures).
 fn failed(app: &App, pool: &Pool, backend: &Backend) {
-    if backend.health().failed(Instant::now()) {
+    if backend.failed(Instant::now()) {
         tracing::warn!(model = %pool.name, backend = %backend.url, "backend ejected after repeated failures");
         app.metrics.ejected(&pool.name, &backend.url);
     }
@@ -154,31 +131,19 @@ where
     }
 
     // The request as every backend gets it: same method, path and query (origin form), headers less hop-by-hop
-    // ones (the pool writes `Host` and `Content-Length`), the body as received.
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
+    // ones (the pool leaves them out, and writes `Host` and `Content-Length`), the body as received.
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let upstream = Outgoing { method: &parts.method, target, headers: &headers, body: &body };
+    let upstream = Outgoing { method: &parts.method, target, headers: &parts.headers, body: &body };
     let stale_after = app.settings.windows.stale_after;
+    // Backends that failed this request or answered it with a retryable status (none on the common path).
     let mut tried: Vec<u64> = Vec::new();
     // A retryable answer kept to return if no other backend answers better: (backend URL, answer).
     let mut held: Option<(String, Response<ResponseBody>)> = None;
     let mut last_error: Option<ApiError> = None;
     for attempt in 0..=app.settings.retries {
-        let now = Instant::now();
-        let candidates: Vec<Candidate> = pool
-            .routable(now)
-            .into_iter()
-            .filter(|b| !tried.contains(&b.id))
-            .map(|backend| Candidate {
-                score: backend.score(now, stale_after),
-                in_flight: backend.in_flight(),
-                backend,
-            })
-            .collect();
+        let mut candidates = pool.candidates(Instant::now(), stale_after, &tried);
         let Some(chosen) = pool.policy.pick(&candidates, &peeked.key) else { break };
-        let backend = Arc::clone(&candidates[chosen].backend);
-        tried.push(backend.id);
+        let backend = candidates.swap_remove(chosen).backend;
         if attempt > 0 {
             app.metrics.retry(&pool.name);
         }
@@ -203,6 +168,7 @@ where
                 } else {
                     ApiError::bad_gateway(format!("the backend {} failed: {e}", backend.url))
                 });
+                tried.push(backend.id);
                 continue;
             }
             Err(_) => {
@@ -220,10 +186,10 @@ where
         if status.is_server_error() {
             failed(app, &pool, &backend);
         } else {
-            backend.health().succeeded();
+            backend.succeeded();
         }
+        // (The pool's answer carries no hop-by-hop fields.)
         let (mut head, incoming) = response.into_parts();
-        strip_hop_by_hop(&mut head.headers);
         if let Some(value) = &backend.header {
             head.headers.insert(HEADER_GATEWAY_BACKEND, value.clone());
         }
@@ -232,6 +198,7 @@ where
         let answer = Response::from_parts(head, ResponseBody::Upstream(Box::new(body)));
         if retryable(status) {
             held = Some((backend.url.clone(), answer));
+            tried.push(backend.id);
             continue;
         }
         if status == StatusCode::OK {
