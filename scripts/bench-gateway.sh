@@ -10,9 +10,11 @@
 #   direct   wrk -> backend
 #   nginx    wrk -> nginx (proxy_pass to an upstream with keepalive, HTTP/1.1) -> backend
 #   gateway  wrk -> baleen-gateway (least-load, one model, the backend its only replica) -> backend
-# at concurrency 1 (latency: p50/p99; added = leg - direct) and 32 (throughput: requests/s). wrk runs one thread;
-# the median over the rounds is reported. Then the streamed time to first token on the tiny model, direct vs
-# through the gateway (time to the first `data:` event carrying text, sequential requests, alternating).
+# at concurrency 1 (latency: p50/p99; added = leg - direct) and 32 (throughput: requests/s, and the CPU time the
+# leg's server spent per request, from /proc: steadier than requests/s on a shared machine, since it does not
+# count the time the server waited for a core). wrk runs one thread; the median over the rounds is reported.
+# Then the streamed time to first token on the tiny model, direct vs through the gateway (time to the first
+# `data:` event carrying text, sequential requests, alternating).
 #
 # Goal (issue 13): gateway-added p50 and p99 at c=1 <= nginx's, and c=32 throughput >= nginx's; printed, not
 # asserted (the machines are shared and noisy: compare the ratios).
@@ -98,12 +100,14 @@ CONF
     local -n pin="$3"
     spawn "${pin[@]}" "$NGINX" -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2> "$dir/stderr.log"
 }
+declare -A LEG_PID  # the process each leg's CPU time is read from (with its child processes: nginx's workers)
 nginx_conf backend 1 OUTSIDE "    server {
         listen 127.0.0.1:$BACKEND_PORT;
         location = /v1/chat/completions { default_type application/json; return 200 '$ANSWER'; }
         location = /metrics { default_type text/plain; return 200 '$(printf "$METRICS_PAGE")'; }
         location = /ready { default_type application/json; return 200 '{\"status\":\"ready\"}'; }
     }"
+LEG_PID[direct]="${PIDS[-1]}"
 # One nginx worker and one gateway event loop per CPU the proxies may use (their affinity mask).
 PROXY_WORKERS="$("${PROXY[@]}" python3 -c 'import os; print(len(os.sched_getaffinity(0)))')"
 nginx_conf proxy "$PROXY_WORKERS" PROXY "    upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
@@ -115,6 +119,7 @@ nginx_conf proxy "$PROXY_WORKERS" PROXY "    upstream backend { server 127.0.0.1
             proxy_set_header Connection \"\";
         }
     }"
+LEG_PID[nginx]="${PIDS[-1]}"
 
 # ---- the runtime for the TTFT leg
 RUNTIME_URL=""
@@ -136,6 +141,7 @@ BALEEN_GATEWAY_LOG=warn BALEEN_GATEWAY_WORKERS="$PROXY_WORKERS" spawn "${PROXY[@
     --config "$OUT/gateway.yaml" --host 127.0.0.1 --port 0 --admin-port 0 > "$OUT/gateway.stdout" 2> "$OUT/gateway.log"
 GATEWAY_URL="$(listening_url "$OUT/gateway.stdout" baleen-gateway "${PIDS[-1]}")" \
     || die "no gateway; its log: $OUT/gateway.log"
+LEG_PID[gateway]="${PIDS[-1]}"
 LEGS=(direct nginx gateway)
 declare -A URLS=([direct]="http://127.0.0.1:$BACKEND_PORT" [nginx]="http://127.0.0.1:$PROXY_PORT" [gateway]="$GATEWAY_URL")
 if [[ -n "${BENCH_BASELINE:-}" ]]; then
@@ -145,6 +151,7 @@ if [[ -n "${BENCH_BASELINE:-}" ]]; then
         > "$OUT/baseline.stdout" 2> "$OUT/baseline.log"
     URLS[baseline]="$(listening_url "$OUT/baseline.stdout" baleen-gateway "${PIDS[-1]}")" \
         || die "no baseline gateway; its log: $OUT/baseline.log"
+    LEG_PID[baseline]="${PIDS[-1]}"
     LEGS+=(baseline)
 fi
 
@@ -162,6 +169,17 @@ for leg in "${LEGS[@]}"; do
     cmp -s "$OUT/check-$leg.json" <(printf '%s' "$ANSWER") || die "$leg returned a different body: $(cat "$OUT/check-$leg.json")"
 done
 say "backend :$BACKEND_PORT, nginx :$PROXY_PORT, gateway $GATEWAY_URL; ${ROUNDS} rounds x ${DURATION}s per leg"
+
+# CPU time (user + system, clock ticks) of a process and its children: the server a leg measures.
+cpu_ticks() {
+    local pid total=0 t
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        t="$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null)" || continue
+        total=$(( total + ${t:-0} ))
+    done
+    echo "$total"
+}
+CLK_TCK="$(getconf CLK_TCK)"
 
 cat > "$OUT/post.lua" <<LUA
 wrk.method = "POST"
@@ -182,11 +200,14 @@ for round in $(seq 1 "$ROUNDS"); do
         for leg in "${LEGS[@]}"; do
             raw="$OUT/wrk-$leg-c$c-r$round.txt"
             "${OUTSIDE[@]}" wrk -t 1 -c "$c" -d 1s -s "$OUT/post.lua" "${URLS[$leg]}" > /dev/null  # warm up
+            ticks="$(cpu_ticks "${LEG_PID[$leg]}")"
             "${OUTSIDE[@]}" wrk -t 1 -c "$c" -d "${DURATION}s" --latency -s "$OUT/post.lua" "${URLS[$leg]}" > "$raw" \
                 || die "wrk failed ($raw)"
+            ticks=$(( $(cpu_ticks "${LEG_PID[$leg]}") - ticks ))
             line="$(sed -n 's/^WRK_JSON //p' "$raw")"
             [[ -n "$line" ]] || die "wrk printed no summary ($raw)"
-            echo "{\"leg\": \"$leg\", \"c\": $c, \"round\": $round, \"wrk\": $line}" >> "$OUT/results.jsonl"
+            echo "{\"leg\": \"$leg\", \"c\": $c, \"round\": $round, \"cpu_ticks\": $ticks, \"clk_tck\": $CLK_TCK, \"wrk\": $line}" \
+                >> "$OUT/results.jsonl"
         done
     done
     say "round $round of $ROUNDS done"
@@ -232,14 +253,18 @@ def med(leg, c, key):
     return statistics.median(vals)
 def rps(leg, c):
     return statistics.median(r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in rows if r["leg"] == leg and r["c"] == c)
+def cpu(leg, c):
+    """The server's CPU time per request (µs; the proxy's own for nginx and the gateways, the backend's for direct)."""
+    return statistics.median(r["cpu_ticks"] / r["clk_tck"] * 1e6 / r["wrk"]["requests"]
+                             for r in rows if r["leg"] == leg and r["c"] == c)
 errors = sum(r["wrk"]["errors"] for r in rows)
 print(f"POST /v1/chat/completions ({answer_bytes}-byte JSON answer from nginx `return 200`); wrk 1 thread, "
       f"{duration}s per leg, median of {rounds} interleaved rounds; {errors} wrk errors in all; "
       + (f"pinned: backend, runtime and wrk on CPUs {pin.split(':')[0]}, proxies on {pin.split(':')[1]}" if pin
          else "unpinned"))
 print()
-print("| leg | c=1 p50 | c=1 p99 | added p50 | added p99 | c=32 req/s | c=32 p99 |")
-print("|---|---|---|---|---|---|---|")
+print("| leg | c=1 p50 | c=1 p99 | added p50 | added p99 | c=32 req/s | c=32 p99 | c=32 CPU/request |")
+print("|---|---|---|---|---|---|---|---|")
 d50, d99 = med("direct", 1, "p50_us"), med("direct", 1, "p99_us")
 for leg in ("direct", "nginx", "gateway", "baseline"):
     if not any(r["leg"] == leg for r in rows):
@@ -248,18 +273,20 @@ for leg in ("direct", "nginx", "gateway", "baseline"):
     added = "—" if leg == "direct" else f"{p50 - d50:+.0f} µs"
     added99 = "—" if leg == "direct" else f"{p99 - d99:+.0f} µs"
     print(f"| {leg} | {p50:.0f} µs | {p99:.0f} µs | {added} | {added99} | {rps(leg, 32):,.0f} | "
-          f"{med(leg, 32, 'p99_us'):.0f} µs |")
+          f"{med(leg, 32, 'p99_us'):.0f} µs | {cpu(leg, 32):.1f} µs |")
 print()
 g50, n50 = med("gateway", 1, "p50_us") - d50, med("nginx", 1, "p50_us") - d50
 g99, n99 = med("gateway", 1, "p99_us") - d99, med("nginx", 1, "p99_us") - d99
 ratio = rps("gateway", 32) / rps("nginx", 32)
 print(f"goal: gateway-added p50 {g50:+.0f} µs vs nginx {n50:+.0f} µs ({'met' if g50 <= n50 else 'NOT met'}); "
       f"p99 {g99:+.0f} µs vs {n99:+.0f} µs ({'met' if g99 <= n99 else 'NOT met'}); "
-      f"c=32 throughput gateway/nginx = {ratio:.2f}x ({'met' if ratio >= 1 else 'NOT met'})")
+      f"c=32 throughput gateway/nginx = {ratio:.2f}x ({'met' if ratio >= 1 else 'NOT met'}); "
+      f"CPU per request at c=32 gateway/nginx = {cpu('gateway', 32) / cpu('nginx', 32):.2f}x")
 if any(r["leg"] == "baseline" for r in rows):
     b50 = med("baseline", 1, "p50_us") - d50
     print(f"against the baseline build: added p50 {g50:+.0f} µs vs {b50:+.0f} µs; c=32 throughput "
-          f"gateway/baseline = {rps('gateway', 32) / rps('baseline', 32):.2f}x")
+          f"gateway/baseline = {rps('gateway', 32) / rps('baseline', 32):.2f}x; CPU per request "
+          f"gateway/baseline = {cpu('gateway', 32) / cpu('baseline', 32):.2f}x")
 if os.path.getsize(ttft_path) if os.path.exists(ttft_path) else 0:
     t = json.load(open(ttft_path))
     dm, gm = statistics.median(t["direct"]) * 1e3, statistics.median(t["gateway"]) * 1e3
