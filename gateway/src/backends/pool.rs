@@ -262,9 +262,13 @@ impl ConnPool {
                 continue;
             }
             let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| self.protocol(e.to_string()))?;
-            let offset = h.value.as_ptr() as usize - start;
-            let value = HeaderValue::from_maybe_shared(raw.slice(offset..offset + h.value.len()))
-                .map_err(|e| self.protocol(e.to_string()))?;
+            // (httparse's values are slices of `buf`; anything else would be copied.)
+            let offset = (h.value.as_ptr() as usize).checked_sub(start).filter(|o| o + h.value.len() <= len);
+            let value = match offset {
+                Some(offset) => HeaderValue::from_maybe_shared(raw.slice(offset..offset + h.value.len())),
+                None => HeaderValue::from_bytes(h.value),
+            };
+            let value = value.map_err(|e| self.protocol(e.to_string()))?;
             head.headers.append(name, value);
         }
         buf.advance(len);
@@ -543,7 +547,7 @@ mod tests {
         bounded(async {
             let b = backend(vec![
                 Step::Answer(
-                    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Id: 7\r\ncontent-length: 5\r\n\r\nhello",
+                    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Id: 7\r\nX-Empty:\r\ncontent-length: 5\r\n\r\nhello",
                     false,
                 ),
                 Step::Answer(
@@ -558,7 +562,8 @@ mod tests {
             let pool = ConnPool::new(b.authority.clone());
             let response = send(&pool, Method::POST).await.unwrap();
             let names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
-            assert_eq!(names, ["x-id", "content-length"], "the end-to-end fields only");
+            assert_eq!(names, ["x-id", "x-empty", "content-length"], "the end-to-end fields only");
+            assert_eq!((response.headers()["x-id"].as_bytes(), response.headers()["x-empty"].as_bytes()), (&b"7"[..], &b""[..]));
             assert_eq!(frames(response).await.unwrap().concat(), b"hello");
             let response = send(&pool, Method::POST).await.unwrap();
             let mut body = response.into_body();
