@@ -174,7 +174,8 @@ say "backend :$BACKEND_PORT, nginx :$PROXY_PORT, gateway $GATEWAY_URL; ${ROUNDS}
 cpu_ticks() {
     local pid total=0 t
     for pid in "$1" $(pgrep -P "$1" || true); do
-        t="$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null)" || continue
+        # utime + stime: fields 14 and 15, counted after the `(name)` field, which may hold spaces.
+        t="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}')" || continue
         total=$(( total + ${t:-0} ))
     done
     echo "$total"

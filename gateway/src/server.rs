@@ -242,9 +242,10 @@ impl Connections {
                 Ok::<_, Infallible>(response)
             }
         });
-        // Each answer's head and body go out in one buffer and one `write` (`writev(false)`): answers through a
-        // proxy are small or streamed in small events, and copying them costs less than hyper's vectored write
-        // queue (5% more requests/s at 32 connections on one CPU, `docs/benchmarks.md`).
+        // An answer's head and the body ready with it are copied into one buffer and go out in one `write`
+        // (`writev(false)`): answers through a proxy are small or streamed in small events, and copying them costs
+        // less than hyper's vectored write queue (5% more requests/s at 32 connections on one CPU,
+        // `docs/benchmarks.md`).
         let connection = hyper::server::conn::http1::Builder::new()
             .writev(false)
             .timer(TokioTimer::new())

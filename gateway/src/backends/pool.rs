@@ -135,7 +135,7 @@ pub struct ConnPool {
 }
 
 /// What goes to the backend: the request line's method and origin-form target, the headers (the hop-by-hop ones
-/// and `Host` are left out, [`is_hop_by_hop`]; `Content-Length` is written from `body`) and the body.
+/// and `Host` are left out, `is_hop_by_hop`; `Content-Length` is written from `body`) and the body.
 #[derive(Debug)]
 pub struct Outgoing<'a> {
     pub method: &'a Method,
