@@ -252,12 +252,15 @@ impl ConnPool {
             codings: Codings::default(),
             close: false,
         };
+        // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
+        let mut named: Vec<&[u8]> = Vec::new();
         for h in parsed.headers.iter() {
             if is_hop_by_hop(h.name.as_bytes()) {
                 if h.name.eq_ignore_ascii_case("transfer-encoding") {
                     head.codings.add(h.value);
                 } else if h.name.eq_ignore_ascii_case("connection") {
                     head.close |= list(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+                    named.extend(connection_named(h.value));
                 }
                 continue;
             }
@@ -270,6 +273,9 @@ impl ConnPool {
             };
             let value = value.map_err(|e| self.protocol(e.to_string()))?;
             head.headers.append(name, value);
+        }
+        for name in named.into_iter().filter_map(|n| HeaderName::from_bytes(n).ok()) {
+            head.headers.remove(name);
         }
         buf.advance(len);
         Ok(Some(head))
@@ -359,6 +365,12 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// The field names a `Connection` value lists (its options other than `close` and `keep-alive`, which name no
+/// field one hop may still carry): fields of that hop only.
+fn connection_named(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list(value).filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+}
+
 /// What an answer's `Transfer-Encoding` fields say: whether any coding is named, and whether the last one is
 /// `chunked`.
 #[derive(Debug, Default)]
@@ -404,9 +416,11 @@ fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
     wire.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     wire.extend_from_slice(authority.as_bytes());
     wire.extend_from_slice(b"\r\n");
+    let named: Vec<&[u8]> =
+        request.headers.get_all(header::CONNECTION).iter().flat_map(|v| connection_named(v.as_bytes())).collect();
     for (name, value) in request.headers {
         let name = name.as_str().as_bytes();
-        if name == b"content-length" || is_hop_by_hop(name) {
+        if name == b"content-length" || is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             continue;
         }
         wire.extend_from_slice(name);
@@ -547,7 +561,7 @@ mod tests {
         bounded(async {
             let b = backend(vec![
                 Step::Answer(
-                    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Id: 7\r\nX-Empty:\r\ncontent-length: 5\r\n\r\nhello",
+                    b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Id: 7\r\nX-Empty:\r\ncontent-length: 5\r\n\r\nhello",
                     false,
                 ),
                 Step::Answer(
@@ -561,8 +575,9 @@ mod tests {
             .await;
             let pool = ConnPool::new(b.authority.clone());
             let response = send(&pool, Method::POST).await.unwrap();
-            let names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
-            assert_eq!(names, ["x-id", "x-empty", "content-length"], "the end-to-end fields only");
+            let mut names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
+            names.sort_unstable();
+            assert_eq!(names, ["content-length", "x-empty", "x-id"], "the end-to-end fields only");
             assert_eq!((response.headers()["x-id"].as_bytes(), response.headers()["x-empty"].as_bytes()), (&b"7"[..], &b""[..]));
             assert_eq!(frames(response).await.unwrap().concat(), b"hello");
             let response = send(&pool, Method::POST).await.unwrap();
@@ -739,6 +754,9 @@ mod tests {
         for (name, value) in [("expect", "100-continue"), ("te", "trailers"), ("proxy-authorization", "x")] {
             headers.insert(name, HeaderValue::from_static(value));
         }
+        // So are the fields `Connection` names.
+        headers.append(header::CONNECTION, HeaderValue::from_static("X-Secret"));
+        headers.insert("x-secret", HeaderValue::from_static("s"));
         let body = Bytes::from_static(b"{}");
         let request = Outgoing { method: &Method::POST, target: "/v1/completions?x=1", headers: &headers, body: &body };
         let wire = encode(&request, "10.0.0.1:8000");
