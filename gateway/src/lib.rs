@@ -17,6 +17,7 @@ pub mod policy;
 pub mod registry;
 pub mod routes;
 pub mod server;
+pub mod wire;
 
 use std::sync::Arc;
 

@@ -1,7 +1,9 @@
-//! Serving, on hyper's HTTP/1.1 server: the API port on event loops of their own threads
-//! (`server/event_loops.rs`), the admin port on the caller's runtime; the probe loop; graceful shutdown.
+//! Serving: the API port on our own HTTP/1.1 server (`server/http1.rs`), on event loops of their own threads
+//! (`server/event_loops.rs`); the admin port on hyper's, on the caller's runtime; the probe loop; graceful
+//! shutdown.
 
 mod event_loops;
+mod http1;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,7 +31,7 @@ use event_loops::EventLoops;
 /// How long a client may take to send a request's headers.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for answers in flight (streams included) before it closes their connections.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upstream connection may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle upstream connection stays pooled.
@@ -184,8 +186,8 @@ impl Started {
             }
         });
         let admin_task = tokio::spawn(async move {
-            let connections = Connections::new(app, true);
-            accept(admin, stop, |stream| connections.serve(stream, ())).await;
+            let connections = Connections::new(app);
+            accept(admin, stop, |stream| connections.serve(stream)).await;
             connections.drain().await;
         });
         shutdown.await;
@@ -220,34 +222,25 @@ async fn accept(listener: TcpListener, mut stop: watch::Receiver<bool>, mut plac
     }
 }
 
-/// The connections one event loop serves, drained together at shutdown.
-pub(crate) struct Connections {
+/// The admin port's connections (hyper's server), drained together at shutdown.
+struct Connections {
     app: Arc<App>,
-    admin: bool,
     graceful: GracefulShutdown,
 }
 
 impl Connections {
-    pub(crate) fn new(app: Arc<App>, admin: bool) -> Self {
-        Self { app, admin, graceful: GracefulShutdown::new() }
+    fn new(app: Arc<App>) -> Self {
+        Self { app, graceful: GracefulShutdown::new() }
     }
 
-    /// Serves `stream` on a task of the current runtime until the client closes it; `open` is dropped with it.
-    pub(crate) fn serve<T: Send + 'static>(&self, stream: TcpStream, open: T) {
-        let (app, admin) = (Arc::clone(&self.app), self.admin);
+    /// Serves `stream` on a task of the current runtime until the client closes it.
+    fn serve(&self, stream: TcpStream) {
+        let app = Arc::clone(&self.app);
         let service = service_fn(move |request| {
-            let app = Arc::clone(&app);
-            async move {
-                let response = if admin { routes::admin(&app, &request) } else { routes::handle(&app, request).await };
-                Ok::<_, Infallible>(response)
-            }
+            let response = routes::admin(&app, &request);
+            std::future::ready(Ok::<_, Infallible>(response))
         });
-        // An answer's head and the body ready with it are copied into one buffer and go out in one `write`
-        // (`writev(false)`): answers through a proxy are small or streamed in small events, and copying them costs
-        // less than hyper's vectored write queue (5% more requests/s at 32 connections on one CPU,
-        // `docs/benchmarks.md`).
         let connection = hyper::server::conn::http1::Builder::new()
-            .writev(false)
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
@@ -256,12 +249,11 @@ impl Connections {
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended with an error: {e}");
             }
-            drop(open);
         });
     }
 
     /// Lets the answers in flight finish (up to 30 s).
-    pub(crate) async fn drain(self) {
+    async fn drain(self) {
         if tokio::time::timeout(DRAIN_TIMEOUT, self.graceful.shutdown()).await.is_err() {
             tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
         }

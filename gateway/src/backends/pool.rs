@@ -18,24 +18,22 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use body::UpstreamBody;
-use body::{Chunk, Framing};
+
+use crate::wire::{
+    Chunk, Codings, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, connection_named, connection_options, header_map,
+    is_hop_by_hop,
+};
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per backend and event loop at most (more are closed when their answer is done).
 const MAX_POOLED: usize = 512;
-/// An answer's head may take at most this many bytes.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Headers an answer may have at most.
-const MAX_HEADERS: usize = 100;
-/// Bytes asked of the socket per read.
-const READ_CHUNK: usize = 8 * 1024;
 /// Event loops that keep idle connections apart (`--workers` is at most this); other threads share slot 0.
 pub const MAX_EVENT_LOOPS: usize = 64;
 
@@ -244,39 +242,26 @@ impl ConnPool {
             .and_then(|code| StatusCode::from_u16(code).ok())
             .ok_or_else(|| self.protocol("no valid status code".into()))?;
         let raw = Bytes::copy_from_slice(&buf[..len]);
-        let start = buf.as_ptr() as usize;
-        let mut head = Head {
-            status,
-            headers: HeaderMap::with_capacity(parsed.headers.len()),
-            keep_alive: version == 1,
-            codings: Codings::default(),
-            close: false,
-        };
+        let (mut codings, mut close) = (Codings::default(), false);
         // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
         let mut named: Vec<&[u8]> = Vec::new();
-        for h in parsed.headers.iter() {
-            if is_hop_by_hop(h.name.as_bytes()) {
-                if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                    head.codings.add(h.value);
-                } else if h.name.eq_ignore_ascii_case("connection") {
-                    head.close |= list(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
-                    named.extend(connection_named(h.value));
-                }
-                continue;
+        let mut headers = header_map(parsed.headers, &raw, buf.as_ptr() as usize, |h| {
+            if !is_hop_by_hop(h.name.as_bytes()) {
+                return false;
             }
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| self.protocol(e.to_string()))?;
-            // (httparse's values are slices of `buf`; anything else would be copied.)
-            let offset = (h.value.as_ptr() as usize).checked_sub(start).filter(|o| o + h.value.len() <= len);
-            let value = match offset {
-                Some(offset) => HeaderValue::from_maybe_shared(raw.slice(offset..offset + h.value.len())),
-                None => HeaderValue::from_bytes(h.value),
-            };
-            let value = value.map_err(|e| self.protocol(e.to_string()))?;
-            head.headers.append(name, value);
-        }
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                codings.add(h.value);
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close |= connection_options(h.value).0;
+                named.extend(connection_named(h.value));
+            }
+            true
+        })
+        .map_err(|reason| self.protocol(reason))?;
         for name in named.into_iter().filter_map(|n| HeaderName::from_bytes(n).ok()) {
-            head.headers.remove(name);
+            headers.remove(name);
         }
+        let head = Head { status, headers, keep_alive: version == 1, codings, close };
         buf.advance(len);
         Ok(Some(head))
     }
@@ -319,72 +304,9 @@ impl ConnPool {
         Ok(response)
     }
 
-    /// The answer's `Content-Length`: every value (and every comma-separated item) the same run of digits, else a
-    /// protocol error; `None` when there is none.
+    /// The answer's `Content-Length` (a protocol error when malformed or conflicting); `None` when there is none.
     fn content_length(&self, headers: &HeaderMap) -> Result<Option<u64>, SendError> {
-        let mut length = None;
-        for item in list_items(headers, header::CONTENT_LENGTH) {
-            let value = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
-                .flatten()
-                .ok_or_else(|| self.protocol(format!("an invalid Content-Length `{}`", item.escape_ascii())))?;
-            if length.is_some_and(|l| l != value) {
-                return Err(self.protocol("conflicting Content-Length values".into()));
-            }
-            length = Some(value);
-        }
-        Ok(length)
-    }
-}
-
-/// The comma-separated items of every `name` field of `headers`, trimmed (empty ones included).
-fn list_items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(name).into_iter().flat_map(|v| list(v.as_bytes()))
-}
-
-/// The comma-separated items of one field value, trimmed (empty ones included).
-fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
-}
-
-/// Fields of one hop only (RFC 9110 §7.6.1), plus `host` (each hop names its own) and `expect` (the gateway has
-/// read the body already): never passed on, in either direction. `name` in any case.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    let names: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        4 => &[b"host"],
-        6 => &[b"expect"],
-        7 => &[b"trailer", b"upgrade"],
-        10 => &[b"connection", b"keep-alive"],
-        16 => &[b"proxy-connection"],
-        17 => &[b"transfer-encoding"],
-        18 => &[b"proxy-authenticate"],
-        19 => &[b"proxy-authorization"],
-        _ => return false,
-    };
-    names.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// The field names a `Connection` value lists (its options other than `close` and `keep-alive`, which name no
-/// field one hop may still carry): fields of that hop only.
-fn connection_named(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    list(value).filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
-}
-
-/// What an answer's `Transfer-Encoding` fields say: whether any coding is named, and whether the last one is
-/// `chunked`.
-#[derive(Debug, Default)]
-struct Codings {
-    any: bool,
-    last_chunked: bool,
-}
-
-impl Codings {
-    fn add(&mut self, value: &[u8]) {
-        for coding in list(value).filter(|t| !t.is_empty()) {
-            self.any = true;
-            self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
-        }
+        crate::wire::content_length(headers).map_err(|reason| self.protocol(reason))
     }
 }
 
@@ -446,6 +368,7 @@ mod tests {
     use tokio::time::timeout;
 
     use super::*;
+    use http::header::HeaderValue;
 
     /// What the test backend does with the next request.
     #[derive(Clone, Copy)]

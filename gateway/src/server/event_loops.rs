@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Connections, HEADER_READ_TIMEOUT};
+use super::http1::{self, Limits};
+use super::{DRAIN_TIMEOUT, HEADER_READ_TIMEOUT};
 use crate::App;
 use crate::backends::pool;
 use crate::error::{Error, Result};
@@ -159,14 +160,28 @@ fn run(
                 ticks.tick().await;
             }
         });
-        let connections = Connections::new(app, false);
+        // Stopping: idle connections close at once, the others after their answer under way. Each connection's
+        // task holds a sender of `tracked`: the receiver's end of stream says that all have ended.
+        let (stop_tx, stop) = watch::channel(false);
+        let (tracker, mut tracked) = mpsc::channel::<()>(1);
+        let limits = Limits { head_timeout: HEADER_READ_TIMEOUT, max_body: app.settings.max_request_bytes };
         while let Some((stream, open)) = received.recv().await {
             match TcpStream::from_std(stream) {
-                Ok(stream) => connections.serve(stream, open),
+                Ok(stream) => {
+                    let (app, stop, tracker) = (Arc::clone(&app), stop.clone(), tracker.clone());
+                    tokio::spawn(async move {
+                        http1::serve(&app, stream, limits, stop).await;
+                        drop((open, tracker));
+                    });
+                }
                 Err(e) => tracing::warn!("event loop {index} cannot take a connection: {e}"),
             }
         }
-        connections.drain().await;
+        let _ = stop_tx.send(true);
+        drop(tracker);
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracked.recv()).await.is_err() {
+            tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
+        }
         heartbeat.abort();
         // Idle upstream connections registered with this runtime are of no use to any other loop.
         for model in app_for_pools.registry.pools() {

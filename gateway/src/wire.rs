@@ -1,0 +1,297 @@
+//! HTTP/1.1 on the wire, the pieces both sides of the gateway read the same way: the API port's server
+//! (`server/http1.rs`) and the upstream client (`backends/pool.rs`). Field lists, the one-hop fields, a parsed
+//! head's fields as a [`HeaderMap`] sharing one copy of the head, `Content-Length` and `Transfer-Encoding` as RFC
+//! 9112 reads them, and a body's framing decoded from a read buffer (by length, by chunks, or until the close).
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// A head (request or answer) may take at most this many bytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Fields a head may have at most.
+pub const MAX_HEADERS: usize = 100;
+/// Bytes asked of a socket per read.
+pub const READ_CHUNK: usize = 8 * 1024;
+/// A chunk-size line (with extensions) or a trailer line may take at most this many bytes.
+const MAX_LINE_BYTES: usize = 4 * 1024;
+/// Hex digits a chunk size may have at most (sizes stay far below `u64::MAX`).
+const MAX_CHUNK_SIZE_DIGITS: usize = 15;
+
+/// The comma-separated items of one field value, trimmed (empty ones included).
+pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// The comma-separated items of every `name` field of `headers`, trimmed (empty ones included).
+pub fn list_items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(name).into_iter().flat_map(|v| list(v.as_bytes()))
+}
+
+/// Fields of one hop only (RFC 9110 §7.6.1), plus `host` (each hop names its own) and `expect` (the gateway has
+/// read the body already): never passed on, in either direction. `name` in any case.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    let names: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        4 => &[b"host"],
+        6 => &[b"expect"],
+        7 => &[b"trailer", b"upgrade"],
+        10 => &[b"connection", b"keep-alive"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        18 => &[b"proxy-authenticate"],
+        19 => &[b"proxy-authorization"],
+        _ => return false,
+    };
+    names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// The field names a `Connection` value lists (its options other than `close` and `keep-alive`, which name no
+/// field one hop may still carry): fields of that hop only.
+pub fn connection_named(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list(value).filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+}
+
+/// What a `Connection` value says of the connection: (`close`, `keep-alive`).
+pub fn connection_options(value: &[u8]) -> (bool, bool) {
+    list(value).fold((false, false), |(close, keep), t| {
+        (close || t.eq_ignore_ascii_case(b"close"), keep || t.eq_ignore_ascii_case(b"keep-alive"))
+    })
+}
+
+/// What a head's `Transfer-Encoding` fields say: whether any coding is named, and whether the last one is
+/// `chunked`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Codings {
+    pub any: bool,
+    pub last_chunked: bool,
+}
+
+impl Codings {
+    pub fn add(&mut self, value: &[u8]) {
+        for coding in list(value).filter(|t| !t.is_empty()) {
+            self.any = true;
+            self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+}
+
+/// A parsed head's fields as a [`HeaderMap`]. `raw` is a copy of the head's first bytes, of the buffer that starts
+/// at address `base` and that the parsed slices point into: values inside it share it, any other is copied. Every
+/// field is shown to `skip` first; those it returns true for are left out.
+pub fn header_map<'h>(
+    fields: &[httparse::Header<'h>],
+    raw: &Bytes,
+    base: usize,
+    mut skip: impl FnMut(&httparse::Header<'h>) -> bool,
+) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for h in fields {
+        if skip(h) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?;
+        let offset = (h.value.as_ptr() as usize).checked_sub(base).filter(|o| o + h.value.len() <= raw.len());
+        let value = match offset {
+            Some(offset) => HeaderValue::from_maybe_shared(raw.slice(offset..offset + h.value.len())),
+            None => HeaderValue::from_bytes(h.value),
+        };
+        headers.append(name, value.map_err(|e| e.to_string())?);
+    }
+    Ok(headers)
+}
+
+/// The `Content-Length` of `headers`: every value (and every comma-separated item) the same run of digits, else
+/// the reason it is not; `None` when there is none.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
+    let mut length = None;
+    for item in list_items(headers, http::header::CONTENT_LENGTH) {
+        let value = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
+            .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| format!("an invalid Content-Length `{}`", item.escape_ascii()))?;
+        if length.is_some_and(|l| l != value) {
+            return Err("conflicting Content-Length values".into());
+        }
+        length = Some(value);
+    }
+    Ok(length)
+}
+
+/// How a body is delimited (RFC 9112 §6.3), and how far its reading has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the sender closes the connection (which is then not reused).
+    UntilClose,
+    Done,
+}
+
+/// Where a chunked body's reading stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(u64),
+    /// At the line break after a chunk's data.
+    DataEnd,
+    /// In the trailer section after the last chunk.
+    Trailers,
+}
+
+/// What [`Framing::decode`] took from a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// The body's next bytes.
+    Data(Bytes),
+    /// Nothing until more bytes are read.
+    More,
+    /// The body is complete.
+    End,
+}
+
+impl Framing {
+    /// Takes the body's next data from `buf` (chunk extensions ignored, trailer fields dropped), or says that more
+    /// bytes are needed, or that the body is complete; the reason when the bytes are not a body of this framing.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+        loop {
+            match *self {
+                Self::Done => return Ok(Decoded::End),
+                Self::Length(0) => {
+                    *self = Self::Done;
+                    return Ok(Decoded::End);
+                }
+                Self::Length(left) => {
+                    let Some(data) = take_data(buf, left) else { return Ok(Decoded::More) };
+                    *self = Self::Length(left - data.len() as u64);
+                    return Ok(Decoded::Data(data));
+                }
+                Self::UntilClose => return Ok(take_data(buf, u64::MAX).map_or(Decoded::More, Decoded::Data)),
+                Self::Chunked(Chunk::Data(left)) => {
+                    let Some(data) = take_data(buf, left) else { return Ok(Decoded::More) };
+                    let left = left - data.len() as u64;
+                    *self = Self::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
+                    return Ok(Decoded::Data(data));
+                }
+                Self::Chunked(state) => {
+                    let Some(line) = take_line(buf)? else { return Ok(Decoded::More) };
+                    *self = match state {
+                        Chunk::Size => match chunk_size(&line) {
+                            Some(0) => Self::Chunked(Chunk::Trailers),
+                            Some(size) => Self::Chunked(Chunk::Data(size)),
+                            None => return Err("an invalid chunk size"),
+                        },
+                        Chunk::DataEnd if line.is_empty() => Self::Chunked(Chunk::Size),
+                        Chunk::DataEnd => return Err("chunk data longer than its size"),
+                        // Trailer fields are dropped; an empty line ends the body.
+                        Chunk::Trailers if line.is_empty() => Self::Done,
+                        Chunk::Trailers | Chunk::Data(_) => Self::Chunked(state),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Where the body stood when its connection ended before its end (for the error).
+    pub fn cut_short(&self) -> &'static str {
+        match self {
+            Self::Chunked(Chunk::Data(_)) => "in the middle of a chunk",
+            Self::Chunked(_) => "before the end of a chunked body",
+            _ => "before the end of its body",
+        }
+    }
+}
+
+/// Up to `left` bytes of data from `buf` (none when it is empty).
+fn take_data(buf: &mut BytesMut, left: u64) -> Option<Bytes> {
+    if buf.is_empty() || left == 0 {
+        return None;
+    }
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+    Some(buf.split_to(n).freeze())
+}
+
+/// A whole line (without its CRLF) from `buf`, or `None` when it has not all arrived.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, &'static str> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(at) => {
+            let line = buf.split_to(at);
+            buf.advance(2);
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE_BYTES => Err("a chunk line over 4 KiB"),
+        None => Ok(None),
+    }
+}
+
+/// The size of a chunk-size line: hex digits only, then optionally whitespace and `;` extensions
+/// (`1a;name=value` → 26). Anything else (a sign, leading whitespace, an empty size) is refused.
+pub fn chunk_size(line: &[u8]) -> Option<u64> {
+    let end = line.iter().position(|b| !b.is_ascii_hexdigit()).unwrap_or(line.len());
+    let (digits, rest) = line.split_at(end);
+    let rest = rest.trim_ascii_start();
+    if digits.is_empty() || digits.len() > MAX_CHUNK_SIZE_DIGITS || !(rest.is_empty() || rest.starts_with(b";")) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex_digits_then_optional_extensions() {
+        assert_eq!(chunk_size(b"1a"), Some(26));
+        assert_eq!(chunk_size(b"1A;name=value"), Some(26));
+        assert_eq!(chunk_size(b"1a ;name"), Some(26));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        for bad in [&b""[..], b"xyz", b"+a", b" 1a", b"1a x", b"ffffffffffffffffff", b";x"] {
+            assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// A chunked body fed a byte at a time decodes to its data (extension ignored, trailer dropped) and ends;
+    /// what follows it stays in the buffer.
+    #[test]
+    fn a_chunked_body_decodes_from_any_split_of_its_bytes() {
+        let wire = b"3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        let mut framing = Framing::Chunked(Chunk::Size);
+        let (mut buf, mut data, mut ended) = (BytesMut::new(), Vec::new(), false);
+        for &byte in wire {
+            buf.extend_from_slice(&[byte]);
+            loop {
+                match framing.decode(&mut buf).unwrap() {
+                    Decoded::Data(d) => data.extend_from_slice(&d),
+                    Decoded::More => break,
+                    Decoded::End => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            if ended {
+                break;
+            }
+        }
+        assert_eq!((data.as_slice(), ended), (&b"abcde"[..], true));
+        assert_eq!(&buf[..], b"");
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut framing = Framing::Chunked(Chunk::Size);
+        while framing.decode(&mut buf).unwrap() != Decoded::End {}
+        assert_eq!(&buf[..], b"NEXT");
+        let mut bad = BytesMut::from(&b"3\r\nabcd\r\n"[..]);
+        let mut framing = Framing::Chunked(Chunk::Size);
+        assert_eq!(framing.decode(&mut bad), Ok(Decoded::Data(Bytes::from_static(b"abc"))));
+        assert_eq!(framing.decode(&mut bad), Err("chunk data longer than its size"));
+    }
+
+    #[test]
+    fn connection_options_and_named_fields() {
+        assert_eq!(connection_options(b"Keep-Alive, X-A"), (false, true));
+        assert_eq!(connection_options(b"close"), (true, false));
+        assert_eq!(connection_named(b"close, X-A, keep-alive,,x-b").collect::<Vec<_>>(), [&b"X-A"[..], b"x-b"]);
+    }
+}
