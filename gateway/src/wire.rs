@@ -22,11 +22,6 @@ pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-/// The comma-separated items of every `name` field of `headers`, trimmed (empty ones included).
-pub fn list_items(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(name).into_iter().flat_map(|v| list(v.as_bytes()))
-}
-
 /// Fields of one hop only (RFC 9110 §7.6.1), plus `host` (each hop names its own) and `expect` (the gateway has
 /// read the body already): never passed on, in either direction. `name` in any case.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
@@ -100,11 +95,10 @@ pub fn header_map<'h>(
     Ok(headers)
 }
 
-/// The `Content-Length` of `headers`: every value (and every comma-separated item) the same run of digits, else
-/// the reason it is not; `None` when there is none.
-pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
-    let mut length = None;
-    for item in list_items(headers, http::header::CONTENT_LENGTH) {
+/// Adds one `Content-Length` field's value to what the head's earlier ones said: every comma-separated item must
+/// be the same run of digits, else the reason it is not.
+pub fn add_content_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), String> {
+    for item in list(value) {
         let value = (!item.is_empty() && item.iter().all(u8::is_ascii_digit))
             .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
             .flatten()
@@ -112,9 +106,9 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
         if length.is_some_and(|l| l != value) {
             return Err("conflicting Content-Length values".into());
         }
-        length = Some(value);
+        *length = Some(value);
     }
-    Ok(length)
+    Ok(())
 }
 
 /// How a body is delimited (RFC 9112 §6.3), and how far its reading has come.

@@ -15,7 +15,8 @@ mod body;
 use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
@@ -26,14 +27,19 @@ use tokio::net::TcpStream;
 pub use body::UpstreamBody;
 
 use crate::wire::{
-    Chunk, Codings, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, connection_named, connection_options, header_map,
-    is_hop_by_hop,
+    Chunk, Codings, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_named,
+    connection_options, header_map, is_hop_by_hop,
 };
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per backend and event loop at most (more are closed when their answer is done).
 const MAX_POOLED: usize = 512;
+/// A pooled connection given back this recently is taken without asking its socket whether the backend closed it,
+/// unless the event loop has seen something on it. Backends close idle keep-alive connections after their idle
+/// timeout (seconds to minutes: never this soon) or when they stop, whose close the event loop sees at its next
+/// turn; a request that meets a close in between fails on that backend and is retried on another.
+const FRESH: Duration = Duration::from_secs(1);
 /// Event loops that keep idle connections apart (`--workers` is at most this); other threads share slot 0.
 pub const MAX_EVENT_LOOPS: usize = 64;
 
@@ -82,13 +88,20 @@ struct Conn {
     stream: TcpStream,
     buf: BytesMut,
     event_loop: usize,
+    /// When it was last given back to the pool.
+    idle_since: Instant,
 }
 
 impl Conn {
-    /// Whether a pooled connection can take a request: open, with nothing unread. Asks the socket itself (a
-    /// non-blocking peek): a backend that closed the idle connection shows as end of stream, even when the
-    /// runtime's event loop has not seen it yet.
+    /// Whether a pooled connection can take a request: open, with nothing unread. One given back within
+    /// [`FRESH`] on whose socket the event loop has seen nothing since is taken as it is (the common case under
+    /// load: no system call); any other is asked with a non-blocking peek, where a backend that closed the idle
+    /// connection shows as end of stream even when the event loop has not seen it yet.
     fn is_idle_and_open(&self) -> bool {
+        let mut nothing = Context::from_waker(Waker::noop());
+        if self.stream.poll_read_ready(&mut nothing).is_pending() && self.idle_since.elapsed() < FRESH {
+            return true;
+        }
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
         matches!(socket2::SockRef::from(&self.stream).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
@@ -114,7 +127,8 @@ impl IdleSlots {
     }
 
     /// Keeps `conn` for its event loop (closed if that loop has [`MAX_POOLED`] already).
-    fn put(&self, conn: Conn) {
+    fn put(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
         let mut idle = self.of(conn.event_loop);
         if idle.len() < MAX_POOLED {
             idle.push(conn);
@@ -175,7 +189,12 @@ impl ConnPool {
             .map_err(|_| connect(format!("no connection within {CONNECT_TIMEOUT:?}")))?
             .map_err(|e| connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        Ok(Conn { stream, buf: BytesMut::with_capacity(READ_CHUNK), event_loop: event_loop() })
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            event_loop: event_loop(),
+            idle_since: Instant::now(),
+        })
     }
 
     /// Sends `request` and returns the answer's head; its body is read from the connection as it is polled, and
@@ -242,11 +261,16 @@ impl ConnPool {
             .and_then(|code| StatusCode::from_u16(code).ok())
             .ok_or_else(|| self.protocol("no valid status code".into()))?;
         let raw = Bytes::copy_from_slice(&buf[..len]);
-        let (mut codings, mut close) = (Codings::default(), false);
+        let (mut codings, mut close, mut length, mut bad_length) = (Codings::default(), false, None, None);
         // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
         let mut named: Vec<&[u8]> = Vec::new();
         let mut headers = header_map(parsed.headers, &raw, buf.as_ptr() as usize, |h| {
             if !is_hop_by_hop(h.name.as_bytes()) {
+                if h.name.eq_ignore_ascii_case("content-length")
+                    && let Err(reason) = add_content_length(&mut length, h.value)
+                {
+                    bad_length.get_or_insert(reason);
+                }
                 return false;
             }
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -261,7 +285,14 @@ impl ConnPool {
         for name in named.into_iter().filter_map(|n| HeaderName::from_bytes(n).ok()) {
             headers.remove(name);
         }
-        let head = Head { status, headers, keep_alive: version == 1, codings, close };
+        let head = Head {
+            status,
+            headers,
+            keep_alive: version == 1,
+            codings,
+            close,
+            length: bad_length.map_or(Ok(length), Err),
+        };
         buf.advance(len);
         Ok(Some(head))
     }
@@ -275,11 +306,11 @@ impl ConnPool {
     /// beside one is dropped (the client gets the body re-framed). Conflicting or malformed lengths and a switch of
     /// protocol (no request asks for one) are refused.
     fn answer(&self, conn: Conn, head: Head, method: &Method) -> Result<Response<UpstreamBody>, SendError> {
-        let Head { status, mut headers, keep_alive, codings, close } = head;
+        let Head { status, mut headers, keep_alive, codings, close, length } = head;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(self.protocol("101 Switching Protocols to a request that asked for no upgrade".into()));
         }
-        let length = if codings.any { None } else { self.content_length(&headers)? };
+        let length = if codings.any { None } else { length.map_err(|reason| self.protocol(reason))? };
         // (Interim 1xx answers never get here: `exchange` skips them, and 101 is refused above.)
         let framing =
             if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -303,11 +334,6 @@ impl ConnPool {
         *response.headers_mut() = headers;
         Ok(response)
     }
-
-    /// The answer's `Content-Length` (a protocol error when malformed or conflicting); `None` when there is none.
-    fn content_length(&self, headers: &HeaderMap) -> Result<Option<u64>, SendError> {
-        crate::wire::content_length(headers).map_err(|reason| self.protocol(reason))
-    }
 }
 
 /// How an exchange failed: the request could not be written (a pooled connection may be replaced), or later.
@@ -325,6 +351,8 @@ struct Head {
     codings: Codings,
     /// `Connection: close`.
     close: bool,
+    /// What its `Content-Length` fields say (`None`: it has none), or why they cannot be read.
+    length: Result<Option<u64>, String>,
 }
 
 /// The request as it goes on the wire: request line, `Host`, the end-to-end headers but `Content-Length`, then

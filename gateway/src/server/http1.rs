@@ -39,7 +39,8 @@ use tokio::time::{Instant, Sleep};
 use crate::App;
 use crate::routes::{self, ResponseBody};
 use crate::wire::{
-    Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, connection_options, header_map,
+    Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_options,
+    header_map,
 };
 
 /// Body bytes read ahead per read at most (a large body is read in pieces of this size).
@@ -97,8 +98,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
     let at = target.as_ptr() as usize - base;
     let uri = Uri::from_maybe_shared(raw.slice(at..at + target.len())).map_err(malformed)?;
     let (mut codings, mut close, mut keep, mut expects_continue) = (Codings::default(), false, false, false);
+    let (mut length, mut bad_length) = (None, None);
     let headers = header_map(parsed.headers, &raw, base, |h| {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if let Err(reason) = add_content_length(&mut length, h.value) {
+                bad_length.get_or_insert(reason);
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             codings.add(h.value);
         } else if h.name.eq_ignore_ascii_case("connection") {
             let (c, k) = connection_options(h.value);
@@ -109,17 +115,20 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
         false
     })
     .map_err(malformed)?;
+    if let Some(reason) = bad_length {
+        return Err(malformed(reason));
+    }
     let framing = if codings.any {
         if !codings.last_chunked {
             let message = "a Transfer-Encoding whose last coding is not `chunked`";
             return Err(ApiError { status: StatusCode::NOT_IMPLEMENTED, ..ApiError::invalid(message) });
         }
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if length.is_some() {
             return Err(malformed("both Content-Length and Transfer-Encoding"));
         }
         Framing::Chunked(Chunk::Size)
     } else {
-        Framing::Length(crate::wire::content_length(&headers).map_err(malformed)?.unwrap_or(0))
+        Framing::Length(length.unwrap_or(0))
     };
     buf.advance(len);
     let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
@@ -220,16 +229,18 @@ fn itoa(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-/// One client connection and the bytes read from it that no request has taken yet.
+/// One client connection, the bytes read from it that no request has taken yet, and the buffer answers are
+/// written from (kept for the next).
 struct Connection {
     stream: TcpStream,
     buf: BytesMut,
+    out: Vec<u8>,
 }
 
 /// Serves one API connection until the client closes it, a request is refused, an answer cannot be written, or
 /// `stop` turns true between requests (see the module docs).
 pub(crate) async fn serve(app: &Arc<App>, stream: TcpStream, limits: Limits, mut stop: watch::Receiver<bool>) {
-    let mut conn = Connection { stream, buf: BytesMut::with_capacity(READ_CHUNK) };
+    let mut conn = Connection { stream, buf: BytesMut::with_capacity(READ_CHUNK), out: Vec::with_capacity(1024) };
     // One timer per connection, moved on for each head: moving it later costs no work in the timer wheel.
     let mut deadline = pin!(tokio::time::sleep(limits.head_timeout));
     loop {
@@ -391,7 +402,8 @@ impl Connection {
                 keep_alive = false;
                 Out::UntilClose
             };
-        let mut out = Vec::with_capacity(512);
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
         encode_head(&mut out, &head, framing, keep_alive, version);
         if *method == Method::HEAD || framing == Out::None {
             return self.stream.write_all(&out).await.is_ok() && keep_alive;
@@ -444,7 +456,9 @@ impl Connection {
         if framing == Out::Chunked {
             out.extend_from_slice(b"0\r\n\r\n");
         }
-        self.stream.write_all(&out).await.is_ok() && keep_alive
+        let written = self.stream.write_all(&out).await.is_ok();
+        self.out = out;
+        written && keep_alive
     }
 }
 
