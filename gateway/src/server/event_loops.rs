@@ -20,8 +20,8 @@ use crate::error::{Error, Result};
 
 /// How often each loop's heartbeat timer fires; shorter than [`HEADER_READ_TIMEOUT`]. Tokio interrupts a loop's
 /// wait (a write to its wake-up descriptor) whenever a timer is armed that is due before the loop's next planned
-/// wake-up, and every keep-alive connection re-arms its header timer after each answer: with the heartbeat's
-/// timer always due sooner, that re-arming costs no system call.
+/// wake-up, and every proxied request arms one (its `--request-timeout`), as every new connection does (its head
+/// timer): with the heartbeat's timer always due sooner, arming them costs no system call.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 const _: () = assert!(HEARTBEAT.as_secs() < HEADER_READ_TIMEOUT.as_secs());
 
