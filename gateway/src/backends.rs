@@ -87,6 +87,11 @@ impl Backend {
         self.handles.get_or_init(|| metrics.backend(model, &self.url))
     }
 
+    /// Its metric series, once [`Backend::metrics`] has looked them up.
+    pub fn series(&self) -> Option<&BackendMetrics> {
+        self.handles.get()
+    }
+
     /// Requests the gateway has sent it that have not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -16,7 +16,6 @@ pub mod body;
 pub mod peek;
 pub mod proxy;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use baleen_api::http::{ApiError, json_response};
@@ -26,13 +25,13 @@ use baleen_api::names::{
 };
 use baleen_api::openai::{Model, ModelList};
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body;
 
 pub use body::ResponseBody;
 
 use crate::App;
+use crate::auth::Key;
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {
     let text = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
@@ -51,30 +50,33 @@ fn not_routed(method: &Method, path: &str, known: &[&str]) -> Response<ResponseB
     }
 }
 
-/// The API port.
-pub async fn handle<B>(app: &Arc<App>, request: Request<B>) -> Response<ResponseBody>
-where
-    B: Body,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let arrived = Instant::now();
-    let path = request.uri().path();
+/// Where a request of the API port goes, decided from its head alone (before its body is read).
+#[derive(Debug)]
+pub enum Route<'a> {
+    /// A completion, to proxy with its body ([`proxy::forward`]), by this API key when keys are required.
+    Forward(Option<&'a Key>),
+    /// Answered without the body: the GET routes, an unknown route or method, a missing or wrong API key.
+    Answer(Response<ResponseBody>),
+}
+
+/// The API port: where a request with this head goes.
+pub fn route<'a>(app: &'a App, method: &Method, path: &str, headers: &HeaderMap) -> Route<'a> {
     let model_id = path.strip_prefix(PATH_MODELS).and_then(|rest| rest.strip_prefix('/')).filter(|id| !id.is_empty());
     let guarded = model_id.is_some() || matches!(path, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS | PATH_MODELS);
     let key = match &app.settings.api_keys {
-        Some(keys) if guarded => match keys.authenticate(request.headers()) {
+        Some(keys) if guarded => match keys.authenticate(headers) {
             Ok(key) => Some(key),
             Err(e) => {
                 app.metrics.request(MODEL_UNKNOWN, "", e.status.as_u16());
                 let mut response: Response<ResponseBody> = e.into_http();
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return response;
+                return Route::Answer(response);
             }
         },
         _ => None,
     };
-    match (request.method(), path) {
-        (&Method::POST, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS) => proxy::forward(app, request, arrived, key).await,
+    Route::Answer(match (method, path) {
+        (&Method::POST, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS) => return Route::Forward(key),
         (&Method::GET, PATH_MODELS) => models(app),
         (&Method::GET, _) if let Some(id) = model_id => model(app, id),
         (&Method::GET, PATH_HEALTH) => status_ok(),
@@ -85,7 +87,7 @@ where
             app.metrics.request(MODEL_UNKNOWN, "", response.status().as_u16());
             response
         }
-    }
+    })
 }
 
 /// The admin port.

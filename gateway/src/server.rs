@@ -31,7 +31,7 @@ use event_loops::EventLoops;
 /// How long a client may take to send a request's headers.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for answers in flight (streams included) before it closes their connections.
-pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upstream connection may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an idle upstream connection stays pooled.
@@ -254,9 +254,15 @@ impl Connections {
 
     /// Lets the answers in flight finish (up to 30 s).
     async fn drain(self) {
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.graceful.shutdown()).await.is_err() {
-            tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
-        }
+        drain(self.graceful.shutdown()).await;
+    }
+}
+
+/// Waits for `drained` (the answers in flight have finished) up to [`DRAIN_TIMEOUT`], after which their
+/// connections are left to be closed.
+pub(crate) async fn drain(drained: impl Future<Output = ()>) {
+    if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+        tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
     }
 }
 

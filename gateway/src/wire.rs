@@ -53,18 +53,24 @@ pub fn connection_options(value: &[u8]) -> (bool, bool) {
     })
 }
 
-/// What a head's `Transfer-Encoding` fields say: whether any coding is named, and whether the last one is
-/// `chunked`.
+/// What a head's `Transfer-Encoding` fields say: whether there is one, how many codings they name, and whether
+/// the last one is `chunked`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Codings {
+    /// A `Transfer-Encoding` field is present (even one naming no coding).
+    pub present: bool,
+    /// At least one coding is named.
     pub any: bool,
+    pub count: usize,
     pub last_chunked: bool,
 }
 
 impl Codings {
     pub fn add(&mut self, value: &[u8]) {
+        self.present = true;
         for coding in list(value).filter(|t| !t.is_empty()) {
             self.any = true;
+            self.count += 1;
             self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
         }
     }

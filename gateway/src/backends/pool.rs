@@ -38,7 +38,9 @@ const MAX_POOLED: usize = 512;
 /// A pooled connection given back this recently is taken without asking its socket whether the backend closed it,
 /// unless the event loop has seen something on it. Backends close idle keep-alive connections after their idle
 /// timeout (seconds to minutes: never this soon) or when they stop, whose close the event loop sees at its next
-/// turn; a request that meets a close in between fails on that backend and is retried on another.
+/// turn; a request that meets a close in between fails on that backend and is retried on another. (Bytes a
+/// faulty backend sends after its answer are caught the same way, unless they arrive within that instant, when
+/// they are read as the start of the next answer.)
 const FRESH: Duration = Duration::from_secs(1);
 /// Event loops that keep idle connections apart (`--workers` is at most this); other threads share slot 0.
 pub const MAX_EVENT_LOOPS: usize = 64;
@@ -98,8 +100,12 @@ impl Conn {
     /// load: no system call); any other is asked with a non-blocking peek, where a backend that closed the idle
     /// connection shows as end of stream even when the event loop has not seen it yet.
     fn is_idle_and_open(&self) -> bool {
+        // (With the task's budget spent, tokio answers `Pending` whatever the socket's state: ask it then.)
         let mut nothing = Context::from_waker(Waker::noop());
-        if self.stream.poll_read_ready(&mut nothing).is_pending() && self.idle_since.elapsed() < FRESH {
+        if tokio::task::coop::has_budget_remaining()
+            && self.stream.poll_read_ready(&mut nothing).is_pending()
+            && self.idle_since.elapsed() < FRESH
+        {
             return true;
         }
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];

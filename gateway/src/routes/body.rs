@@ -10,41 +10,44 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use prometheus::{Histogram, IntGauge};
 
 use crate::backends::Backend;
 use crate::backends::pool::{SendError, UpstreamBody};
 
 /// One request in flight on a backend: counted from creation to drop, in the backend's own count (routing) and
-/// in the in-flight gauge.
+/// in its in-flight gauge (once [`Backend::metrics`] has looked its series up).
 #[derive(Debug)]
 pub struct InFlight {
-    backend: Arc<Backend>,
-    gauge: IntGauge,
+    pub backend: Arc<Backend>,
 }
 
 impl InFlight {
-    pub fn new(backend: Arc<Backend>, gauge: IntGauge) -> Self {
+    pub fn new(backend: Arc<Backend>) -> Self {
         backend.begin();
-        gauge.inc();
-        Self { backend, gauge }
+        if let Some(series) = backend.series() {
+            series.in_flight.inc();
+        }
+        Self { backend }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.backend.end();
-        self.gauge.dec();
+        if let Some(series) = self.backend.series() {
+            series.in_flight.dec();
+        }
     }
 }
 
 /// An upstream answer's body on its way to the client. Dropping it (the client disconnected) drops the upstream
-/// connection, so the backend cancels the request and frees its KV cache.
+/// connection, so the backend cancels the request and frees its KV cache. `first_byte`: when the request arrived,
+/// until its first byte is sent (the backend's time-to-first-byte histogram observes it then).
 #[derive(Debug)]
 pub struct Upstream {
     pub inner: UpstreamBody,
-    pub first_byte: Option<(Instant, Histogram)>,
-    pub _in_flight: InFlight,
+    pub first_byte: Option<Instant>,
+    pub in_flight: InFlight,
 }
 
 /// See the module docs.
@@ -82,9 +85,10 @@ impl Body for ResponseBody {
                 let polled = Pin::new(&mut up.inner).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled
                     && frame.is_data()
-                    && let Some((arrived, histogram)) = up.first_byte.take()
+                    && let Some(arrived) = up.first_byte.take()
+                    && let Some(series) = up.in_flight.backend.series()
                 {
-                    histogram.observe(arrived.elapsed().as_secs_f64());
+                    series.ttfb.observe(arrived.elapsed().as_secs_f64());
                 }
                 polled
             }

@@ -148,7 +148,7 @@ where
             app.metrics.retry(&pool.name);
         }
         let series = backend.metrics(&pool.name, &app.metrics);
-        let in_flight = InFlight::new(Arc::clone(&backend), series.in_flight.clone());
+        let in_flight = InFlight::new(Arc::clone(&backend));
         if attempt == 0 {
             app.metrics.added_latency(arrived.elapsed().saturating_sub(held_for).as_secs_f64());
         }
@@ -193,8 +193,7 @@ where
         if let Some(value) = &backend.header {
             head.headers.insert(HEADER_GATEWAY_BACKEND, value.clone());
         }
-        let body =
-            Upstream { inner: incoming, first_byte: Some((arrived, series.ttfb.clone())), _in_flight: in_flight };
+        let body = Upstream { inner: incoming, first_byte: Some(arrived), in_flight };
         let answer = Response::from_parts(head, ResponseBody::Upstream(Box::new(body)));
         if retryable(status) {
             held = Some((backend.url.clone(), answer));

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::HEADER_READ_TIMEOUT;
 use super::http1::{self, Limits};
-use super::{DRAIN_TIMEOUT, HEADER_READ_TIMEOUT};
 use crate::App;
 use crate::backends::pool;
 use crate::error::{Error, Result};
@@ -179,9 +179,10 @@ fn run(
         }
         let _ = stop_tx.send(true);
         drop(tracker);
-        if tokio::time::timeout(DRAIN_TIMEOUT, tracked.recv()).await.is_err() {
-            tracing::warn!("answers still in flight after {DRAIN_TIMEOUT:?}; closing their connections");
-        }
+        super::drain(async {
+            tracked.recv().await;
+        })
+        .await;
         heartbeat.abort();
         // Idle upstream connections registered with this runtime are of no use to any other loop.
         for model in app_for_pools.registry.pools() {

@@ -1,19 +1,27 @@
 //! The API port's HTTP/1.1 server side, ours as the upstream client is (`backends/pool.rs`): one task per
-//! connection reads a request's head and body from its buffer, hands the request to [`routes::handle`] and
-//! writes the answer, its head with the body bytes ready by then in one `write`, the rest as it arrives.
+//! connection reads a request's head, routes it ([`routes::route`]), reads the body of a request that is proxied
+//! and hands it to [`proxy::forward`], and writes the answer, its head with the body bytes ready by then in one
+//! `write`, the rest as it arrives.
 //!
 //! - A head must arrive within the connection's head timeout (from the end of the previous answer on a keep-alive
 //!   connection): a connection idle that long is closed, a head begun and not finished gets a 408.
-//! - Bodies by `Content-Length` or chunks (`Expect: 100-continue` answered first), capped: a larger one is
-//!   refused with 413 before it is read. Any other `Transfer-Encoding`, or one beside a `Content-Length`, is refused
-//!   (smuggling); so are malformed heads (400) and heads over 64 KiB or 100 fields (431). Every refusal is an
-//!   OpenAI-shaped JSON error, and closes the connection.
-//! - While its answer is awaited or streamed, the connection is watched: a client that closes it (or resets it)
-//!   drops the answer, which closes the upstream connection, so the backend cancels the request. The watch costs
-//!   no system call: it waits on the socket's readiness, which the read of the request left cleared.
+//! - A request answered without its body (a GET route, an unknown route or method, a missing API key) is answered
+//!   before any body is read, and its connection then closed if a body was still to come. A proxied request's
+//!   body comes by `Content-Length` or chunks (`Expect: 100-continue` answered first, HTTP/1.1 only), capped: a
+//!   larger one is refused with 413 before it is read.
+//! - Refused, each with an OpenAI-shaped JSON error and then the connection's close: a malformed head (400), a
+//!   head over 64 KiB or 100 fields (431), a `Transfer-Encoding` that is empty, in an HTTP/1.0 request, beside a
+//!   `Content-Length`, or whose last coding is not `chunked` (400, RFC 9112 §6.1 and §6.3: these make the body's
+//!   length unreliable), one naming codings besides `chunked` (501).
+//! - While its answer is awaited or streamed, the connection is watched: a client that closes it (or only its
+//!   sending side, as hyper's server also reads it) drops the answer, which closes the upstream connection, so the
+//!   backend cancels the request. The watch waits on the socket's readiness, which the read of a request that fit
+//!   one read has left cleared: then it costs no system call.
 //! - Answers of known length get `Content-Length`, others are chunked (HTTP/1.1) or end with the connection
 //!   (HTTP/1.0). HTTP/1.1 connections are kept alive unless `Connection: close`, HTTP/1.0 ones only with
-//!   `Connection: keep-alive`. Pipelined requests are answered in order.
+//!   `Connection: keep-alive`. Pipelined requests are answered in order. A connection closed after an answer has
+//!   its sending side shut first, and what the client still sends is read and dropped for a moment, so that
+//!   unread bytes do not reset the connection before the client has read the answer.
 //! - `stop` ends a connection between requests; an answer under way is finished first.
 
 use std::cell::Cell;
@@ -37,7 +45,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::App;
-use crate::routes::{self, ResponseBody};
+use crate::routes::{self, ResponseBody, Route, proxy};
 use crate::wire::{
     Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_options,
     header_map,
@@ -45,7 +53,7 @@ use crate::wire::{
 
 /// Body bytes read ahead per read at most (a large body is read in pieces of this size).
 const BODY_READ_AHEAD: usize = 1024 * 1024;
-/// How long a refused request's remaining bytes are read and dropped before its connection closes.
+/// How long a closing connection's remaining bytes are read and dropped (see the module docs).
 const LINGER: Duration = Duration::from_secs(2);
 /// A data frame at least this long is written on its own instead of copied behind the bytes before it.
 const COPY_LIMIT: usize = 16 * 1024;
@@ -118,21 +126,25 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
     if let Some(reason) = bad_length {
         return Err(malformed(reason));
     }
-    let framing = if codings.any {
-        if !codings.last_chunked {
-            let message = "a Transfer-Encoding whose last coding is not `chunked`";
-            return Err(ApiError { status: StatusCode::NOT_IMPLEMENTED, ..ApiError::invalid(message) });
+    let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
+    let framing = if codings.present {
+        if !codings.any || !codings.last_chunked || version == Version::HTTP_10 || length.is_some() {
+            return Err(malformed(
+                "a Transfer-Encoding that is empty, does not end with `chunked`, comes in HTTP/1.0 or beside a \
+                 Content-Length",
+            ));
         }
-        if length.is_some() {
-            return Err(malformed("both Content-Length and Transfer-Encoding"));
+        if codings.count > 1 {
+            let message = "a Transfer-Encoding with codings besides `chunked`, which this server does not decode";
+            return Err(ApiError { status: StatusCode::NOT_IMPLEMENTED, ..ApiError::invalid(message) });
         }
         Framing::Chunked(Chunk::Size)
     } else {
         Framing::Length(length.unwrap_or(0))
     };
     buf.advance(len);
-    let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
     let keep_alive = !close && (version == Version::HTTP_11 || keep);
+    let expects_continue = expects_continue && version == Version::HTTP_11;
     let mut request = Request::new(());
     (*request.method_mut(), *request.uri_mut(), *request.version_mut()) = (method, uri, version);
     *request.headers_mut() = headers;
@@ -241,7 +253,8 @@ struct Connection {
 /// `stop` turns true between requests (see the module docs).
 pub(crate) async fn serve(app: &Arc<App>, stream: TcpStream, limits: Limits, mut stop: watch::Receiver<bool>) {
     let mut conn = Connection { stream, buf: BytesMut::with_capacity(READ_CHUNK), out: Vec::with_capacity(1024) };
-    // One timer per connection, moved on for each head: moving it later costs no work in the timer wheel.
+    // One timer per connection, moved on for each head (a later deadline only updates the timer's entry; it is
+    // taken out of the wheel and put back when it fires, which an answer longer than the timeout lets it do).
     let mut deadline = pin!(tokio::time::sleep(limits.head_timeout));
     loop {
         deadline.as_mut().reset(Instant::now() + limits.head_timeout);
@@ -250,22 +263,35 @@ pub(crate) async fn serve(app: &Arc<App>, stream: TcpStream, limits: Limits, mut
             Ok(None) => return,
             Err(e) => return conn.refuse(app, e).await,
         };
-        let body = match conn.read_body(&head, limits.max_body).await {
-            Ok(body) => body,
-            Err(Some(e)) => return conn.refuse(app, e).await,
-            Err(None) => return,
-        };
-        let Head { parts, keep_alive, .. } = head;
+        let arrived = std::time::Instant::now();
+        let Head { parts, framing, keep_alive, expects_continue } = head;
         let (method, version) = (parts.method.clone(), parts.version);
-        let handled = routes::handle(app, Request::from_parts(parts, Full::new(body)));
-        let response = tokio::select! {
-            biased;
-            response = handled => response,
-            () = conn.closed() => return,
+        let response = match routes::route(app, &method, parts.uri.path(), &parts.headers) {
+            Route::Answer(response) => {
+                // Its body, if it has one, is not read: the connection closes after the answer.
+                let keep_alive = keep_alive && framing == Framing::Length(0) && !*stop.borrow();
+                if !conn.answer(response, &method, version, keep_alive).await {
+                    return conn.linger().await;
+                }
+                continue;
+            }
+            Route::Forward(key) => {
+                let body = match conn.read_body(framing, expects_continue, limits.max_body).await {
+                    Ok(body) => body,
+                    Err(Some(e)) => return conn.refuse(app, e).await,
+                    Err(None) => return,
+                };
+                let forwarded = proxy::forward(app, Request::from_parts(parts, Full::new(body)), arrived, key);
+                tokio::select! {
+                    biased;
+                    response = forwarded => response,
+                    () = conn.closed() => return,
+                }
+            }
         };
         let keep_alive = keep_alive && !*stop.borrow();
         if !conn.answer(response, &method, version, keep_alive).await {
-            return;
+            return conn.linger().await;
         }
     }
 }
@@ -280,6 +306,10 @@ impl Connection {
         timeout: Duration,
     ) -> Result<Option<Head>, ApiError> {
         loop {
+            // Empty lines before a request are ignored (RFC 9112 §2.2: a client may send one after a body).
+            while let Some(b'\r' | b'\n') = self.buf.first() {
+                self.buf.advance(1);
+            }
             if !self.buf.is_empty() {
                 if let Some(head) = parse_head(&mut self.buf)? {
                     return Ok(Some(head));
@@ -308,14 +338,18 @@ impl Connection {
     }
 
     /// The request's body; `Err(None)` when the connection ended before it did.
-    async fn read_body(&mut self, head: &Head, max: usize) -> Result<Bytes, Option<ApiError>> {
-        let mut framing = head.framing;
+    async fn read_body(
+        &mut self,
+        mut framing: Framing,
+        expects_continue: bool,
+        max: usize,
+    ) -> Result<Bytes, Option<ApiError>> {
         match framing {
             Framing::Length(0) => return Ok(Bytes::new()),
             Framing::Length(length) if length > max as u64 => return Err(Some(ApiError::too_large(max))),
             _ => {}
         }
-        if head.expects_continue && self.buf.is_empty() {
+        if expects_continue && self.buf.is_empty() {
             self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.map_err(|_| None)?;
         }
         // The body's pieces: the first kept as it is (a body read in one piece is not copied), the rest joined.
@@ -367,23 +401,54 @@ impl Connection {
         }
     }
 
-    /// Counts and writes a refusal; the connection closes after it. What the client still sends meanwhile (the
-    /// rest of a refused body) is read and dropped for a moment: closed with bytes unread, the connection would be
-    /// reset, and the client might lose the refusal before reading it.
-    async fn refuse(&mut self, app: &App, e: ApiError) {
+    /// Counts and writes a refusal; the connection closes after it.
+    async fn refuse(mut self, app: &App, e: ApiError) {
         app.metrics.request(MODEL_UNKNOWN, "", e.status.as_u16());
-        if !self.answer(e.into_http(), &Method::GET, Version::HTTP_11, false).await {
-            let _ = self.stream.shutdown().await;
-            let mut sink = vec![0u8; READ_CHUNK];
-            let drain = async { while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {} };
-            let _ = tokio::time::timeout(LINGER, drain).await;
+        self.answer(e.into_http(), &Method::GET, Version::HTTP_11, false).await;
+        self.linger().await;
+    }
+
+    /// Closes the connection after its last answer: the sending side is shut, then what the client still sends
+    /// (the rest of a body not read, requests pipelined behind) is read and dropped until it closes its side or
+    /// [`LINGER`] has passed. Closed with bytes unread, the connection would be reset, and the client could lose
+    /// the answer before reading it.
+    async fn linger(mut self) {
+        if self.stream.shutdown().await.is_err() {
+            return;
         }
+        self.buf.clear();
+        let drain = async {
+            loop {
+                self.buf.reserve(READ_CHUNK);
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => self.buf.clear(),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
     /// Writes `response` to a request of `method`, streaming its body as the frames come; true when the connection
     /// can take another request.
     async fn answer(
         &mut self,
+        response: Response<ResponseBody>,
+        method: &Method,
+        version: Version,
+        keep_alive: bool,
+    ) -> bool {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let kept = self.write_answer(&mut out, response, method, version, keep_alive).await;
+        self.out = out;
+        kept
+    }
+
+    /// [`Connection::answer`], writing from `out`.
+    async fn write_answer(
+        &mut self,
+        out: &mut Vec<u8>,
         response: Response<ResponseBody>,
         method: &Method,
         version: Version,
@@ -402,17 +467,15 @@ impl Connection {
                 keep_alive = false;
                 Out::UntilClose
             };
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
-        encode_head(&mut out, &head, framing, keep_alive, version);
+        encode_head(out, &head, framing, keep_alive, version);
         if *method == Method::HEAD || framing == Out::None {
-            return self.stream.write_all(&out).await.is_ok() && keep_alive;
+            return self.stream.write_all(out).await.is_ok() && keep_alive;
         }
         loop {
             let next = match body.frame().now_or_never() {
                 Some(next) => next,
                 None => {
-                    if !out.is_empty() && self.stream.write_all(&out).await.is_err() {
+                    if !out.is_empty() && self.stream.write_all(out).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -433,7 +496,7 @@ impl Connection {
                     // The body cannot be finished: what came of it goes out, and the connection closes (the client
                     // sees the body cut short).
                     tracing::debug!("an answer's body failed: {e}");
-                    let _ = self.stream.write_all(&out).await;
+                    let _ = self.stream.write_all(out).await;
                     return false;
                 }
                 None => break,
@@ -442,7 +505,7 @@ impl Connection {
                 let _ = write!(out, "{:x}\r\n", data.len());
             }
             if data.len() >= COPY_LIMIT {
-                if self.stream.write_all(&out).await.is_err() || self.stream.write_all(&data).await.is_err() {
+                if self.stream.write_all(out).await.is_err() || self.stream.write_all(&data).await.is_err() {
                     return false;
                 }
                 out.clear();
@@ -456,9 +519,7 @@ impl Connection {
         if framing == Out::Chunked {
             out.extend_from_slice(b"0\r\n\r\n");
         }
-        let written = self.stream.write_all(&out).await.is_ok();
-        self.out = out;
-        written && keep_alive
+        self.stream.write_all(out).await.is_ok() && keep_alive
     }
 }
 
@@ -663,8 +724,9 @@ mod tests {
     }
 
     /// Refusals are OpenAI-shaped JSON with the right status, and close the connection: a body over the cap
-    /// (before it is sent), an unknown transfer coding, a length beside chunks, a malformed head, too many
-    /// fields, a head that does not finish in time (408); an idle connection closes silently.
+    /// (before it is sent), a transfer coding that is not chunked, empty, in HTTP/1.0 or beside a length, codings
+    /// besides chunked (501), a malformed head, too many fields, a head that does not finish in time (408); an
+    /// idle connection closes silently.
     #[tokio::test]
     async fn bad_requests_are_refused_with_json_and_the_connection_closes() {
         bounded(async {
@@ -672,7 +734,10 @@ mod tests {
             let many: String = (0..MAX_HEADERS + 1).map(|i| format!("x-{i}: 1\r\n")).collect();
             let cases = [
                 ("POST /v1/completions HTTP/1.1\r\ncontent-length: 65\r\n\r\n".to_string(), "413"),
-                ("POST /v1/completions HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n".into(), "501"),
+                ("POST /v1/completions HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n".into(), "400"),
+                ("POST /v1/completions HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n".into(), "501"),
+                ("POST /v1/completions HTTP/1.1\r\ntransfer-encoding: ,\r\n\r\n".into(), "400"),
+                ("POST /v1/completions HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n".into(), "400"),
                 (
                     "POST /v1/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n".into(),
                     "400",
@@ -750,6 +815,27 @@ mod tests {
             }
             let more = timeout(Duration::from_millis(300), busy.read_buf(&mut buf)).await;
             assert!(more.is_err(), "the stream's connection stays open: {more:?}");
+        })
+        .await;
+    }
+
+    /// A request answered without its body (here an unknown route) is answered at once, without `100 Continue`
+    /// and without waiting for the body, and its connection closes; empty lines before a request are skipped.
+    #[tokio::test]
+    async fn requests_answered_without_their_body_do_not_wait_for_it() {
+        bounded(async {
+            let (addr, _stop) = start(None, Duration::from_secs(10), 1 << 20).await;
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let head = "POST /v1/embeddings HTTP/1.1\r\ncontent-length: 100000\r\nexpect: 100-continue\r\n\r\n";
+            client.write_all(head.as_bytes()).await.unwrap();
+            let (head, body) = answer(&mut client, &mut BytesMut::new()).await;
+            assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n") && head.contains("connection: close\r\n"), "{head}");
+            assert!(body.contains("no route for POST /v1/embeddings"), "{body}");
+            assert!(closes(&mut client).await);
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"\r\n\r\nGET /health HTTP/1.1\r\n\r\n").await.unwrap();
+            let (head, _) = answer(&mut client, &mut BytesMut::new()).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && !head.contains("connection: close"), "{head}");
         })
         .await;
     }
