@@ -117,6 +117,19 @@ pub fn add_content_length(length: &mut Option<u64>, value: &[u8]) -> Result<(), 
     Ok(())
 }
 
+/// `n` in decimal, in `digits`.
+pub fn itoa(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[at..];
+        }
+    }
+}
+
 /// How a body is delimited (RFC 9112 §6.3), and how far its reading has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {

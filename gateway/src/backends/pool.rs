@@ -28,7 +28,7 @@ pub use body::UpstreamBody;
 
 use crate::wire::{
     Chunk, Codings, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_named,
-    connection_options, header_map, is_hop_by_hop,
+    connection_options, header_map, is_hop_by_hop, itoa,
 };
 
 /// How long opening a connection may take.
@@ -385,7 +385,7 @@ fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
         wire.extend_from_slice(b"\r\n");
     }
     wire.extend_from_slice(b"content-length: ");
-    wire.extend_from_slice(request.body.len().to_string().as_bytes());
+    wire.extend_from_slice(itoa(request.body.len() as u64, &mut [0; 20]));
     wire.extend_from_slice(b"\r\n\r\n");
     wire.extend_from_slice(request.body);
     wire

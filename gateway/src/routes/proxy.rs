@@ -1,4 +1,4 @@
-//! Forwarding one completion request: cap and read the body, peek at what routing needs, pick a backend by the
+//! Forwarding one completion request: peek at what routing needs, pick a backend by the
 //! model's policy, send the body as received, and stream the answer back. A failure before the first response
 //! byte — a refused or reset connection, or a 429/502/503/504 answer — is retried on another backend of the
 //! model, up to `--retries` times; the last answer (or a 502) goes back when none is left.
@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use baleen_api::http::{ApiError, check_content_length, read_body};
+use baleen_api::http::ApiError;
 use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
 
 use super::body::{InFlight, ResponseBody, Upstream};
 use super::peek::{peek, prefix_key};
@@ -61,27 +61,15 @@ fn failed(app: &App, pool: &Pool, backend: &Backend) {
     }
 }
 
-/// Proxies one completion request (see the module docs).
-pub async fn forward<B>(
+/// Proxies one completion request (see the module docs): `parts` is its head, `body` as received (the server has
+/// capped it at `--max-request-bytes`).
+pub async fn forward(
     app: &Arc<App>,
-    request: Request<B>,
+    parts: http::request::Parts,
+    body: Bytes,
     arrived: Instant,
     api_key: Option<&Key>,
-) -> Response<ResponseBody>
-where
-    B: Body,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let (parts, body) = request.into_parts();
-    let limit = app.settings.max_request_bytes;
-    let body = match check_content_length(&parts.headers, limit) {
-        Ok(()) => read_body(body, limit).await,
-        Err(e) => Err(e),
-    };
-    let body = match body {
-        Ok(body) => body,
-        Err(e) => return refuse(app, MODEL_UNKNOWN, e),
-    };
+) -> Response<ResponseBody> {
     let mut peeked = match peek(&body, &parts.headers, &app.settings.session_header) {
         Ok(peeked) => peeked,
         Err(e) => return refuse(app, MODEL_UNKNOWN, e),
@@ -191,7 +179,7 @@ where
         // (The pool's answer carries no hop-by-hop fields.)
         let (mut head, incoming) = response.into_parts();
         if let Some(value) = &backend.header {
-            head.headers.insert(HEADER_GATEWAY_BACKEND, value.clone());
+            head.headers.insert(HeaderName::from_static(HEADER_GATEWAY_BACKEND), value.clone());
         }
         let body = Upstream { inner: incoming, first_byte: Some(arrived), in_flight };
         let answer = Response::from_parts(head, ResponseBody::Upstream(Box::new(body)));

@@ -38,7 +38,7 @@ use futures_util::FutureExt;
 use http::header::{self, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -48,7 +48,7 @@ use crate::App;
 use crate::routes::{self, ResponseBody, Route, proxy};
 use crate::wire::{
     Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_options,
-    header_map,
+    header_map, itoa,
 };
 
 /// Body bytes read ahead per read at most (a large body is read in pieces of this size).
@@ -228,19 +228,6 @@ fn is_framing(name: &HeaderName) -> bool {
     matches!(name.as_str(), "content-length" | "transfer-encoding" | "connection" | "keep-alive")
 }
 
-/// `n` in decimal, in `digits`.
-fn itoa(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &digits[at..];
-        }
-    }
-}
-
 /// One client connection, the bytes read from it that no request has taken yet, and the buffer answers are
 /// written from (kept for the next).
 struct Connection {
@@ -281,7 +268,7 @@ pub(crate) async fn serve(app: &Arc<App>, stream: TcpStream, limits: Limits, mut
                     Err(Some(e)) => return conn.refuse(app, e).await,
                     Err(None) => return,
                 };
-                let forwarded = proxy::forward(app, Request::from_parts(parts, Full::new(body)), arrived, key);
+                let forwarded = proxy::forward(app, parts, body, arrived, key);
                 tokio::select! {
                     biased;
                     response = forwarded => response,
@@ -393,7 +380,11 @@ impl Connection {
             if self.buf.len() >= MAX_HEAD_BYTES {
                 return std::future::pending().await;
             }
-            self.buf.reserve(READ_CHUNK);
+            // (The room left behind the request is used first: the request's body still shares the buffer, and
+            // reserving more would allocate a new one for every request.)
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(READ_CHUNK);
+            }
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
