@@ -59,17 +59,20 @@ pub fn connection_options(value: &[u8]) -> (bool, bool) {
 pub struct Codings {
     /// A `Transfer-Encoding` field is present (even one naming no coding).
     pub present: bool,
-    /// At least one coding is named.
-    pub any: bool,
+    /// The codings named.
     pub count: usize,
     pub last_chunked: bool,
 }
 
 impl Codings {
+    /// At least one coding is named.
+    pub fn any(&self) -> bool {
+        self.count > 0
+    }
+
     pub fn add(&mut self, value: &[u8]) {
         self.present = true;
         for coding in list(value).filter(|t| !t.is_empty()) {
-            self.any = true;
             self.count += 1;
             self.last_chunked = coding.eq_ignore_ascii_case(b"chunked");
         }

@@ -316,21 +316,21 @@ impl ConnPool {
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(self.protocol("101 Switching Protocols to a request that asked for no upgrade".into()));
         }
-        let length = if codings.any { None } else { length.map_err(|reason| self.protocol(reason))? };
+        let length = if codings.any() { None } else { length.map_err(|reason| self.protocol(reason))? };
         // (Interim 1xx answers never get here: `exchange` skips them, and 101 is refused above.)
         let framing =
             if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
                 Framing::Length(0)
             } else if codings.last_chunked {
                 Framing::Chunked(Chunk::Size)
-            } else if codings.any {
+            } else if codings.any() {
                 Framing::UntilClose
             } else if let Some(length) = length {
                 Framing::Length(length)
             } else {
                 Framing::UntilClose
             };
-        if codings.any {
+        if codings.any() {
             headers.remove(header::CONTENT_LENGTH);
         }
         let reusable = keep_alive && framing != Framing::UntilClose && !close;

@@ -128,7 +128,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
     }
     let version = if minor == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
     let framing = if codings.present {
-        if !codings.any || !codings.last_chunked || version == Version::HTTP_10 || length.is_some() {
+        // (`last_chunked` is false when the field names no coding.)
+        if !codings.last_chunked || version == Version::HTTP_10 || length.is_some() {
             return Err(malformed(
                 "a Transfer-Encoding that is empty, does not end with `chunked`, comes in HTTP/1.0 or beside a \
                  Content-Length",
