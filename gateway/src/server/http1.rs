@@ -461,6 +461,8 @@ impl Connection {
             };
         encode_head(out, &head, framing, keep_alive, version);
         if *method == Method::HEAD || framing == Out::None {
+            // The body (and the in-flight count it holds) ends before the client can see the answer's end.
+            drop(body);
             return self.stream.write_all(out).await.is_ok() && keep_alive;
         }
         loop {
@@ -511,6 +513,9 @@ impl Connection {
         if framing == Out::Chunked {
             out.extend_from_slice(b"0\r\n\r\n");
         }
+        // The body is done: it (and the in-flight count it holds) ends before the client can see the answer's end,
+        // so a client that reads its answer and then the metrics finds the request no longer in flight.
+        drop(body);
         self.stream.write_all(out).await.is_ok() && keep_alive
     }
 }
