@@ -9,6 +9,9 @@ use crate::autoscale::hold::Hold;
 use crate::backends::Backend;
 use crate::policy::{self, Candidate, Policy, PolicyKind};
 
+/// A request's candidate backends: a model's few replicas are kept on the stack (more spill to the heap).
+pub type Candidates = smallvec::SmallVec<[Candidate; 8]>;
+
 /// A model's backends and its routing policy.
 #[derive(Debug)]
 pub struct Pool {
@@ -36,7 +39,7 @@ impl Pool {
 
     /// The backends a request may go to now — ready, not ejected, not in `tried` — scored for the policy (stale
     /// samples after `stale_after`).
-    pub fn candidates(&self, now: Instant, stale_after: Duration, tried: &[u64]) -> Vec<Candidate> {
+    pub fn candidates(&self, now: Instant, stale_after: Duration, tried: &[u64]) -> Candidates {
         let backends = self.backends.read().unwrap_or_else(PoisonError::into_inner);
         backends
             .iter()

@@ -79,9 +79,26 @@ impl Codings {
     }
 }
 
-/// A parsed head's fields as a [`HeaderMap`]. `raw` is a copy of the head's first bytes, of the buffer that starts
-/// at address `base` and that the parsed slices point into: values inside it share it, any other is copied. Every
-/// field is shown to `skip` first; those it returns true for are left out.
+/// Where the head at the start of `buf` ends: just past its empty line, when it has all arrived. Lines end with
+/// CRLF or a bare LF, as httparse reads them, so a head found here is one httparse reads whole (or refuses).
+/// Found first, the head is split off its read buffer and parsed where it lies: its fields share those bytes
+/// instead of a copy of them.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = memchr::memchr(b'\n', &buf[from..]) {
+        let next = from + at + 1;
+        match buf.get(next..) {
+            Some([b'\n', ..]) => return Some(next + 1),
+            Some([b'\r', b'\n', ..]) => return Some(next + 2),
+            _ => from = next,
+        }
+    }
+    None
+}
+
+/// A parsed head's fields as a [`HeaderMap`]. `raw` holds the head's bytes (at least its first ones), of the buffer
+/// that starts at address `base` and that the parsed slices point into: values inside it share it, any other is
+/// copied. Every field is shown to `skip` first; those it returns true for are left out.
 pub fn header_map<'h>(
     fields: &[httparse::Header<'h>],
     raw: &Bytes,
@@ -302,6 +319,25 @@ mod tests {
         let mut framing = Framing::Chunked(Chunk::Size);
         assert_eq!(framing.decode(&mut bad), Ok(Decoded::Data(Bytes::from_static(b"abc"))));
         assert_eq!(framing.decode(&mut bad), Err("chunk data longer than its size"));
+    }
+
+    #[test]
+    fn a_head_ends_at_its_first_empty_line_whatever_its_line_ends() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nbody"), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\n\r\n"), Some(23));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\n"), Some(23));
+        for partial in [&b""[..], b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nA: b\r\n\r", b"\r"] {
+            assert_eq!(head_end(partial), None, "{:?}", String::from_utf8_lossy(partial));
+        }
+        // What httparse reads of each found head: all of it.
+        for wire in
+            [&b"GET / HTTP/1.1\r\nA: b\r\n\r\n"[..], b"GET / HTTP/1.1\nA: b\n\n", b"GET / HTTP/1.1\r\nA: b\n\r\n"]
+        {
+            let mut fields = [httparse::EMPTY_HEADER; 4];
+            let parsed = httparse::Request::new(&mut fields).parse(wire).unwrap();
+            assert_eq!(parsed, httparse::Status::Complete(head_end(wire).unwrap()));
+        }
     }
 
     #[test]

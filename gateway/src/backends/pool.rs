@@ -13,12 +13,13 @@
 mod body;
 
 use std::cell::Cell;
+use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +29,7 @@ pub use body::UpstreamBody;
 
 use crate::wire::{
     Chunk, Codings, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_named,
-    connection_options, header_map, is_hop_by_hop, itoa,
+    connection_options, head_end, header_map, is_hop_by_hop, itoa,
 };
 
 /// How long opening a connection may take.
@@ -42,6 +43,8 @@ const MAX_POOLED: usize = 512;
 /// faulty backend sends after its answer are caught the same way, unless they arrive within that instant, when
 /// they are read as the start of the next answer.)
 const FRESH: Duration = Duration::from_secs(1);
+/// A connection keeps the buffer its request heads are written from unless a head made it larger than this.
+const MAX_KEPT_HEAD: usize = 16 * 1024;
 /// Event loops that keep idle connections apart (`--workers` is at most this); other threads share slot 0.
 pub const MAX_EVENT_LOOPS: usize = 64;
 
@@ -89,6 +92,8 @@ impl SendError {
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Where each request's head is written (kept for the next unless a head made it large).
+    out: Vec<u8>,
     event_loop: usize,
     /// When it was last given back to the pool.
     idle_since: Instant,
@@ -198,6 +203,7 @@ impl ConnPool {
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::new(),
             event_loop: event_loop(),
             idle_since: Instant::now(),
         })
@@ -208,25 +214,32 @@ impl ConnPool {
     /// backend closed it idle between the probe and the write) is replaced by a new one once; once the request is
     /// written, nothing is sent again here (the backend may be running it).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
-        let wire = encode(request, &self.authority);
         if let Some(mut conn) = self.pooled() {
-            match self.exchange(&mut conn, &wire).await {
+            match self.exchange(&mut conn, request).await {
                 Ok(head) => return self.answer(conn, head, request.method),
                 Err(Exchange::Unwritten(e)) => tracing::debug!("pooled connection to {} ended: {e}", self.authority),
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
         let mut conn = self.connect().await?;
-        match self.exchange(&mut conn, &wire).await {
+        match self.exchange(&mut conn, request).await {
             Ok(head) => self.answer(conn, head, request.method),
             Err(Exchange::Unwritten(e) | Exchange::Failed(e)) => Err(e),
         }
     }
 
-    /// Writes `wire` and reads the answer's head (skipping interim 1xx answers).
-    async fn exchange(&self, conn: &mut Conn, wire: &[u8]) -> Result<Head, Exchange> {
+    /// Writes `request` (its head from the connection's own buffer, then the body as it is, in one system call
+    /// where the socket takes both) and reads the answer's head (skipping interim 1xx answers).
+    async fn exchange(&self, conn: &mut Conn, request: &Outgoing<'_>) -> Result<Head, Exchange> {
         let io = |source| SendError::Io { authority: self.authority.to_string(), source };
-        conn.stream.write_all(wire).await.map_err(|e| Exchange::Unwritten(io(e)))?;
+        let mut out = std::mem::take(&mut conn.out);
+        out.clear();
+        encode_head(&mut out, request, &self.authority);
+        let written = write_both(&mut conn.stream, &out, request.body).await;
+        if out.capacity() <= MAX_KEPT_HEAD {
+            conn.out = out;
+        }
+        written.map_err(|e| Exchange::Unwritten(io(e)))?;
         loop {
             if let Some(head) = self.parse_head(&mut conn.buf).map_err(Exchange::Failed)? {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
@@ -249,28 +262,37 @@ impl ConnPool {
         }
     }
 
-    /// The head at the start of `buf` (consumed), or `None` when more bytes are needed. Hop-by-hop fields are
+    /// The head at the start of `buf` (split off it), or `None` when more bytes are needed. Hop-by-hop fields are
     /// read for what they say of the connection and the framing, and left out of the head's end-to-end fields,
-    /// whose values share one copy of the head's bytes.
+    /// whose values share the head's bytes.
     fn parse_head(&self, buf: &mut BytesMut) -> Result<Option<Head>, SendError> {
+        let config = httparse::ParserConfig::default();
+        let Some(len) = head_end(buf) else {
+            // Not all here: bytes that cannot start an answer are refused now, not when their end comes.
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            return match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+                Err(e) => Err(self.protocol(e.to_string())),
+                Ok(_) => Ok(None),
+            };
+        };
+        let raw = buf.split_to(len).freeze();
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
-        let len =
-            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(self.protocol(e.to_string())),
-            };
+        match config.parse_response_with_uninit_headers(&mut parsed, &raw, &mut slots) {
+            Ok(httparse::Status::Complete(parsed_len)) if parsed_len == len => {}
+            Ok(_) => return Err(self.protocol("a head whose end could not be read".into())),
+            Err(e) => return Err(self.protocol(e.to_string())),
+        }
         let Some(version) = parsed.version else { return Err(self.protocol("no HTTP version".into())) };
         let status = parsed
             .code
             .and_then(|code| StatusCode::from_u16(code).ok())
             .ok_or_else(|| self.protocol("no valid status code".into()))?;
-        let raw = Bytes::copy_from_slice(&buf[..len]);
         let (mut codings, mut close, mut length, mut bad_length) = (Codings::default(), false, None, None);
         // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
         let mut named: Vec<&[u8]> = Vec::new();
-        let mut headers = header_map(parsed.headers, &raw, buf.as_ptr() as usize, |h| {
+        let mut headers = header_map(parsed.headers, &raw, raw.as_ptr() as usize, |h| {
             if !is_hop_by_hop(h.name.as_bytes()) {
                 if h.name.eq_ignore_ascii_case("content-length")
                     && let Err(reason) = add_content_length(&mut length, h.value)
@@ -299,7 +321,6 @@ impl ConnPool {
             close,
             length: bad_length.map_or(Ok(length), Err),
         };
-        buf.advance(len);
         Ok(Some(head))
     }
 
@@ -361,11 +382,9 @@ struct Head {
     length: Result<Option<u64>, String>,
 }
 
-/// The request as it goes on the wire: request line, `Host`, the end-to-end headers but `Content-Length`, then
-/// `Content-Length` and the body.
-fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
-    let headers_len: usize = request.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    let mut wire = Vec::with_capacity(64 + request.target.len() + headers_len + request.body.len());
+/// The request's head as it goes on the wire: request line, `Host`, the end-to-end headers but `Content-Length`,
+/// then `Content-Length` (of `request.body`, which follows it).
+fn encode_head(wire: &mut Vec<u8>, request: &Outgoing<'_>, authority: &str) {
     wire.extend_from_slice(request.method.as_str().as_bytes());
     wire.push(b' ');
     wire.extend_from_slice(request.target.as_bytes());
@@ -387,8 +406,24 @@ fn encode(request: &Outgoing<'_>, authority: &str) -> Vec<u8> {
     wire.extend_from_slice(b"content-length: ");
     wire.extend_from_slice(itoa(request.body.len() as u64, &mut [0; 20]));
     wire.extend_from_slice(b"\r\n\r\n");
-    wire.extend_from_slice(request.body);
-    wire
+}
+
+/// Writes `head` then `body`, both in one vectored write while the socket takes them.
+async fn write_both(stream: &mut TcpStream, mut head: &[u8], mut body: &[u8]) -> std::io::Result<()> {
+    while !head.is_empty() && !body.is_empty() {
+        let n = stream.write_vectored(&[IoSlice::new(head), IoSlice::new(body)]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < head.len() {
+            head = &head[n..];
+        } else {
+            body = &body[n - head.len()..];
+            head = &[];
+        }
+    }
+    stream.write_all(head).await?;
+    stream.write_all(body).await
 }
 
 #[cfg(test)]
@@ -701,6 +736,47 @@ mod tests {
         assert!(err.is_connect(), "{err}");
     }
 
+    /// A body larger than the socket takes in one write goes out whole behind its head (the vectored write
+    /// resumed where it stopped, in the head or in the body).
+    #[tokio::test]
+    async fn a_large_body_is_written_whole_behind_its_head() {
+        bounded(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let authority = listener.local_addr().unwrap().to_string();
+            let body: Bytes = (0..4 * 1024 * 1024 + 7).map(|i: u32| (i * 31 % 251) as u8).collect::<Vec<_>>().into();
+            let expected = body.clone();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let mut stream = tokio::io::BufStream::new(stream);
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    stream.read_line(&mut line).await.unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                // Read slowly at first, so that the gateway's writes stop part-way.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut got = vec![0u8; length];
+                stream.read_exact(&mut got).await.unwrap();
+                let answer: &[u8] = if got == expected { b"same" } else { b"diff" };
+                stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n").await.unwrap();
+                stream.write_all(answer).await.unwrap();
+                stream.flush().await.unwrap();
+            });
+            let pool = ConnPool::new(authority);
+            let headers = HeaderMap::new();
+            let request = Outgoing { method: &Method::POST, target: "/v1/completions", headers: &headers, body: &body };
+            let response = pool.send(&request).await.unwrap();
+            assert_eq!(frames(response).await.unwrap().concat(), b"same");
+        })
+        .await;
+    }
+
     #[test]
     fn requests_go_out_in_origin_form_with_the_backends_host_and_their_length() {
         let mut headers = HeaderMap::new();
@@ -718,11 +794,12 @@ mod tests {
         headers.insert("x-secret", HeaderValue::from_static("s"));
         let body = Bytes::from_static(b"{}");
         let request = Outgoing { method: &Method::POST, target: "/v1/completions?x=1", headers: &headers, body: &body };
-        let wire = encode(&request, "10.0.0.1:8000");
+        let mut wire = Vec::new();
+        encode_head(&mut wire, &request, "10.0.0.1:8000");
         assert_eq!(
             std::str::from_utf8(&wire).unwrap(),
             "POST /v1/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-type: application/json\r\n\
-             content-length: 2\r\n\r\n{}"
+             content-length: 2\r\n\r\n"
         );
     }
 }

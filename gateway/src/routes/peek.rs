@@ -16,13 +16,44 @@ use crate::policy::RouteKey;
 #[derive(Debug, Deserialize)]
 struct Head<'a> {
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    model: Option<Text<'a>>,
     #[serde(default)]
     user: Option<Lenient>,
     #[serde(default)]
     max_tokens: Option<Count>,
     #[serde(default)]
     max_completion_tokens: Option<Count>,
+}
+
+/// A string, borrowed from the body unless it has escapes. (`#[serde(borrow)]` on an `Option<Cow<str>>` still
+/// copies: `Option`'s own deserializer reads its `Cow` owned.)
+#[derive(Debug)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Text<'a>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(text.to_owned())))
+            }
+
+            fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(text)))
+            }
+        }
+        deserializer.deserialize_str(Visit(std::marker::PhantomData))
+    }
 }
 
 /// The prompt, read only for `prefix-affinity`.
@@ -109,9 +140,9 @@ impl Lenient {
 
 /// The routing view of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peeked {
-    /// `model`, when given.
-    pub model: Option<String>,
+pub struct Peeked<'a> {
+    /// `model`, when given (borrowed from the body unless it has escapes).
+    pub model: Option<Cow<'a, str>>,
     pub key: RouteKey,
     /// `max_completion_tokens`, else `max_tokens`: what the request may generate (API keys' token limits).
     pub max_tokens: Option<u64>,
@@ -174,14 +205,18 @@ fn push_ids(buf: &mut Vec<u8>, ids: &[i64], limit: usize) {
 /// Reads `body` for routing: the model, the session (the `session_header` value, else `user`) and the token cap;
 /// `key.prefix` is left for [`prefix_key`]. A body that is not a JSON object, or a `model` that is not a string,
 /// is a 400.
-pub fn peek(body: &[u8], headers: &HeaderMap, session_header: &http::HeaderName) -> Result<Peeked, ApiError> {
+pub fn peek<'a>(
+    body: &'a [u8],
+    headers: &HeaderMap,
+    session_header: &http::HeaderName,
+) -> Result<Peeked<'a>, ApiError> {
     let head: Head<'_> = parse_json(body)?;
     let session = match headers.get(session_header) {
         Some(value) => Some(stable_hash(value.as_bytes())),
         None => head.user.as_ref().and_then(Lenient::text).map(|user| stable_hash(user.as_bytes())),
     };
     Ok(Peeked {
-        model: head.model.map(Cow::into_owned),
+        model: head.model.map(|Text(model)| model),
         key: RouteKey { prefix: None, session },
         max_tokens: head.max_completion_tokens.as_ref().or(head.max_tokens.as_ref()).and_then(Count::get),
     })
@@ -204,12 +239,13 @@ mod tests {
 
     use super::*;
 
-    fn run(body: serde_json::Value, limit: usize) -> Peeked {
+    /// The body's routing view, its model copied out of it.
+    fn run(body: serde_json::Value, limit: usize) -> Peeked<'static> {
         let header = HeaderName::from_static("x-session-id");
         let text = body.to_string();
-        let mut peeked = peek(text.as_bytes(), &HeaderMap::new(), &header).unwrap();
-        peeked.key.prefix = prefix_key(text.as_bytes(), limit);
-        peeked
+        let peeked = peek(text.as_bytes(), &HeaderMap::new(), &header).unwrap();
+        let model = peeked.model.map(|m| Cow::Owned(m.into_owned()));
+        Peeked { model, key: RouteKey { prefix: prefix_key(text.as_bytes(), limit), ..peeked.key }, ..peeked }
     }
 
     #[test]
@@ -252,6 +288,15 @@ mod tests {
         let by_header = peek(body.as_bytes(), &headers, &header).unwrap();
         assert!(by_user.key.session.is_some() && by_header.key.session.is_some());
         assert_ne!(by_user.key.session, by_header.key.session);
+    }
+
+    #[test]
+    fn the_model_is_borrowed_from_the_body_unless_it_has_escapes() {
+        let header = HeaderName::from_static("x-session-id");
+        let plain = peek(br#"{"model": "m-1"}"#, &HeaderMap::new(), &header).unwrap();
+        assert!(matches!(plain.model, Some(Cow::Borrowed("m-1"))), "{:?}", plain.model);
+        let escaped = peek(br#"{"model": "m\u002d1"}"#, &HeaderMap::new(), &header).unwrap();
+        assert!(matches!(escaped.model.as_deref(), Some("m-1")), "{:?}", escaped.model);
     }
 
     #[test]

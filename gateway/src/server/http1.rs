@@ -48,7 +48,7 @@ use crate::App;
 use crate::routes::{self, ResponseBody, Route, proxy};
 use crate::wire::{
     Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_options,
-    header_map, itoa,
+    head_end, header_map, itoa,
 };
 
 /// Body bytes read ahead per read at most (a large body is read in pieces of this size).
@@ -87,22 +87,38 @@ fn head_too_large() -> ApiError {
     ApiError { status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, ..ApiError::invalid(message) }
 }
 
-/// The head at the start of `buf` (consumed), or `None` when more bytes are needed.
+/// The head at the start of `buf` (split off it, so that its fields share the buffer's bytes), or `None` when
+/// more bytes are needed.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
+    let config = httparse::ParserConfig::default();
+    let Some(len) = head_end(buf) else {
+        // Not all here: a start that cannot be a request is refused now, not when its end comes.
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        return match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
+            Err(httparse::Error::TooManyHeaders) => Err(head_too_large()),
+            Err(e) => Err(malformed(e)),
+            Ok(_) if buf.len() > MAX_HEAD_BYTES => Err(head_too_large()),
+            Ok(_) => Ok(None),
+        };
+    };
+    if len > MAX_HEAD_BYTES {
+        return Err(head_too_large());
+    }
+    let raw = buf.split_to(len).freeze();
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
-        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
-        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => return Ok(None),
-        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
+    match config.parse_request_with_uninit_headers(&mut parsed, &raw, &mut slots) {
+        Ok(httparse::Status::Complete(parsed_len)) if parsed_len == len => {}
+        Ok(_) => return Err(malformed("a head whose end could not be read")),
+        Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
         Err(e) => return Err(malformed(e)),
-    };
+    }
     let (Some(method), Some(target), Some(minor)) = (parsed.method, parsed.path, parsed.version) else {
         return Err(malformed("an incomplete request line"));
     };
     let method = Method::from_bytes(method.as_bytes()).map_err(malformed)?;
-    let raw = Bytes::copy_from_slice(&buf[..len]);
-    let base = buf.as_ptr() as usize;
+    let base = raw.as_ptr() as usize;
     let at = target.as_ptr() as usize - base;
     let uri = Uri::from_maybe_shared(raw.slice(at..at + target.len())).map_err(malformed)?;
     let (mut codings, mut close, mut keep, mut expects_continue) = (Codings::default(), false, false, false);
@@ -143,7 +159,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
     } else {
         Framing::Length(length.unwrap_or(0))
     };
-    buf.advance(len);
     let keep_alive = !close && (version == Version::HTTP_11 || keep);
     let expects_continue = expects_continue && version == Version::HTTP_11;
     let mut request = Request::new(());
@@ -460,6 +475,9 @@ impl Connection {
                 Out::UntilClose
             };
         encode_head(out, &head, framing, keep_alive, version);
+        // (An upstream answer's fields share its connection's read buffer: that buffer is read into again without a
+        // new one only once nothing else holds it.)
+        drop(head);
         if *method == Method::HEAD || framing == Out::None {
             // The body (and the in-flight count it holds) ends before the client can see the answer's end.
             drop(body);
@@ -741,6 +759,8 @@ mod tests {
                 ),
                 ("POST /v1/completions HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n".into(), "400"),
                 ("GARBAGE\r\n\r\n".into(), "400"),
+                // Refused before its end comes (else the head timeout would answer 408).
+                ("GARBAGE\r\nx-a: 1\r\n".into(), "400"),
                 (format!("GET /health HTTP/1.1\r\n{many}\r\n"), "431"),
                 ("GET /health HTTP/1.1\r\nhost: g\r\n".into(), "408"),
             ];
