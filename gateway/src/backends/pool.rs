@@ -36,8 +36,8 @@ use crate::wire::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per backend and event loop at most (more are closed when their answer is done).
 const MAX_POOLED: usize = 512;
-/// A pooled connection given back this recently is taken without asking its socket whether the backend closed it,
-/// unless the event loop has seen something on it. Backends close idle keep-alive connections after their idle
+/// A pooled connection last taken by a request that began this recently (so given back more recently still) is
+/// taken without asking its socket whether the backend closed it, unless the event loop has seen something on it. Backends close idle keep-alive connections after their idle
 /// timeout (seconds to minutes: never this soon) or when they stop, whose close the event loop sees at its next
 /// turn; a request that meets a close in between fails on that backend and is retried on another. (Bytes a
 /// faulty backend sends after its answer are caught the same way, unless they arrive within that instant, when
@@ -95,21 +95,21 @@ struct Conn {
     /// Where each request's head is written (kept for the next unless a head made it large).
     out: Vec<u8>,
     event_loop: usize,
-    /// When it was last given back to the pool.
-    idle_since: Instant,
+    /// When the last request that took it began (it has been idle for less than the time since).
+    last_used: Instant,
 }
 
 impl Conn {
-    /// Whether a pooled connection can take a request: open, with nothing unread. One given back within
-    /// [`FRESH`] on whose socket the event loop has seen nothing since is taken as it is (the common case under
-    /// load: no system call); any other is asked with a non-blocking peek, where a backend that closed the idle
-    /// connection shows as end of stream even when the event loop has not seen it yet.
-    fn is_idle_and_open(&self) -> bool {
+    /// Whether a pooled connection can take a request that began at `now`: open, with nothing unread. One last
+    /// used within [`FRESH`] on whose socket the event loop has seen nothing since is taken as it is (the common
+    /// case under load: no system call, no clock read); any other is asked with a non-blocking peek, where a
+    /// backend that closed the idle connection shows as end of stream even when the event loop has not seen it yet.
+    fn is_idle_and_open(&self, now: Instant) -> bool {
         // (With the task's budget spent, tokio answers `Pending` whatever the socket's state: ask it then.)
         let mut nothing = Context::from_waker(Waker::noop());
         if tokio::task::coop::has_budget_remaining()
             && self.stream.poll_read_ready(&mut nothing).is_pending()
-            && self.idle_since.elapsed() < FRESH
+            && now.saturating_duration_since(self.last_used) < FRESH
         {
             return true;
         }
@@ -138,8 +138,7 @@ impl IdleSlots {
     }
 
     /// Keeps `conn` for its event loop (closed if that loop has [`MAX_POOLED`] already).
-    fn put(&self, mut conn: Conn) {
-        conn.idle_since = Instant::now();
+    fn put(&self, conn: Conn) {
         let mut idle = self.of(conn.event_loop);
         if idle.len() < MAX_POOLED {
             idle.push(conn);
@@ -165,6 +164,8 @@ pub struct Outgoing<'a> {
     pub target: &'a str,
     pub headers: &'a HeaderMap,
     pub body: &'a Bytes,
+    /// When this attempt began (the caller's clock read): pooled connections are aged against it.
+    pub at: Instant,
 }
 
 impl ConnPool {
@@ -183,17 +184,18 @@ impl ConnPool {
     }
 
     /// A connection of this event loop's pool that can take a request (closed ones are dropped), if any.
-    fn pooled(&self) -> Option<Conn> {
+    fn pooled(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.of(event_loop());
-        while let Some(conn) = idle.pop() {
-            if conn.is_idle_and_open() {
+        while let Some(mut conn) = idle.pop() {
+            if conn.is_idle_and_open(now) {
+                conn.last_used = now;
                 return Some(conn);
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<Conn, SendError> {
+    async fn connect(&self, now: Instant) -> Result<Conn, SendError> {
         let connect = |reason: String| SendError::Connect { authority: self.authority.to_string(), reason };
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&*self.authority))
             .await
@@ -205,7 +207,7 @@ impl ConnPool {
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::new(),
             event_loop: event_loop(),
-            idle_since: Instant::now(),
+            last_used: now,
         })
     }
 
@@ -214,14 +216,14 @@ impl ConnPool {
     /// backend closed it idle between the probe and the write) is replaced by a new one once; once the request is
     /// written, nothing is sent again here (the backend may be running it).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
-        if let Some(mut conn) = self.pooled() {
+        if let Some(mut conn) = self.pooled(request.at) {
             match self.exchange(&mut conn, request).await {
                 Ok(head) => return self.answer(conn, head, request.method),
                 Err(Exchange::Unwritten(e)) => tracing::debug!("pooled connection to {} ended: {e}", self.authority),
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
-        let mut conn = self.connect().await?;
+        let mut conn = self.connect(request.at).await?;
         match self.exchange(&mut conn, request).await {
             Ok(head) => self.answer(conn, head, request.method),
             Err(Exchange::Unwritten(e) | Exchange::Failed(e)) => Err(e),
@@ -522,7 +524,8 @@ mod tests {
 
     async fn send(pool: &ConnPool, method: Method) -> Result<Response<UpstreamBody>, SendError> {
         let (headers, body) = (HeaderMap::new(), Bytes::from_static(b"{\"x\": 1}"));
-        pool.send(&Outgoing { method: &method, target: "/v1/completions", headers: &headers, body: &body }).await
+        let at = Instant::now();
+        pool.send(&Outgoing { method: &method, target: "/v1/completions", headers: &headers, body: &body, at }).await
     }
 
     async fn frames(response: Response<UpstreamBody>) -> Result<Vec<Bytes>, SendError> {
@@ -770,7 +773,8 @@ mod tests {
             });
             let pool = ConnPool::new(authority);
             let headers = HeaderMap::new();
-            let request = Outgoing { method: &Method::POST, target: "/v1/completions", headers: &headers, body: &body };
+            let (method, target, at) = (&Method::POST, "/v1/completions", Instant::now());
+            let request = Outgoing { method, target, headers: &headers, body: &body, at };
             let response = pool.send(&request).await.unwrap();
             assert_eq!(frames(response).await.unwrap().concat(), b"same");
         })
@@ -793,7 +797,8 @@ mod tests {
         headers.append(header::CONNECTION, HeaderValue::from_static("X-Secret"));
         headers.insert("x-secret", HeaderValue::from_static("s"));
         let body = Bytes::from_static(b"{}");
-        let request = Outgoing { method: &Method::POST, target: "/v1/completions?x=1", headers: &headers, body: &body };
+        let (method, target, at) = (&Method::POST, "/v1/completions?x=1", Instant::now());
+        let request = Outgoing { method, target, headers: &headers, body: &body, at };
         let mut wire = Vec::new();
         encode_head(&mut wire, &request, "10.0.0.1:8000");
         assert_eq!(

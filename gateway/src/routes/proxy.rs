@@ -121,7 +121,7 @@ pub async fn forward(
     // The request as every backend gets it: same method, path and query (origin form), headers less hop-by-hop
     // ones (the pool leaves them out, and writes `Host` and `Content-Length`), the body as received.
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let upstream = Outgoing { method: &parts.method, target, headers: &parts.headers, body: &body };
+    let mut upstream = Outgoing { method: &parts.method, target, headers: &parts.headers, body: &body, at: arrived };
     let stale_after = app.settings.windows.stale_after;
     // Backends that failed this request or answered it with a retryable status (none on the common path).
     let mut tried: Vec<u64> = Vec::new();
@@ -129,18 +129,25 @@ pub async fn forward(
     let mut held: Option<(String, Response<ResponseBody>)> = None;
     let mut last_error: Option<ApiError> = None;
     for attempt in 0..=app.settings.retries {
-        let mut candidates = pool.candidates(Instant::now(), stale_after, &tried);
+        // A first attempt that waited for nothing picks as of the request's arrival (microseconds ago; samples go
+        // stale and ejections end over seconds).
+        let picked_at = if attempt == 0 && held_for.is_zero() { arrived } else { Instant::now() };
+        let mut candidates = pool.candidates(picked_at, stale_after, &tried);
         let Some(chosen) = pool.policy.pick(&candidates, &peeked.key) else { break };
         let backend = candidates.swap_remove(chosen).backend;
         if attempt > 0 {
             app.metrics.retry(&pool.name);
         }
+        // The attempt's one clock read after the pick: the added latency, the pooled connections' age, the timeout.
+        let now = Instant::now();
+        upstream.at = now;
         let series = backend.metrics(&pool.name, &app.metrics);
         let in_flight = InFlight::new(Arc::clone(&backend));
         if attempt == 0 {
-            app.metrics.added_latency(arrived.elapsed().saturating_sub(held_for).as_secs_f64());
+            app.metrics.added_latency(now.saturating_duration_since(arrived).saturating_sub(held_for).as_secs_f64());
         }
-        let response = match tokio::time::timeout(app.settings.request_timeout, backend.pool.send(&upstream)).await {
+        let deadline = tokio::time::Instant::from_std(now) + app.settings.request_timeout;
+        let response = match tokio::time::timeout_at(deadline, backend.pool.send(&upstream)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 failed(app, &pool, &backend);
