@@ -5,6 +5,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 /// A head (request or answer) may take at most this many bytes.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -119,6 +120,82 @@ pub fn header_map<'h>(
         headers.append(name, value.map_err(|e| e.to_string())?);
     }
     Ok(headers)
+}
+
+/// A head's end-to-end fields kept as they came, for a head passed on: the head's bytes and the lines kept of them.
+/// Written out, runs of lines that follow each other with CRLF line ends are copied in one piece; no map is built
+/// and no value copied or shared one by one.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    raw: Bytes,
+    /// Each kept field's line in `raw`: from its name to its line end (CR LF or LF, left out).
+    lines: SmallVec<[(u32, u32); 12]>,
+}
+
+impl Fields {
+    /// Keeps, of the parsed `fields` of the head in `raw` (where they point), those `keep` returns true for.
+    pub fn new<'h>(
+        raw: &Bytes,
+        fields: &[httparse::Header<'h>],
+        mut keep: impl FnMut(&httparse::Header<'h>) -> bool,
+    ) -> Self {
+        let base = raw.as_ptr() as usize;
+        let mut lines = SmallVec::new();
+        for h in fields {
+            // (A field's name and value hold no LF: the first after its name ends its line.)
+            let Some(start) = (h.name.as_ptr() as usize).checked_sub(base) else { continue };
+            let name_end = start + h.name.len();
+            let Some(lf) = raw.get(name_end..).and_then(|rest| memchr::memchr(b'\n', rest)) else { continue };
+            let end = name_end + lf - usize::from(lf > 0 && raw[name_end + lf - 1] == b'\r');
+            if keep(h)
+                && let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(end))
+            {
+                lines.push((start, end));
+            }
+        }
+        Self { raw: raw.clone(), lines }
+    }
+
+    /// Leaves out the fields whose name is one of `names` (any case).
+    pub fn remove(&mut self, names: &[&[u8]]) {
+        let raw = &self.raw;
+        self.lines.retain(|&mut (start, end)| {
+            let name = split_line(&raw[start as usize..end as usize]).0;
+            !names.iter().any(|n| n.eq_ignore_ascii_case(name))
+        });
+    }
+
+    /// Each field's name and value (trimmed), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines.iter().map(|&(start, end)| split_line(&self.raw[start as usize..end as usize]))
+    }
+
+    /// The first value of the field `name` (any case).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, value)| value)
+    }
+
+    /// Appends every field, each line ended with CR LF.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let mut lines = self.lines.iter().peekable();
+        while let Some(&(start, mut end)) = lines.next() {
+            // A run: each line ends with CR LF and the next one starts right after it.
+            while let Some(&&(next, next_end)) = lines.peek()
+                && self.raw.get(end as usize..next as usize) == Some(b"\r\n")
+            {
+                end = next_end;
+                lines.next();
+            }
+            out.extend_from_slice(&self.raw[start as usize..end as usize]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// A field line's name and value (trimmed).
+fn split_line(line: &[u8]) -> (&[u8], &[u8]) {
+    let colon = memchr::memchr(b':', line).unwrap_or(line.len());
+    (&line[..colon], line.get(colon + 1..).unwrap_or_default().trim_ascii())
 }
 
 /// Adds one `Content-Length` field's value to what the head's earlier ones said: every comma-separated item must
@@ -338,6 +415,28 @@ mod tests {
             let parsed = httparse::Request::new(&mut fields).parse(wire).unwrap();
             assert_eq!(parsed, httparse::Status::Complete(head_end(wire).unwrap()));
         }
+    }
+
+    /// Kept fields are written back with CRLF line ends, runs of CRLF lines in one piece, and found by name.
+    #[test]
+    fn fields_are_kept_as_they_came() {
+        let raw = Bytes::from_static(b"HTTP/1.1 200 OK\r\nA: 1\r\nDrop: x\r\nB:  two  \r\nC: 3\nD: 4\r\nE:\r\n\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 8];
+        let mut parsed = httparse::Response::new(&mut slots);
+        assert!(parsed.parse(&raw).unwrap().is_complete());
+        let mut fields = Fields::new(&raw, parsed.headers, |h| h.name != "Drop");
+        let mut out = Vec::new();
+        fields.write(&mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "A: 1\r\nB:  two  \r\nC: 3\r\nD: 4\r\nE:\r\n");
+        assert_eq!(fields.get("b"), Some(&b"two"[..]));
+        assert_eq!(fields.get("e"), Some(&b""[..]));
+        assert_eq!(fields.get("drop"), None);
+        fields.remove(&[b"c", b"A"]);
+        let names: Vec<_> = fields.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, [&b"B"[..], b"D", b"E"]);
+        let mut out = Vec::new();
+        fields.write(&mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "B:  two  \r\nD: 4\r\nE:\r\n");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,8 +28,8 @@ use tokio::net::TcpStream;
 pub use body::UpstreamBody;
 
 use crate::wire::{
-    Chunk, Codings, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_named,
-    connection_options, head_end, header_map, is_hop_by_hop, itoa,
+    Chunk, Codings, Fields, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_named,
+    connection_options, head_end, is_hop_by_hop, itoa,
 };
 
 /// How long opening a connection may take.
@@ -211,8 +211,9 @@ impl ConnPool {
         })
     }
 
-    /// Sends `request` and returns the answer's head; its body is read from the connection as it is polled, and
-    /// the connection comes back to the pool when the body is done. A pooled connection whose write fails (the
+    /// Sends `request` and returns the answer's status, with a body that holds its end-to-end fields
+    /// ([`UpstreamBody::fields`]) and is read from the connection as it is polled; the connection comes back to the
+    /// pool when the body is done. A pooled connection whose write fails (the
     /// backend closed it idle between the probe and the write) is replaced by a new one once; once the request is
     /// written, nothing is sent again here (the backend may be running it).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
@@ -294,11 +295,12 @@ impl ConnPool {
         let (mut codings, mut close, mut length, mut bad_length) = (Codings::default(), false, None, None);
         // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
         let mut named: Vec<&[u8]> = Vec::new();
-        let mut headers = header_map(parsed.headers, &raw, raw.as_ptr() as usize, |h| {
+        let mut fields = Fields::new(&raw, parsed.headers, |h| {
             if !is_hop_by_hop(h.name.as_bytes()) {
-                if h.name.eq_ignore_ascii_case("content-length")
-                    && let Err(reason) = add_content_length(&mut length, h.value)
-                {
+                if !h.name.eq_ignore_ascii_case("content-length") {
+                    return true;
+                }
+                if let Err(reason) = add_content_length(&mut length, h.value) {
                     bad_length.get_or_insert(reason);
                 }
                 return false;
@@ -309,15 +311,14 @@ impl ConnPool {
                 close |= connection_options(h.value).0;
                 named.extend(connection_named(h.value));
             }
-            true
-        })
-        .map_err(|reason| self.protocol(reason))?;
-        for name in named.into_iter().filter_map(|n| HeaderName::from_bytes(n).ok()) {
-            headers.remove(name);
+            false
+        });
+        if !named.is_empty() {
+            fields.remove(&named);
         }
         let head = Head {
             status,
-            headers,
+            fields,
             keep_alive: version == 1,
             codings,
             close,
@@ -331,11 +332,11 @@ impl ConnPool {
     }
 
     /// The answer whose `head` was read on `conn`, its body framed as RFC 9112 §6.3 says. A `Transfer-Encoding`
-    /// whose last coding is `chunked` is read by chunks, any other by the connection's end; a `Content-Length`
-    /// beside one is dropped (the client gets the body re-framed). Conflicting or malformed lengths and a switch of
-    /// protocol (no request asks for one) are refused.
+    /// whose last coding is `chunked` is read by chunks, any other by the connection's end, a `Content-Length` beside
+    /// one is not read (`Content-Length` is never passed on: the client gets the body framed anew). Conflicting or
+    /// malformed lengths and a switch of protocol (no request asks for one) are refused.
     fn answer(&self, conn: Conn, head: Head, method: &Method) -> Result<Response<UpstreamBody>, SendError> {
-        let Head { status, mut headers, keep_alive, codings, close, length } = head;
+        let Head { status, fields, keep_alive, codings, close, length } = head;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(self.protocol("101 Switching Protocols to a request that asked for no upgrade".into()));
         }
@@ -353,14 +354,10 @@ impl ConnPool {
             } else {
                 Framing::UntilClose
             };
-        if codings.any() {
-            headers.remove(header::CONTENT_LENGTH);
-        }
         let reusable = keep_alive && framing != Framing::UntilClose && !close;
-        let body = UpstreamBody::new(conn, framing, reusable, Arc::clone(&self.idle), Arc::clone(&self.authority));
-        let mut response = Response::new(body);
+        let (idle, authority) = (Arc::clone(&self.idle), Arc::clone(&self.authority));
+        let mut response = Response::new(UpstreamBody::new(conn, framing, reusable, idle, authority, fields));
         *response.status_mut() = status;
-        *response.headers_mut() = headers;
         Ok(response)
     }
 }
@@ -373,8 +370,8 @@ enum Exchange {
 
 struct Head {
     status: StatusCode,
-    /// The end-to-end fields.
-    headers: HeaderMap,
+    /// The end-to-end fields (`Content-Length` too is left out: the answer is framed anew for the client).
+    fields: Fields,
     /// HTTP/1.1 (an HTTP/1.0 answer's connection is not reused).
     keep_alive: bool,
     codings: Codings,
@@ -571,11 +568,9 @@ mod tests {
             .await;
             let pool = ConnPool::new(b.authority.clone());
             let response = send(&pool, Method::POST).await.unwrap();
-            let mut names: Vec<&str> = response.headers().keys().map(HeaderName::as_str).collect();
-            names.sort_unstable();
-            assert_eq!(names, ["content-length", "x-empty", "x-id"], "the end-to-end fields only");
-            assert_eq!(response.headers()["x-id"], "7");
-            assert_eq!(response.headers()["x-empty"], "");
+            let fields: Vec<_> = response.body().fields().iter().collect();
+            assert_eq!(fields, [(&b"X-Id"[..], &b"7"[..]), (b"X-Empty", b"")], "the end-to-end fields only");
+            assert_eq!(response.body().fields().get("x-id"), Some(&b"7"[..]));
             assert_eq!(frames(response).await.unwrap().concat(), b"hello");
             let response = send(&pool, Method::POST).await.unwrap();
             let mut body = response.into_body();
@@ -587,7 +582,7 @@ mod tests {
             let response = send(&pool, Method::POST).await.unwrap();
             assert_eq!((response.status(), frames(response).await.unwrap().len()), (StatusCode::NO_CONTENT, 0));
             let response = send(&pool, Method::HEAD).await.unwrap();
-            assert_eq!(response.headers()[header::CONTENT_LENGTH], "5");
+            assert_eq!(response.body().fields().get("content-length"), None, "framed anew for the client");
             assert!(frames(response).await.unwrap().is_empty());
             assert_eq!(post(&pool).await.unwrap().1, b"ok");
             assert_eq!(b.connections(), 1);
@@ -652,8 +647,8 @@ mod tests {
                 assert!(matches!(err, SendError::Protocol { .. }), "{err}");
             }
             let response = send(&pool, Method::POST).await.unwrap();
-            assert!(response.headers().get(header::CONTENT_LENGTH).is_none());
-            assert!(response.headers().get(header::TRANSFER_ENCODING).is_none(), "one hop's framing");
+            assert!(response.body().fields().get("content-length").is_none());
+            assert!(response.body().fields().get("transfer-encoding").is_none(), "one hop's framing");
             assert_eq!(frames(response).await.unwrap().concat(), b"ok");
             assert_eq!(post(&pool).await.unwrap().1, b"hello");
         })

@@ -40,7 +40,9 @@ impl Drop for InFlight {
     }
 }
 
-/// An upstream answer's body on its way to the client. Dropping it (the client disconnected) drops the upstream
+/// An upstream answer's body on its way to the client, with the answer's end-to-end fields (`inner.fields()`) and
+/// the backend it came from, which the client's connection writes after the answer's own head fields, and names in
+/// `x-baleen-backend`. Dropping it (the client disconnected) drops the upstream
 /// connection, so the backend cancels the request and frees its KV cache. `first_byte`: when the request arrived,
 /// until its first byte is sent (the backend's time-to-first-byte histogram observes it then).
 #[derive(Debug)]
@@ -55,6 +57,16 @@ pub struct Upstream {
 pub enum ResponseBody {
     Full(Full<Bytes>),
     Upstream(Box<Upstream>),
+}
+
+impl ResponseBody {
+    /// The upstream answer this body is, if it is one.
+    pub fn upstream(&self) -> Option<&Upstream> {
+        match self {
+            Self::Full(_) => None,
+            Self::Upstream(up) => Some(up),
+        }
+    }
 }
 
 impl From<Bytes> for ResponseBody {

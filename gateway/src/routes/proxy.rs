@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use baleen_api::http::ApiError;
-use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
+use baleen_api::names::MODEL_UNKNOWN;
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::body::{InFlight, ResponseBody, Upstream};
@@ -183,11 +183,8 @@ pub async fn forward(
         } else {
             backend.succeeded();
         }
-        // (The pool's answer carries no hop-by-hop fields.)
-        let (mut head, incoming) = response.into_parts();
-        if let Some(value) = &backend.header {
-            head.headers.insert(HeaderName::from_static(HEADER_GATEWAY_BACKEND), value.clone());
-        }
+        // (The pool's answer carries no hop-by-hop fields; its own go out from the body, with `x-baleen-backend`.)
+        let (head, incoming) = response.into_parts();
         let body = Upstream { inner: incoming, first_byte: Some(arrived), in_flight };
         let answer = Response::from_parts(head, ResponseBody::Upstream(Box::new(body)));
         if retryable(status) {
@@ -205,8 +202,10 @@ pub async fn forward(
     if let Some((url, mut answer)) = held {
         app.metrics.request(&pool.name, &url, answer.status().as_u16());
         // A client told "too many requests" or "unavailable" is told when to come back.
-        if matches!(answer.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-            answer.headers_mut().entry(header::RETRY_AFTER).or_insert(HeaderValue::from_static("1"));
+        let told =
+            answer.body().upstream().is_some_and(|up| up.inner.fields().get(header::RETRY_AFTER.as_str()).is_some());
+        if matches!(answer.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) && !told {
+            answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         return answer;
     }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use baleen_api::http::ApiError;
-use baleen_api::names::MODEL_UNKNOWN;
+use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{self, HeaderName};
@@ -45,6 +45,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::App;
+use crate::routes::body::Upstream;
 use crate::routes::{self, ResponseBody, Route, proxy};
 use crate::wire::{
     Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_options,
@@ -200,9 +201,17 @@ enum Out {
     UntilClose,
 }
 
-/// An answer's head: status line, its fields less the ones of this hop, `Date` when it has none, the framing,
-/// and `Connection` when the connection closes after it (or is kept for an HTTP/1.0 client).
-fn encode_head(out: &mut Vec<u8>, head: &http::response::Parts, framing: Out, keep_alive: bool, version: Version) {
+/// An answer's head: status line, its fields less the ones of this hop, an upstream answer's own fields and its
+/// backend (`x-baleen-backend`), `Date` when it has none, the framing, and `Connection` when the connection closes
+/// after it (or is kept for an HTTP/1.0 client).
+fn encode_head(
+    out: &mut Vec<u8>,
+    head: &http::response::Parts,
+    upstream: Option<&Upstream>,
+    framing: Out,
+    keep_alive: bool,
+    version: Version,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(head.status.as_str().as_bytes());
     out.push(b' ');
@@ -218,6 +227,17 @@ fn encode_head(out: &mut Vec<u8>, head: &http::response::Parts, framing: Out, ke
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(up) = upstream {
+        let fields = up.inner.fields();
+        fields.write(out);
+        dated |= fields.get(header::DATE.as_str()).is_some();
+        if let Some(backend) = &up.in_flight.backend.header {
+            out.extend_from_slice(HEADER_GATEWAY_BACKEND.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(backend.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if !dated {
         put_date(out);
@@ -474,7 +494,7 @@ impl Connection {
                 keep_alive = false;
                 Out::UntilClose
             };
-        encode_head(out, &head, framing, keep_alive, version);
+        encode_head(out, &head, body.upstream(), framing, keep_alive, version);
         // (An upstream answer's fields share its connection's read buffer: that buffer is read into again without a
         // new one only once nothing else holds it.)
         drop(head);

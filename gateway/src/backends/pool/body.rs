@@ -9,10 +9,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::{Conn, Idle, SendError};
-use crate::wire::{Decoded, Framing, READ_CHUNK};
+use crate::wire::{Decoded, Fields, Framing, READ_CHUNK};
 
-/// An answer's body, read from its connection as it is polled; the connection goes back to the pool when the body
-/// is done (if it may be reused). Dropped before that (the client went away), it closes the connection, so the
+/// An answer's body, read from its connection as it is polled, and the answer's end-to-end fields; the connection
+/// goes back to the pool when the body is done (if it may be reused). Dropped before that (the client went away), it closes the connection, so the
 /// backend cancels the request and frees its KV cache.
 #[derive(Debug)]
 pub struct UpstreamBody {
@@ -21,6 +21,7 @@ pub struct UpstreamBody {
     reusable: bool,
     idle: Idle,
     authority: std::sync::Arc<str>,
+    fields: Fields,
 }
 
 impl UpstreamBody {
@@ -30,13 +31,19 @@ impl UpstreamBody {
         reusable: bool,
         idle: Idle,
         authority: std::sync::Arc<str>,
+        fields: Fields,
     ) -> Self {
-        let mut body = Self { conn: Some(conn), framing, reusable, idle, authority };
+        let mut body = Self { conn: Some(conn), framing, reusable, idle, authority, fields };
         if framing == Framing::Length(0) {
             // No body to wait for: the connection can take the next request now.
             body.finish();
         }
         body
+    }
+
+    /// The answer's end-to-end fields (framing and one hop's fields left out), as the backend sent them.
+    pub fn fields(&self) -> &Fields {
+        &self.fields
     }
 
     fn closed(&self, when: &'static str) -> SendError {
