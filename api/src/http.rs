@@ -181,9 +181,13 @@ pub fn json_response<B: From<Bytes>>(status: StatusCode, body: Bytes) -> Respons
 
 /// The key of an `Authorization: Bearer KEY` header; a 401 (OpenAI's shape) when there is none.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    bearer(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes))
+}
+
+/// The key of an `Authorization` value `Bearer KEY`; a 401 (OpenAI's shape) when there is none.
+pub fn bearer(authorization: Option<&[u8]>) -> Result<&str, ApiError> {
+    authorization
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .filter(|v| !v.is_empty())

@@ -25,13 +25,14 @@ use baleen_api::names::{
 };
 use baleen_api::openai::{Model, ModelList};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
 pub use body::ResponseBody;
 
 use crate::App;
 use crate::auth::Key;
+use crate::wire::Fields;
 
 fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {
     let text = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
@@ -60,11 +61,11 @@ pub enum Route<'a> {
 }
 
 /// The API port: where a request with this head goes.
-pub fn route<'a>(app: &'a App, method: &Method, path: &str, headers: &HeaderMap) -> Route<'a> {
+pub fn route<'a>(app: &'a App, method: &Method, path: &str, fields: &Fields) -> Route<'a> {
     let model_id = path.strip_prefix(PATH_MODELS).and_then(|rest| rest.strip_prefix('/')).filter(|id| !id.is_empty());
     let guarded = model_id.is_some() || matches!(path, PATH_CHAT_COMPLETIONS | PATH_COMPLETIONS | PATH_MODELS);
     let key = match &app.settings.api_keys {
-        Some(keys) if guarded => match keys.authenticate(headers) {
+        Some(keys) if guarded => match keys.authenticate(fields.get(header::AUTHORIZATION.as_str())) {
             Ok(key) => Some(key),
             Err(e) => {
                 app.metrics.request(MODEL_UNKNOWN, "", e.status.as_u16());

@@ -1,10 +1,10 @@
 //! HTTP/1.1 on the wire, the pieces both sides of the gateway read the same way: the API port's server
-//! (`server/http1.rs`) and the upstream client (`backends/pool.rs`). Field lists, the one-hop fields, a parsed
-//! head's fields as a [`HeaderMap`] sharing one copy of the head, `Content-Length` and `Transfer-Encoding` as RFC
-//! 9112 reads them, and a body's framing decoded from a read buffer (by length, by chunks, or until the close).
+//! (`server/http1.rs`) and the upstream client (`backends/pool.rs`). Where a head ends, field lists, the one-hop
+//! fields, a head's end-to-end fields passed on as they came ([`Fields`]: a request's to the backend, an answer's
+//! to the client), `Content-Length` and `Transfer-Encoding` as RFC 9112 reads them, and a body's framing decoded
+//! from a read buffer (by length, by chunks, or until the close).
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
 /// A head (request or answer) may take at most this many bytes.
@@ -97,31 +97,6 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// A parsed head's fields as a [`HeaderMap`]. `raw` holds the head's bytes (at least its first ones), of the buffer
-/// that starts at address `base` and that the parsed slices point into: values inside it share it, any other is
-/// copied. Every field is shown to `skip` first; those it returns true for are left out.
-pub fn header_map<'h>(
-    fields: &[httparse::Header<'h>],
-    raw: &Bytes,
-    base: usize,
-    mut skip: impl FnMut(&httparse::Header<'h>) -> bool,
-) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for h in fields {
-        if skip(h) {
-            continue;
-        }
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?;
-        let offset = (h.value.as_ptr() as usize).checked_sub(base).filter(|o| o + h.value.len() <= raw.len());
-        let value = match offset {
-            Some(offset) => HeaderValue::from_maybe_shared(raw.slice(offset..offset + h.value.len())),
-            None => HeaderValue::from_bytes(h.value),
-        };
-        headers.append(name, value.map_err(|e| e.to_string())?);
-    }
-    Ok(headers)
-}
-
 /// A head's end-to-end fields kept as they came, for a head passed on: the head's bytes and the lines kept of them.
 /// Written out, runs of lines that follow each other with CRLF line ends are copied in one piece; no map is built
 /// and no value copied or shared one by one.
@@ -189,6 +164,23 @@ impl Fields {
             out.extend_from_slice(&self.raw[start as usize..end as usize]);
             out.extend_from_slice(b"\r\n");
         }
+    }
+}
+
+#[cfg(test)]
+impl Fields {
+    /// The fields `name: value` of `lines`, as a head holding them gives them.
+    pub fn of(lines: &[(&str, &str)]) -> Self {
+        let mut text = String::from("GET / HTTP/1.1\r\n");
+        for (name, value) in lines {
+            text += &format!("{name}: {value}\r\n");
+        }
+        text += "\r\n";
+        let raw = Bytes::from(text);
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut parsed = httparse::Request::new(&mut slots);
+        assert!(parsed.parse(&raw).is_ok_and(|status| status.is_complete()));
+        Self::new(&raw, parsed.headers, |_| true)
     }
 }
 

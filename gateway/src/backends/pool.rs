@@ -20,7 +20,6 @@ use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -156,13 +155,14 @@ pub struct ConnPool {
     idle: Idle,
 }
 
-/// What goes to the backend: the request line's method and origin-form target, the headers (the hop-by-hop ones
-/// and `Host` are left out, `is_hop_by_hop`; `Content-Length` is written from `body`) and the body.
+/// What goes to the backend: the request line's method and origin-form target, the end-to-end fields (one hop's,
+/// `Host` and `Content-Length` left out by the server that read them; this client writes `Host` and the body's
+/// `Content-Length`) and the body.
 #[derive(Debug)]
 pub struct Outgoing<'a> {
     pub method: &'a Method,
     pub target: &'a str,
-    pub headers: &'a HeaderMap,
+    pub fields: &'a Fields,
     pub body: &'a Bytes,
     /// When this attempt began (the caller's clock read): pooled connections are aged against it.
     pub at: Instant,
@@ -381,8 +381,8 @@ struct Head {
     length: Result<Option<u64>, String>,
 }
 
-/// The request's head as it goes on the wire: request line, `Host`, the end-to-end headers but `Content-Length`,
-/// then `Content-Length` (of `request.body`, which follows it).
+/// The request's head as it goes on the wire: request line, `Host`, the end-to-end fields, then `Content-Length`
+/// (of `request.body`, which follows it).
 fn encode_head(wire: &mut Vec<u8>, request: &Outgoing<'_>, authority: &str) {
     wire.extend_from_slice(request.method.as_str().as_bytes());
     wire.push(b' ');
@@ -390,18 +390,7 @@ fn encode_head(wire: &mut Vec<u8>, request: &Outgoing<'_>, authority: &str) {
     wire.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     wire.extend_from_slice(authority.as_bytes());
     wire.extend_from_slice(b"\r\n");
-    let named: Vec<&[u8]> =
-        request.headers.get_all(header::CONNECTION).iter().flat_map(|v| connection_named(v.as_bytes())).collect();
-    for (name, value) in request.headers {
-        let name = name.as_str().as_bytes();
-        if name == b"content-length" || is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-            continue;
-        }
-        wire.extend_from_slice(name);
-        wire.extend_from_slice(b": ");
-        wire.extend_from_slice(value.as_bytes());
-        wire.extend_from_slice(b"\r\n");
-    }
+    request.fields.write(wire);
     wire.extend_from_slice(b"content-length: ");
     wire.extend_from_slice(itoa(request.body.len() as u64, &mut [0; 20]));
     wire.extend_from_slice(b"\r\n\r\n");
@@ -436,7 +425,6 @@ mod tests {
     use tokio::time::timeout;
 
     use super::*;
-    use http::header::HeaderValue;
 
     /// What the test backend does with the next request.
     #[derive(Clone, Copy)]
@@ -520,9 +508,9 @@ mod tests {
     }
 
     async fn send(pool: &ConnPool, method: Method) -> Result<Response<UpstreamBody>, SendError> {
-        let (headers, body) = (HeaderMap::new(), Bytes::from_static(b"{\"x\": 1}"));
+        let (fields, body) = (Fields::default(), Bytes::from_static(b"{\"x\": 1}"));
         let at = Instant::now();
-        pool.send(&Outgoing { method: &method, target: "/v1/completions", headers: &headers, body: &body, at }).await
+        pool.send(&Outgoing { method: &method, target: "/v1/completions", fields: &fields, body: &body, at }).await
     }
 
     async fn frames(response: Response<UpstreamBody>) -> Result<Vec<Bytes>, SendError> {
@@ -767,39 +755,27 @@ mod tests {
                 stream.flush().await.unwrap();
             });
             let pool = ConnPool::new(authority);
-            let headers = HeaderMap::new();
             let (method, target, at) = (&Method::POST, "/v1/completions", Instant::now());
-            let request = Outgoing { method, target, headers: &headers, body: &body, at };
+            let request = Outgoing { method, target, fields: &Fields::default(), body: &body, at };
             let response = pool.send(&request).await.unwrap();
             assert_eq!(frames(response).await.unwrap().concat(), b"same");
         })
         .await;
     }
 
+    /// (Which fields are end-to-end is the server's to say: `server::http1` tests it.)
     #[test]
     fn requests_go_out_in_origin_form_with_the_backends_host_and_their_length() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
-        // One hop's own fields stay behind (the pool writes `host` for the backend).
-        for (name, value) in [("host", "gateway:80"), ("connection", "keep-alive"), ("keep-alive", "timeout=5")] {
-            headers.insert(name, HeaderValue::from_static(value));
-        }
-        for (name, value) in [("expect", "100-continue"), ("te", "trailers"), ("proxy-authorization", "x")] {
-            headers.insert(name, HeaderValue::from_static(value));
-        }
-        // So are the fields `Connection` names.
-        headers.append(header::CONNECTION, HeaderValue::from_static("X-Secret"));
-        headers.insert("x-secret", HeaderValue::from_static("s"));
+        let fields = Fields::of(&[("Content-Type", "application/json"), ("X-A", "1")]);
         let body = Bytes::from_static(b"{}");
         let (method, target, at) = (&Method::POST, "/v1/completions?x=1", Instant::now());
-        let request = Outgoing { method, target, headers: &headers, body: &body, at };
+        let request = Outgoing { method, target, fields: &fields, body: &body, at };
         let mut wire = Vec::new();
         encode_head(&mut wire, &request, "10.0.0.1:8000");
         assert_eq!(
             std::str::from_utf8(&wire).unwrap(),
-            "POST /v1/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-type: application/json\r\n\
-             content-length: 2\r\n\r\n"
+            "POST /v1/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\nContent-Type: application/json\r\n\
+             X-A: 1\r\ncontent-length: 2\r\n\r\n"
         );
     }
 }

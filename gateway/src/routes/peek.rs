@@ -5,12 +5,12 @@
 use std::borrow::Cow;
 
 use baleen_api::http::{ApiError, parse_json};
-use http::HeaderMap;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use crate::backends::stable_hash;
 use crate::policy::RouteKey;
+use crate::wire::Fields;
 
 /// The fields every request is read for (unknown fields are skipped without being built).
 #[derive(Debug, Deserialize)]
@@ -205,14 +205,10 @@ fn push_ids(buf: &mut Vec<u8>, ids: &[i64], limit: usize) {
 /// Reads `body` for routing: the model, the session (the `session_header` value, else `user`) and the token cap;
 /// `key.prefix` is left for [`prefix_key`]. A body that is not a JSON object, or a `model` that is not a string,
 /// is a 400.
-pub fn peek<'a>(
-    body: &'a [u8],
-    headers: &HeaderMap,
-    session_header: &http::HeaderName,
-) -> Result<Peeked<'a>, ApiError> {
+pub fn peek<'a>(body: &'a [u8], fields: &Fields, session_header: &http::HeaderName) -> Result<Peeked<'a>, ApiError> {
     let head: Head<'_> = parse_json(body)?;
-    let session = match headers.get(session_header) {
-        Some(value) => Some(stable_hash(value.as_bytes())),
+    let session = match fields.get(session_header.as_str()) {
+        Some(value) => Some(stable_hash(value)),
         None => head.user.as_ref().and_then(Lenient::text).map(|user| stable_hash(user.as_bytes())),
     };
     Ok(Peeked {
@@ -234,7 +230,7 @@ pub fn prefix_key(body: &[u8], prefix_bytes: usize) -> Option<u64> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use http::{HeaderName, HeaderValue};
+    use http::HeaderName;
     use serde_json::json;
 
     use super::*;
@@ -243,7 +239,7 @@ mod tests {
     fn run(body: serde_json::Value, limit: usize) -> Peeked<'static> {
         let header = HeaderName::from_static("x-session-id");
         let text = body.to_string();
-        let peeked = peek(text.as_bytes(), &HeaderMap::new(), &header).unwrap();
+        let peeked = peek(text.as_bytes(), &Fields::default(), &header).unwrap();
         let model = peeked.model.map(|m| Cow::Owned(m.into_owned()));
         Peeked { model, key: RouteKey { prefix: prefix_key(text.as_bytes(), limit), ..peeked.key }, ..peeked }
     }
@@ -282,10 +278,8 @@ mod tests {
     fn the_session_is_the_header_else_user() {
         let header = HeaderName::from_static("x-session-id");
         let body = json!({"model": "m", "prompt": "x", "user": "alice"}).to_string();
-        let by_user = peek(body.as_bytes(), &HeaderMap::new(), &header).unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(header.clone(), HeaderValue::from_static("s1"));
-        let by_header = peek(body.as_bytes(), &headers, &header).unwrap();
+        let by_user = peek(body.as_bytes(), &Fields::default(), &header).unwrap();
+        let by_header = peek(body.as_bytes(), &Fields::of(&[("X-Session-Id", "s1")]), &header).unwrap();
         assert!(by_user.key.session.is_some() && by_header.key.session.is_some());
         assert_ne!(by_user.key.session, by_header.key.session);
     }
@@ -293,9 +287,9 @@ mod tests {
     #[test]
     fn the_model_is_borrowed_from_the_body_unless_it_has_escapes() {
         let header = HeaderName::from_static("x-session-id");
-        let plain = peek(br#"{"model": "m-1"}"#, &HeaderMap::new(), &header).unwrap();
+        let plain = peek(br#"{"model": "m-1"}"#, &Fields::default(), &header).unwrap();
         assert!(matches!(plain.model, Some(Cow::Borrowed("m-1"))), "{:?}", plain.model);
-        let escaped = peek(br#"{"model": "m\u002d1"}"#, &HeaderMap::new(), &header).unwrap();
+        let escaped = peek(br#"{"model": "m\u002d1"}"#, &Fields::default(), &header).unwrap();
         assert!(matches!(escaped.model.as_deref(), Some("m-1")), "{:?}", escaped.model);
     }
 
@@ -303,7 +297,7 @@ mod tests {
     fn bodies_that_are_not_json_objects_are_400() {
         let header = HeaderName::from_static("x-session-id");
         for body in [&b"not json"[..], b"[1]", br#"{"model": 5}"#] {
-            let e = peek(body, &HeaderMap::new(), &header).unwrap_err();
+            let e = peek(body, &Fields::default(), &header).unwrap_err();
             assert_eq!(e.status.as_u16(), 400, "{}", String::from_utf8_lossy(body));
         }
         assert_eq!(run(json!({"prompt": "x"}), 8).model, None);

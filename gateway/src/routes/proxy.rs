@@ -10,7 +10,7 @@ use baleen_api::http::ApiError;
 use baleen_api::names::MODEL_UNKNOWN;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode, Uri};
 
 use super::body::{InFlight, ResponseBody, Upstream};
 use super::peek::{peek, prefix_key};
@@ -20,6 +20,7 @@ use crate::backends::Backend;
 use crate::backends::pool::Outgoing;
 use crate::config::PolicyKind;
 use crate::registry::Pool;
+use crate::wire::Fields;
 
 /// Answers worth another backend: it is over capacity, draining, or failed as a gateway would.
 fn retryable(status: StatusCode) -> bool {
@@ -61,16 +62,18 @@ fn failed(app: &App, pool: &Pool, backend: &Backend) {
     }
 }
 
-/// Proxies one completion request (see the module docs): `parts` is its head, `body` as received (the server has
-/// capped it at `--max-request-bytes`).
+/// Proxies one completion request (see the module docs): its method, target and end-to-end fields, and its body
+/// as received (the server has capped it at `--max-request-bytes`).
 pub async fn forward(
     app: &Arc<App>,
-    parts: http::request::Parts,
+    method: &Method,
+    uri: &Uri,
+    fields: &Fields,
     body: Bytes,
     arrived: Instant,
     api_key: Option<&Key>,
 ) -> Response<ResponseBody> {
-    let mut peeked = match peek(&body, &parts.headers, &app.settings.session_header) {
+    let mut peeked = match peek(&body, fields, &app.settings.session_header) {
         Ok(peeked) => peeked,
         Err(e) => return refuse(app, MODEL_UNKNOWN, e),
     };
@@ -118,10 +121,10 @@ pub async fn forward(
         }
     }
 
-    // The request as every backend gets it: same method, path and query (origin form), headers less hop-by-hop
-    // ones (the pool leaves them out, and writes `Host` and `Content-Length`), the body as received.
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut upstream = Outgoing { method: &parts.method, target, headers: &parts.headers, body: &body, at: arrived };
+    // The request as every backend gets it: same method, path and query (origin form), its end-to-end fields as
+    // they came (the pool writes `Host` and `Content-Length`), the body as received.
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut upstream = Outgoing { method, target, fields, body: &body, at: arrived };
     let stale_after = app.settings.windows.stale_after;
     // Backends that failed this request or answered it with a retryable status (none on the common path).
     let mut tried: Vec<u64> = Vec::new();

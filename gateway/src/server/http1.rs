@@ -36,7 +36,7 @@ use baleen_api::names::{HEADER_GATEWAY_BACKEND, MODEL_UNKNOWN};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{self, HeaderName};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,8 +48,8 @@ use crate::App;
 use crate::routes::body::Upstream;
 use crate::routes::{self, ResponseBody, Route, proxy};
 use crate::wire::{
-    Chunk, Codings, Decoded, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length, connection_options,
-    head_end, header_map, itoa,
+    Chunk, Codings, Decoded, Fields, Framing, MAX_HEAD_BYTES, MAX_HEADERS, READ_CHUNK, add_content_length,
+    connection_named, connection_options, head_end, is_hop_by_hop, itoa,
 };
 
 /// Body bytes read ahead per read at most (a large body is read in pieces of this size).
@@ -68,9 +68,15 @@ pub(crate) struct Limits {
     pub max_body: usize,
 }
 
-/// A request's head as read: its parts, how its body is framed, and what it says of the connection.
+/// A request's head as read: its request line, its end-to-end fields, how its body is framed, and what it says of
+/// the connection.
 struct Head {
-    parts: http::request::Parts,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    /// The fields passed on to the backend: all but one hop's (`Host` and `Expect` included, see
+    /// `wire::is_hop_by_hop`, and those `Connection` names) and `Content-Length`.
+    fields: Fields,
     framing: Framing,
     /// The connection may take another request after this one's answer.
     keep_alive: bool,
@@ -124,7 +130,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
     let uri = Uri::from_maybe_shared(raw.slice(at..at + target.len())).map_err(malformed)?;
     let (mut codings, mut close, mut keep, mut expects_continue) = (Codings::default(), false, false, false);
     let (mut length, mut bad_length) = (None, None);
-    let headers = header_map(parsed.headers, &raw, base, |h| {
+    // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
+    let mut named: Vec<&[u8]> = Vec::new();
+    let mut fields = Fields::new(&raw, parsed.headers, |h| {
         if h.name.eq_ignore_ascii_case("content-length") {
             if let Err(reason) = add_content_length(&mut length, h.value) {
                 bad_length.get_or_insert(reason);
@@ -134,12 +142,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
         } else if h.name.eq_ignore_ascii_case("connection") {
             let (c, k) = connection_options(h.value);
             (close, keep) = (close || c, keep || k);
+            named.extend(connection_named(h.value));
         } else if h.name.eq_ignore_ascii_case("expect") {
             expects_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
+        } else {
+            return !is_hop_by_hop(h.name.as_bytes());
         }
         false
-    })
-    .map_err(malformed)?;
+    });
+    if !named.is_empty() {
+        fields.remove(&named);
+    }
     if let Some(reason) = bad_length {
         return Err(malformed(reason));
     }
@@ -162,10 +175,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
     };
     let keep_alive = !close && (version == Version::HTTP_11 || keep);
     let expects_continue = expects_continue && version == Version::HTTP_11;
-    let mut request = Request::new(());
-    (*request.method_mut(), *request.uri_mut(), *request.version_mut()) = (method, uri, version);
-    *request.headers_mut() = headers;
-    Ok(Some(Head { parts: request.into_parts().0, framing, keep_alive, expects_continue }))
+    Ok(Some(Head { method, uri, version, fields, framing, keep_alive, expects_continue }))
 }
 
 thread_local! {
@@ -287,9 +297,8 @@ pub(crate) async fn serve(app: &Arc<App>, stream: TcpStream, limits: Limits, mut
             Err(e) => return conn.refuse(app, e).await,
         };
         let arrived = std::time::Instant::now();
-        let Head { parts, framing, keep_alive, expects_continue } = head;
-        let (method, version) = (parts.method.clone(), parts.version);
-        let response = match routes::route(app, &method, parts.uri.path(), &parts.headers) {
+        let Head { method, uri, version, fields, framing, keep_alive, expects_continue } = head;
+        let response = match routes::route(app, &method, uri.path(), &fields) {
             Route::Answer(response) => {
                 // Its body, if it has one, is not read: the connection closes after the answer.
                 let keep_alive = keep_alive && framing == Framing::Length(0) && !*stop.borrow();
@@ -304,7 +313,7 @@ pub(crate) async fn serve(app: &Arc<App>, stream: TcpStream, limits: Limits, mut
                     Err(Some(e)) => return conn.refuse(app, e).await,
                     Err(None) => return,
                 };
-                let forwarded = proxy::forward(app, parts, body, arrived, key);
+                let forwarded = proxy::forward(app, &method, &uri, &fields, body, arrived, key);
                 tokio::select! {
                     biased;
                     response = forwarded => response,
@@ -571,6 +580,24 @@ mod tests {
     use crate::config::{PolicyKind, RoutingArgs};
 
     const MODEL_BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+    /// A head's one-hop fields (`Host`, `Expect`, those `Connection` names) and `Content-Length` are read for
+    /// what they say and not passed on; the others are, as they came.
+    #[test]
+    fn a_heads_end_to_end_fields_are_kept_as_they_came() {
+        let mut buf = BytesMut::from(
+            &b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
+               Connection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nExpect: 100-continue\r\nTE: trailers\r\n\
+               Proxy-Authorization: x\r\nX-Secret: s\r\nX-Keep:  k \r\n\r\n{}NEXT"[..],
+        );
+        let head = parse_head(&mut buf).unwrap().unwrap();
+        let fields: Vec<_> = head.fields.iter().collect();
+        assert_eq!(fields, [(&b"Content-Type"[..], &b"application/json"[..]), (b"X-Keep", b"k")]);
+        assert_eq!((head.method, head.uri.to_string()), (Method::POST, "/v1/completions?x=1".to_string()));
+        assert_eq!(head.framing, Framing::Length(2));
+        assert!(head.keep_alive && head.expects_continue);
+        assert_eq!(&buf[..], b"{}NEXT", "the head is split off; its body and what follows stay");
+    }
 
     /// What the test backend does with each request.
     #[derive(Clone, Copy)]
