@@ -81,11 +81,11 @@ impl Codings {
 }
 
 /// Where the head at the start of `buf` ends: just past its empty line, when it has all arrived. Lines end with
-/// CRLF or a bare LF, as httparse reads them, so a head found here is one httparse reads whole (or refuses).
-/// Found first, the head is split off its read buffer and parsed where it lies: its fields share those bytes
-/// instead of a copy of them.
+/// CRLF or a bare LF, and empty lines before the head are skipped, as httparse reads them, so a head found here is
+/// one httparse reads whole (or refuses). Found first, the head is split off its read buffer and parsed where it
+/// lies: its fields share those bytes instead of a copy of them.
 pub fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
+    let mut from = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
     while let Some(at) = memchr::memchr(b'\n', &buf[from..]) {
         let next = from + at + 1;
         match buf.get(next..) {
@@ -396,13 +396,17 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nbody"), Some(21));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\n\r\n"), Some(23));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\n"), Some(23));
-        for partial in [&b""[..], b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nA: b\r\n\r", b"\r"] {
+        assert_eq!(head_end(b"\r\n\nGET / HTTP/1.1\r\n\r\n"), Some(21), "empty lines before it are skipped");
+        for partial in [&b""[..], b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nA: b\r\n\r", b"\r", b"\r\n\r\n"] {
             assert_eq!(head_end(partial), None, "{:?}", String::from_utf8_lossy(partial));
         }
         // What httparse reads of each found head: all of it.
-        for wire in
-            [&b"GET / HTTP/1.1\r\nA: b\r\n\r\n"[..], b"GET / HTTP/1.1\nA: b\n\n", b"GET / HTTP/1.1\r\nA: b\n\r\n"]
-        {
+        for wire in [
+            &b"GET / HTTP/1.1\r\nA: b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\nA: b\n\n",
+            b"GET / HTTP/1.1\r\nA: b\n\r\n",
+            b"\r\n\nGET / HTTP/1.1\r\n\r\n",
+        ] {
             let mut fields = [httparse::EMPTY_HEADER; 4];
             let parsed = httparse::Request::new(&mut fields).parse(wire).unwrap();
             assert_eq!(parsed, httparse::Status::Complete(head_end(wire).unwrap()));

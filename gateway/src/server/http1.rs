@@ -504,9 +504,6 @@ impl Connection {
                 Out::UntilClose
             };
         encode_head(out, &head, body.upstream(), framing, keep_alive, version);
-        // (An upstream answer's fields share its connection's read buffer: that buffer is read into again without a
-        // new one only once nothing else holds it.)
-        drop(head);
         if *method == Method::HEAD || framing == Out::None {
             // The body (and the in-flight count it holds) ends before the client can see the answer's end.
             drop(body);

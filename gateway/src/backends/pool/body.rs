@@ -41,7 +41,9 @@ impl UpstreamBody {
         body
     }
 
-    /// The answer's end-to-end fields (framing and one hop's fields left out), as the backend sent them.
+    /// The answer's end-to-end fields (framing, one hop's fields and `x-baleen-backend` left out), as the backend
+    /// sent them. They share the bytes the connection read them into, so a body read in more than that first read
+    /// is read into a new buffer.
     pub fn fields(&self) -> &Fields {
         &self.fields
     }
