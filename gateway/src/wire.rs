@@ -117,14 +117,16 @@ impl Fields {
         let base = raw.as_ptr() as usize;
         let mut lines = SmallVec::new();
         for h in fields {
+            // (Every field is shown to `keep`, which reads the framing ones; only the kept ones' lines are found.)
+            if !keep(h) {
+                continue;
+            }
             // (A field's name and value hold no LF: the first after its name ends its line.)
             let Some(start) = (h.name.as_ptr() as usize).checked_sub(base) else { continue };
             let name_end = start + h.name.len();
             let Some(lf) = raw.get(name_end..).and_then(|rest| memchr::memchr(b'\n', rest)) else { continue };
             let end = name_end + lf - usize::from(lf > 0 && raw[name_end + lf - 1] == b'\r');
-            if keep(h)
-                && let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(end))
-            {
+            if let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(end)) {
                 lines.push((start, end));
             }
         }
@@ -133,6 +135,9 @@ impl Fields {
 
     /// Leaves out the fields whose name is one of `names` (any case).
     pub fn remove(&mut self, names: &[&[u8]]) {
+        if names.is_empty() {
+            return;
+        }
         let raw = &self.raw;
         self.lines.retain(|&mut (start, end)| {
             let name = split_line(&raw[start as usize..end as usize]).0;

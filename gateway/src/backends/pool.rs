@@ -37,11 +37,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per backend and event loop at most (more are closed when their answer is done).
 const MAX_POOLED: usize = 512;
 /// A pooled connection last taken by a request that began this recently (so given back more recently still) is
-/// taken without asking its socket whether the backend closed it, unless the event loop has seen something on it. Backends close idle keep-alive connections after their idle
-/// timeout (seconds to minutes: never this soon) or when they stop, whose close the event loop sees at its next
-/// turn; a request that meets a close in between fails on that backend and is retried on another. (Bytes a
-/// faulty backend sends after its answer are caught the same way, unless they arrive within that instant, when
-/// they are read as the start of the next answer.)
+/// taken without asking its socket whether the backend closed it, unless the event loop has seen something on it.
+/// Backends close idle keep-alive connections after their idle timeout (seconds to minutes: never this soon) or
+/// when they stop, whose close the event loop sees at its next turn; a request that meets a close in between fails
+/// on that backend and is retried on another. (Bytes a faulty backend sends after its answer are caught the same
+/// way, unless they arrive within that instant, when they are read as the start of the next answer.)
 const FRESH: Duration = Duration::from_secs(1);
 /// A connection keeps the buffer its request heads are written from unless a head made it larger than this.
 const MAX_KEPT_HEAD: usize = 16 * 1024;
@@ -214,9 +214,9 @@ impl ConnPool {
 
     /// Sends `request` and returns the answer's status, with a body that holds its end-to-end fields
     /// ([`UpstreamBody::fields`]) and is read from the connection as it is polled; the connection comes back to the
-    /// pool when the body is done. A pooled connection whose write fails (the
-    /// backend closed it idle between the probe and the write) is replaced by a new one once; once the request is
-    /// written, nothing is sent again here (the backend may be running it).
+    /// pool when the body is done. A pooled connection whose write fails (the backend closed it idle between the
+    /// probe and the write) is replaced by a new one once; once the request is written, nothing is sent again here
+    /// (the backend may be running it).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Response<UpstreamBody>, SendError> {
         if let Some(mut conn) = self.pooled(request.at) {
             match self.exchange(&mut conn, request).await {
@@ -315,9 +315,7 @@ impl ConnPool {
             }
             false
         });
-        if !named.is_empty() {
-            fields.remove(&named);
-        }
+        fields.remove(&named);
         let head = Head {
             status,
             fields,

@@ -42,9 +42,9 @@ impl Drop for InFlight {
 
 /// An upstream answer's body on its way to the client, with the answer's end-to-end fields (`inner.fields()`) and
 /// the backend it came from, which the client's connection writes after the answer's own head fields, and names in
-/// `x-baleen-backend`. Dropping it (the client disconnected) drops the upstream
-/// connection, so the backend cancels the request and frees its KV cache. `first_byte`: when the request arrived,
-/// until its first byte is sent (the backend's time-to-first-byte histogram observes it then).
+/// `x-baleen-backend`. Dropping it (the client disconnected) drops the upstream connection, so the backend cancels
+/// the request and frees its KV cache. `first_byte`: when the request arrived, until its first byte is sent (the
+/// backend's time-to-first-byte histogram observes it then).
 #[derive(Debug)]
 pub struct Upstream {
     pub inner: UpstreamBody,

@@ -150,9 +150,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ApiError> {
         }
         false
     });
-    if !named.is_empty() {
-        fields.remove(&named);
-    }
+    fields.remove(&named);
     if let Some(reason) = bad_length {
         return Err(malformed(reason));
     }

@@ -12,8 +12,8 @@ use super::{Conn, Idle, SendError};
 use crate::wire::{Decoded, Fields, Framing, READ_CHUNK};
 
 /// An answer's body, read from its connection as it is polled, and the answer's end-to-end fields; the connection
-/// goes back to the pool when the body is done (if it may be reused). Dropped before that (the client went away), it closes the connection, so the
-/// backend cancels the request and frees its KV cache.
+/// goes back to the pool when the body is done (if it may be reused). Dropped before that (the client went away),
+/// it closes the connection, so the backend cancels the request and frees its KV cache.
 #[derive(Debug)]
 pub struct UpstreamBody {
     conn: Option<Conn>,
