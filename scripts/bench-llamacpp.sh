@@ -33,6 +33,8 @@
 #   BENCH_INT8_DTYPE  the runtime's --dtype with --quantize int8 (default: bf16)
 #   BENCH_FLASH_ATTN  llama.cpp -fa: on, off or auto (default: on)
 #   BENCH_KV_TYPE     llama.cpp -ctk/-ctv: f16, bf16 or q8_0 (default: f16)
+#   BENCH_BASELINE    a baleen-runtime binary of an earlier build, run as a third engine in the same rounds (the
+#                     three take turns going first); the table gains its tok/s and the runtime's ratio to it
 #
 # One JSON line per measurement goes to $CARGO_TARGET_DIR/bench/llamacpp.jsonl; a markdown table is printed.
 # Not run by CI or the tests.
@@ -52,6 +54,7 @@ FORMATS="${BENCH_FORMATS:-f32 bf16 int8}"
 INT8_DTYPE="${BENCH_INT8_DTYPE:-bf16}"
 FLASH_ATTN="${BENCH_FLASH_ATTN:-on}"
 KV_TYPE="${BENCH_KV_TYPE:-f16}"
+BASELINE="${BENCH_BASELINE:-}"
 # Pinned tooling: llama.cpp as vendored by this llama-cpp-python release, and the venv's packages.
 LLAMA_CPP_PYTHON=0.3.36
 PIP_PINS=(cmake==4.4.5 numpy==2.4.6 PyYAML==6.0.4)
@@ -65,6 +68,7 @@ for fmt in $FORMATS; do
     case "$fmt" in f32|bf16|int8) ;; *) die "BENCH_FORMATS: unknown format $fmt (accepted: f32 bf16 int8)" ;; esac
 done
 release_bin baleen-runtime "$BIN"
+[[ -z "$BASELINE" || -x "$BASELINE" ]] || die "BENCH_BASELINE: $BASELINE is not an executable file"
 help="$("$BIN" bench --help 2>/dev/null || true)"
 if [[ " $FORMATS " == *" int8 "* && "$help" != *--quantize* ]]; then
     die "$BIN has no --quantize (an older build?); build a newer one or set BENCH_FORMATS=\"f32 bf16\""
@@ -154,7 +158,7 @@ objs = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 def out(batch, tps, extra):
     print(json.dumps({"engine": engine, "phase": phase, "round": int(rnd), "threads": int(threads), "format": fmt,
                       "batch": batch, "tokens_per_s": tps, **extra}))
-if engine == "runtime":
+if engine in ("runtime", "baseline"):
     for j in objs:
         key = "decode_tokens_per_s" if phase == "decode" else "prefill_tokens_per_s"
         out(j["batch"], j[key], {"kv_cache_bytes_per_token": j.get("kv_cache_bytes_per_token"),
@@ -183,26 +187,31 @@ run_llamacpp() { # run_llamacpp ROUND THREADS FORMAT
         -lm none -o json > "$out" 2> "$log" || die "llama-bench ($3, $2 threads) failed; its log: $log"
     record llamacpp prefill "$1" "$2" "$3" "$out"
 }
-run_runtime() { # run_runtime ROUND THREADS FORMAT
-    local args=(--dtype "$3") log="$OUT_DIR/llamacpp-runtime.log" out="$OUT_DIR/llamacpp-runtime.out"
+run_runtime() { # run_runtime ROUND THREADS FORMAT [ENGINE BINARY]: the runtime (or the baseline build)
+    local engine="${4:-runtime}" bin="${5:-$BIN}" args=(--dtype "$3")
+    local log="$OUT_DIR/llamacpp-$engine.log" out="$OUT_DIR/llamacpp-$engine.out"
     [[ "$3" == int8 ]] && args=(--dtype "$INT8_DTYPE" --quantize int8)
-    "$BIN" bench --model "$MODEL" "${args[@]}" --threads "$2" --batch "$BATCHES" --prompt-len "$PROMPT" \
-        --gen-len $((STEPS + 1)) --repeats 2 > "$out" 2> "$log" || die "runtime bench ($3, $2 threads) failed; its log: $log"
-    record runtime decode "$1" "$2" "$3" "$out"
-    "$BIN" bench --model "$MODEL" "${args[@]}" --threads "$2" --batch 1 --prompt-len "$PREFILL" --gen-len 1 \
-        --repeats 2 > "$out" 2> "$log" || die "runtime bench ($3, $2 threads) failed; its log: $log"
-    record runtime prefill "$1" "$2" "$3" "$out"
+    "$bin" bench --model "$MODEL" "${args[@]}" --threads "$2" --batch "$BATCHES" --prompt-len "$PROMPT" \
+        --gen-len $((STEPS + 1)) --repeats 2 > "$out" 2> "$log" || die "$engine bench ($3, $2 threads) failed; its log: $log"
+    record "$engine" decode "$1" "$2" "$3" "$out"
+    "$bin" bench --model "$MODEL" "${args[@]}" --threads "$2" --batch 1 --prompt-len "$PREFILL" --gen-len 1 \
+        --repeats 2 > "$out" 2> "$log" || die "$engine bench ($3, $2 threads) failed; its log: $log"
+    record "$engine" prefill "$1" "$2" "$3" "$out"
 }
+run_baseline() { run_runtime "$@" baseline "$BASELINE"; }
+engines=(llamacpp runtime)
+[[ -n "$BASELINE" ]] && engines+=(baseline)
 
 : > "$JSONL"
 run=0
 for round in $(seq 1 "$ROUNDS"); do
     for threads in $THREADS; do
         for fmt in $FORMATS; do
-            # alternate which engine goes first from one measurement to the next (and so within each row from round
-            # to round), so neither always runs on a warmer (or hotter) machine
+            # rotate which engine goes first from one measurement to the next (and so within each row from round
+            # to round), so none always runs on a warmer (or hotter) machine
             run=$((run + 1))
-            if (( (run + round) % 2 )); then order=(llamacpp runtime); else order=(runtime llamacpp); fi
+            order=()
+            for i in "${!engines[@]}"; do order+=("${engines[(run + round + i) % ${#engines[@]}]}"); done
             for engine in "${order[@]}"; do
                 say "round $round/$ROUNDS: $engine, $fmt, $threads thread(s)"
                 "run_$engine" "$round" "$threads" "$fmt"
@@ -227,8 +236,10 @@ print(f"\nllama.cpp {version} (llama-cpp-python {sdist} sdist; CPU, -march=nativ
       + f"Runtime KV cache bytes/token: {', '.join(f'{k} {v}' for k, v in kv_runtime.items())}. "
       + "At batch > 1 llama-batched-bench decodes the same token in every sequence (one set of experts for all): "
       + "an upper bound for llama.cpp.\n")
-print("| threads | phase | format | llama.cpp tok/s | runtime tok/s | runtime / llama.cpp | runs |")
-print("|---:|:--|:--|---:|---:|---:|---:|")
+baseline = any(r["engine"] == "baseline" for r in rows)
+extra = (" baseline tok/s | runtime / baseline |", "---:|---:|") if baseline else ("", "")
+print("| threads | phase | format | llama.cpp tok/s | runtime tok/s | runtime / llama.cpp |" + extra[0] + " runs |")
+print("|---:|:--|:--|---:|---:|---:|" + extra[1] + "---:|")
 order = {"f32": 0, "bf16": 1, "int8": 2}
 keys = sorted({k[:4] for k in runs}, key=lambda k: (k[0], k[1] == "prefill", k[2], order[k[3]]))
 for threads, phase, batch, fmt in keys:
@@ -239,6 +250,12 @@ for threads, phase, batch, fmt in keys:
     label = f"decode, batch {batch}" if phase == "decode" else "prefill 512"
     name = "int8 / Q8_0" if fmt == "int8" else fmt
     ratio = f"{om / lm:.2f}x" if lm > 0 else "-"
-    print(f"| {threads} | {label} | {name} | {lm:,.2f} | {om:,.2f} | {ratio} | {min(len(llama), len(ours))} |")
+    cells, runs_n = "", min(len(llama), len(ours))
+    if baseline:
+        base = runs.get((threads, phase, batch, fmt, "baseline"), [])
+        bm = statistics.median(base) if base else float("nan")
+        cells = f" {bm:,.2f} | " + (f"{om / bm:.2f}x" if bm > 0 else "-") + " |"
+        runs_n = min(runs_n, len(base))
+    print(f"| {threads} | {label} | {name} | {lm:,.2f} | {om:,.2f} | {ratio} |{cells} {runs_n} |")
 print()
 PY

@@ -198,6 +198,7 @@ mod dot {
     };
 
     use super::{Bf16Rows, Columns, PAIR, PANEL, ROWS, SETS, set_of, store};
+    use crate::model::host::prefetch;
 
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
@@ -247,6 +248,7 @@ mod dot {
         let x: [&[u16]; R] = std::array::from_fn(|r| &rows.values[(row + r) * rows.kp..(row + r + 1) * rows.kp]);
         for g in 0..rows.kp / PAIR {
             let at = g * PANEL * PAIR;
+            prefetch(panel, at);
             let (w0, w1) = (load(panel, at), load(panel, at + 16));
             for r in 0..R {
                 let xb = broadcast(&x[r][g * PAIR..g * PAIR + PAIR]);
@@ -270,6 +272,7 @@ mod dot {
         for first in (0..full).step_by(SETS) {
             for (s, sum) in sums.iter_mut().enumerate() {
                 let g = first + s;
+                prefetch(panel, g * PANEL * PAIR);
                 let (w0, w1) = (load(panel, g * PANEL * PAIR), load(panel, g * PANEL * PAIR + 16));
                 let xb = broadcast(&x[g * PAIR..g * PAIR + PAIR]);
                 sum[0] = _mm256_dpbf16_ps(sum[0], w0, xb);

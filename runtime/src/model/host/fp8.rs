@@ -231,6 +231,7 @@ mod dot {
 
     use super::{Bf16Rows, Columns, Fp8Panels, HIGH_BYTES, LOW_BYTES, PAIR, PANEL, QUAD, QUAD_BYTES, ROWS, SETS};
     use super::{padded, store};
+    use crate::model::host::prefetch;
 
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -288,6 +289,7 @@ mod dot {
             let first = b * w.block / QUAD;
             let mut sums = [[_mm512_setzero_ps(); SETS]; R];
             for q in first..(kq.min((b + 1) * w.block) / QUAD) {
+                prefetch(values, q * QUAD_BYTES);
                 let bytes = load(values, q * QUAD_BYTES);
                 // Bit 7 of an index is ignored: the magnitude picks its bytes; the sign goes into the high byte.
                 let hi = _mm512_permutex2var_epi8(high_0, bytes, high_1);

@@ -228,6 +228,7 @@ mod vnni {
     };
 
     use super::{BLOCK, Columns, GROUP, PANEL, Q8Rows, ROWS, store};
+    use crate::model::host::prefetch;
 
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
@@ -273,6 +274,7 @@ mod vnni {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for g in 0..BLOCK / GROUP {
                 let at = (b * BLOCK / GROUP + g) * PANEL * GROUP;
+                prefetch(values, at);
                 let (w0, w1) = (load_bytes(values, at), load_bytes(values, at + 32));
                 let k = b * BLOCK + g * GROUP;
                 for r in 0..R {
