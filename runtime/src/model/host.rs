@@ -101,7 +101,7 @@ enum Panels {
 /// How far ahead of its reads a bf16 or 8-bit kernel asks for a panel's bytes ([`prefetch`]). A batch-1 decode
 /// step streams every weight once from memory, and the hardware prefetchers start over at each 4 KiB page; asking
 /// for the line 4 KiB ahead keeps the stream going across pages. Measured on the V2-Lite-shaped benchmark (bf16,
-/// 2 threads, batch 1, 5 alternating runs each): 1 KiB +5 %, 2 KiB +9 %, 4 KiB +10 %, 8 KiB +9 %.
+/// 2 threads, batch 1, medians of 5 alternating runs, two sets): 1 KiB +5 %, 2 KiB +9–11 %, 4 KiB +13 %, 8 KiB +10 %.
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Asks the CPU to bring the cache line [`PREFETCH_AHEAD`] bytes past `at` of `values` into its caches: a hint
