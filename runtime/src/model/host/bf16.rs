@@ -248,16 +248,16 @@ mod dot {
         // The loop reads through pointers: with a bounds check per row and load it spent about as many
         // instructions on checks and reloaded row addresses as on `vdpbf16ps`. What makes every read in bounds:
         let groups = rows.kp / PAIR;
-        assert!(panel.len() >= groups * PANEL * PAIR && rows.values.len() >= (row + R) * rows.kp);
-        let x: [*const u16; R] = std::array::from_fn(|r| rows.values[(row + r) * rows.kp..].as_ptr());
+        assert!(panel.len() >= groups * PANEL * PAIR);
+        let x: [*const u16; R] = std::array::from_fn(|r| rows.row(row + r).as_ptr());
         let w = panel.as_ptr();
         for g in 0..groups {
             let at = g * PANEL * PAIR;
             prefetch(panel, at);
             #[allow(unsafe_code)]
-            // SAFETY: `at + 32 <= groups * 32 <= panel.len()`, and row `r`'s `kp = 2 * groups` inputs start at
-            // `x[r]` (both asserted above), so pair `g` (inputs `2g`, `2g + 1`) is in it; unaligned loads have no
-            // other requirement, and any bits are valid bf16.
+            // SAFETY: `at + 32 <= groups * 32 <= panel.len()` (asserted above), and `x[r]` starts row `r`'s slice of
+            // `kp = 2 * groups` inputs, so pair `g` (inputs `2g`, `2g + 1`) is in it; unaligned loads have no other
+            // requirement, and any bits are valid bf16.
             let (w0, w1, pairs) = unsafe {
                 let w0 = _mm256_loadu_si256(w.add(at).cast::<__m256i>());
                 let w1 = _mm256_loadu_si256(w.add(at + 16).cast::<__m256i>());
