@@ -297,21 +297,18 @@ impl ConnPool {
         // Fields the `Connection` header names are of this hop too (RFC 9110 §7.6.1): dropped once all are read.
         let mut named: Vec<&[u8]> = Vec::new();
         let mut fields = Fields::new(&raw, parsed.headers, |h| {
-            if !is_hop_by_hop(h.name.as_bytes()) {
-                if !h.name.eq_ignore_ascii_case("content-length") {
-                    // (The gateway names the backend itself: a backend's own value would precede it.)
-                    return !h.name.eq_ignore_ascii_case(HEADER_GATEWAY_BACKEND);
-                }
+            if h.name.eq_ignore_ascii_case("content-length") {
                 if let Err(reason) = add_content_length(&mut length, h.value) {
                     bad_length.get_or_insert(reason);
                 }
-                return false;
-            }
-            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 codings.add(h.value);
             } else if h.name.eq_ignore_ascii_case("connection") {
                 close |= connection_options(h.value).0;
                 named.extend(connection_named(h.value));
+            } else {
+                // (The gateway names the backend itself: a backend's own value would precede it.)
+                return !is_hop_by_hop(h.name.as_bytes()) && !h.name.eq_ignore_ascii_case(HEADER_GATEWAY_BACKEND);
             }
             false
         });
