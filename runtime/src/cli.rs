@@ -245,7 +245,7 @@ fn logits(args: &LogitsArgs) -> Result<Value> {
     let out = loaded.model.forward_cached(
         &mut pool,
         &mut [(&tokens, &mut SeqCache::default())],
-        ForwardOptions { attention, logits: LogitsFor::AllTokens, trace_router: false },
+        ForwardOptions { attention, logits: LogitsFor::AllTokens, ..Default::default() },
     )?;
     Ok(json!({ "logits": out.logits.to_vec2::<f32>()? }))
 }

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use baleen_api::names::ENV_TEST_DEVICE;
 use baleen_runtime::device::parse_device;
 use baleen_runtime::model::host::Quantize;
+use baleen_runtime::model::mla::ABSORBED_PREFILL_MAX_TOKENS;
 use baleen_runtime::model::{
     AttentionMode, DEFAULT_BLOCK_SIZE, DeepseekModel, ForwardOptions, LatentPool, LogitsFor, ModelConfig, SeqCache,
 };
@@ -73,30 +74,35 @@ fn pool(model: &DeepseekModel) -> LatentPool {
     model.new_pool(0, 4).unwrap()
 }
 
-fn prefill(
-    model: &DeepseekModel,
-    tokens: &[u32],
-    mode: AttentionMode,
-) -> (Tensor, Vec<(usize, baleen_runtime::model::Routing)>) {
+type Prefill = (Tensor, Vec<(usize, baleen_runtime::model::Routing)>);
+
+fn prefill(model: &DeepseekModel, tokens: &[u32], mode: AttentionMode) -> Prefill {
+    prefill_on(model, tokens, mode, false)
+}
+
+/// A prefill; `tensor_attention`: attention on candle's tensor ops (what accelerators run) even on the CPU.
+fn prefill_on(model: &DeepseekModel, tokens: &[u32], mode: AttentionMode, tensor_attention: bool) -> Prefill {
     let mut pool = pool(model);
-    let out = model
-        .forward_cached(
-            &mut pool,
-            &mut [(tokens, &mut SeqCache::default())],
-            ForwardOptions { attention: mode, logits: LogitsFor::AllTokens, trace_router: true },
-        )
-        .unwrap();
+    let options =
+        ForwardOptions { attention: mode, logits: LogitsFor::AllTokens, trace_router: true, tensor_attention };
+    let out = model.forward_cached(&mut pool, &mut [(tokens, &mut SeqCache::default())], options).unwrap();
     (out.logits, out.router)
 }
 
-/// Both MLA forms: naive (candle's ops) and absorbed (for f32 on the CPU, the host path end to end).
+/// Both MLA forms, on the path the device takes (for f32 on the CPU, the host path end to end) and on candle's
+/// tensor ops.
 fn check_prefill_logits(name: &str) {
     let model = load(name, DType::F32);
     let g = golden(name);
     for mode in [AttentionMode::Naive, AttentionMode::Absorbed] {
-        let (logits, _) = prefill(&model, &ids(&g["prompt_ids"]), mode);
-        let diff = max_abs_diff(&logits, &g["logits"]);
-        assert!(diff <= F32_TOL, "{name} {mode:?}: prefill logits differ from transformers by {diff}");
+        for tensor in [false, true] {
+            let (logits, _) = prefill_on(&model, &ids(&g["prompt_ids"]), mode, tensor);
+            let diff = max_abs_diff(&logits, &g["logits"]);
+            assert!(
+                diff <= F32_TOL,
+                "{name} {mode:?} tensor {tensor}: prefill logits differ from transformers by {diff}"
+            );
+        }
     }
 }
 
@@ -189,34 +195,48 @@ fn absorbed_attention_equals_naive_attention() {
     for name in ["tiny-v3", "tiny-v2"] {
         let model = load(name, DType::F32);
         let prompt = ids(&golden(name)["prompt_ids"]);
-        let (naive, _) = prefill(&model, &prompt, AttentionMode::Naive);
         let (absorbed, _) = prefill(&model, &prompt, AttentionMode::Absorbed);
-        let diff = max_abs_diff(&naive, &absorbed);
-        assert!(diff <= 1e-5, "{name}: absorbed prefill differs from naive by {diff}");
+        for tensor in [false, true] {
+            let (naive, _) = prefill_on(&model, &prompt, AttentionMode::Naive, tensor);
+            let diff = max_abs_diff(&naive, &absorbed);
+            assert!(diff <= 1e-5, "{name} tensor {tensor}: absorbed prefill differs from naive by {diff}");
+        }
     }
 }
 
+/// A decode step and a prefill in one batch give the logits each gives alone: a prefill of 9 tokens (the absorbed
+/// form), and one longer than [`ABSORBED_PREFILL_MAX_TOKENS`] (the naive form), without and with cached tokens
+/// before it.
 #[test]
 fn packed_batch_of_mixed_lengths_equals_separate_runs() {
     let model = load("tiny-v3", DType::F32);
     let prompt = ids(&golden("tiny-v3")["prompt_ids"]);
-    let (a, b) = (&prompt[..7], &prompt[3..12]);
+    let long: Vec<u32> = prompt.iter().copied().cycle().take(ABSORBED_PREFILL_MAX_TOKENS + 16).collect();
     let alone = |p: &[u32]| prefill(&model, p, AttentionMode::Auto).0;
-    let (ra, rb) = (alone(a), alone(b));
-    // Sequence A is already cached up to 6 tokens and decodes its 7th; B prefills 9 tokens in the same batch.
-    let mut pool = model.new_pool(0, DEFAULT_BLOCK_SIZE).unwrap();
-    let (mut ca, mut cb) = (SeqCache::default(), SeqCache::default());
-    model.forward_cached(&mut pool, &mut [(&a[..6], &mut ca)], ForwardOptions::default()).unwrap();
-    let out = model
-        .forward_cached(
-            &mut pool,
-            &mut [(&a[6..], &mut ca), (b, &mut cb)],
-            ForwardOptions { logits: LogitsFor::AllTokens, ..Default::default() },
-        )
-        .unwrap()
-        .logits;
-    assert!(max_abs_diff(&out.narrow(0, 0, 1).unwrap(), &ra.narrow(0, 6, 1).unwrap()) <= 1e-5);
-    assert!(max_abs_diff(&out.narrow(0, 1, 9).unwrap(), &rb) <= 1e-5);
+    let a = &prompt[..7];
+    let ra = alone(a);
+    for (cached, new) in [(0, 9), (0, ABSORBED_PREFILL_MAX_TOKENS + 6), (10, ABSORBED_PREFILL_MAX_TOKENS + 6)] {
+        let b = &long[..cached + new];
+        let rb = alone(b);
+        // Sequence A is already cached up to 6 tokens and decodes its 7th; B prefills its new tokens in the same batch.
+        let mut pool = model.new_pool(0, DEFAULT_BLOCK_SIZE).unwrap();
+        let (mut ca, mut cb) = (SeqCache::default(), SeqCache::default());
+        model.forward_cached(&mut pool, &mut [(&a[..6], &mut ca)], ForwardOptions::default()).unwrap();
+        if cached > 0 {
+            model.forward_cached(&mut pool, &mut [(&b[..cached], &mut cb)], ForwardOptions::default()).unwrap();
+        }
+        let out = model
+            .forward_cached(
+                &mut pool,
+                &mut [(&a[6..], &mut ca), (&b[cached..], &mut cb)],
+                ForwardOptions { logits: LogitsFor::AllTokens, ..Default::default() },
+            )
+            .unwrap()
+            .logits;
+        let decode = max_abs_diff(&out.narrow(0, 0, 1).unwrap(), &ra.narrow(0, 6, 1).unwrap());
+        let prefill = max_abs_diff(&out.narrow(0, 1, new).unwrap(), &rb.narrow(0, cached, new).unwrap());
+        assert!(decode <= 1e-5 && prefill <= 1e-5, "{cached} cached, {new} new: off by {decode} and {prefill}");
+    }
 }
 
 /// Sequences of different lengths decoding in one step (the batched decode attention on accelerators, the fused
@@ -257,8 +277,8 @@ fn batched_decode_of_different_lengths_equals_separate_decodes() {
 /// keeps 8 significant bits, so the router's input moves by ~0.4% and the (f32) router scores by up to ~1e-2 here.
 const BF16_ROUTING_TIE: f32 = 1e-2;
 
-/// bf16 weights, activations and latent cache, measured against transformers' own bf16 run of the same
-/// weights (`bf16.*` goldens): our distance from the f32 goldens may be at most twice transformers' (plus 0.01 for
+/// bf16 weights (on candle's tensor ops, bf16 activations too; the host path rounds only each product's inputs),
+/// measured against transformers' own bf16 run of the same weights (`bf16.*` goldens), the prefill on both paths: our distance from the f32 goldens may be at most twice transformers' (plus 0.01 for
 /// the accumulation-order noise of a different matmul library). Greedy ids are not compared: the argmax margins
 /// (≥ 1e-3) are below bf16 resolution, so the decode path is checked by teacher forcing the golden ids.
 ///
@@ -277,17 +297,22 @@ fn bf16_path_is_as_close_to_f32_as_transformers_bf16() {
         let f32_model = load(name, DType::F32);
         let g = golden(name);
         let prompt = ids(&g["prompt_ids"]);
-        let (logits, routes) = prefill(&model, &prompt, AttentionMode::Naive);
         let (_, f32_routes) = prefill(&f32_model, &prompt, AttentionMode::Naive);
-        let kept = match tied_reroutes(name, "prefill", &routes, &f32_routes) {
-            Some(tokens) => tokens.into_iter().min().unwrap_or(0),
-            None => prompt.len(),
-        };
-        assert!(kept > 0, "{name}: the first prompt token was rerouted, so the bf16 prefill bound checks nothing");
-        let ours = max_abs_diff(&logits.narrow(0, 0, kept).unwrap(), &g["logits"].narrow(0, 0, kept).unwrap());
-        let hf = max_abs_diff(&g["bf16.logits"], &g["logits"]);
-        eprintln!("{name}: bf16 prefill max abs vs f32 (first {kept} positions): ours {ours}, transformers {hf}");
-        assert!(ours <= 2.0 * hf + 0.01, "{name}: bf16 prefill error {ours} vs transformers' {hf}");
+        for tensor in [false, true] {
+            let (logits, routes) = prefill_on(&model, &prompt, AttentionMode::Naive, tensor);
+            let kept = match tied_reroutes(name, "prefill", &routes, &f32_routes) {
+                Some(tokens) => tokens.into_iter().min().unwrap_or(0),
+                None => prompt.len(),
+            };
+            assert!(kept > 0, "{name}: the first prompt token was rerouted, so the bf16 prefill bound checks nothing");
+            let ours = max_abs_diff(&logits.narrow(0, 0, kept).unwrap(), &g["logits"].narrow(0, 0, kept).unwrap());
+            let hf = max_abs_diff(&g["bf16.logits"], &g["logits"]);
+            eprintln!(
+                "{name} tensor {tensor}: bf16 prefill max abs vs f32 (first {kept} positions): ours {ours}, \
+                 transformers {hf}"
+            );
+            assert!(ours <= 2.0 * hf + 0.01, "{name} tensor {tensor}: bf16 prefill error {ours} vs transformers' {hf}");
+        }
         let want = ids(&g["greedy.ids"]);
         let prompt = ids(&g["greedy.prompt_ids"]);
         let (_, logits, routes) = decode(&model, &prompt, want.len(), Some(&want));

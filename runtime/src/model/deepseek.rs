@@ -65,6 +65,9 @@ pub struct ForwardOptions {
     pub logits: LogitsFor,
     /// Return every MoE layer's routing decisions.
     pub trace_router: bool,
+    /// Run attention with candle's tensor ops even where the host path could (f32 or bf16 on the CPU with a host
+    /// pool): the ops an accelerator runs, which tests check on the CPU too.
+    pub tensor_attention: bool,
 }
 
 /// One sequence's part of a forward pass: `tokens` new tokens placed after the `past` tokens its block table
@@ -430,7 +433,7 @@ impl DeepseekModel {
             .map(|(s, &(start, len, past))| SeqSlice { start, len, past, blocks: s.blocks })
             .collect();
         let last: Vec<usize> = spans.iter().map(|&(start, len, _)| start + len - 1).collect();
-        if self.runs_on_host(pool, &slices, options.attention) {
+        if !options.tensor_attention && self.runs_on_host(pool, &slices, options.attention) {
             let rows = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             if let Some(out) = self.forward_rows(rows, n, &tables, pool, &slices, &last, options)? {
                 return Ok(out);
@@ -444,7 +447,16 @@ impl DeepseekModel {
             FfnStep { kernels: self.accel.kernels, trace: options.trace_router, counts: counts.as_ref(), real: None };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let attn = layer.self_attn.forward(&h, &rotary, &cos_sin, pool, &slices, i, options.attention)?;
+            let attn = layer.self_attn.forward(
+                &h,
+                &rotary,
+                &cos_sin,
+                pool,
+                &slices,
+                i,
+                options.attention,
+                options.tensor_attention,
+            )?;
             x = (x + attn)?;
             let ffn = self.feed_forward(i, &x, ffn_step, &mut router)?;
             x = (x + ffn)?;
@@ -529,7 +541,9 @@ impl DeepseekModel {
             if !layer.input_layernorm.host(&mut h) {
                 return Ok(None);
             }
-            let Some(attn) = layer.self_attn.forward_rows(&h, n, &rotary, pool, slices, i)? else { return Ok(None) };
+            let Some(attn) = layer.self_attn.forward_rows(&h, n, &rotary, pool, slices, i, options.attention)? else {
+                return Ok(None);
+            };
             x.iter_mut().zip(&attn).for_each(|(x, a)| *x += a);
             let mut h = x.clone();
             if !layer.post_attention_layernorm.host(&mut h) {

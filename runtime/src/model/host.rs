@@ -48,11 +48,13 @@ macro_rules! row_tiles {
     }};
 }
 
+mod attention;
 mod bf16;
 mod fp8;
 mod q8;
 mod weights;
 
+pub use attention::{NaiveHeads, naive_attention};
 use bf16::{Bf16Panels, Bf16Rows};
 use fp8::Fp8Panels;
 use q8::{Q8Panels, Q8Rows};
@@ -344,34 +346,49 @@ struct Columns<'a> {
 
 /// One panel's columns for all `m` rows of `a` (`[m, k]`).
 fn panel_product(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
+    strided_panel_product(Strided { a, stride: k, m, k }, panel, dst);
+}
+
+/// `m` rows of `k` inputs, row `r` at `a[r * stride..]` (`stride >= k`): the first `k` columns of a wider matrix.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    a: &'a [f32],
+    stride: usize,
+    m: usize,
+    k: usize,
+}
+
+/// One panel's columns (its first `rows.k` inputs) for every row of `rows`.
+fn strided_panel_product(rows: Strided<'_>, panel: &[f32], dst: Columns<'_>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
         // SAFETY: the CPU supports AVX2 and FMA, checked just above; that is the only requirement of the call.
         unsafe {
-            panel_product_fma(a, m, k, panel, dst)
+            panel_product_fma(rows, panel, dst)
         };
         return;
     }
-    panel_product_generic::<false>(a, m, k, panel, dst);
+    panel_product_generic::<false>(rows, panel, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn panel_product_fma(a: &[f32], m: usize, k: usize, panel: &[f32], dst: Columns<'_>) {
-    panel_product_generic::<true>(a, m, k, panel, dst);
+fn panel_product_fma(rows: Strided<'_>, panel: &[f32], dst: Columns<'_>) {
+    panel_product_generic::<true>(rows, panel, dst);
 }
 
 #[inline(always)]
-fn panel_product_generic<const FMA: bool>(a: &[f32], m: usize, k: usize, panel: &[f32], mut dst: Columns<'_>) {
-    row_tiles!(m, &mut dst, tile[FMA](a, k, panel));
+fn panel_product_generic<const FMA: bool>(rows: Strided<'_>, panel: &[f32], mut dst: Columns<'_>) {
+    row_tiles!(rows.m, &mut dst, tile[FMA](rows, panel));
 }
 
-/// `R` rows of `a` (`[m, k]`) from `row` against one panel (`[k, PANEL]`), accumulated in registers.
+/// `R` rows of `a` from `row` against one panel (`[k, PANEL]`), accumulated in registers.
 #[inline(always)]
-fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32], row: usize) -> [[f32; PANEL]; R] {
+fn tile<const R: usize, const FMA: bool>(a: Strided<'_>, panel: &[f32], row: usize) -> [[f32; PANEL]; R] {
     let mut acc = [[0f32; PANEL]; R];
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(row + r) * k..(row + r + 1) * k]);
+    let Strided { a, stride, k, .. } = a;
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(row + r) * stride..(row + r) * stride + k]);
     for (kk, w) in panel.chunks_exact(PANEL).take(k).enumerate() {
         for r in 0..R {
             let x = rows[r][kk];
@@ -595,6 +612,20 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ac.zip(bc) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sum in eight independent lanes (vectorizable, unlike a sequential float sum).
+#[inline(always)]
+pub(crate) fn sum8(values: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
         }
     }
     acc.iter().sum::<f32>() + tail

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::host::{dot, exp_nonpositive};
+use super::host::{dot, exp_nonpositive, sum8};
 
 /// What every sequence of one call shares: the queries `[tokens, heads, width]`, a layer's pool rows (`width`
 /// values per slot) and the pool's block size; the first `rank` values of a row are the compressed KV.
@@ -178,20 +178,6 @@ fn attend_sequence_portable(b: &Batch<'_>, s: &KernelSeq<'_>, out: &mut [f32]) {
             o_h[tile..].iter_mut().for_each(|o| *o *= inv);
         }
     }
-}
-
-/// Sum in eight independent lanes (vectorizable, unlike a sequential float sum).
-#[inline(always)]
-fn sum8(values: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = values.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Floats of the output accumulated in registers at a time (four AVX registers).

@@ -14,7 +14,9 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LatentPool, SeqSlice};
 use super::config::ModelConfig;
-use super::host::{Norm, PackedMatrix, Projection, WeightMut, WeightVisitor, host_dtype, tensor_bytes};
+use super::host::{
+    NaiveHeads, Norm, PackedMatrix, Projection, WeightMut, WeightVisitor, host_dtype, naive_attention, tensor_bytes,
+};
 use super::latent_attention::{KernelSeq, absorbed_attention};
 use super::rope::{Rope, RopeTables};
 use super::step::DeviceStep;
@@ -98,14 +100,15 @@ struct HeadSlice {
 }
 
 impl HeadSlice {
-    /// Head `h`'s values of `n` token rows of `src`, gathered into `scratch`, through `w`: `[n, w.out_dim()]`.
-    fn through(self, w: &PackedMatrix, src: &[f32], n: usize, h: usize, scratch: &mut Vec<f32>) -> Vec<f32> {
+    /// Head `h`'s values of the token rows `rows` of `src`, gathered into `scratch`, through `w`:
+    /// `[rows.len(), w.out_dim()]`.
+    fn through(self, w: &PackedMatrix, src: &[f32], rows: &[usize], h: usize, scratch: &mut Vec<f32>) -> Vec<f32> {
         scratch.clear();
-        for t in 0..n {
+        for &t in rows {
             let at = (t * self.heads + h) * self.stride + self.offset;
             scratch.extend_from_slice(&src[at..at + self.len]);
         }
-        w.matmul(scratch, n)
+        w.matmul(scratch, rows.len())
     }
 }
 
@@ -188,7 +191,8 @@ impl Mla {
     }
 
     /// Attention over a packed batch `x` (`[tokens, hidden]`). Writes each sequence's new latent rows into the
-    /// pool for `layer` and returns `[tokens, hidden]`.
+    /// pool for `layer` and returns `[tokens, hidden]`. Runs on the host path ([`Mla::forward_rows`]) where it can,
+    /// unless `tensor_ops`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -199,11 +203,12 @@ impl Mla {
         seqs: &[SeqSlice<'_>],
         layer: usize,
         mode: AttentionMode,
+        tensor_ops: bool,
     ) -> Result<Tensor> {
-        if host_dtype(x.dtype()) && self.runs_on_host(pool, seqs, layer, mode) {
+        if host_dtype(x.dtype()) && !tensor_ops && self.runs_on_host(pool, seqs, layer, mode) {
             let (n, _) = x.dims2()?;
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(out) = self.forward_rows(&xs, n, rotary, pool, seqs, layer)? {
+            if let Some(out) = self.forward_rows(&xs, n, rotary, pool, seqs, layer, mode)? {
                 let hidden = out.len() / n.max(1);
                 return Ok(Tensor::from_vec(out, (n, hidden), x.device())?.to_dtype(x.dtype())?);
             }
@@ -347,14 +352,20 @@ impl Mla {
             && self.rank <= kernels::MLA_MAX_RANK
     }
 
-    /// Whether [`Mla::forward_rows`] can run this batch: host weights, a host pool, every sequence absorbed.
+    /// Whether [`Mla::forward_rows`] can run this batch: host weights and a host pool, and `kv_b_proj` on the host
+    /// too unless every sequence takes the absorbed form.
     pub fn runs_on_host(&self, pool: &LatentPool, seqs: &[SeqSlice<'_>], layer: usize, mode: AttentionMode) -> bool {
-        self.host.is_some() && pool.host_layer(layer).is_some() && seqs.iter().all(|s| mode.absorbs(s.len, true))
+        self.host.is_some()
+            && pool.host_layer(layer).is_some()
+            && (self.kv_b.is_host() || seqs.iter().all(|s| mode.absorbs(s.len, true)))
     }
 
-    /// The whole layer on the host over plain rows `xs` (`[n, hidden]`), for f32 or bf16 CPU weights and a host pool when
-    /// every sequence takes the absorbed form: projections, norms, rotary embedding, cache write, the fused kernel
-    /// and the per-head absorbed matrices, with no tensor op. `None` when [`Mla::runs_on_host`] does not hold.
+    /// The whole layer on the host over plain rows `xs` (`[n, hidden]`), for f32 or bf16 CPU weights and a host
+    /// pool: projections, norms, rotary embedding and cache write, then each sequence in the form `mode` picks for
+    /// it — absorbed (the fused kernel and the per-head absorbed matrices) or naive (the context decompressed
+    /// through `kv_b_proj`, [`naive_attention`]) — with no tensor op. `None` when [`Mla::runs_on_host`] does not
+    /// hold.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_rows(
         &self,
         xs: &[f32],
@@ -363,9 +374,10 @@ impl Mla {
         pool: &mut LatentPool,
         seqs: &[SeqSlice<'_>],
         layer: usize,
+        mode: AttentionMode,
     ) -> Result<Option<Vec<f32>>> {
         let Some(host) = &self.host else { return Ok(None) };
-        let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
+        let (rank, rope_dim) = (self.rank, self.rope_dim);
         if seqs.iter().map(|s| s.len).sum::<usize>() != n || rotary.tables.cos.len() < n * rotary.tables.half {
             return Err(Error::internal(Part::Attention, "the batch's sequences do not cover its rows"));
         }
@@ -377,8 +389,7 @@ impl Mla {
         };
         let (Some(q), Some(mut kv)) = (q, self.kv_a.host(xs, n)) else { return Ok(None) };
         // Cached rows: normalized compressed KV, rotated shared key.
-        let width = rank + rope_dim;
-        for (t, row) in kv.chunks_exact_mut(width).enumerate() {
+        for (t, row) in kv.chunks_exact_mut(rank + rope_dim).enumerate() {
             let (c_kv, k_pe) = row.split_at_mut(rank);
             if !self.kv_a_norm.host(c_kv) {
                 return Ok(None);
@@ -386,18 +397,56 @@ impl Mla {
             rotary.rope.rotate(k_pe, rotary.tables, t);
         }
         pool.write_host_rows(layer, &kv, seqs)?;
-        // Queries [tokens, heads, rank + rope]: q_nope through W_UK, q_pe rotated, both scaled.
-        let qk = nope + rope_dim;
+        let mut attn = vec![0f32; n * self.heads * self.v_dim];
+        let (absorbed, naive): (Vec<&SeqSlice<'_>>, Vec<&SeqSlice<'_>>) =
+            seqs.iter().partition(|s| mode.absorbs(s.len, true));
+        if !absorbed.is_empty() && !self.absorbed_rows(host, &q, &absorbed, rotary, pool, layer, &mut attn) {
+            return Ok(None);
+        }
+        for s in naive {
+            if !self.naive_rows(&q, s, rotary, pool, layer, &mut attn)? {
+                return Ok(None);
+            }
+        }
+        Ok(self.o.host(&attn, n))
+    }
+
+    /// The absorbed form for `seqs` (rows of the batch's queries `q`, `[n, heads, nope + rope]`) on the host: their
+    /// attention into their rows of `attn` (`[n, heads * v]`). `false` when the pool is not in host memory.
+    #[allow(clippy::too_many_arguments)]
+    fn absorbed_rows(
+        &self,
+        host: &HostAbsorb,
+        q: &[f32],
+        seqs: &[&SeqSlice<'_>],
+        rotary: &Rotary<'_>,
+        pool: &LatentPool,
+        layer: usize,
+        attn: &mut [f32],
+    ) -> bool {
+        let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
+        let Some(cache) = pool.host_layer(layer) else { return false };
+        // The sequences' rows of the batch, and the same sequences packed together.
+        let rows: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.start + s.len).collect();
+        let packed: Vec<usize> = (0..rows.len()).collect();
+        let mut kseqs = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs {
+            kseqs.push(KernelSeq { start, len: s.len, past: s.past, blocks: s.blocks });
+            start += s.len;
+        }
+        // Queries [rows, heads, rank + rope]: q_nope through W_UK, q_pe rotated, both scaled.
+        let (qk, width) = (nope + rope_dim, rank + rope_dim);
         let scale = self.scale as f32;
-        let mut q_full = vec![0f32; n * heads * width];
-        let mut scratch = Vec::with_capacity(n * nope.max(rank));
+        let mut q_full = vec![0f32; rows.len() * heads * width];
+        let mut scratch = Vec::with_capacity(rows.len() * nope.max(rank));
         for (h, w_uk) in host.w_uk.iter().enumerate() {
             let q_nope = HeadSlice { heads, stride: qk, offset: 0, len: nope };
-            let q_lat = q_nope.through(w_uk, &q, n, h, &mut scratch);
-            for t in 0..n {
-                let dst = &mut q_full[(t * heads + h) * width..(t * heads + h + 1) * width];
+            let q_lat = q_nope.through(w_uk, q, &rows, h, &mut scratch);
+            for (i, &t) in rows.iter().enumerate() {
+                let dst = &mut q_full[(i * heads + h) * width..(i * heads + h + 1) * width];
                 let (lat, pe) = dst.split_at_mut(rank);
-                for (d, s) in lat.iter_mut().zip(&q_lat[t * rank..(t + 1) * rank]) {
+                for (d, s) in lat.iter_mut().zip(&q_lat[i * rank..(i + 1) * rank]) {
                     *d = s * scale;
                 }
                 let at = (t * heads + h) * qk + nope;
@@ -406,21 +455,53 @@ impl Mla {
                 pe.iter_mut().for_each(|v| *v *= scale);
             }
         }
-        let Some(cache) = pool.host_layer(layer) else { return Ok(None) };
-        let kseqs: Vec<KernelSeq<'_>> =
-            seqs.iter().map(|s| KernelSeq { start: s.start, len: s.len, past: s.past, blocks: s.blocks }).collect();
         let latent = absorbed_attention(&q_full, heads, width, rank, cache, pool.block_size(), &kseqs);
-        // Values per head through W_UV, into [tokens, heads * v].
-        let mut attn = vec![0f32; n * heads * v_dim];
+        // Values per head through W_UV, into the rows' [heads * v].
         for (h, w_uv) in host.w_uv.iter().enumerate() {
             let latent_h = HeadSlice { heads, stride: rank, offset: 0, len: rank };
-            let values = latent_h.through(w_uv, &latent, n, h, &mut scratch);
-            for t in 0..n {
+            let values = latent_h.through(w_uv, &latent, &packed, h, &mut scratch);
+            for (i, &t) in rows.iter().enumerate() {
                 let at = (t * heads + h) * v_dim;
-                attn[at..at + v_dim].copy_from_slice(&values[t * v_dim..(t + 1) * v_dim]);
+                attn[at..at + v_dim].copy_from_slice(&values[i * v_dim..(i + 1) * v_dim]);
             }
         }
-        Ok(self.o.host(&attn, n))
+        true
+    }
+
+    /// The naive form for one sequence `s` on the host: its context rows (already written) decompressed through
+    /// `kv_b_proj`, then [`naive_attention`] into its rows of `attn`. `false` when `kv_b_proj` runs on candle.
+    fn naive_rows(
+        &self,
+        q: &[f32],
+        s: &SeqSlice<'_>,
+        rotary: &Rotary<'_>,
+        pool: &LatentPool,
+        layer: usize,
+        attn: &mut [f32],
+    ) -> Result<bool> {
+        let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
+        let Some(cache) = pool.host_layer(layer) else { return Ok(false) };
+        let (width, total) = (rank + rope_dim, s.past + s.len);
+        let mut latent = Vec::with_capacity(total * rank);
+        let mut k_pe = Vec::with_capacity(total * rope_dim);
+        for p in 0..total {
+            let slot = pool.slot(s.blocks, p)?;
+            let (c_kv, pe) = cache[slot * width..(slot + 1) * width].split_at(rank);
+            latent.extend_from_slice(c_kv);
+            k_pe.extend_from_slice(pe);
+        }
+        let Some(kv) = self.kv_b.host(&latent, total) else { return Ok(false) };
+        let qk = nope + rope_dim;
+        let mut queries = q[s.start * heads * qk..(s.start + s.len) * heads * qk].to_vec();
+        for (j, token) in queries.chunks_exact_mut(heads * qk).enumerate() {
+            for head in token.chunks_exact_mut(qk) {
+                rotary.rope.rotate(&mut head[nope..], rotary.tables, s.start + j);
+            }
+        }
+        let shape = NaiveHeads { heads, nope, rope: rope_dim, v: v_dim, scale: self.scale as f32 };
+        let out = &mut attn[s.start * heads * v_dim..(s.start + s.len) * heads * v_dim];
+        naive_attention(&queries, &kv, &k_pe, s.len, total, shape, out);
+        Ok(true)
     }
 
     /// Absorbed attention of one sequence: `q` `[len, heads, rank + rope]` (scaled) over `ctx` `[past + len, rank + rope]`.
