@@ -12,7 +12,8 @@
 //! weights in bf16 (half the bytes of f32, which is what a memory-bound decode step pays for) and multiplies them
 //! with its inputs rounded to bf16 ([`bf16`], AVX-512 BF16 where the CPU has it); `--quantize int8` narrows the
 //! packed matrices further, to int8 with a scale per 32 values of a column ([`q8`], AVX-512 VNNI). Norms, sums and
-//! everything between the products stay f32.
+//! everything between the products stay f32. [`naive_attention`] runs MLA's naive form (long prefills) as products of
+//! the f32 kernel.
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
