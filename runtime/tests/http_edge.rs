@@ -337,10 +337,23 @@ fn a_drain_cut_short_ends_streams_with_abort_and_exits_one() {
     let mut server = Server::start(&["--drain-timeout", "1"]);
     let body = chat(json!({"max_tokens": 4000, "ignore_eos": true, "stream": true,
                            "stream_options": {"include_usage": true}}));
+    // One 4,000-token stream of the tiny model can finish within the second the drain waits (its context ends at
+    // 4,096), so seven more share its decode steps and make each step, and so the stream, take longer.
+    let others: Vec<_> = (0..7)
+        .map(|_| {
+            let mut other = EventStream::open(server.addr, CHAT, &body);
+            other.next_data().unwrap();
+            std::thread::spawn(move || other.collect_data())
+        })
+        .collect();
     let mut stream = EventStream::open(server.addr, CHAT, &body);
     stream.next_data().unwrap();
     stream.next_data().unwrap();
     server.sigterm();
+    for other in others {
+        let data = other.join().unwrap();
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    }
     let data = stream.collect_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
     let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
