@@ -342,7 +342,8 @@ fn sum_host_rows(
     ids: &[usize],
     side_by_side: bool,
 ) -> Result<Vec<f32>> {
-    let run = |(g, &id): (&ExpertRows, &usize)| -> Result<Vec<f32>> {
+    // Each expert's rows are gathered into a buffer the thread keeps from one expert to its next.
+    let run = |gathered: &mut Vec<f32>, (g, &id): (&ExpertRows, &usize)| -> Result<Vec<f32>> {
         let expert = experts.get(id).ok_or_else(|| Error::internal(Part::Experts, format!("no held expert {id}")))?;
         if expert.hidden() != hidden {
             return Err(Error::internal(
@@ -350,7 +351,7 @@ fn sum_host_rows(
                 format!("rows of width {hidden} for experts of width {}", expert.hidden()),
             ));
         }
-        let mut gathered = Vec::with_capacity(g.rows.len() * hidden);
+        gathered.clear();
         for &r in &g.rows {
             let r = r as usize;
             let row = xs.get(r * hidden..(r + 1) * hidden).ok_or_else(|| {
@@ -358,12 +359,13 @@ fn sum_host_rows(
             })?;
             gathered.extend_from_slice(row);
         }
-        Ok(expert.forward(&gathered, g.rows.len()))
+        Ok(expert.forward(gathered, g.rows.len()))
     };
     let outputs: Vec<Vec<f32>> = if side_by_side {
-        groups.par_iter().zip(ids).map(run).collect::<Result<_>>()?
+        groups.par_iter().zip(ids).map_init(Vec::new, run).collect::<Result<_>>()?
     } else {
-        groups.iter().zip(ids).map(run).collect::<Result<_>>()?
+        let mut gathered = Vec::new();
+        groups.iter().zip(ids).map(|group| run(&mut gathered, group)).collect::<Result<_>>()?
     };
     let mut out = vec![0f32; n * hidden];
     for (g, y) in groups.iter().zip(&outputs) {

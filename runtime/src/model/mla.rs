@@ -102,13 +102,21 @@ struct HeadSlice {
 impl HeadSlice {
     /// Head `h`'s values of the token rows `rows` of `src`, gathered into `scratch`, through `w`:
     /// `[rows.len(), w.out_dim()]`.
-    fn through(self, w: &PackedMatrix, src: &[f32], rows: &[usize], h: usize, scratch: &mut Vec<f32>) -> Vec<f32> {
+    fn through(
+        self,
+        w: &PackedMatrix,
+        src: &[f32],
+        rows: impl ExactSizeIterator<Item = usize>,
+        h: usize,
+        scratch: &mut Vec<f32>,
+    ) -> Vec<f32> {
+        let m = rows.len();
         scratch.clear();
-        for &t in rows {
+        for t in rows {
             let at = (t * self.heads + h) * self.stride + self.offset;
             scratch.extend_from_slice(&src[at..at + self.len]);
         }
-        w.matmul(scratch, rows.len())
+        w.matmul(scratch, m)
     }
 }
 
@@ -426,9 +434,8 @@ impl Mla {
     ) -> bool {
         let (heads, nope, rope_dim, rank, v_dim) = (self.heads, self.nope, self.rope_dim, self.rank, self.v_dim);
         let Some(cache) = pool.host_layer(layer) else { return false };
-        // The sequences' rows of the batch, and the same sequences packed together.
+        // The sequences' rows of the batch; the kernel takes the same sequences packed together.
         let rows: Vec<usize> = seqs.iter().flat_map(|s| s.start..s.start + s.len).collect();
-        let packed: Vec<usize> = (0..rows.len()).collect();
         let mut kseqs = Vec::with_capacity(seqs.len());
         let mut start = 0;
         for s in seqs {
@@ -442,7 +449,7 @@ impl Mla {
         let mut scratch = Vec::with_capacity(rows.len() * nope.max(rank));
         for (h, w_uk) in host.w_uk.iter().enumerate() {
             let q_nope = HeadSlice { heads, stride: qk, offset: 0, len: nope };
-            let q_lat = q_nope.through(w_uk, q, &rows, h, &mut scratch);
+            let q_lat = q_nope.through(w_uk, q, rows.iter().copied(), h, &mut scratch);
             for (i, &t) in rows.iter().enumerate() {
                 let dst = &mut q_full[(i * heads + h) * width..(i * heads + h + 1) * width];
                 let (lat, pe) = dst.split_at_mut(rank);
@@ -459,7 +466,7 @@ impl Mla {
         // Values per head through W_UV, into the rows' [heads * v].
         for (h, w_uv) in host.w_uv.iter().enumerate() {
             let latent_h = HeadSlice { heads, stride: rank, offset: 0, len: rank };
-            let values = latent_h.through(w_uv, &latent, &packed, h, &mut scratch);
+            let values = latent_h.through(w_uv, &latent, 0..rows.len(), h, &mut scratch);
             for (i, &t) in rows.iter().enumerate() {
                 let at = (t * heads + h) * v_dim;
                 attn[at..at + v_dim].copy_from_slice(&values[i * v_dim..(i + 1) * v_dim]);
